@@ -1,0 +1,76 @@
+// fasttversky: the parameter block shared by the CPU and CUDA kernels. No torch here.
+//
+// The math (one vocabulary everywhere: tp, fp, fn, sum_p, sum_pg, sum_g):
+//
+//   For one (sample b, class c) group over the non-ignored voxels n (mask w_n in {0,1}):
+//     sum_pg = Σ w p g,   sum_p = Σ w p,   sum_g = Σ w g
+//     tp = sum_pg,  fp = Σ p(1-g) = sum_p - sum_pg,  fn = Σ (1-p) g = sum_g - sum_pg
+//     T  = (tp + s_nr) / (tp + α fp + β fn + s_dr),  loss term = (1 - T)^γ
+//
+//   Paper Eq. 5, in these sums: with den = tp + α fp + β fn + s_dr,
+//     ∂T/∂sum_pg = (den - (tp + s_nr)(1 - α - β)) / den²
+//     ∂T/∂sum_p  = -(tp + s_nr) α / den²
+//   and since ∂sum_pg/∂p_n = w_n g_n, ∂sum_p/∂p_n = w_n, the gradient of the loss L
+//   w.r.t. one probability is AFFINE in g:
+//     dL/dp_{c,n} = w_n (A_c + B_c g_{c,n}),  A_c = dL/dsum_p, B_c = dL/dsum_pg.
+//   The (B, C) numbers A, B are computed on the host side by autograd over the
+//   O(B·C) finalize; the backward kernel only needs them, the logits and the labels.
+//
+//   Chain rule through the activation (u_c = dL/dp_c):
+//     softmax: dL/dz_k = p_k (u_k - Σ_c p_c u_c)
+//              for a label map Σ_c p_c u_c = w (Σ_c p_c A_c + p_y B_y)
+//     sigmoid: dL/dz_c = u_c p_c (1 - p_c)
+//     none:    dL/dx_c = u_c
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// dtype codes (storage types; compute is float32, or float64 for float64 logits)
+enum TverskyDType {
+  TV_FLOAT32 = 0,
+  TV_FLOAT16 = 1,
+  TV_BFLOAT16 = 2,
+  TV_FLOAT64 = 3,
+  TV_UINT8 = 10,  // bool label maps are passed as uint8
+  TV_INT16 = 11,
+  TV_INT32 = 12,
+  TV_INT64 = 13,
+};
+
+enum TverskyActivation { TV_SOFTMAX = 0, TV_SIGMOID = 1, TV_NONE = 2 };
+
+typedef struct TverskyParams {
+  // logits (B, C, N), strides in elements
+  const void* logits_ptr;
+  int64_t logits_stride_b, logits_stride_c, logits_stride_n;
+  int32_t logits_dtype;
+  // target: labels (B, N) when soft_target == 0, else probabilities (B, C, N)
+  const void* target_ptr;
+  int64_t target_stride_b, target_stride_c, target_stride_n;
+  int32_t target_dtype;
+  int32_t soft_target;
+  // grad (B, C, N), same dtype as the logits; backward only
+  void* grad_ptr;
+  int64_t grad_stride_b, grad_stride_c, grad_stride_n;
+  // coef_a, coef_b: (B, C) contiguous, float32 (float64 for float64 logits); backward only
+  const void* coef_a_ptr;
+  const void* coef_b_ptr;
+  // stats: (B, C, 3) float64 [sum_pg, sum_p, sum_g]; flags: (2,) int64
+  // [non-finite logits, bad targets]; forward only
+  double* stats_ptr;
+  int64_t* flags_ptr;
+  int64_t B, C, N;
+  int32_t activation;
+  int32_t has_ignore_index;
+  int64_t ignore_index;
+  int32_t binary_labels;  // C == 1 label map: g = (label == 1)
+  int64_t num_labels;     // valid labels: [0, num_labels)
+  int32_t num_threads;    // CPU only
+} TverskyParams;
+
+#ifdef __cplusplus
+}
+#endif

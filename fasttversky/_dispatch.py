@@ -1,0 +1,99 @@
+"""Backend registry.
+
+A backend is a module-level object with
+
+* ``name``: str
+* ``unavailable() -> str | None``: why the backend cannot run at all on this machine
+  (missing compiler, no GPU, import error); ``None`` when it can.
+* ``reasons(logits, target, spec) -> list[str]``: why it cannot run *these* inputs;
+  empty when it can.
+* ``forward_stats(logits, target, spec) -> (stats, flags)`` and
+  ``backward(logits, target, coef_a, coef_b, spec) -> grad`` (see ``_spec.py``).
+
+``"auto"`` takes the first backend, in the priority order for the device, that can run
+the inputs; an explicitly requested backend that cannot raises with its reasons
+(xformers-style), so a user never silently gets a slower path they did not ask for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+# Priority per device type; measured order (see bench/RESULTS.md).
+_PRIORITY = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
+}
+_MODULES = {
+    "cpu": "fasttversky.ops.cpu",
+    "torch": "fasttversky.ops.torch",
+    "triton": "fasttversky.ops.triton",
+    "cuda": "fasttversky.ops.cuda",
+}
+BACKENDS = tuple(_MODULES)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run these inputs; the message lists why."""
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(_MODULES[name]).BACKEND, None
+    except Exception as exc:  # a missing toolchain must never break `import fasttversky`
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _why_not(name: str, logits: torch.Tensor, target: torch.Tensor, spec) -> list[str]:
+    backend, err = _load(name)
+    if backend is None:
+        return [f"could not be loaded ({err})"]
+    why = backend.unavailable()
+    if why:
+        return [why]
+    return list(backend.reasons(logits, target, spec))
+
+
+@torch._dynamo.assume_constant_result
+def select_backend(requested: str, logits: torch.Tensor, target: torch.Tensor, spec) -> str:
+    """Return the name of the backend that will run these inputs.
+
+    Only metadata (device, dtypes, shapes, strides) decides, so under ``torch.compile``
+    the choice is made once at trace time and baked in as a constant.
+    """
+    if requested == "auto":
+        requested = os.environ.get("FASTTVERSKY_BACKEND", "auto") or "auto"
+    if requested != "auto":
+        if requested not in _MODULES:
+            raise ValueError(
+                f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}"
+            )
+        why = _why_not(requested, logits, target, spec)
+        if why:
+            raise BackendUnavailableError(
+                f"backend {requested!r} cannot run these inputs: " + "; ".join(why)
+            )
+        return requested
+
+    tried = {}
+    for name in _PRIORITY.get(logits.device.type, ("torch",)):
+        why = _why_not(name, logits, target, spec)
+        if not why:
+            return name
+        tried[name] = why
+    raise BackendUnavailableError(
+        "no backend can run these inputs: "
+        + "; ".join(f"{k}: {', '.join(v)}" for k, v in tried.items())
+    )
+
+
+def available_backends(device: str = "cpu") -> dict[str, str | None]:
+    """Map each backend to None (usable on this machine) or the reason it is not."""
+    out = {}
+    for name in _MODULES:
+        backend, err = _load(name)
+        out[name] = err if backend is None else backend.unavailable()
+    return out

@@ -1,0 +1,343 @@
+"""``tversky_loss``: argument checks, backend dispatch and the autograd wiring.
+
+The loss is computed in two stages.
+
+1. ``fasttversky::tversky_stats`` (a ``torch.library`` custom op, one fused pass of the
+   selected backend) reads logits and target once and returns, per sample and class,
+   ``stats = [sum_pg, sum_p, sum_g]`` in float64. It is the only voxel-sized work in
+   the forward, and it saves nothing voxel-sized: its backward is the elementwise
+   ``fasttversky::tversky_grad`` op, which recomputes p from the logits.
+2. Everything after the sums acts on (B, C) numbers and is written as ordinary,
+   differentiable torch code (``_finalize``): batch pooling, the index, gamma, class
+   selection and weights, reduction, and the cross-rank all-reduce for DDP. Autograd
+   turns the upstream gradient into ``dL/dstats``; since
+   ``d sum_pg / dp = w·g`` and ``d sum_p / dp = w``, the per-voxel gradient is
+   ``dL/dp = w·(coef_a + coef_b·g)`` with ``coef_a = dL/dsum_p``,
+   ``coef_b = dL/dsum_pg`` (the paper's Eq. 5 in this notation, see csrc/tversky.h).
+
+Because stage 1 is an opaque custom op with a registered autograd formula and a fake
+(meta) implementation, ``torch.compile(fullgraph=True)`` traces the whole loss without a
+graph break.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ._dispatch import select_backend, _load
+from ._spec import ACTIVATIONS, KernelSpec
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# --------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------
+def _spec_from(C: int, soft: bool, activation: int, ignore_index: int | None) -> KernelSpec:
+    return KernelSpec(
+        activation=activation, soft_target=soft, ignore_index=ignore_index, num_classes=C
+    )
+
+
+def _check_inputs() -> bool:
+    # TODO(perf): on CUDA, raising on non-finite logits / bad labels costs one host sync
+    # per forward; FASTTVERSKY_CHECK_INPUTS=0 trades the check for a sync-free step.
+    return os.environ.get("FASTTVERSKY_CHECK_INPUTS", "1") != "0"
+
+
+@torch.library.custom_op("fasttversky::tversky_stats", mutates_args=())
+def _tversky_stats_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    activation: int,
+    ignore_index: int | None,
+    backend: str,
+) -> torch.Tensor:
+    B, C, _ = logits.shape
+    spec = _spec_from(C, target.is_floating_point(), activation, ignore_index)
+    impl, err = _load(backend)
+    stats, flags = impl.forward_stats(logits, target, spec)
+    if _check_inputs():
+        n_nonfinite, n_bad = (int(v) for v in flags.tolist())
+        if n_nonfinite:
+            raise ValueError(f"logits contain {n_nonfinite} non-finite value(s) (NaN or inf)")
+        if n_bad:
+            if spec.soft_target:
+                raise ValueError(f"target has {n_bad} value(s) outside [0, 1]")
+            ii = f" other than ignore_index={ignore_index}" if ignore_index is not None else ""
+            raise ValueError(
+                f"target has {n_bad} label(s) outside [0, {spec.num_labels}){ii}"
+            )
+    return stats
+
+
+@_tversky_stats_op.register_fake
+def _(logits, target, activation, ignore_index, backend):
+    B, C, _ = logits.shape
+    return logits.new_empty((B, C, 3), dtype=torch.float64)
+
+
+@torch.library.custom_op("fasttversky::tversky_grad", mutates_args=())
+def _tversky_grad_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    coef_a: torch.Tensor,
+    coef_b: torch.Tensor,
+    activation: int,
+    ignore_index: int | None,
+    backend: str,
+) -> torch.Tensor:
+    B, C, _ = logits.shape
+    spec = _spec_from(C, target.is_floating_point(), activation, ignore_index)
+    impl, err = _load(backend)
+    return impl.backward(logits, target, coef_a, coef_b, spec)
+
+
+@_tversky_grad_op.register_fake
+def _(logits, target, coef_a, coef_b, activation, ignore_index, backend):
+    return torch.empty_like(logits)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    logits, target, activation, ignore_index, backend = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.args = (activation, ignore_index, backend)
+
+
+def _stats_backward(ctx, grad_stats):
+    logits, target = ctx.saved_tensors
+    coef_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    # dL/dp = w * (dL/dsum_p + dL/dsum_pg * g); sum_g does not depend on the logits.
+    coef_a = grad_stats[..., 1].to(coef_dtype).contiguous()
+    coef_b = grad_stats[..., 0].to(coef_dtype).contiguous()
+    grad = _tversky_grad_op(logits, target, coef_a, coef_b, *ctx.args)
+    return grad, None, None, None, None
+
+
+_tversky_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------
+def _per_class(name: str, value, C: int) -> list[float]:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().flatten().tolist()
+    if isinstance(value, (int, float)):
+        vals = [float(value)] * C
+    elif isinstance(value, Sequence):
+        vals = [float(v) for v in value]
+        if len(vals) != C:
+            raise ValueError(f"{name} has {len(vals)} entries but logits have C={C} classes")
+    else:
+        raise TypeError(f"{name} must be a float or a sequence of C floats, got {type(value)}")
+    for v in vals:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return vals
+
+
+def _flatten(x: torch.Tensor, lead: int) -> torch.Tensor:
+    """View (lead dims, *spatial) as (lead dims, N) without copying when strides allow."""
+    shape = (*x.shape[:lead], -1)
+    try:
+        return x.view(shape)
+    except RuntimeError:
+        # TODO(perf): a spatially non-mergeable view (e.g. a strided crop) costs one copy.
+        return x.reshape(shape)
+
+
+def _prepare(logits, target, activation, ignore_index):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits)}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"logits dtype must be float32, float16, bfloat16 or float64, got {logits.dtype}"
+        )
+    if not 3 <= logits.dim() <= 5:
+        raise ValueError(
+            f"logits must have shape (B, C, *spatial) with 1-3 spatial dims, got {tuple(logits.shape)}"
+        )
+    if logits.numel() == 0:
+        raise ValueError(f"logits is empty: shape {tuple(logits.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    B, C = logits.shape[:2]
+    spatial = tuple(logits.shape[2:])
+    if activation == "softmax" and C < 2:
+        raise ValueError("activation='softmax' needs C >= 2 classes; use 'sigmoid' for C = 1")
+
+    if target.is_floating_point():
+        if target.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"soft target dtype {target.dtype} is not supported")
+        if tuple(target.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"a float (soft/one-hot) target must have the logits' shape {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}; pass integer labels of shape (B, *spatial) instead"
+            )
+        if ignore_index is not None:
+            raise ValueError("ignore_index applies to integer label maps, not to float targets")
+        target3 = _flatten(target, 2)
+    else:
+        if target.dtype not in _LABEL_DTYPES:
+            raise TypeError(
+                f"label map dtype must be one of uint8, int16, int32, int64, bool; got {target.dtype}"
+            )
+        tshape = tuple(target.shape)
+        if tshape == (B, 1, *spatial):
+            target = target[:, 0]
+        elif tshape != (B, *spatial):
+            raise ValueError(
+                f"target label map must have shape (B, *spatial) = {(B, *spatial)} or "
+                f"(B, 1, *spatial), got {tshape} for logits of shape {tuple(logits.shape)}"
+            )
+        if target.dtype == torch.bool:
+            target = target.view(torch.uint8)
+        target3 = _flatten(target, 1)
+        if ignore_index is not None and not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index)}")
+    return _flatten(logits, 2), target3
+
+
+# --------------------------------------------------------------------------------------
+# the (B, C) part
+# --------------------------------------------------------------------------------------
+def _finalize(
+    stats, alpha, beta, *, include_background, batch, reduction, smooth_nr, smooth_dr,
+    gamma, class_weights, sync_across_ranks,
+):
+    """stats (B, C, 3) float64 -> the loss, differentiably."""
+    if sync_across_ranks:
+        from .distributed import gather_stats
+
+        stats = gather_stats(stats)
+    B, C, _ = stats.shape
+    spg, sp, sg = stats.unbind(-1)
+    if batch:
+        spg, sp, sg = spg.sum(0), sp.sum(0), sg.sum(0)
+    a = stats.new_tensor(alpha)
+    b = stats.new_tensor(beta)
+    tp, fp, fn = spg, sp - spg, sg - spg
+    t = (tp + smooth_nr) / (tp + a * fp + b * fn + smooth_dr)
+    if gamma == 1.0:
+        terms = 1.0 - t
+    else:
+        # Focal Tversky (Abraham & Khan 2019). The clamp keeps (1-T)^(gamma-1) finite in
+        # the gradient when a class is predicted perfectly.
+        terms = (1.0 - t).clamp_min(1e-12) ** gamma
+    w = stats.new_tensor(class_weights) if class_weights is not None else None
+    if not include_background and C > 1:
+        terms = terms[..., 1:]
+        w = w[1:] if w is not None else None
+    if w is not None:
+        terms = terms * w
+    if reduction == "none":
+        return terms
+    if reduction == "sum":
+        return terms.sum()
+    n = 1 if batch else B
+    denom = (w.sum() if w is not None else terms.shape[-1]) * n
+    return terms.sum() / denom
+
+
+def tversky_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float | Sequence[float] = 0.3,
+    beta: float | Sequence[float] = 0.7,
+    *,
+    activation: str = "softmax",
+    include_background: bool = True,
+    batch: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    gamma: float = 1.0,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
+    backend: str = "auto",
+    sync_across_ranks: bool = False,
+) -> torch.Tensor:
+    r"""Fused Tversky loss (Salehi et al., 2017) from logits.
+
+    Per sample and class (or per class over the whole batch when ``batch=True``)::
+
+        TP = Σ p·g,  FP = Σ p·(1-g),  FN = Σ (1-p)·g
+        T  = (TP + smooth_nr) / (TP + alpha·FP + beta·FN + smooth_dr)
+        term = (1 - T) ** gamma
+
+    ``alpha`` weighs false positives and ``beta`` false negatives, as in the paper:
+    raising ``beta`` trades precision for recall, which is what small lesions need
+    (paper's best: alpha=0.3, beta=0.7). alpha=beta=0.5 is the Dice loss, alpha=beta=1
+    the Tanimoto (Jaccard) loss; gamma=1 is the paper's loss, gamma=0.75 the focal
+    Tversky loss.
+
+    Args:
+        logits: (B, C, *spatial), 1-3 spatial dims, float32/float16/bfloat16/float64,
+            any strides (contiguous and channels_last_3d are read without a copy).
+        target: integer label map (B, *spatial) or (B, 1, *spatial) of
+            uint8/int16/int32/int64/bool with labels in [0, C) (in {0, 1} when C = 1),
+            never expanded to one-hot; or a float (B, C, *spatial) one-hot/soft target
+            in [0, 1].
+        alpha, beta: >= 0, a float or one value per class.
+        activation: "softmax" (C >= 2), "sigmoid" (binary C = 1 or multi-label) or
+            "none" (logits already are probabilities).
+        include_background: if False, class 0 adds no term (ignored when C = 1, whose
+            single channel is the foreground).
+        batch: pool the sums over the batch (one term per class).
+        reduction: "mean" (weighted by ``class_weights``), "sum" or "none", which
+            returns the (B, C') terms, or (C',) with ``batch=True``; C' = classes kept.
+        smooth_nr, smooth_dr: >= 0, added to numerator and denominator.
+        gamma: > 0, exponent of each term.
+        ignore_index: label value whose voxels add nothing and get zero gradient.
+        class_weights: C non-negative weights of the terms.
+        backend: "auto", "cpu", "torch", "triton" or "cuda" (env FASTTVERSKY_BACKEND
+            overrides "auto"). An explicit backend that cannot run raises with reasons.
+        sync_across_ranks: under torch.distributed, compute the loss on the batch
+            concatenated over all ranks (the per-sample sums are all-gathered, with
+            autograd), so DDP's averaged gradients equal single-process training.
+
+    Returns:
+        A scalar (or the (B, C') / (C',) terms), float32 for half-precision logits,
+        else the logits' dtype. The gradient w.r.t. ``target`` is not computed.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
+        if not math.isfinite(float(v)) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    if not (math.isfinite(float(gamma)) and gamma > 0):
+        raise ValueError(f"gamma must be finite and > 0, got {gamma}")
+    logits3, target3 = _prepare(logits, target, activation, ignore_index)
+    C = logits3.shape[1]
+    alpha_c = _per_class("alpha", alpha, C)
+    beta_c = _per_class("beta", beta, C)
+    weights = None
+    if class_weights is not None:
+        weights = _per_class("class_weights", class_weights, C)
+        kept = weights[1:] if (not include_background and C > 1) else weights
+        if sum(kept) <= 0:
+            raise ValueError("class_weights of the kept classes must not all be zero")
+
+    act = ACTIVATIONS[activation]
+    spec = _spec_from(C, target3.is_floating_point(), act, ignore_index)
+    name = select_backend(backend, logits3, target3, spec)
+    stats = _tversky_stats_op(logits3, target3, act, ignore_index, name)
+    loss = _finalize(
+        stats, alpha_c, beta_c,
+        include_background=include_background, batch=batch, reduction=reduction,
+        smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), gamma=float(gamma),
+        class_weights=weights, sync_across_ranks=sync_across_ranks,
+    )
+    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    return loss.to(out_dtype)

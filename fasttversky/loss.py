@@ -1,0 +1,59 @@
+"""``TverskyLoss``: the nn.Module face of ``tversky_loss``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .functional import tversky_loss
+
+
+class TverskyLoss(nn.Module):
+    """Fused Tversky loss as a module; every argument as in :func:`fasttversky.tversky_loss`.
+
+    ``forward(logits, target)``: logits (B, C, *spatial) float, target an integer label
+    map (B, *spatial) / (B, 1, *spatial) or a float (B, C, *spatial) soft target.
+    alpha weighs false positives, beta false negatives (paper's best: 0.3, 0.7).
+    """
+
+    def __init__(
+        self,
+        alpha: float | Sequence[float] = 0.3,
+        beta: float | Sequence[float] = 0.7,
+        *,
+        activation: str = "softmax",
+        include_background: bool = True,
+        batch: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        gamma: float = 1.0,
+        ignore_index: int | None = None,
+        class_weights: Sequence[float] | None = None,
+        backend: str = "auto",
+        sync_across_ranks: bool = False,
+    ):
+        super().__init__()
+        self.kwargs = dict(
+            alpha=alpha, beta=beta, activation=activation,
+            include_background=include_background, batch=batch, reduction=reduction,
+            smooth_nr=smooth_nr, smooth_dr=smooth_dr, gamma=gamma,
+            ignore_index=ignore_index, class_weights=class_weights, backend=backend,
+            sync_across_ranks=sync_across_ranks,
+        )
+        # Fail at construction, not at the first step, on bad scalar arguments.
+        tversky_loss(
+            torch.zeros(1, 2, 1), torch.zeros(1, 1, dtype=torch.long),
+            **{**self.kwargs, "backend": "torch", "activation": "softmax",
+               "alpha": 0.5 if not isinstance(alpha, (int, float)) else alpha,
+               "beta": 0.5 if not isinstance(beta, (int, float)) else beta,
+               "class_weights": None, "ignore_index": None, "sync_across_ranks": False},
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return tversky_loss(logits, target, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "backend")
