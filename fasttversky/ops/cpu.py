@@ -1,0 +1,200 @@
+"""Loader for the C++ CPU kernels (csrc/cpu/tversky_cpu.cpp): build, cache, call.
+
+The kernels include no torch headers (only csrc/tversky.h's plain parameter struct), so
+they build with one g++ call in a few seconds and are called through ctypes; this file
+is the only one that knows about both torch and the kernels. The shared library is
+built on first use into a cache folder keyed by the sources' hash and the compiler
+flags (``FASTTVERSKY_CACHE``, default ``~/.cache/fasttversky``) and reused afterwards;
+``-march=native`` is safe because the build happens on the machine that runs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .._spec import KernelSpec
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_SOURCES = (_CSRC / "tversky.h", _CSRC / "cpu" / "tversky_cpu.cpp")
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++20", "-shared", "-fPIC",
+          "-pthread"]
+MAX_CLASSES = 32
+
+_DTYPE_CODES = {
+    torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
+    torch.uint8: 10, torch.int16: 11, torch.int32: 12, torch.int64: 13,
+}
+
+
+class TverskyParams(ctypes.Structure):
+    """Mirror of ``struct TverskyParams`` in csrc/tversky.h (same order, same types)."""
+
+    _fields_ = [
+        ("logits_ptr", ctypes.c_void_p),
+        ("logits_stride_b", ctypes.c_int64),
+        ("logits_stride_c", ctypes.c_int64),
+        ("logits_stride_n", ctypes.c_int64),
+        ("logits_dtype", ctypes.c_int32),
+        ("target_ptr", ctypes.c_void_p),
+        ("target_stride_b", ctypes.c_int64),
+        ("target_stride_c", ctypes.c_int64),
+        ("target_stride_n", ctypes.c_int64),
+        ("target_dtype", ctypes.c_int32),
+        ("soft_target", ctypes.c_int32),
+        ("grad_ptr", ctypes.c_void_p),
+        ("grad_stride_b", ctypes.c_int64),
+        ("grad_stride_c", ctypes.c_int64),
+        ("grad_stride_n", ctypes.c_int64),
+        ("coef_a_ptr", ctypes.c_void_p),
+        ("coef_b_ptr", ctypes.c_void_p),
+        ("stats_ptr", ctypes.c_void_p),
+        ("flags_ptr", ctypes.c_void_p),
+        ("B", ctypes.c_int64),
+        ("C", ctypes.c_int64),
+        ("N", ctypes.c_int64),
+        ("activation", ctypes.c_int32),
+        ("has_ignore_index", ctypes.c_int32),
+        ("ignore_index", ctypes.c_int64),
+        ("binary_labels", ctypes.c_int32),
+        ("num_labels", ctypes.c_int64),
+        ("num_threads", ctypes.c_int32),
+    ]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FASTTVERSKY_CACHE") or Path.home() / ".cache" / "fasttversky"
+    return Path(root)
+
+
+def _build() -> ctypes.CDLL:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    h.update(" ".join([cxx, *_FLAGS]).encode())
+    out_dir = _cache_dir() / f"cpu-{h.hexdigest()[:16]}"
+    lib = out_dir / "libtversky_cpu.so"
+    if not lib.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Build to a private name, then rename: concurrent first uses (DDP workers,
+        # parallel test processes) never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        cmd = [cxx, *_FLAGS, str(_SOURCES[1]), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(
+                f"building the CPU kernels failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}"
+            )
+        os.replace(tmp, lib)
+    dll = ctypes.CDLL(str(lib))
+    for fn in (dll.tversky_cpu_forward, dll.tversky_cpu_backward):
+        fn.argtypes = [ctypes.POINTER(TverskyParams)]
+        fn.restype = ctypes.c_int
+    return dll
+
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _library():
+    """The loaded kernels, or raise the (cached) reason they cannot be built."""
+    with _lock:
+        if "lib" not in _state and "error" not in _state:
+            try:
+                _state["lib"] = _build()
+            except Exception as exc:  # reported through unavailable(), never at import
+                _state["error"] = f"{type(exc).__name__}: {exc}"
+        if "error" in _state:
+            raise RuntimeError(_state["error"])
+        return _state["lib"]
+
+
+def _params(logits, target, spec: KernelSpec) -> TverskyParams:
+    B, C, N = logits.shape
+    p = TverskyParams()
+    p.logits_ptr = logits.data_ptr()
+    p.logits_stride_b, p.logits_stride_c, p.logits_stride_n = logits.stride()
+    p.logits_dtype = _DTYPE_CODES[logits.dtype]
+    p.target_ptr = target.data_ptr()
+    if spec.soft_target:
+        p.target_stride_b, p.target_stride_c, p.target_stride_n = target.stride()
+    else:
+        p.target_stride_b, p.target_stride_n = target.stride()
+    p.target_dtype = _DTYPE_CODES[target.dtype]
+    p.soft_target = int(spec.soft_target)
+    p.B, p.C, p.N = B, C, N
+    p.activation = spec.activation
+    p.has_ignore_index = int(spec.ignore_index is not None)
+    p.ignore_index = spec.ignore_index if spec.ignore_index is not None else 0
+    p.binary_labels = int(spec.binary_labels)
+    p.num_labels = spec.num_labels
+    # Small volumes are not worth waking threads for.
+    p.num_threads = max(1, torch.get_num_threads()) if B * N >= 65536 else 1
+    return p
+
+
+def _check(code: int):
+    if code != 0:
+        raise RuntimeError(f"CPU kernel rejected its arguments (error code {code})")
+
+
+class _CpuBackend:
+    name = "cpu"
+
+    def unavailable(self):
+        try:
+            _library()
+        except RuntimeError as exc:
+            return f"C++ kernels unavailable: {exc}"
+        return None
+
+    def reasons(self, logits, target, spec: KernelSpec):
+        why = []
+        if logits.device.type != "cpu":
+            why.append(f"logits are on {logits.device}, the cpu backend needs CPU tensors")
+        if logits.shape[1] > MAX_CLASSES:
+            why.append(f"C={logits.shape[1]} classes > {MAX_CLASSES} supported by the kernel")
+        if target.dtype not in _DTYPE_CODES:
+            why.append(f"target dtype {target.dtype} not supported by the kernel")
+        return why
+
+    def forward_stats(self, logits, target, spec: KernelSpec):
+        B, C, _ = logits.shape
+        stats = torch.empty((B, C, 3), dtype=torch.float64)
+        flags = torch.zeros(2, dtype=torch.int64)
+        p = _params(logits, target, spec)
+        p.stats_ptr = stats.data_ptr()
+        p.flags_ptr = flags.data_ptr()
+        _check(_library().tversky_cpu_forward(ctypes.byref(p)))
+        return stats, flags
+
+    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec):
+        grad = torch.empty_like(logits)
+        if grad.stride() != logits.stride():  # non-dense views: write a fresh (B, C, N)
+            grad = torch.empty(logits.shape, dtype=logits.dtype)
+        p = _params(logits, target, spec)
+        p.grad_ptr = grad.data_ptr()
+        p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
+        coef_a = coef_a.contiguous()
+        coef_b = coef_b.contiguous()
+        p.coef_a_ptr = coef_a.data_ptr()
+        p.coef_b_ptr = coef_b.data_ptr()
+        _check(_library().tversky_cpu_backward(ctypes.byref(p)))
+        return grad
+
+
+BACKEND = _CpuBackend()
