@@ -1,0 +1,251 @@
+"""A memory-efficient 3D U-Net (the architecture of Salehi et al. 2017, Çiçek et al. 2016).
+
+Architecture, per level ``l = 0 .. levels-1`` with ``f_l = base_features * 2**l``::
+
+    encoder l:  [max-pool 2x2x2 if l > 0] -> conv3x3x3 -> (norm) -> ReLU
+                                          -> conv3x3x3 -> (norm) -> ReLU      (f_l features)
+    decoder l:  transposed conv 2x2x2 stride 2 (f_{l+1} -> f_l), concat with encoder l's
+                output (skip), then the same two conv/ReLU pairs (2 f_l -> f_l -> f_l)
+    head:       conv1x1x1 (f_0 -> num_classes): logits, no softmax (the fused loss takes
+                logits and computes the softmax in registers)
+
+The state_dict layout (``encoders.{l}.conv1.weight`` …, ``decoders.{l}.up.weight`` …,
+``head.weight``) is the same as ``reference.unet.ReferenceUNet3D``, so weights load
+into each other.
+
+Where the memory goes and what is done about it
+-----------------------------------------------
+At the paper's size (1x3x128x224x256, base 32) one full-resolution feature map is
+3.5 GiB in float32 — 470 MB in bf16 — and a plain U-Net keeps about six of them
+(two ReLU outputs per encoder/decoder block, the concatenation, the pooling indices)
+plus the loss's softmax/one-hot copies for backward.
+
+* **Activation checkpointing by segment.** Each level is one checkpointed segment
+  whose boundaries are chosen so that only tensors that must exist anyway are
+  stored: an encoder segment is ``pool + two convs`` (so the int64 pooling indices
+  and the first conv's output are never kept), a decoder segment is ``up-conv +
+  concat + two convs`` (the up-sampled map and the 2f concatenation are never kept),
+  and the top decoder segment also contains the head, so at full resolution only
+  the input, the level-0 skip and the logits stay alive between forward and
+  backward. ``checkpoint="top"`` does this for level 0 only (where most of the
+  memory is: each level down holds 1/8 of the voxels and 2x the features, i.e. 1/4
+  of the bytes), ``"all"`` for every level, ``"none"`` not at all.
+* **In-place ReLU**: a convolution's backward needs its input, not its output, and
+  batch/instance norm save their own input, so the ReLU may overwrite the
+  conv/norm output; this removes one full-size temporary per conv.
+* **Autocast-friendly**: no dtype is forced anywhere, so under
+  ``torch.autocast(dtype=torch.bfloat16)`` every conv runs and stores in bf16 and the
+  logits reach the fused loss in bf16 (it accumulates in float32).
+* Batch norm is made checkpoint-safe: the recomputation in backward normalises with
+  the batch statistics again but does not update the running statistics a second
+  time (which would make checkpointed and plain training diverge).
+
+Measured and *not* kept: channels_last_3d (slower on the CPU conv3d path and no
+memory gain; see bench/results/training_cpu.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+__all__ = ["UNet3D", "CHECKPOINT_MODES", "NORMS"]
+
+CHECKPOINT_MODES = ("none", "top", "all")
+NORMS = ("none", "batch", "instance")
+
+# Set while torch.utils.checkpoint recomputes a segment in backward; read by
+# _CheckpointSafeBatchNorm3d. Thread-local because autograd may run backward on a
+# worker thread per device, and the flag must only affect that recomputation.
+_state = threading.local()
+
+
+def _recomputing() -> bool:
+    return getattr(_state, "recomputing", False)
+
+
+@contextlib.contextmanager
+def _recompute_context():
+    prev = _recomputing()
+    _state.recomputing = True
+    try:
+        yield
+    finally:
+        _state.recomputing = prev
+
+
+def _context_fn():
+    # (forward context, recomputation context) for non-reentrant checkpointing.
+    return contextlib.nullcontext(), _recompute_context()
+
+
+class _CheckpointSafeBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d whose recomputation under checkpointing leaves the running stats alone.
+
+    In training mode the output only depends on the batch statistics, so the
+    recomputation updates throw-away copies of the running statistics (C floats each)
+    instead of the real ones. Copies rather than ``running_mean=None``: the op must save
+    the same tensors as in the original forward, which checkpointing verifies.
+    Same parameters and buffers (and state_dict keys) as ``nn.BatchNorm3d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats and _recomputing():
+            return F.batch_norm(
+                x, self.running_mean.clone(), self.running_var.clone(), self.weight,
+                self.bias, True, self.momentum if self.momentum is not None else 0.0,
+                self.eps,
+            )
+        return super().forward(x)
+
+
+def _make_norm(norm: str, features: int) -> nn.Module:
+    if norm == "none":
+        return nn.Identity()
+    if norm == "batch":
+        return _CheckpointSafeBatchNorm3d(features)
+    if norm == "instance":
+        return nn.InstanceNorm3d(features, affine=True)
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+class _DoubleConv(nn.Module):
+    """Two (3x3x3 padded conv -> norm -> ReLU) pairs: (B, c_in, *S) -> (B, c_out, *S)."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str):
+        super().__init__()
+        bias = norm == "none"  # a norm's shift makes a conv bias redundant
+        self.conv1 = nn.Conv3d(c_in, c_out, 3, padding=1, bias=bias)
+        self.norm1 = _make_norm(norm, c_out)
+        self.conv2 = nn.Conv3d(c_out, c_out, 3, padding=1, bias=bias)
+        self.norm2 = _make_norm(norm, c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In-place ReLU is safe: neither conv nor norm needs its output for backward.
+        x = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        return F.relu(self.norm2(self.conv2(x)), inplace=True)
+
+
+class _Up(nn.Module):
+    """2x2x2 transposed conv (c_in -> c_out), concat with the skip, two convs."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(c_in, c_out, 2, stride=2)
+        self.conv = _DoubleConv(2 * c_out, c_out, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        # Order [skip, up] as in the reference (the weights of conv1 depend on it).
+        return self.conv(torch.cat((skip, self.up(x)), dim=1))
+
+
+class UNet3D(nn.Module):
+    """3D U-Net producing per-voxel class logits, memory-efficient by default.
+
+    Args:
+        in_channels: input modalities (T1, T2, FLAIR = 3).
+        num_classes: C, output logit channels (2 for lesion vs background).
+        base_features: features at full resolution; doubled at each level down.
+        levels: resolution levels including the bottom one (>= 1; 4 in the paper).
+            Spatial sizes must be divisible by ``2 ** (levels - 1)``.
+        checkpoint: activation checkpointing, "all" (default; every level), "top"
+            (full resolution only) or "none". Only active while autograd records.
+        norm: "none" (the paper), "batch" or "instance" (affine) after each conv.
+
+    ``forward(x)``: x (B, in_channels, D, H, W), any float dtype matching the weights
+    (or under autocast) -> logits (B, num_classes, D, H, W) in the compute dtype
+    (float32 weights under bf16 autocast give bf16 logits).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        base_features: int = 32,
+        levels: int = 4,
+        checkpoint: str = "all",
+        norm: str = "none",
+    ):
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        if min(in_channels, num_classes, base_features) < 1:
+            raise ValueError("in_channels, num_classes and base_features must be >= 1")
+        if checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.base_features = base_features
+        self.levels = levels
+        self.checkpoint = checkpoint
+        self.norm = norm
+        feats = [base_features * 2**level for level in range(levels)]
+        self.encoders = nn.ModuleList(
+            _DoubleConv(in_channels if level == 0 else feats[level - 1], feats[level], norm)
+            for level in range(levels)
+        )
+        self.decoders = nn.ModuleList(
+            _Up(feats[level + 1], feats[level], norm) for level in range(levels - 1)
+        )
+        self.head = nn.Conv3d(feats[0], num_classes, 1)
+
+    # -- segments: each is one checkpointable unit (see the module docstring) ---------
+    def _encode(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        if level > 0:
+            x = F.max_pool3d(x, 2)
+        return self.encoders[level](x)
+
+    def _decode(self, level: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        y = self.decoders[level](x, skip)
+        return self.head(y) if level == 0 else y
+
+    def _checkpointed(self, level: int) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return self.checkpoint == "all" or (self.checkpoint == "top" and level == 0)
+
+    def _run(self, level: int, fn, *args):
+        if self._checkpointed(level):
+            # preserve_rng_state=False: the net draws no random numbers, so stashing and
+            # restoring the RNG for the recomputation would be wasted work.
+            return _checkpoint(
+                fn, level, *args, use_reentrant=False, preserve_rng_state=False,
+                context_fn=_context_fn,
+            )
+        return fn(level, *args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, D, H, W) float -> logits (B, num_classes, D, H, W)."""
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}"
+            )
+        m = 2 ** (self.levels - 1)
+        if any(s % m for s in x.shape[2:]):
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} must be divisible by 2**(levels-1) = {m}"
+            )
+        skips = []
+        for level in range(self.levels):
+            x = self._run(level, self._encode, x)
+            skips.append(x)
+        if self.levels == 1:
+            return self.head(x)
+        x = skips.pop()
+        for level in reversed(range(self.levels - 1)):
+            x = self._run(level, self._decode, x, skips.pop())
+        return x
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+            f"base_features={self.base_features}, levels={self.levels}, "
+            f"checkpoint={self.checkpoint!r}, norm={self.norm!r}"
+        )
