@@ -1,0 +1,51 @@
+"""Training and inference for 3D segmentation with the fused Tversky loss.
+
+Public API (stable; the CLI builds on it)::
+
+    from fasttversky.training import TrainConfig, TrainResult, train, predict
+
+    config = TrainConfig(steps=2000, lr=1e-4, lr_decay=0.9, lr_decay_every=1000,
+                         alpha=0.3, beta=0.7, gamma=1.0, backend="auto",
+                         precision="fp32",          # or "bf16", "fp16" (+ GradScaler)
+                         grad_accum=1, seed=0,
+                         checkpoint_dir="runs/a", checkpoint_every=500,
+                         log_path="runs/a/metrics.jsonl", log_every=1,
+                         progress=True, device="cpu", sync_across_ranks=False)
+    result = train(model, batches, config, resume=None)   # -> TrainResult
+    prob = predict(model, image, window=None, overlap=0.5, precision="fp32", device=None)
+
+* ``train(model, batches, config, resume=None) -> TrainResult``: Adam + StepLR (the
+  paper's lr 1e-4 x 0.9 every 1000 steps by default), loss =
+  ``fasttversky.tversky_loss(logits, label, alpha, beta, gamma=..., backend=...)``
+  with softmax. ``batches`` is a callable ``batches(i) -> (image, label)`` for
+  micro-batch i, or an iterable of such pairs; image (B, Cin, D, H, W) float32,
+  label (B, D, H, W) uint8. ``resume``: a checkpoint file/directory, or True for
+  ``config.checkpoint_dir``; the run then continues bitwise as if uninterrupted.
+  Checkpoints (``<checkpoint_dir>/last.pt``) are written atomically (temp file +
+  ``os.replace``) and hold model, optimiser, scheduler, GradScaler, RNG states, step
+  and micro-batches consumed. The metrics log is JSONL, one line per step:
+  ``{"step", "loss", "lr", "seconds", "voxels_per_s", "time"}``.
+* ``TrainResult``: ``losses`` (per-step floats of this call), ``step``,
+  ``start_step``, ``checkpoint`` (Path or None), ``seconds``, ``voxels_per_s``.
+* ``NonFiniteLossError`` (RuntimeError): raised when the loss or logits become
+  NaN/inf; the failing step is not applied and the last checkpoint stays intact
+  (attributes ``step``, ``loss``, ``checkpoint``).
+* ``load_checkpoint(path) -> dict``: read a checkpoint (``weights_only=True``); its
+  ``"model"`` entry is a state_dict for ``UNet3D`` (or ``reference.unet``'s twin).
+* ``predict(model, image, *, window=None, overlap=0.5, precision="fp32",
+  device=None) -> Tensor``: foreground probabilities (B, D, H, W) float32, whole
+  volume or by sliding windows.
+"""
+
+from .loop import CHECKPOINT_NAME, NonFiniteLossError, TrainConfig, TrainResult, load_checkpoint, train
+from .predict import predict
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "load_checkpoint",
+    "predict",
+    "train",
+]
