@@ -1,0 +1,257 @@
+# The Triton kernels of the Tversky loss. Launchers and the backend object live in
+# fasttversky/ops/triton.py; this module holds everything decorated with @triton.jit, so
+# that a machine without triton gets one clear reason from the backend's unavailable()
+# instead of an import error (triton.py imports this module lazily).
+#
+# The math (full derivation in csrc/tversky.h, same names):
+#
+#   per (sample b, class c), over the non-ignored voxels n (mask w_n in {0, 1}):
+#     sum_pg = Σ w p g,   sum_p = Σ w p,   sum_g = Σ w g
+#   and the backward is AFFINE in g (paper Eq. 5 pushed through these sums):
+#     u_{c,n} = dL/dp_{c,n} = w_n (A_c + B_c g_{c,n}),  A = dL/dsum_p, B = dL/dsum_pg
+#   chained through the activation:
+#     softmax: dL/dz_k = p_k (u_k - Σ_c p_c u_c)
+#     sigmoid: dL/dz_c = u_c p_c (1 - p_c)
+#     none:    dL/dx_c = u_c
+#
+# Shape of the work: the forward is a reduction over a whole volume, so each program
+# reduces one tile of one sample (all C classes at once, a (C_PAD, BLOCK_N) register
+# block per step) into a per-tile partial [sum_pg, sum_p, sum_g] and a fixed-order
+# finalize adds the partials in float64. No float atomics anywhere: the result depends
+# only on the shapes and the launch configuration, never on scheduling, so repeated
+# calls are bitwise equal. The backward is elementwise over voxels and recomputes p
+# from the logits instead of saving it (saving p would cost a logits-sized buffer).
+#
+# Labels are read as integers and compared with the class index in registers; a one-hot
+# tensor is never built. All offsets are int64, so volumes over 2**31 elements work.
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def _probs(x, cmask2, ACTIVATION: tl.constexpr):
+    """p from a (C_PAD, BLOCK_N) block of logits x (compute dtype).
+
+    cmask2: (C_PAD, 1) bool, True for real classes. Padded class rows get p = 0, so they
+    vanish from the softmax denominator and from every sum below.
+    """
+    if ACTIVATION == 0:
+        # Softmax over the class axis, max-subtracted for range. The padding rows are
+        # -inf so exp() gives exactly 0 for them.
+        xm = tl.where(cmask2, x, float("-inf"))
+        mx = tl.max(xm, axis=0)
+        e = tl.exp(xm - mx[None, :])
+        p = e / tl.sum(e, axis=0)[None, :]
+    elif ACTIVATION == 1:
+        p = tl.where(cmask2, tl.sigmoid(x), 0.0)
+    else:
+        p = tl.where(cmask2, x, 0.0)
+    return p
+
+
+@triton.jit
+def _target_block(
+    target_ptr, b, cls, n, nmask, cmask2,
+    target_stride_b, target_stride_c, target_stride_n,
+    ignore_index, num_labels,
+    CDTYPE: tl.constexpr,
+    HAS_SOFT_TARGET: tl.constexpr,
+    HAS_IGNORE_INDEX: tl.constexpr,
+    BINARY_LABELS: tl.constexpr,
+):
+    """(g, keep, bad) for one tile.
+
+    g: (C_PAD, BLOCK_N) CDTYPE ground truth (0 on padding and ignored voxels);
+    keep: (C_PAD, BLOCK_N) bool, the voxel counts (w = 1) and the class is real;
+    bad: (C_PAD, BLOCK_N) int32, 1 per invalid target (labels outside [0, num_labels)
+    other than ignore_index, counted once per voxel in row 0; soft values outside
+    [0, 1] or NaN, counted per element).
+    """
+    m2 = cmask2 & nmask[None, :]
+    if HAS_SOFT_TARGET:
+        # target (B, C, N) float of any dtype, any strides.
+        offs = (b * target_stride_b + cls[:, None].to(tl.int64) * target_stride_c
+                + n[None, :] * target_stride_n)
+        t = tl.load(target_ptr + offs, mask=m2, other=0.0).to(CDTYPE)
+        # NaN fails both comparisons, so it is counted as bad too.
+        bad = (m2 & ~((t >= 0.0) & (t <= 1.0))).to(tl.int32)
+        keep = m2
+        g = tl.where(m2, t, 0.0)
+    else:
+        # target (B, N) integer labels of any width; widened to int64 so that every
+        # value (negative, or beyond the int32 range) is compared exactly.
+        lab = tl.load(target_ptr + b * target_stride_b + n * target_stride_n,
+                      mask=nmask, other=0).to(tl.int64)
+        if HAS_IGNORE_INDEX:
+            keep1 = nmask & (lab != ignore_index)
+        else:
+            keep1 = nmask
+        bad1 = keep1 & ((lab < 0) | (lab >= num_labels))
+        bad = (bad1[None, :] & (cls == 0)[:, None]).to(tl.int32)
+        keep = cmask2 & keep1[None, :]
+        if BINARY_LABELS:
+            # C == 1 label map: the single channel is the foreground, g = (label == 1).
+            hit = (lab == 1)[None, :] & cmask2
+        else:
+            hit = lab[None, :] == cls[:, None].to(tl.int64)
+        g = tl.where(keep & hit, 1.0, 0.0).to(CDTYPE)
+    return g, keep, bad
+
+
+@triton.jit
+def _tversky_fwd_partials_kernel(
+    logits_ptr,      # (B, C, N) float32/float16/bfloat16/float64, any strides
+    target_ptr,      # (B, N) uint8/int16/int32/int64 labels, or (B, C, N) float soft target
+    partials_ptr,    # (B, T, 3, C_PAD) CDTYPE out: per-tile [sum_pg, sum_p, sum_g]
+    counts_ptr,      # (B, T, 2) int32 out: per-tile [non-finite logits, bad targets]
+    N, C, T, iters,  # voxels per sample, classes, tiles per sample, BLOCK_N steps per tile
+    logits_stride_b, logits_stride_c, logits_stride_n,
+    target_stride_b, target_stride_c, target_stride_n,
+    ignore_index, num_labels,
+    ACTIVATION: tl.constexpr,        # 0 softmax, 1 sigmoid, 2 none
+    HAS_SOFT_TARGET: tl.constexpr,
+    HAS_IGNORE_INDEX: tl.constexpr,
+    BINARY_LABELS: tl.constexpr,     # C == 1 label map
+    C_PAD: tl.constexpr,             # next power of 2 >= C (>= 2)
+    BLOCK_N: tl.constexpr,           # voxels per step, power of 2
+    CDTYPE: tl.constexpr,            # tl.float32, or tl.float64 for float64 logits
+):
+    # grid = (T, B): program (t, b) reduces voxels [t*iters*BLOCK_N, (t+1)*iters*BLOCK_N)
+    # of sample b. Batch on axis 1 (limit 65535), tiles on axis 0 (limit 2**31 - 1).
+    pid_t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    cls = tl.arange(0, C_PAD)
+    cmask2 = (cls < C)[:, None]
+    x_base = logits_ptr + b * logits_stride_b + cls[:, None].to(tl.int64) * logits_stride_c
+
+    # Accumulate element-wise in registers across the steps and reduce over the voxel
+    # axis once at the end: cheaper than a cross-lane reduction per step, and each lane
+    # only adds `iters` values, which keeps fp32 rounding small before the fp64 finalize.
+    acc_pg = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
+    acc_p = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
+    acc_g = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
+    n_nonfinite = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
+    n_bad = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
+    for i in range(iters):
+        n = (pid_t * iters + i) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        nmask = n < N
+        m2 = cmask2 & nmask[None, :]
+        # Tail voxels load 0 (a harmless finite value) and are masked out of every sum.
+        x = tl.load(x_base + n[None, :] * logits_stride_n, mask=m2, other=0.0).to(CDTYPE)
+        n_nonfinite += (m2 & ~((x == x) & (tl.abs(x) != float("inf")))).to(tl.int32)
+        p = _probs(x, cmask2, ACTIVATION)
+        g, keep, bad = _target_block(
+            target_ptr, b, cls, n, nmask, cmask2,
+            target_stride_b, target_stride_c, target_stride_n,
+            ignore_index, num_labels,
+            CDTYPE, HAS_SOFT_TARGET, HAS_IGNORE_INDEX, BINARY_LABELS,
+        )
+        n_bad += bad
+        # where() rather than a multiply by w: an ignored voxel adds exact zeros.
+        pw = tl.where(keep, p, 0.0)
+        acc_pg += pw * g
+        acc_p += pw
+        acc_g += g
+
+    tile = b * T + pid_t
+    out = partials_ptr + tile * (3 * C_PAD) + cls
+    tl.store(out, tl.sum(acc_pg, axis=1))
+    tl.store(out + C_PAD, tl.sum(acc_p, axis=1))
+    tl.store(out + 2 * C_PAD, tl.sum(acc_g, axis=1))
+    tl.store(counts_ptr + tile * 2, tl.sum(tl.sum(n_nonfinite, axis=1), axis=0))
+    tl.store(counts_ptr + tile * 2 + 1, tl.sum(tl.sum(n_bad, axis=1), axis=0))
+
+
+@triton.jit
+def _tversky_finalize_kernel(
+    partials_ptr,    # (B, T, 3, C_PAD) float32/float64 in
+    counts_ptr,      # (B, T, 2) int32 in
+    stats_ptr,       # (B, C, 3) float64 out: [sum_pg, sum_p, sum_g]
+    flag_sums_ptr,   # (B, 2) int64 out: per-sample [non-finite logits, bad targets]
+    C, T,
+    C_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # tiles summed per step, power of 2
+):
+    # grid = (B,). One program adds the T tile partials of one sample in float64, in a
+    # fixed order (fixed chunks of BLOCK_T, each reduced by the same tree): deterministic.
+    b = tl.program_id(0).to(tl.int64)
+    cls = tl.arange(0, C_PAD)
+    tt = tl.arange(0, BLOCK_T)
+    acc_pg = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
+    acc_p = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
+    acc_g = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
+    cnt_nf = tl.zeros((BLOCK_T,), dtype=tl.int64)
+    cnt_bad = tl.zeros((BLOCK_T,), dtype=tl.int64)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tt
+        tmask = t < T
+        tile = b * T + t.to(tl.int64)
+        m2 = tmask[:, None] & (cls < C_PAD)[None, :]
+        base = partials_ptr + tile[:, None] * (3 * C_PAD) + cls[None, :]
+        acc_pg += tl.load(base, mask=m2, other=0.0).to(tl.float64)
+        acc_p += tl.load(base + C_PAD, mask=m2, other=0.0).to(tl.float64)
+        acc_g += tl.load(base + 2 * C_PAD, mask=m2, other=0.0).to(tl.float64)
+        cnt_nf += tl.load(counts_ptr + tile * 2, mask=tmask, other=0).to(tl.int64)
+        cnt_bad += tl.load(counts_ptr + tile * 2 + 1, mask=tmask, other=0).to(tl.int64)
+    cmask = cls < C
+    out = stats_ptr + (b * C + cls) * 3
+    tl.store(out, tl.sum(acc_pg, axis=0), mask=cmask)
+    tl.store(out + 1, tl.sum(acc_p, axis=0), mask=cmask)
+    tl.store(out + 2, tl.sum(acc_g, axis=0), mask=cmask)
+    tl.store(flag_sums_ptr + b * 2, tl.sum(cnt_nf, axis=0))
+    tl.store(flag_sums_ptr + b * 2 + 1, tl.sum(cnt_bad, axis=0))
+
+
+@triton.jit
+def _tversky_bwd_kernel(
+    logits_ptr,      # (B, C, N) float32/float16/bfloat16/float64, any strides
+    target_ptr,      # (B, N) integer labels, or (B, C, N) float soft target
+    coef_a_ptr,      # (B, C) contiguous CDTYPE: A = dL/dsum_p
+    coef_b_ptr,      # (B, C) contiguous CDTYPE: B = dL/dsum_pg
+    grad_ptr,        # (B, C, N) out, the logits' dtype, any (non-overlapping) strides
+    N, C,
+    logits_stride_b, logits_stride_c, logits_stride_n,
+    target_stride_b, target_stride_c, target_stride_n,
+    grad_stride_b, grad_stride_c, grad_stride_n,
+    ignore_index, num_labels,
+    ACTIVATION: tl.constexpr,
+    HAS_SOFT_TARGET: tl.constexpr,
+    HAS_IGNORE_INDEX: tl.constexpr,
+    BINARY_LABELS: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CDTYPE: tl.constexpr,
+):
+    # grid = (cdiv(N, BLOCK_N), B). Purely elementwise over voxels; the only reduction is
+    # over the C_PAD classes of one voxel (softmax), inside the register block.
+    pid_n = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    cls = tl.arange(0, C_PAD)
+    cmask = cls < C
+    cmask2 = cmask[:, None]
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    nmask = n < N
+    m2 = cmask2 & nmask[None, :]
+    c64 = cls[:, None].to(tl.int64)
+    x = tl.load(logits_ptr + b * logits_stride_b + c64 * logits_stride_c
+                + n[None, :] * logits_stride_n, mask=m2, other=0.0).to(CDTYPE)
+    p = _probs(x, cmask2, ACTIVATION)
+    g, keep, _ = _target_block(
+        target_ptr, b, cls, n, nmask, cmask2,
+        target_stride_b, target_stride_c, target_stride_n,
+        ignore_index, num_labels,
+        CDTYPE, HAS_SOFT_TARGET, HAS_IGNORE_INDEX, BINARY_LABELS,
+    )
+    coef_a = tl.load(coef_a_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
+    coef_b = tl.load(coef_b_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
+    # u = dL/dp; zero on ignored voxels and padding, so they get exactly zero gradient.
+    u = tl.where(keep, coef_a[:, None] + coef_b[:, None] * g, 0.0)
+    if ACTIVATION == 0:
+        s = tl.sum(p * u, axis=0)
+        dx = p * (u - s[None, :])
+    elif ACTIVATION == 1:
+        dx = u * p * (1.0 - p)
+    else:
+        dx = u
+    tl.store(grad_ptr + b * grad_stride_b + c64 * grad_stride_c + n[None, :] * grad_stride_n,
+             dx.to(grad_ptr.dtype.element_ty), mask=m2)
