@@ -1,0 +1,400 @@
+"""Lesion phantoms that need no download: procedural brains, or real masks in real brains.
+
+Two generators write a dataset in the layout :func:`fasttversky.data.find_subjects`
+reads (``out/subjectNN/{T1,T2,FLAIR,mask}.nii.gz``):
+
+* :func:`make_phantom` — a procedural head in an MNI-sized box (182×218×182 mm sampled
+  on any grid): scalp and skull (removed by default, as in skull-stripped data), cortex
+  with gyral folding and sulcal CSF, white matter, deep grey matter, lateral and third
+  ventricles, and white-matter lesions. T1/T2/FLAIR come from per-tissue intensities
+  mixed with partial-volume weights, a smooth bias field and Rician noise.
+* :func:`transplant` — a real lesion mask written into a real brain by changing the
+  T1/T2/FLAIR contrast inside it (both in the same MNI grid, as in the shared data).
+
+Lesion statistics follow the Ljubljana MS data (see ``open_ms_data/README.md``):
+lesion load 0.01–0.7 % of the volume (log-uniform, so small loads are as common as in
+the data), most lesions ~3–4 mm across with a heavy tail of confluent periventricular
+ones up to ~2 cm, about half of the lesion centres within 10 mm of the ventricles, and
+contrast relative to normal white matter FLAIR ~1.35×, T2 ~1.5–1.8×, T1 ~0.8×.
+
+Everything is vectorised numpy/scipy.ndimage: a 96×112×96 subject takes well under a
+second, a full 182×218×182 one a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .io import DEFAULT_MODALITIES, find_subjects, load_subject, load_volume, save_volume
+
+MNI_FOV_MM = (182.0, 218.0, 182.0)
+MODALITIES = ("T1", "T2", "FLAIR")
+
+# Tissue labels of the phantom's anatomy map.
+BACKGROUND, CSF, GM, WM, DEEP_GM, SKULL, SCALP = range(7)
+
+# Mean intensities per tissue (arbitrary scanner-like units), index = label above.
+# Ratios follow typical 3T contrasts: T1 WM > GM > CSF; T2 CSF >> GM > WM; FLAIR is
+# T2-weighted with CSF suppressed.
+_TISSUE_MEANS = {
+    "T1": np.array([0, 250, 600, 900, 700, 120, 750], np.float32),
+    "T2": np.array([0, 1800, 950, 700, 850, 90, 600], np.float32),
+    "FLAIR": np.array([0, 150, 750, 560, 680, 60, 500], np.float32),
+}
+# Lesion intensity = factor × normal-appearing WM; factor ranges over "lesion severity"
+# u ∈ [0, 1] (more tissue destruction: darker T1, brighter T2/FLAIR). Mid-range values
+# match the measured ratios FLAIR 1.35, T2 1.5–1.8, T1 0.8.
+_LESION_FACTOR = {"T1": (0.9, 0.65), "T2": (1.45, 1.85), "FLAIR": (1.25, 1.45)}
+
+LESION_FRACTION_RANGE = (1.2e-4, 6.5e-3)  # inside the 0.01–0.7 % of the README
+
+
+@dataclass
+class Phantom:
+    """One synthetic subject. images: modality -> (X, Y, Z) float32; mask (X, Y, Z) uint8;
+    tissue (X, Y, Z) uint8 anatomy labels; affine (4, 4); lesions: per-lesion records."""
+
+    images: dict[str, np.ndarray]
+    mask: np.ndarray
+    tissue: np.ndarray
+    affine: np.ndarray
+    voxel_mm: tuple[float, float, float]
+    lesions: list[dict] = field(default_factory=list)
+
+    @property
+    def lesion_fraction(self) -> float:
+        return float(self.mask.mean())
+
+
+def _smooth_noise(shape: Sequence[int], scale_vox: float, rng: np.random.Generator) -> np.ndarray:
+    """Zero-mean, unit-std random field with features ~``scale_vox`` voxels, float32.
+
+    White noise on a coarse grid (one node per ``scale_vox`` voxels) is interpolated
+    with separable Gaussian weights, one small matrix product per axis. That is
+    O(voxels × nodes per axis) in BLAS, where a full-resolution Gaussian filter costs
+    O(voxels × scale) and scipy's zoom was the slowest step of a phantom.
+    """
+    scale = max(float(scale_vox), 1.0)
+    field = rng.standard_normal([int(np.ceil(n / scale)) + 3 for n in shape]).astype(np.float32)
+    for axis, n in enumerate(shape):
+        nodes = (np.arange(field.shape[axis]) - 1.5) * scale  # coarse nodes span the axis
+        pos = np.arange(n) + 0.5
+        w = np.exp(-0.5 * ((pos[:, None] - nodes[None, :]) / scale) ** 2).astype(np.float32)
+        w /= w.sum(axis=1, keepdims=True)
+        field = np.moveaxis(np.tensordot(w, field, axes=([1], [axis])), 0, axis)
+    field -= field.mean()
+    field /= field.std() + 1e-8
+    return np.ascontiguousarray(field)
+
+
+def _mni_affine(shape: Sequence[int], voxel_mm: Sequence[float]) -> np.ndarray:
+    """MNI-like orientation (x flipped, as FSL's MNI152) of an MNI-sized box."""
+    aff = np.diag([-voxel_mm[0], voxel_mm[1], voxel_mm[2], 1.0])
+    aff[:3, 3] = [90.0, -126.0, -72.0]
+    return aff
+
+
+def _draw_lesion_fraction(rng: np.random.Generator) -> float:
+    lo, hi = LESION_FRACTION_RANGE
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def make_phantom(
+    shape: Sequence[int] = (96, 112, 96),
+    rng: np.random.Generator | int | None = None,
+    lesion_fraction: float | None = None,
+    skull_strip: bool = True,
+    noise: float = 0.03,
+    bias: float = 0.12,
+) -> Phantom:
+    """Synthesise one brain with lesions on a grid of ``shape`` voxels (MNI-sized box).
+
+    Args:
+        shape: grid (X, Y, Z); voxel size = 182×218×182 mm / shape, so lesion sizes in
+            mm, and lesion *fractions*, are comparable with the real MNI data.
+        lesion_fraction: lesion voxels / all voxels; default log-uniform in 0.012–0.65 %.
+        skull_strip: zero everything outside the brain, as in the shared real data.
+        noise: Rician noise sigma relative to white-matter intensity.
+        bias: amplitude of the multiplicative bias field (log scale).
+    """
+    rng = np.random.default_rng(rng)
+    shape = tuple(int(s) for s in shape)
+    vs = tuple(f / s for f, s in zip(MNI_FOV_MM, shape))
+    # World-ish coordinates in mm, centred on the box (x left-right, y posterior-anterior,
+    # z inferior-superior); open grids keep memory at one volume per expression.
+    x, y, z = (((np.arange(n, dtype=np.float32) + 0.5) * v - f / 2)
+               for n, v, f in zip(shape, vs, MNI_FOV_MM))
+    x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
+    z = z - 8.0  # the brain sits above the box centre in MNI space
+
+    # --- head and brain outline: perturbed ellipsoids -------------------------------
+    s = rng.uniform(0.93, 1.04)
+    ax_b = np.array([66.0, 84.0, 60.0]) * s
+    rho = np.sqrt((x / ax_b[0]) ** 2 + (y / ax_b[1]) ** 2 + (z / ax_b[2]) ** 2)
+    rho = rho + 0.035 * _smooth_noise(shape, 25.0 / vs[0], rng)  # lobes, asymmetry
+    rmin = float(ax_b.min())
+    depth = (1.0 - rho) * rmin  # approximate distance below the brain surface, mm
+    brain = depth > 0
+    tissue = np.zeros(shape, np.uint8)
+    # Layers outside the brain, by depth (negative = outside): scalp, skull, CSF.
+    head = depth > -14.0
+    tissue[head] = SCALP
+    tissue[(depth > -11.0) & (depth <= -3.0)] = SKULL
+    tissue[(depth > -3.0) & (depth <= 0.0)] = CSF  # subarachnoid space
+    tissue[brain] = WM
+
+    # --- cortex: a ribbon 2.5–7 mm thick whose inner edge folds with gyri -----------
+    gyri = _smooth_noise(shape, 6.0 / vs[0], rng)
+    thickness = 2.5 + 2.5 * (1.0 + np.tanh(1.5 * gyri))
+    tissue[brain & (depth < thickness)] = GM
+    # Sulci: thin sheets where a smooth field crosses zero, reaching into the ribbon.
+    sulci = _smooth_noise(shape, 7.0 / vs[0], rng)
+    tissue[brain & (depth < thickness + 2.0) & (np.abs(sulci) < 0.12)] = CSF
+    del gyri, sulci, thickness
+
+    # --- deep grey matter: thalamus, caudate/putamen ---------------------------------
+    for cx, cy, cz, a, b, c in ((10, -15, 4, 8, 14, 8), (22, 4, 0, 6, 12, 9)):
+        for side in (-1, 1):
+            e = ((x - side * cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2
+            tissue[(e < 1.0) & brain] = DEEP_GM
+
+    # --- ventricles: two curved lateral ventricles + the third -----------------------
+    atrophy = rng.uniform(0.8, 1.6)  # MS patients' ventricles are often enlarged
+    L = 34.0
+    yy = np.clip(y / L, -1, 1)
+    zc = 14.0 - 10.0 * yy**2  # banana: body high, horns curve down
+    rz = (4.0 + 3.0 * (1 - yy**2)) * atrophy ** 0.5
+    rx = 4.5 * atrophy ** 0.5
+    vent = np.zeros(shape, bool)
+    for side in (-1, 1):
+        vent |= (((x - side * (rx + 1.5)) / rx) ** 2 + ((z - zc) / rz) ** 2 < 1.0) & (np.abs(y) < L)
+    vent |= (x / (1.5 * atrophy)) ** 2 + ((y + 5) / 11) ** 2 + ((z - 2) / 8) ** 2 < 1.0  # third
+    tissue[vent & brain] = CSF
+
+    # --- lesions ---------------------------------------------------------------------
+    # Distance to the ventricles in mm (one EDT) places periventricular lesions.
+    dist_vent = ndi.distance_transform_edt(~vent, sampling=vs).astype(np.float32)
+    wm = tissue == WM
+    periv_idx = np.flatnonzero(wm & (dist_vent < 10.0))
+    deep_idx = np.flatnonzero(wm & (depth > 4.0))
+    del dist_vent
+    if lesion_fraction is None:
+        lesion_fraction = _draw_lesion_fraction(rng)
+    target = max(1, int(round(lesion_fraction * np.prod(shape))))
+    mask = np.zeros(shape, bool)
+    severity = np.zeros(shape, np.float32)  # u ∈ [0, 1] per lesion voxel
+    can_host = brain & (tissue != CSF)  # lesions live in parenchyma, not in CSF
+    lesions: list[dict] = []
+    count = 0
+    for _ in range(5000):
+        if count >= target or (len(periv_idx) == 0 and len(deep_idx) == 0):
+            break
+        periv = (rng.random() < 0.55 and len(periv_idx)) or not len(deep_idx)
+        pool = periv_idx if periv else deep_idx
+        centre = np.array(np.unravel_index(pool[rng.integers(len(pool))], shape))
+        if periv and rng.random() < 0.3:  # confluent periventricular lesion
+            diam = float(np.clip(rng.lognormal(np.log(8.0), 0.4), 4.0, 22.0))
+        else:  # typical small lesion
+            diam = float(np.clip(rng.lognormal(np.log(3.5), 0.45), 1.5, 12.0))
+        semi = diam / 2 * rng.uniform(0.7, 1.4, 3)  # ovoid, random elongation
+        half = [int(np.ceil(1.3 * a / v)) + 1 for a, v in zip(semi, vs)]
+        lo = [max(int(c) - h, 0) for c, h in zip(centre, half)]
+        hi = [min(int(c) + h + 1, n) for c, h, n in zip(centre, half, shape)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        d = [((np.arange(a, b) - c) * v / r) for a, b, c, v, r in zip(lo, hi, centre, vs, semi)]
+        r = np.sqrt(d[0][:, None, None] ** 2 + d[1][None, :, None] ** 2 + d[2][None, None, :] ** 2)
+        # Irregular border: perturb the radius with voxel-scale noise.
+        bump = ndi.gaussian_filter(rng.standard_normal(r.shape).astype(np.float32), 0.8)
+        r = r + 0.15 * bump / (bump.std() + 1e-8)
+        blob = (r < 1.0) & can_host[box]
+        if not blob.any():
+            blob = np.zeros(r.shape, bool)
+            blob[tuple(int(c) - a for c, a in zip(centre, lo))] = True
+        new = blob & ~mask[box]
+        u = rng.uniform()
+        mask[box] |= blob
+        severity[box][new] = u
+        count += int(new.sum())
+        lesions.append({"centre_vox": centre.tolist(), "diameter_mm": round(diam, 2),
+                        "periventricular": bool(periv), "severity": round(u, 3)})
+
+    # --- intensities -----------------------------------------------------------------
+    # Partial-volume weights: smoothed one-hot tissue maps (sigma ~0.6 voxel).
+    labels_present = [t for t in range(7) if t != BACKGROUND and (tissue == t).any()]
+    frac = {t: ndi.gaussian_filter((tissue == t).astype(np.float32), 0.6) for t in labels_present}
+    w_lesion = ndi.gaussian_filter(mask.astype(np.float32), 0.5)
+    w_lesion = np.clip(w_lesion * 1.6, 0, 1) * (mask | (w_lesion > 0.3))
+    sev = ndi.maximum_filter(severity, size=3)  # carry each lesion's severity to its rim
+    strip = depth > -2.0  # skull-stripping keeps the brain and the CSF right on it
+    images = {}
+    for m in MODALITIES:
+        means = _TISSUE_MEANS[m] * rng.uniform(0.95, 1.05, 7).astype(np.float32)
+        img = np.zeros(shape, np.float32)
+        for t in labels_present:
+            img += frac[t] * means[t]
+        texture = 1.0 + 0.03 * _smooth_noise(shape, 2.0, rng)
+        img *= texture
+        f0, f1 = _LESION_FACTOR[m]
+        lesion_val = means[WM] * (f0 + (f1 - f0) * sev)
+        img = (1.0 - w_lesion) * img + w_lesion * lesion_val
+        img *= np.exp(bias * _smooth_noise(shape, 60.0 / vs[0], rng))
+        sigma = noise * means[WM]
+        n1 = rng.standard_normal(shape, dtype=np.float32) * sigma
+        n2 = rng.standard_normal(shape, dtype=np.float32) * sigma
+        img = np.sqrt((img + n1) ** 2 + n2**2)  # magnitude images have Rician noise
+        img[~head] = 0.0
+        if skull_strip:
+            img[~strip] = 0.0
+        images[m] = img.astype(np.float32)
+    return Phantom(images, mask.astype(np.uint8), tissue, _mni_affine(shape, vs), vs, lesions)
+
+
+# --------------------------------------------------------------------------------------
+# transplant: real lesion masks into real brains
+# --------------------------------------------------------------------------------------
+def _normal_wm_reference(image: dict[str, np.ndarray], brain: np.ndarray,
+                         exclude: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """Approximate normal-appearing WM (bright on T1 among brain voxels) and its median
+    per modality. WM is the brightest T1 tissue, so the top 35 % of brain T1 is a
+    serviceable WM sample without a segmentation."""
+    t1 = image["T1"]
+    sel = brain & ~exclude
+    thr = np.percentile(t1[sel], 65)
+    wm = sel & (t1 >= thr)
+    return wm, {m: float(np.median(v[wm])) for m, v in image.items()}
+
+
+def transplant(
+    images: dict[str, np.ndarray],
+    own_mask: np.ndarray | None,
+    lesion_mask: np.ndarray,
+    rng: np.random.Generator | int | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Write ``lesion_mask`` into a real brain by changing contrast inside it.
+
+    images: modality -> (X, Y, Z) float32 (needs T1 for the WM estimate); own_mask the
+    brain's own lesions (kept: the label is their union); lesion_mask (X, Y, Z) on the
+    same grid. Inside new lesion voxels each modality becomes factor × normal-WM median
+    (FLAIR ~1.35, T2 ~1.65, T1 ~0.78, jittered per subject) plus noise matched to the
+    WM texture, blended at the border so there is no hard edge. New lesion voxels are
+    restricted to parenchyma (not background or CSF-dark T1), as real lesions are.
+    """
+    rng = np.random.default_rng(rng)
+    if "T1" not in images:
+        raise ValueError("transplant needs a T1 image to find normal white matter")
+    brain = np.zeros(lesion_mask.shape, bool)
+    for v in images.values():
+        brain |= v != 0
+    own = own_mask.astype(bool) if own_mask is not None else np.zeros_like(brain)
+    wm, ref = _normal_wm_reference(images, brain, own)
+    t1 = images["T1"]
+    csf_thr = np.percentile(t1[brain], 20)
+    new = lesion_mask.astype(bool) & brain & (t1 > csf_thr) & ~own
+    w = np.clip(ndi.gaussian_filter(new.astype(np.float32), 0.6) * 1.6, 0, 1)
+    w *= new | (w > 0.3)
+    w *= brain
+    u = rng.uniform(0.3, 0.8)
+    out = {}
+    for m, img in images.items():
+        if m in _LESION_FACTOR:
+            f0, f1 = _LESION_FACTOR[m]
+            factor = f0 + (f1 - f0) * u
+        else:  # an unknown extra modality keeps its contrast
+            factor = 1.0
+        std = float(np.std(img[wm]))
+        target = factor * ref[m] + 0.5 * std * rng.standard_normal(img.shape).astype(np.float32)
+        out[m] = ((1 - w) * img + w * target).astype(np.float32)
+    return out, (own | new).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# writing datasets
+# --------------------------------------------------------------------------------------
+def _write_subject(folder: Path, images: dict[str, np.ndarray], mask: np.ndarray,
+                   affine: np.ndarray) -> None:
+    for m, img in images.items():
+        save_volume(folder / f"{m}.nii.gz", img, affine)
+    save_volume(folder / "mask.nii.gz", mask.astype(np.uint8), affine)
+
+
+def write_phantom_dataset(
+    out: str | Path,
+    n_subjects: int = 4,
+    shape: Sequence[int] = (96, 112, 96),
+    seed: int = 0,
+    progress: Callable | None = None,
+    **kwargs,
+) -> list[dict]:
+    """Write ``n_subjects`` phantoms as ``out/subjectNN/{T1,T2,FLAIR,mask}.nii.gz``.
+
+    Subject i depends only on (seed, i). Returns per-subject statistics, also written
+    to ``out/synth.json``. ``progress`` wraps the subject range (e.g. ``tqdm``).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = []
+    it = range(n_subjects)
+    for i in progress(it) if progress else it:
+        ph = make_phantom(shape, np.random.default_rng((seed, i)), **kwargs)
+        name = f"subject{i + 1:02d}"
+        _write_subject(out / name, ph.images, ph.mask, ph.affine)
+        stats.append({"subject": name, "lesion_fraction": ph.lesion_fraction,
+                      "n_lesions": len(ph.lesions), "voxel_mm": list(ph.voxel_mm),
+                      "shape": list(shape)})
+    (out / "synth.json").write_text(json.dumps({"mode": "phantom", "seed": seed,
+                                                "subjects": stats}, indent=1))
+    return stats
+
+
+def write_transplant_dataset(
+    out: str | Path,
+    brains: str | Path,
+    lesion_masks: str | Path,
+    n_subjects: int | None = None,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> list[dict]:
+    """Transplant every mask in ``lesion_masks`` (a folder of NIfTI masks) into the
+    subjects of ``brains`` (a dataset folder), cycling through the brains.
+
+    Output subject ``<brain>_<mask>`` per pair; ``n_subjects`` limits how many. Masks
+    must be on the brains' grid (the shared data: both in MNI 182×218×182).
+    """
+    out = Path(out)
+    subjects = find_subjects(brains, DEFAULT_MODALITIES, require_mask=False)
+    mask_files = sorted(p for p in Path(lesion_masks).iterdir()
+                        if p.name.lower().endswith((".nii", ".nii.gz")))
+    if not mask_files:
+        raise ValueError(f"{lesion_masks}: no .nii/.nii.gz lesion masks found")
+    n = len(mask_files) if n_subjects is None else int(n_subjects)
+    stats = []
+    loaded: dict[int, tuple] = {}
+    it = range(n)
+    for i in progress(it) if progress else it:
+        b = i % len(subjects)
+        if b not in loaded:
+            img, own, aff = load_subject(subjects[b])
+            loaded = {b: (img, own, aff)}  # keep one brain in memory at a time
+        img, own, aff = loaded[b]
+        mpath = mask_files[i % len(mask_files)]
+        lm, maff = load_volume(mpath, kind="mask")
+        if lm.shape != img.shape[1:]:
+            raise ValueError(f"{mpath}: shape {lm.shape} differs from brain "
+                             f"{subjects[b].name} {img.shape[1:]}; masks must be on its grid")
+        images = dict(zip(subjects[b].modalities, img))
+        new_imgs, mask = transplant(images, own, lm, np.random.default_rng((seed, i)))
+        stem = mpath.name.split(".")[0]
+        name = f"{subjects[b].name}_{stem}"
+        _write_subject(out / name, new_imgs, mask, aff)
+        stats.append({"subject": name, "brain": subjects[b].name, "lesion_mask": mpath.name,
+                      "lesion_fraction": float(mask.mean())})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "synth.json").write_text(json.dumps({"mode": "transplant", "seed": seed,
+                                                "subjects": stats}, indent=1))
+    return stats
