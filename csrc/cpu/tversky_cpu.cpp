@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -59,6 +60,31 @@ inline void store_val(bf16* p, float v) {
   uint32_t u = __builtin_bit_cast(uint32_t, v);
   u += 0x7fffu + ((u >> 16) & 1u);
   p->bits = (uint16_t)(u >> 16);
+}
+
+// Row copies between storage and the tile arrays. The __restrict qualifiers tell gcc the
+// user's tensor cannot alias the tile, which it needs in order to vectorise these loops.
+template <typename LT, typename F>
+inline void load_row(const LT* __restrict src, int64_t stride, int n, F* __restrict dst) {
+  if (stride == 1) {
+#pragma GCC ivdep
+    for (int i = 0; i < n; ++i) dst[i] = (F)load_val(src + i);
+  } else {
+#pragma GCC ivdep
+    for (int i = 0; i < n; ++i) dst[i] = (F)load_val(src + i * stride);
+  }
+  for (int i = n; i < TILE; ++i) dst[i] = (F)0;
+}
+
+template <typename LT, typename F>
+inline void store_row(const F* __restrict src, int n, LT* __restrict dst, int64_t stride) {
+  if (stride == 1) {
+#pragma GCC ivdep
+    for (int i = 0; i < n; ++i) store_val(dst + i, src[i]);
+  } else {
+#pragma GCC ivdep
+    for (int i = 0; i < n; ++i) store_val(dst + i * stride, src[i]);
+  }
 }
 
 template <typename T>
@@ -102,20 +128,13 @@ inline bool not_finite(F x) {
 // x[c][i] holds logits on entry and probabilities on exit (lanes >= n hold 0 logits and
 // are masked out by the caller through w).
 template <typename F, typename LT>
-inline int64_t load_probs(const TverskyParams& P, int64_t b, int64_t n0, int n,
-                          F (*x)[TILE]) {
+__attribute__((always_inline)) inline int64_t load_probs(const TverskyParams& P, int64_t b, int64_t n0, int n,
+                          F (*__restrict x)[TILE]) {
   const LT* base = (const LT*)P.logits_ptr + b * P.logits_stride_b;
   const int64_t C = P.C, sc = P.logits_stride_c, sn = P.logits_stride_n;
   int64_t nonfinite = 0;
   for (int64_t c = 0; c < C; ++c) {
-    const LT* row = base + c * sc;
-    if (sn == 1) {
-      const LT* r = row + n0;
-      for (int i = 0; i < n; ++i) x[c][i] = (F)load_val(r + i);
-    } else {
-      for (int i = 0; i < n; ++i) x[c][i] = (F)load_val(row + (n0 + i) * sn);
-    }
-    for (int i = n; i < TILE; ++i) x[c][i] = (F)0;
+    load_row(base + c * sc + n0 * sn, sn, n, x[c]);
     int bad = 0;
     for (int i = 0; i < TILE; ++i) bad += not_finite(x[c][i]);
     nonfinite += bad;
@@ -142,27 +161,46 @@ inline int64_t load_probs(const TverskyParams& P, int64_t b, int64_t n0, int n,
 }
 
 // ---- one tile: target -> labels / soft g and the voxel mask w -----------------------------
-// Label maps: y[i] is the label (or -1 on ignored / padded lanes, which matches no
-// class), w[i] in {0,1}. Returns the number of bad labels.
+// Label maps: y[i] is the class the voxel belongs to (or -1 on ignored / padded lanes,
+// which matches no class), w[i] in {0,1}. Returns the number of bad labels. Labels are
+// compared as int32 (int64 only for int64 label maps) so the loop vectorises; the
+// branch-free body matters: this loop runs once per voxel in both passes.
+template <typename TT>
+using label_int_t = std::conditional_t<std::is_same_v<TT, int64_t>, int64_t, int32_t>;
+
 template <typename TT>
 inline int64_t load_labels(const TverskyParams& P, int64_t b, int64_t n0, int n,
-                           int32_t* y, float* w) {
+                           int32_t* __restrict y, float* __restrict w) {
+  using L = label_int_t<TT>;
   const TT* base = (const TT*)P.target_ptr + b * P.target_stride_b;
   const int64_t sn = P.target_stride_n;
-  int64_t bad = 0;
-  for (int i = 0; i < TILE; ++i) {
-    if (i >= n) {
-      y[i] = -1;
-      w[i] = 0.f;
-      continue;
-    }
-    const int64_t v = load_label(base + (n0 + i) * sn);
-    const bool keep = !(P.has_ignore_index && v == P.ignore_index);
-    bad += keep && (v < 0 || v >= P.num_labels);
+  // An ignore_index outside TT's range can never match (e.g. -100 with uint8 labels).
+  const bool has_ii = P.has_ignore_index &&
+                      P.ignore_index >= (int64_t)std::numeric_limits<TT>::min() &&
+                      P.ignore_index <= (int64_t)std::numeric_limits<TT>::max();
+  const L ii = has_ii ? (L)P.ignore_index : (L)0;
+  const L num_labels = (L)P.num_labels;
+  const bool binary = P.binary_labels;
+  alignas(64) L v[TILE];
+  if (sn == 1) {
+    const TT* r = base + n0;
+    for (int i = 0; i < n; ++i) v[i] = (L)r[i];
+  } else {
+    for (int i = 0; i < n; ++i) v[i] = (L)base[(n0 + i) * sn];
+  }
+  int32_t bad = 0;
+  for (int i = 0; i < n; ++i) {
+    const L vi = v[i];
+    const bool keep = !(has_ii & (vi == ii));
+    bad += keep & ((vi < 0) | (vi >= num_labels));
     // C == 1: the single channel is the foreground, so label 1 maps to "class 0".
-    const int64_t cls = P.binary_labels ? (v == 1 ? 0 : -1) : v;
-    y[i] = keep ? (int32_t)std::min<int64_t>(std::max<int64_t>(cls, -1), MAX_C) : -1;
+    const L cls = binary ? (vi == 1 ? (L)0 : (L)-1) : vi;
+    y[i] = keep ? (int32_t)cls : -1;
     w[i] = keep ? 1.f : 0.f;
+  }
+  for (int i = n; i < TILE; ++i) {
+    y[i] = -1;
+    w[i] = 0.f;
   }
   return bad;
 }
@@ -174,9 +212,7 @@ inline int64_t load_soft(const TverskyParams& P, int64_t b, int64_t n0, int n,
   const int64_t sc = P.target_stride_c, sn = P.target_stride_n;
   int64_t bad = 0;
   for (int64_t c = 0; c < P.C; ++c) {
-    const TT* row = base + c * sc;
-    for (int i = 0; i < n; ++i) g[c][i] = (F)load_val(row + (n0 + i) * sn);
-    for (int i = n; i < TILE; ++i) g[c][i] = (F)0;
+    load_row(base + c * sc + n0 * sn, sn, n, g[c]);
     int nb = 0;
     for (int i = 0; i < TILE; ++i) nb += !(g[c][i] >= (F)0 && g[c][i] <= (F)1);
     bad += nb;
@@ -332,15 +368,8 @@ void backward_impl(const TverskyParams& P) {
         for (int64_t c = 0; c < C; ++c)
           for (int i = 0; i < TILE; ++i) u[c][i] = (F)w[i] * u[c][i];
       }
-      for (int64_t c = 0; c < C; ++c) {
-        LT* row = gbase + c * P.grad_stride_c;
-        if (P.grad_stride_n == 1) {
-          LT* r = row + n0;
-          for (int i = 0; i < n; ++i) store_val(r + i, u[c][i]);
-        } else {
-          for (int i = 0; i < n; ++i) store_val(row + (n0 + i) * P.grad_stride_n, u[c][i]);
-        }
-      }
+      for (int64_t c = 0; c < C; ++c)
+        store_row(u[c], n, gbase + c * P.grad_stride_c + n0 * P.grad_stride_n, P.grad_stride_n);
     }
   });
 }

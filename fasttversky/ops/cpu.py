@@ -25,7 +25,7 @@ from .._spec import KernelSpec
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _SOURCES = (_CSRC / "tversky.h", _CSRC / "cpu" / "tversky_cpu.cpp")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++20", "-shared", "-fPIC",
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++20", "-shared", "-fPIC",
           "-pthread"]
 MAX_CLASSES = 32
 
