@@ -53,6 +53,9 @@ Differences that remain
 * Half-precision inputs: MONAI rounds the probabilities to bf16/fp16 and sums in that
   dtype when the target is half too; the fused path computes in fp32 and sums in fp64,
   then casts to MONAI's result dtype. Values agree to the half dtype's rounding.
+* MONAI raises for ``soft_label=True`` with an integer target it did not one-hot
+  encode itself (``linalg.vector_norm`` of an integer tensor); this class computes the
+  loss of that hard mask instead.
 * A MONAI ``MetaTensor`` input gives a plain ``torch.Tensor`` loss, not a MetaTensor.
 """
 
@@ -165,6 +168,9 @@ def _tp_fp_fn(p, g, reduce_axis, soft_label):
         fn = torch.sum((1 - p) * g, dim=reduce_axis)
         return tp, fp, fn
     # Soft-label formulation (Wang et al. 2023): tp = (|p| + |g| - |p - g|) / 2.
+    if not g.is_floating_point():
+        # MONAI raises here (vector_norm of an integer mask); a hard mask has one meaning.
+        g = g.to(p.dtype)
     pred_o = LA.vector_norm(p, ord=1, dim=reduce_axis)
     ground_o = LA.vector_norm(g, ord=1, dim=reduce_axis)
     difference = LA.vector_norm(p - g, ord=1, dim=reduce_axis)
