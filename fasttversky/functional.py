@@ -131,7 +131,7 @@ def _per_class(name: str, value, C: int) -> list[float]:
         value = value.detach().cpu().flatten().tolist()
     if isinstance(value, (int, float)):
         vals = [float(value)] * C
-    elif isinstance(value, Sequence):
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         vals = [float(v) for v in value]
         if len(vals) != C:
             raise ValueError(f"{name} has {len(vals)} entries but logits have C={C} classes")

@@ -1,0 +1,119 @@
+"""Bad input raises an exception that names the argument; never silently wrong numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttversky import BackendUnavailableError, TverskyLoss, tversky_loss
+
+BACKENDS = ["cpu", "torch"]
+
+
+def _ok():
+    return torch.randn(2, 3, 4, 5, 6), torch.randint(0, 3, (2, 4, 5, 6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda x, t: (x[:, :, :3], t), ValueError, "target label map must have shape"),
+        (lambda x, t: (x, t[:1]), ValueError, "target label map must have shape"),
+        (lambda x, t: (x, torch.rand(2, 2, 4, 5, 6)), ValueError, "float .*target must have"),
+        (lambda x, t: (x.int(), t), TypeError, "logits dtype"),
+        (lambda x, t: (x, t.to(torch.int8)), TypeError, "label map dtype"),
+        (lambda x, t: (x, t.float()), ValueError, "float .*target must have"),
+        (lambda x, t: (x[0, 0, 0, 0], t), ValueError, r"logits must have shape \(B, C"),
+        (lambda x, t: (x[:, :, :0], t[:, :0]), ValueError, "logits is empty"),
+        (lambda x, t: (x.unsqueeze(-1).unsqueeze(-1), t), ValueError, "1-3 spatial dims"),
+        (lambda x, t: (x, t.numpy()), TypeError, "target must be a torch.Tensor"),
+        (lambda x, t: (x, t.to("meta")), ValueError, "target is on meta"),
+    ],
+    ids=[
+        "spatial-mismatch", "batch-mismatch", "soft-class-mismatch", "int-logits",
+        "int8-labels", "float-labels-shape", "too-few-dims", "empty", "too-many-dims",
+        "numpy-target", "device-mismatch",
+    ],
+)
+def test_shape_dtype_device(backend, make, error, match):
+    x, t = make(*_ok())
+    with pytest.raises(error, match=match):
+        tversky_loss(x, t, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_range(backend):
+    x, t = _ok()
+    t[0, 0, 0, 0] = 3
+    with pytest.raises(ValueError, match=r"1 label\(s\) outside \[0, 3\)"):
+        tversky_loss(x, t, backend=backend)
+    t[0, 0, 0, 0] = -1
+    with pytest.raises(ValueError, match="outside"):
+        tversky_loss(x, t, backend=backend)
+    # ... but the ignore value itself is fine
+    tversky_loss(x, t, backend=backend, ignore_index=-1)
+    # binary sigmoid: labels must be {0, 1}
+    with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+        tversky_loss(x[:, :1], torch.full((2, 4, 5, 6), 2), activation="sigmoid", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_soft_target_range(backend):
+    x, _ = _ok()
+    soft = torch.rand(2, 3, 4, 5, 6)
+    soft[1, 2, 3, 4, 5] = 1.5
+    with pytest.raises(ValueError, match=r"target has 1 value\(s\) outside \[0, 1\]"):
+        tversky_loss(x, soft, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits(backend, bad):
+    x, t = _ok()
+    x[1, 2, 3, 4, 5] = bad
+    with pytest.raises(ValueError, match=r"logits contain 1 non-finite"):
+        tversky_loss(x, t, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"alpha": -0.1}, ValueError, "alpha must be finite and >= 0"),
+        ({"beta": float("nan")}, ValueError, "beta must be finite and >= 0"),
+        ({"alpha": [0.3, 0.3]}, ValueError, "alpha has 2 entries but logits have C=3"),
+        ({"beta": "0.7"}, TypeError, "beta must be a float or a sequence"),
+        ({"smooth_nr": -1e-5}, ValueError, "smooth_nr"),
+        ({"smooth_dr": float("inf")}, ValueError, "smooth_dr"),
+        ({"gamma": 0.0}, ValueError, "gamma must be finite and > 0"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"activation": "relu"}, ValueError, "activation must be one of"),
+        ({"class_weights": [1, 2]}, ValueError, "class_weights has 2 entries"),
+        ({"class_weights": [1, 0, 0], "include_background": False}, ValueError,
+         "class_weights of the kept classes"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ({"backend": "fortran"}, ValueError, "backend must be 'auto' or one of"),
+        ({"backend": "cuda"}, BackendUnavailableError, "backend 'cuda' cannot run"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    x, t = _ok()
+    with pytest.raises(error, match=match):
+        tversky_loss(x, t, **kwargs)
+
+
+def test_softmax_needs_two_classes():
+    with pytest.raises(ValueError, match="softmax.*C >= 2"):
+        tversky_loss(torch.randn(1, 1, 4), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_ignore_index_with_soft_target():
+    with pytest.raises(ValueError, match="ignore_index applies to integer label maps"):
+        tversky_loss(torch.randn(1, 2, 4), torch.rand(1, 2, 4), ignore_index=0)
+
+
+def test_module_rejects_bad_arguments_at_construction():
+    with pytest.raises(ValueError, match="alpha"):
+        TverskyLoss(alpha=-1)
+    with pytest.raises(ValueError, match="reduction"):
+        TverskyLoss(reduction="max")
