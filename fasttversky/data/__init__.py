@@ -4,7 +4,13 @@ Entry points: :func:`find_subjects`, :func:`load_subject`, :func:`prepare_subjec
 :class:`LesionDataset`, :func:`batch_iterator`; phantoms in :mod:`fasttversky.data.synth`.
 """
 
-from .dataset import LesionDataset, PreparedSubject, batch_iterator, prepare_subject
+from .dataset import (
+    LesionDataset,
+    PreparedSubject,
+    RandomBatches,
+    batch_iterator,
+    prepare_subject,
+)
 from .io import (
     DEFAULT_MASK_PATTERN,
     DEFAULT_MODALITIES,
@@ -28,7 +34,7 @@ from .transforms import (
 
 __all__ = [
     "DEFAULT_MASK_PATTERN", "DEFAULT_MODALITIES", "CropInfo", "DataError", "LesionDataset",
-    "PreparedSubject", "Subject", "apply_crop", "batch_iterator", "brain_mask",
+    "PreparedSubject", "RandomBatches", "Subject", "apply_crop", "batch_iterator", "brain_mask",
     "crop_or_pad_info", "find_subject", "find_subjects", "load_subject", "load_volume",
     "pad_to_multiple", "prepare_subject", "save_volume", "undo_crop", "zscore_in_brain",
 ]

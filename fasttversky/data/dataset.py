@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from .io import Subject, load_subject
-from .transforms import CropInfo, apply_crop, brain_mask, crop_or_pad_info, zscore_in_brain
+from .transforms import (
+    CropInfo,
+    apply_crop,
+    brain_mask,
+    crop_or_pad_info,
+    undo_crop,
+    zscore_in_brain,
+)
 
 
 @dataclass
@@ -22,7 +29,9 @@ class PreparedSubject:
     """A subject ready for the network, with what is needed to map results back.
 
     image (C, D, H, W) float32, mask (D, H, W) uint8 or None, brain (D, H, W) bool,
-    affine (4, 4) of the original file, crop (None when no target shape was asked).
+    affine (4, 4) of the original file, crop (None when no target shape was asked),
+    full_mask: the mask on the file's grid — evaluate against this, so lesion voxels
+    that a tight crop cut away still count as missed.
     """
 
     name: str
@@ -31,6 +40,11 @@ class PreparedSubject:
     brain: np.ndarray
     affine: np.ndarray
     crop: CropInfo | None
+    full_mask: np.ndarray | None = None
+
+    def to_file_grid(self, volume: np.ndarray, fill: float = 0) -> np.ndarray:
+        """A (D, H, W) result on the prepared grid -> the file's grid (undo the crop)."""
+        return undo_crop(volume, self.crop, fill) if self.crop is not None else volume
 
 
 def prepare_subject(
@@ -41,13 +55,14 @@ def prepare_subject(
     brain = brain_mask(image)
     image = zscore_in_brain(image, brain)
     crop = None
+    full_mask = mask
     if target_shape is not None:
         crop = crop_or_pad_info(image.shape[1:], target_shape, brain)
         image = apply_crop(image, crop)
         brain = apply_crop(brain, crop)
         if mask is not None:
             mask = apply_crop(mask, crop)
-    return PreparedSubject(subject.name, image, mask, brain, affine, crop)
+    return PreparedSubject(subject.name, image, mask, brain, affine, crop, full_mask)
 
 
 def _patch_start(center: np.ndarray, size: Sequence[int], shape: Sequence[int]) -> list[int]:
@@ -71,7 +86,9 @@ class LesionDataset(torch.utils.data.Dataset):
     """Whole volumes (``patch_size=None``) or random patches of a list of subjects.
 
     Args:
-        subjects: from :func:`fasttversky.data.find_subjects`; each needs a mask.
+        subjects: from :func:`fasttversky.data.find_subjects`, or already
+            :class:`PreparedSubject` (re-used as they are, e.g. across the runs of a
+            sweep); each needs a mask.
         target_shape: crop/pad every volume to this (D, H, W) around the brain first
             (the paper: 128×224×256); None keeps the file's grid.
         patch_size: (d, h, w) random patches; None yields whole volumes.
@@ -100,6 +117,9 @@ class LesionDataset(torch.utils.data.Dataset):
             if s.mask is None:
                 raise ValueError(f"subject {s.name} has no lesion mask; training needs one")
         self.subjects = list(subjects)
+        self._cache: dict[int, PreparedSubject] = {
+            i: s for i, s in enumerate(self.subjects) if isinstance(s, PreparedSubject)
+        }
         self.target_shape = tuple(target_shape) if target_shape is not None else None
         self.patch_size = tuple(int(p) for p in patch_size) if patch_size is not None else None
         self.patches_per_subject = int(patches_per_subject) if patch_size is not None else 1
@@ -107,7 +127,6 @@ class LesionDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.cache = cache
-        self._cache: dict[int, PreparedSubject] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -159,3 +178,24 @@ def batch_iterator(
             items = [dataset[i] for i in order[k : k + bs]]
             yield torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
         epoch += 1
+
+
+class RandomBatches:
+    """Callable ``batches(i) -> (image (B, C, D, H, W) float32, label (B, D, H, W) uint8)``.
+
+    Micro-batch ``i`` depends only on (seed, i): subjects drawn with replacement and
+    patches as in :class:`LesionDataset`. This is the form ``fasttversky.training.train``
+    resumes exactly (no iterator to replay).
+    """
+
+    def __init__(self, dataset: LesionDataset, batch_size: int = 1, seed: int = 0):
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, 1, int(i)))
+        idx = rng.integers(len(self.dataset), size=self.batch_size)
+        self.dataset.set_epoch(int(i))
+        items = [self.dataset[int(k)] for k in idx]
+        return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])

@@ -145,7 +145,8 @@ def find_subjects(
 def load_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """Read one 3-D NIfTI volume -> (array (X, Y, Z), affine (4, 4) float64).
 
-    Images come back as float32 and must be finite and not all zero; masks
+    Images come back as float32 and must be finite and not all zero (``kind="prob"``:
+    float32, finite, may be all zero — a probability map); masks
     (``kind="mask"``) as uint8 {0, 1} (any value > 0.5 is lesion) and may be empty —
     a subject without lesions is valid. A trailing axis of length 1 (X, Y, Z, 1), as
     some converters write, is dropped; any other 4-D volume is an error.
@@ -174,7 +175,7 @@ def load_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, n
     finite = np.isfinite(data)
     if not finite.all():
         raise DataError(f"{path}: {int((~finite).sum())} non-finite voxel value(s) (NaN/inf)")
-    if not data.any():
+    if kind == "image" and not data.any():
         raise DataError(f"{path}: volume is empty (all voxels are zero)")
     return data, affine
 

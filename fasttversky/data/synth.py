@@ -100,15 +100,16 @@ def _mni_affine(shape: Sequence[int], voxel_mm: Sequence[float]) -> np.ndarray:
     return aff
 
 
-def _draw_lesion_fraction(rng: np.random.Generator) -> float:
-    lo, hi = LESION_FRACTION_RANGE
+def _draw_lesion_fraction(rng: np.random.Generator,
+                          bounds: Sequence[float] = LESION_FRACTION_RANGE) -> float:
+    lo, hi = bounds
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
 def make_phantom(
     shape: Sequence[int] = (96, 112, 96),
     rng: np.random.Generator | int | None = None,
-    lesion_fraction: float | None = None,
+    lesion_fraction: float | Sequence[float] | None = None,
     skull_strip: bool = True,
     noise: float = 0.03,
     bias: float = 0.12,
@@ -118,7 +119,8 @@ def make_phantom(
     Args:
         shape: grid (X, Y, Z); voxel size = 182×218×182 mm / shape, so lesion sizes in
             mm, and lesion *fractions*, are comparable with the real MNI data.
-        lesion_fraction: lesion voxels / all voxels; default log-uniform in 0.012–0.65 %.
+        lesion_fraction: lesion voxels / all voxels, or a (low, high) range drawn
+            log-uniformly; default log-uniform in 0.012–0.65 %.
         skull_strip: zero everything outside the brain, as in the shared real data.
         noise: Rician noise sigma relative to white-matter intensity.
         bias: amplitude of the multiplicative bias field (log scale).
@@ -186,6 +188,8 @@ def make_phantom(
     del dist_vent
     if lesion_fraction is None:
         lesion_fraction = _draw_lesion_fraction(rng)
+    elif not np.isscalar(lesion_fraction):  # a (low, high) range
+        lesion_fraction = _draw_lesion_fraction(rng, lesion_fraction)
     target = max(1, int(round(lesion_fraction * np.prod(shape))))
     mask = np.zeros(shape, bool)
     severity = np.zeros(shape, np.float32)  # u ∈ [0, 1] per lesion voxel
