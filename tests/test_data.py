@@ -1,0 +1,259 @@
+"""fasttversky.data: subject discovery, validation errors, normalisation, crop/pad,
+patches, the torch Dataset, and the shared real MS data loading as-is."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+from fasttversky.data import (
+    DataError,
+    LesionDataset,
+    RandomBatches,
+    apply_crop,
+    batch_iterator,
+    crop_or_pad_info,
+    find_subjects,
+    load_subject,
+    prepare_subject,
+    undo_crop,
+    zscore_in_brain,
+)
+
+SHAPE = (12, 14, 10)
+AFFINE = np.diag([-1.5, 1.5, 1.5, 1.0])
+
+
+def _write(path, data, affine=AFFINE):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return path
+
+
+def _volume(seed, shape=SHAPE):
+    rng = np.random.default_rng(seed)
+    v = np.zeros(shape, np.float32)
+    v[2:-2, 2:-2, 2:-2] = rng.uniform(100, 200, (shape[0] - 4, shape[1] - 4, shape[2] - 4))
+    return v
+
+
+def _subject(root, name, names=("T1", "T2", "FLAIR", "mask"), suffix=".nii.gz", shape=SHAPE):
+    for k, n in enumerate(names):
+        if "mask" in n.lower() or "lesion" in n.lower():
+            m = np.zeros(shape, np.uint8)
+            m[5:7, 6:8, 4:6] = 1
+            _write(root / name / f"{n}{suffix}", m)
+        else:
+            _write(root / name / f"{n}{suffix}", _volume(k, shape))
+    return root / name
+
+
+# --------------------------------------------------------------------------------------
+# discovery
+# --------------------------------------------------------------------------------------
+def test_find_subjects_patterns_case_and_suffix(tmp_path):
+    _subject(tmp_path, "b", names=("t1", "T2", "flair", "Mask"), suffix=".nii")
+    _subject(tmp_path, "a")
+    (tmp_path / "notes").mkdir()  # a folder without images is not a subject
+    _write(tmp_path / "notes" / "lesions.nii.gz", np.zeros(SHAPE, np.uint8))
+    subs = find_subjects(tmp_path)
+    assert [s.name for s in subs] == ["a", "b"]
+    assert subs[1].modalities == ["T1", "T2", "FLAIR"]
+    assert subs[1].images["FLAIR"].name == "flair.nii" and subs[1].mask.name == "Mask.nii"
+
+
+def test_custom_patterns(tmp_path):
+    _subject(tmp_path, "sub-01", names=("sub-01_T1w", "sub-01_FLAIR", "sub-01_lesions"))
+    subs = find_subjects(tmp_path, {"T1": "*_t1w", "FLAIR": "*_flair"}, "*lesions")
+    img, mask, _ = load_subject(subs[0])
+    assert img.shape == (2, *SHAPE) and img.dtype == np.float32
+    assert mask.dtype == np.uint8 and mask.sum() == 8
+
+
+def test_missing_modality_or_mask_is_an_error(tmp_path):
+    _subject(tmp_path, "s1", names=("T1", "FLAIR", "mask"))
+    with pytest.raises(DataError, match=r"no file for T2"):
+        find_subjects(tmp_path)
+    _subject(tmp_path / "x", "s2", names=("T1", "T2", "FLAIR"))
+    with pytest.raises(DataError, match="no lesion mask"):
+        find_subjects(tmp_path / "x")
+    assert find_subjects(tmp_path / "x", require_mask=False)[0].mask is None
+
+
+def test_ambiguous_pattern_is_an_error(tmp_path):
+    _subject(tmp_path, "s1")
+    _write(tmp_path / "s1" / "t1.nii", _volume(0))  # T1.nii.gz and t1.nii
+    with pytest.raises(DataError, match="several files"):
+        find_subjects(tmp_path)
+
+
+def test_empty_or_missing_dataset(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        find_subjects(tmp_path / "nope")
+    with pytest.raises(DataError, match="no subject folder"):
+        find_subjects(tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# bad volumes: every case names the file and the problem
+# --------------------------------------------------------------------------------------
+def _load_one(tmp_path):
+    return load_subject(find_subjects(tmp_path)[0])
+
+
+def test_shape_mismatch_names_files(tmp_path):
+    d = _subject(tmp_path, "s1")
+    _write(d / "T2.nii.gz", _volume(1, (12, 14, 11)))
+    with pytest.raises(DataError, match=r"T2\.nii\.gz has shape \(12, 14, 11\) but T1\.nii\.gz"):
+        _load_one(tmp_path)
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda a: np.diag([-1.5, 1.5, 2.0, 1.0]), "voxel sizes"),
+    (lambda a: np.concatenate([a[:, :3], [[5.0], [0], [0], [1]]], axis=1), "origins"),
+    (lambda a: np.diag([1.5, 1.5, 1.5, 1.0]), "orientation"),
+])
+def test_affine_mismatch_says_what_differs(tmp_path, change, what):
+    d = _subject(tmp_path, "s1")
+    _write(d / "FLAIR.nii.gz", _volume(2), affine=change(AFFINE))
+    with pytest.raises(DataError, match=rf"affine of FLAIR\.nii\.gz differs from T1\.nii\.gz.*{what}"):
+        _load_one(tmp_path)
+
+
+def test_unreadable_file(tmp_path):
+    d = _subject(tmp_path, "s1")
+    (d / "T2.nii.gz").write_bytes(b"this is not a nifti file")
+    with pytest.raises(DataError, match=r"T2\.nii\.gz: cannot read as NIfTI"):
+        _load_one(tmp_path)
+
+
+def test_four_d_volume(tmp_path):
+    d = _subject(tmp_path, "s1")
+    _write(d / "T1.nii.gz", np.stack([_volume(0)] * 2, axis=-1))
+    with pytest.raises(DataError, match=r"T1\.nii\.gz: expected a 3-D volume, got shape \(12, 14, 10, 2\)"):
+        _load_one(tmp_path)
+
+
+def test_trailing_singleton_axis_is_accepted(tmp_path):
+    d = _subject(tmp_path, "s1")
+    _write(d / "T1.nii.gz", _volume(0)[..., None])
+    img, _, _ = _load_one(tmp_path)
+    assert img.shape == (3, *SHAPE)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_volume(tmp_path, bad):
+    d = _subject(tmp_path, "s1")
+    v = _volume(1)
+    v[3, 3, 3] = bad
+    _write(d / "FLAIR.nii.gz", v)
+    with pytest.raises(DataError, match=r"FLAIR\.nii\.gz: 1 non-finite voxel"):
+        _load_one(tmp_path)
+
+
+def test_empty_volume(tmp_path):
+    d = _subject(tmp_path, "s1")
+    _write(d / "T2.nii.gz", np.zeros(SHAPE, np.float32))
+    with pytest.raises(DataError, match=r"T2\.nii\.gz: volume is empty"):
+        _load_one(tmp_path)
+
+
+def test_empty_mask_is_valid(tmp_path):
+    d = _subject(tmp_path, "s1")
+    _write(d / "mask.nii.gz", np.zeros(SHAPE, np.uint8))
+    _, mask, _ = _load_one(tmp_path)
+    assert mask.sum() == 0
+
+
+def test_cli_reports_data_errors(tmp_path, capsys):
+    from fasttversky.cli import main
+
+    d = _subject(tmp_path / "data", "s1")
+    _write(d / "T2.nii.gz", np.zeros(SHAPE, np.float32))
+    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    assert "T2.nii.gz: volume is empty" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# transforms and dataset
+# --------------------------------------------------------------------------------------
+def test_zscore_inside_brain_only():
+    img = np.stack([_volume(0) * 3 + 10 * (_volume(0) != 0), _volume(1)])
+    out = zscore_in_brain(img)
+    brain = (img != 0).any(0)
+    for c in range(2):
+        assert out[c][brain].mean() == pytest.approx(0, abs=1e-5)
+        assert out[c][brain].std() == pytest.approx(1, abs=1e-4)
+        assert np.all(out[c][~brain] == 0)
+
+
+def test_crop_pad_roundtrip_centres_on_brain():
+    vol = np.zeros((20, 30, 10), np.float32)
+    vol[12:18, 5:11, 2:8] = 1  # brain off-centre
+    info = crop_or_pad_info(vol.shape, (8, 8, 16), vol > 0)
+    out = apply_crop(vol, info)
+    assert out.shape == (8, 8, 16)
+    assert out.sum() == vol.sum()  # the whole brain fits: nothing lost
+    back = undo_crop(out, info)
+    np.testing.assert_array_equal(back, vol)
+    lead = apply_crop(np.stack([vol, 2 * vol]), info)  # channel axis kept
+    assert lead.shape == (2, 8, 8, 16)
+
+
+def test_dataset_whole_volumes_and_patches(tmp_path):
+    for k in range(3):
+        _subject(tmp_path, f"s{k}")
+    subs = find_subjects(tmp_path)
+    ds = LesionDataset(subs, target_shape=(16, 16, 16))
+    img, lab = ds[0]
+    assert img.shape == (3, 16, 16, 16) and img.dtype == torch.float32
+    assert lab.shape == (16, 16, 16) and lab.dtype == torch.uint8 and int(lab.sum()) == 8
+
+    pds = LesionDataset(subs, patch_size=(6, 6, 6), patches_per_subject=4, lesion_prob=1.0, seed=3)
+    assert len(pds) == 12
+    img, lab = pds[5]
+    assert img.shape == (3, 6, 6, 6) and lab.shape == (6, 6, 6) and lab.sum() > 0
+    torch.testing.assert_close(pds[5][0], img)  # same (seed, epoch, index): same patch
+    big = LesionDataset(subs, patch_size=(20, 20, 20))  # larger than the volume: zero-padded
+    assert big[0][0].shape == (3, 20, 20, 20)
+
+    batches = list(batch_iterator(pds, batch_size=4, epochs=1))
+    assert len(batches) == 3 and batches[0][0].shape == (4, 3, 6, 6, 6)
+    rb = RandomBatches(pds, batch_size=2, seed=1)
+    x1, y1 = rb(7)
+    x2, y2 = rb(7)
+    assert x1.shape == (2, 3, 6, 6, 6) and y1.dtype == torch.uint8
+    torch.testing.assert_close(x1, x2)
+    torch.testing.assert_close(y1, y2)
+
+
+# --------------------------------------------------------------------------------------
+# the shared real MS data (CI and every developer have it)
+# --------------------------------------------------------------------------------------
+needs_shared = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"shared MS data not present at {SHARED_DATA}")
+
+
+@pytest.mark.data
+@needs_shared
+def test_shared_real_data_loads_as_is():
+    subs = find_subjects(SHARED_DATA)
+    # masks/ (extra lesion masks, no images) is not a subject
+    assert [s.name for s in subs] == ["patient07", "patient19"]
+    p = prepare_subject(subs[0], target_shape=(144, 176, 144))
+    assert p.image.shape == (3, 144, 176, 144) and p.image.dtype == np.float32
+    assert p.mask.dtype == np.uint8 and p.full_mask.shape == (182, 218, 182)
+    assert p.mask.sum() == p.full_mask.sum() > 0  # the crop keeps every lesion voxel
+    assert abs(float(p.image[:, p.brain].mean())) < 1e-3
+    frac = p.full_mask.mean()
+    assert 1e-4 < frac < 1e-2  # README: patient07 0.018 %
+
+
+@pytest.mark.data
+@needs_shared
+def test_shared_real_data_patches():
+    ds = LesionDataset(find_subjects(SHARED_DATA)[1:], patch_size=(32, 32, 32),
+                       patches_per_subject=2, lesion_prob=1.0)
+    img, lab = ds[0]
+    assert img.shape == (3, 32, 32, 32) and lab.sum() > 0
