@@ -128,8 +128,9 @@ inline bool not_finite(F x) {
 // x[c][i] holds logits on entry and probabilities on exit (lanes >= n hold 0 logits and
 // are masked out by the caller through w).
 template <typename F, typename LT>
-__attribute__((always_inline)) inline int64_t load_probs(const TverskyParams& P, int64_t b, int64_t n0, int n,
-                          F (*__restrict x)[TILE]) {
+__attribute__((always_inline)) inline int64_t load_logits(const TverskyParams& P, int64_t b,
+                                                           int64_t n0, int n,
+                                                           F (*__restrict x)[TILE]) {
   const LT* base = (const LT*)P.logits_ptr + b * P.logits_stride_b;
   const int64_t C = P.C, sc = P.logits_stride_c, sn = P.logits_stride_n;
   int64_t nonfinite = 0;
@@ -139,6 +140,28 @@ __attribute__((always_inline)) inline int64_t load_probs(const TverskyParams& P,
     for (int i = 0; i < TILE; ++i) bad += not_finite(x[c][i]);
     nonfinite += bad;
   }
+  return nonfinite;
+}
+
+// Two-class softmax with one exp: p_hi = 1/(1+e), p_lo = e/(1+e), e = exp(-|x1-x0|).
+// Computing the smaller probability as e/(1+e) (not 1 - p_hi) keeps its relative
+// precision when the network is confident, which is most voxels of a trained model.
+template <typename F>
+__attribute__((always_inline)) inline void softmax2(F x0, F x1, F& p0, F& p1, F& e, F& r) {
+  const F d = x1 - x0;
+  e = fast_exp(-std::abs(d));
+  r = (F)1 / ((F)1 + e);
+  const F lo = e * r;
+  p1 = d >= (F)0 ? r : lo;
+  p0 = d >= (F)0 ? lo : r;
+}
+
+template <typename F, typename LT>
+__attribute__((always_inline)) inline int64_t load_probs(const TverskyParams& P, int64_t b,
+                                                          int64_t n0, int n,
+                                                          F (*__restrict x)[TILE]) {
+  const int64_t C = P.C;
+  const int64_t nonfinite = load_logits<F, LT>(P, b, n0, n, x);
   if (P.activation == TV_SOFTMAX) {
     F m[TILE], s[TILE];
     for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
@@ -245,6 +268,7 @@ void forward_impl(const TverskyParams& P) {
   // partial[item][c][3] and per-item flag counts: written once per item, summed in order.
   std::vector<double> partial((size_t)n_items * C * 3);
   std::vector<int64_t> flags((size_t)n_items * 2, 0);
+  const bool two_class_softmax = C == 2 && P.activation == TV_SOFTMAX;
 
   parallel_items(n_items, P.num_threads, [&](int64_t item) {
     const int64_t b = item / n_chunks, k = item % n_chunks;
@@ -260,8 +284,8 @@ void forward_impl(const TverskyParams& P) {
 
     for (int64_t n0 = start; n0 < stop; n0 += TILE) {
       const int n = (int)std::min<int64_t>(TILE, stop - n0);
-      nonfinite += load_probs<F, LT>(P, b, n0, n, x);
       if constexpr (SOFT) {
+        nonfinite += load_probs<F, LT>(P, b, n0, n, x);
         bad += load_soft<F, TT>(P, b, n0, n, g);
         for (int64_t c = 0; c < C; ++c)
           for (int i = 0; i < TILE; ++i) {
@@ -271,7 +295,25 @@ void forward_impl(const TverskyParams& P) {
             acc_pg[c][i] += p * g[c][i];
             acc_g[c][i] += g[c][i];
           }
+      } else if (two_class_softmax) {
+        // Fused two-class path (the paper's setup): one exp per voxel, all in registers.
+        nonfinite += load_logits<F, LT>(P, b, n0, n, x);
+        bad += load_labels<TT>(P, b, n0, n, y, w);
+        for (int i = 0; i < TILE; ++i) {
+          F p0, p1, e, r;
+          softmax2(x[0][i], x[1][i], p0, p1, e, r);
+          p0 *= (F)w[i];
+          p1 *= (F)w[i];
+          const F g0 = (F)(y[i] == 0), g1 = (F)(y[i] == 1);
+          acc_p[0][i] += p0;
+          acc_p[1][i] += p1;
+          acc_pg[0][i] += p0 * g0;
+          acc_pg[1][i] += p1 * g1;
+          acc_g[0][i] += g0;
+          acc_g[1][i] += g1;
+        }
       } else {
+        nonfinite += load_probs<F, LT>(P, b, n0, n, x);
         bad += load_labels<TT>(P, b, n0, n, y, w);
         for (int64_t c = 0; c < C; ++c)
           for (int i = 0; i < TILE; ++i) {
@@ -323,6 +365,7 @@ void backward_impl(const TverskyParams& P) {
   const int64_t n_chunks = (N + CHUNK - 1) / CHUNK;
   const F* coef_a = (const F*)P.coef_a_ptr;
   const F* coef_b = (const F*)P.coef_b_ptr;
+  const bool two_class_softmax = C == 2 && P.activation == TV_SOFTMAX;
 
   parallel_items(B * n_chunks, P.num_threads, [&](int64_t item) {
     const int64_t b = item / n_chunks, k = item % n_chunks;
@@ -341,6 +384,26 @@ void backward_impl(const TverskyParams& P) {
 
     for (int64_t n0 = start; n0 < stop; n0 += TILE) {
       const int n = (int)std::min<int64_t>(TILE, stop - n0);
+      if constexpr (!SOFT) {
+        if (two_class_softmax) {
+          // dL/dz1 = -dL/dz0 = w p0 p1 (u1 - u0), p0 p1 = e r^2: one exp per voxel.
+          load_logits<F, LT>(P, b, n0, n, x);
+          load_labels<TT>(P, b, n0, n, y, w);
+          for (int i = 0; i < TILE; ++i) {
+            const F d = x[1][i] - x[0][i];
+            const F e = fast_exp(-std::abs(d));
+            const F r = (F)1 / ((F)1 + e);
+            const F du = (A[1] - A[0]) + (y[i] == 1 ? Bc[1] : (F)0) - (y[i] == 0 ? Bc[0] : (F)0);
+            const F g1 = (F)w[i] * e * r * r * du;
+            u[0][i] = -g1;
+            u[1][i] = g1;
+          }
+          for (int64_t c = 0; c < 2; ++c)
+            store_row(u[c], n, gbase + c * P.grad_stride_c + n0 * P.grad_stride_n,
+                      P.grad_stride_n);
+          continue;
+        }
+      }
       load_probs<F, LT>(P, b, n0, n, x);
       // u = dL/dp / w = A + B g  (affine in g)
       if constexpr (SOFT) {
