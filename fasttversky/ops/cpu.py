@@ -75,6 +75,19 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _cpu_identity() -> bytes:
+    """What -march=native depends on. Clusters share home directories between nodes
+    with different CPUs: a library built for one must not be loaded on another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines))).encode()
+    except OSError:
+        import platform
+
+        return platform.processor().encode()
+
+
 def _build() -> ctypes.CDLL:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
@@ -83,6 +96,7 @@ def _build() -> ctypes.CDLL:
     for src in _SOURCES:
         h.update(src.read_bytes())
     h.update(" ".join([cxx, *_FLAGS]).encode())
+    h.update(_cpu_identity())
     out_dir = _cache_dir() / f"cpu-{h.hexdigest()[:16]}"
     lib = out_dir / "libtversky_cpu.so"
     if not lib.exists():
