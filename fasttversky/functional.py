@@ -295,8 +295,9 @@ def tversky_loss(
         include_background: if False, class 0 adds no term (ignored when C = 1, whose
             single channel is the foreground).
         batch: pool the sums over the batch (one term per class).
-        reduction: "mean" (weighted by ``class_weights``), "sum" or "none", which
-            returns the (B, C') terms, or (C',) with ``batch=True``; C' = classes kept.
+        reduction: "mean" (Σ w_c·term / (Σ w_c · B), B = 1 with ``batch=True``), "sum"
+            or "none", which returns the (B, C') terms (times ``class_weights`` when
+            given), or (C',) with ``batch=True``; C' = classes kept.
         smooth_nr, smooth_dr: >= 0, added to numerator and denominator.
         gamma: > 0, exponent of each term.
         ignore_index: label value whose voxels add nothing and get zero gradient.
