@@ -1,0 +1,129 @@
+"""Lesion phantoms: lesion load, sizes, placement and contrasts follow the MS statistics
+of the shared data's README; the written dataset loads; transplanting real masks."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+from scipy import ndimage as ndi
+
+from fasttversky.data import find_subjects, load_subject
+from fasttversky.data.synth import (
+    CSF,
+    WM,
+    make_phantom,
+    transplant,
+    write_phantom_dataset,
+    write_transplant_dataset,
+)
+
+SHAPE = (64, 80, 64)  # 2.8 mm voxels: fast, still resolves ~3 mm lesions as 1–3 voxels
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return [make_phantom(SHAPE, seed) for seed in range(4)]
+
+
+def test_lesion_fraction_in_ms_range(phantoms):
+    fr = [p.lesion_fraction for p in phantoms]
+    assert all(1e-4 <= f <= 7e-3 for f in fr), fr  # README: 0.01–0.7 % of voxels
+    assert max(fr) / min(fr) > 2  # the load varies between subjects
+
+
+def test_explicit_fraction_and_range():
+    p = make_phantom(SHAPE, 1, lesion_fraction=3e-3)
+    # Lesions are added until the target is reached; the last one may overshoot a bit.
+    assert 3e-3 <= p.lesion_fraction < 4.5e-3
+    q = make_phantom(SHAPE, 2, lesion_fraction=(5e-4, 1e-3))
+    assert 5e-4 <= q.lesion_fraction < 1.6e-3
+
+
+def test_lesion_sizes_typical_3mm(phantoms):
+    diam = []
+    for p in phantoms:
+        lab, n = ndi.label(p.mask)
+        sizes = np.bincount(lab.ravel())[1:]
+        vox_mm3 = float(np.prod(p.voxel_mm))
+        diam.extend((6 * sizes * vox_mm3 / np.pi) ** (1 / 3))  # equivalent-sphere diameter
+        # the generator's own record: mostly small lesions, a tail of confluent ones
+        d_rec = np.array([les["diameter_mm"] for les in p.lesions])
+        assert 2.0 <= np.median(d_rec) <= 6.0 and d_rec.max() <= 22.0
+    diam = np.array(diam)
+    # A 2.8 mm voxel is itself 3.5 mm equivalent diameter, so measured components of
+    # ~3 mm lesions come out at 1–3 voxels: median 3–8 mm, with a larger tail.
+    assert 3.0 <= np.median(diam) <= 8.0, np.median(diam)
+    assert np.percentile(diam, 90) > np.median(diam)
+
+
+def test_lesions_in_white_matter_and_periventricular(phantoms):
+    periv = []
+    for p in phantoms:
+        lesion = p.mask.astype(bool)
+        assert not (lesion & (p.tissue == CSF)).any()  # never in CSF
+        assert (lesion & (p.tissue == WM)).sum() > 0.5 * lesion.sum()  # README: ~74 % in WM
+        periv += [les["periventricular"] for les in p.lesions]
+    assert 0.35 <= np.mean(periv) <= 0.75  # README: about half within 10 mm
+
+
+def test_contrasts_flair_t2_bright_t1_dark(phantoms):
+    for p in phantoms:
+        lesion = p.mask.astype(bool)
+        core = ndi.binary_erosion(lesion) if ndi.binary_erosion(lesion).sum() > 10 else lesion
+        wm = (p.tissue == WM) & ~ndi.binary_dilation(lesion, iterations=2)
+        ratio = {m: p.images[m][core].mean() / p.images[m][wm].mean() for m in p.images}
+        assert 1.1 < ratio["FLAIR"] < 1.6, ratio
+        assert 1.3 < ratio["T2"] < 2.0, ratio
+        assert 0.6 < ratio["T1"] < 0.95, ratio
+
+
+def test_skull_stripped_background_is_zero(phantoms):
+    p = phantoms[0]
+    for img in p.images.values():
+        assert img.dtype == np.float32 and np.isfinite(img).all()
+        assert img[0, 0, 0] == 0 and (img == 0).mean() > 0.3
+    assert p.mask.dtype == np.uint8
+
+
+def test_written_dataset_loads(tmp_path):
+    stats = write_phantom_dataset(tmp_path, n_subjects=2, shape=(32, 40, 32), seed=5)
+    subs = find_subjects(tmp_path)
+    assert [s.name for s in subs] == ["subject01", "subject02"]
+    img, mask, aff = load_subject(subs[0])
+    assert img.shape == (3, 32, 40, 32) and mask.mean() == pytest.approx(stats[0]["lesion_fraction"])
+    assert aff[0, 0] < 0  # MNI-like orientation
+    assert json.loads((tmp_path / "synth.json").read_text())["subjects"][1]["subject"] == "subject02"
+    again = write_phantom_dataset(tmp_path / "b", n_subjects=2, shape=(32, 40, 32), seed=5)
+    assert again == stats  # deterministic in the seed
+
+
+def test_transplant_changes_contrast_inside_mask():
+    p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
+    rng = np.random.default_rng(0)
+    # A block of deep white matter (eroded: no partial volume with CSF/GM), no lesions.
+    deep_wm = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
+        p.mask.astype(bool), iterations=2)
+    extra = np.zeros(SHAPE, np.uint8)
+    extra[16:48, 20:60, 30:50] = 1
+    extra &= deep_wm.astype(np.uint8)
+    imgs, mask = transplant(p.images, p.mask, extra, rng)
+    new = mask.astype(bool) & ~p.mask.astype(bool)
+    assert new.sum() > 20 and (mask >= p.mask).all()  # union with the brain's own lesions
+    ratio = {m: imgs[m][new].mean() / p.images[m][new].mean() for m in imgs}
+    assert 1.15 < ratio["FLAIR"] < 1.6 and 1.3 < ratio["T2"] < 2.0 and ratio["T1"] < 0.95, ratio
+    far = ~ndi.binary_dilation(new, iterations=3)
+    for m in imgs:  # untouched away from the transplanted lesions
+        np.testing.assert_array_equal(imgs[m][far], p.images[m][far])
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared MS data not at {SHARED_DATA}")
+def test_transplant_dataset_from_shared_data(tmp_path):
+    stats = write_transplant_dataset(tmp_path, SHARED_DATA, SHARED_DATA / "masks",
+                                     n_subjects=1, seed=0)
+    subs = find_subjects(tmp_path)
+    assert len(subs) == 1 and subs[0].name == "patient07_patient01"
+    _, mask, _ = load_subject(subs[0])
+    assert mask.shape == (182, 218, 182)
+    assert 1e-4 < stats[0]["lesion_fraction"] < 1e-2
