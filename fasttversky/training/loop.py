@@ -336,10 +336,18 @@ def train(
         # After the fast-forward, which may have drawn random numbers itself.
         _set_rng_state(rng)
 
+    # Under torch.distributed every rank holds the same model and optimiser state, so
+    # only rank 0 writes the checkpoint, the log and the progress bar.
+    main = _is_main_rank()
+    if not main:
+        ckpt_path = None
     result = TrainResult(step=step, start_step=step, checkpoint=None)
-    log = open(config.log_path, "a") if config.log_path else None  # noqa: SIM115
+    log = None
+    if config.log_path and main:
+        Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(config.log_path, "a")  # noqa: SIM115
     bar = None
-    if config.progress:
+    if config.progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True)
@@ -422,6 +430,12 @@ def train(
         result.seconds = time.perf_counter() - t_start
         result.voxels_per_s = voxels_total / result.seconds if result.seconds > 0 else 0.0
     return result
+
+
+def _is_main_rank() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _existing(path: Path | None) -> Path | None:

@@ -1,0 +1,109 @@
+"""DDP with ``sync_across_ranks=True`` equals single-process training on the concatenated
+batch: two gloo processes on the CPU (loopback only), uneven local batches (1 and 2).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fasttversky
+from fasttversky.distributed import gather_stats
+from fasttversky.models import UNet3D
+from fasttversky.training import TrainConfig, train
+
+WORLD = 2
+LOCAL_B = (1, 2)  # uneven on purpose: the loss must not assume equal shards
+SPATIAL = (8, 8, 8)
+
+
+def _global_batch(i: int):
+    g = torch.Generator().manual_seed(50 + i)
+    image = torch.randn(sum(LOCAL_B), 3, *SPATIAL, generator=g, dtype=torch.float64)
+    label = (image[:, 2] > 0.8).to(torch.uint8)
+    return image, label
+
+
+def _shard(rank: int, x: torch.Tensor) -> torch.Tensor:
+    start = sum(LOCAL_B[:rank])
+    return x[start : start + LOCAL_B[rank]]
+
+
+def _model():
+    torch.manual_seed(0)
+    return UNet3D(3, 2, 2, 2).double()
+
+
+def _worker(rank: int, port: int, errors):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        image, label = _global_batch(0)
+        for kwargs in (dict(), dict(batch=True), dict(gamma=0.75, include_background=False)):
+            # Single process, whole batch.
+            single = _model()
+            loss_ref = fasttversky.tversky_loss(single(image), label, backend="torch", **kwargs)
+            loss_ref.backward()
+            # DDP, each rank its shard; the loss sees the gathered statistics.
+            ddp = DDP(_model())
+            loss = fasttversky.tversky_loss(
+                ddp(_shard(rank, image)), _shard(rank, label), backend="torch",
+                sync_across_ranks=True, **kwargs,
+            )
+            loss.backward()
+            torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)
+            for (name, p), q in zip(ddp.module.named_parameters(), single.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14, msg=name)
+
+        # The training loop end to end: 3 Adam steps, DDP vs single process.
+        config = TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch")
+        single = _model()
+        r_single = train(single, _global_batch, config)
+        ddp = DDP(_model())
+        r_ddp = train(
+            ddp,
+            lambda i: tuple(_shard(rank, t) for t in _global_batch(i)),
+            TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch",
+                        sync_across_ranks=True),
+        )
+        torch.testing.assert_close(r_ddp.losses, r_single.losses, rtol=1e-10, atol=0)
+        for (name, p), q in zip(ddp.module.named_parameters(), single.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+    except BaseException as exc:  # report to the parent, which asserts
+        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_equals_single_process_on_concatenated_batch():
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.spawn(_worker, args=(_free_port(), errors), nprocs=WORLD, join=True)
+    except Exception as exc:
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        pytest.fail("\n".join(msgs) or str(exc))
+
+
+def test_gather_stats_is_a_no_op_without_a_process_group():
+    stats = torch.rand(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert gather_stats(stats) is stats

@@ -1,0 +1,104 @@
+"""UNet3D: same function as the plain reference U-Net, in every configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttversky.models import CHECKPOINT_MODES, NORMS, UNet3D
+from reference.unet import ReferenceUNet3D
+
+X_SHAPE = (2, 3, 8, 12, 16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convs are dominated by OpenMP barriers on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pair(norm="none", checkpoint="all", levels=3, base=2, dtype=torch.float64):
+    torch.manual_seed(0)
+    fast = UNet3D(3, 2, base, levels, checkpoint=checkpoint, norm=norm).to(dtype)
+    ref = ReferenceUNet3D(3, 2, base, levels, norm=norm).to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("checkpoint", CHECKPOINT_MODES)
+def test_forward_and_backward_equal_reference(norm, checkpoint):
+    fast, ref = _pair(norm, checkpoint)
+    x = torch.randn(X_SHAPE, dtype=torch.float64)
+    w = torch.randn(X_SHAPE[0], 2, *X_SHAPE[2:], dtype=torch.float64)
+    y_fast, y_ref = fast(x), ref(x)
+    assert y_fast.shape == (X_SHAPE[0], 2, *X_SHAPE[2:])
+    # Same ops in the same order: identical, not merely close.
+    assert torch.equal(y_fast, y_ref)
+    (y_fast * w).sum().backward()
+    (y_ref * w).sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    # Checkpoint recomputation must not update batch-norm running stats twice.
+    for (name, a), b in zip(fast.named_buffers(), ref.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_state_dicts_load_into_each_other():
+    fast, ref = _pair("batch")
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    fast.load_state_dict(ref.state_dict())
+
+
+def test_architecture_shapes():
+    model = UNet3D(3, 2, base_features=4, levels=4)
+    feats = [m.conv2.out_channels for m in model.encoders]
+    assert feats == [4, 8, 16, 32]
+    assert [d.up.out_channels for d in model.decoders] == [4, 8, 16]
+    assert model.decoders[0].conv.conv1.in_channels == 8  # skip concatenation
+    assert model.head.kernel_size == (1, 1, 1) and model.head.out_channels == 2
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 8, 8, 8))
+    assert out.shape == (1, 2, 8, 8, 8)
+
+
+def test_single_level():
+    fast, ref = _pair(levels=1)
+    x = torch.randn(1, 3, 5, 6, 7, dtype=torch.float64)
+    assert torch.equal(fast(x), ref(x))
+
+
+def test_bf16_autocast_gives_bf16_logits_and_grads():
+    torch.manual_seed(0)
+    model = UNet3D(3, 2, 2, 3)
+    x = torch.randn(1, 3, 8, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_no_checkpointing_without_grad():
+    model = UNet3D(3, 2, 2, 2)
+    with torch.no_grad():
+        assert not model._checkpointed(0)
+    assert model._checkpointed(0)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="checkpoint"):
+        UNet3D(checkpoint="some")
+    with pytest.raises(ValueError, match="norm"):
+        UNet3D(norm="layer")
+    with pytest.raises(ValueError, match="levels"):
+        UNet3D(levels=0)
+    model = UNet3D(3, 2, 2, 3)
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, 3, 8, 8, 6))
+    with pytest.raises(ValueError, match="expected input"):
+        model(torch.randn(1, 1, 8, 8, 8))
