@@ -1,0 +1,576 @@
+// fasttversky: the CUDA kernels of the fused Tversky loss. No torch here: everything the
+// kernels need arrives in csrc/tversky.h's plain TverskyParams; the only torch-facing
+// file is fasttversky/ops/cuda.py, which builds this file with nvcc, loads it with
+// ctypes and calls the extern "C" launchers at the bottom on torch's current stream.
+//
+// The math is derived once, in csrc/tversky.h. In short, per (sample b, class c) over the
+// non-ignored voxels (mask w):
+//   forward:  sum_pg = Σ w p g,  sum_p = Σ w p,  sum_g = Σ w g
+//   backward: u_c = dL/dp_c = w (A_c + B_c g_c)  (affine in g: A = dL/dsum_p,
+//             B = dL/dsum_pg come from the host's O(B·C) autograd), then
+//             softmax dz_k = p_k (u_k - Σ_c p_c u_c); sigmoid dz_c = u_c p_c (1 - p_c);
+//             none dx_c = u_c.
+//
+// Work shape:
+//   _tversky_fwd_partials_kernel  grid (G, B), 256 threads. Each thread owns VEC
+//       consecutive voxels per step and walks the sample's volume grid-stride; it holds
+//       the C·VEC logits of its step in registers, computes the activation there, reads
+//       the integer labels and compares them with the class index (no one-hot), and
+//       accumulates per-class sums in fp32 registers. At the end: warp-shuffle
+//       butterfly, then warps in a fixed order through shared memory, into ONE partial
+//       [sum_pg, sum_p, sum_g] per (b, block). No atomics.
+//   _tversky_finalize_kernel      one block: adds the G partials of every (b, c) in
+//       float64, in block order. Together: the result depends only on the shape and the
+//       device's SM count (which fixes G), so repeated calls are bitwise equal.
+//   _tversky_bwd_kernel           grid (G, B), elementwise; recomputes p from the logits
+//       (saving p would cost a logits-sized buffer) and writes dL/dlogits once.
+//
+// Templates: logits storage type T (float, __half, __nv_bfloat16; compute is fp32 —
+// float64 logits go to the triton backend, see ops/cuda.py), activation ACT (TV_SOFTMAX,
+// or TV_SIGMOID for the two per-element activations: sigmoid and none differ by one
+// uniform run-time branch), and MAXC, a bound on C (4 or 8) so that a voxel's classes
+// live in registers (C > 8 goes to the triton backend). The target's type (uint8/int16/int32/int64 labels, or a float soft
+// target) is a run-time switch at the load: it is uniform over the grid (no divergence)
+// and touches only the load, while templating on it multiplied the instantiations, and
+// nvcc's build time, by five. VEC = voxels per thread per step: 16 bytes of one class's
+// logits when the layout allows (stride_n == 1, aligned rows), fewer when MAXC is large
+// so that MAXC·VEC logits still fit in 64 registers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "../tversky.h"
+
+// Launches go through TV_LAUNCH so that tests can run these very kernels without a GPU:
+// compiled by a host C++ compiler with -DTV_HOST_EMULATION, host_emulation.h runs each
+// block's threads as std::threads (see tests/test_cuda_build.py). Under nvcc it is the
+// plain <<<>>> launch.
+#ifdef TV_HOST_EMULATION
+#include "host_emulation.h"
+#else
+#include <cuda_runtime.h>
+#define TV_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define TV_LAST_ERROR() ((int)cudaGetLastError())
+#endif
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// VEC elements of T moved as one aligned access (ld.global.v4 / v2 when 16 / 8 bytes).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Packet {
+  T v[VEC];
+};
+
+template <typename T, int MAXC>
+__host__ __device__ constexpr int vec_width() {
+  // 16-byte loads, limited so that a thread's MAXC x VEC logits stay <= 64 registers.
+  constexpr int by_bytes = 16 / (int)sizeof(T);
+  constexpr int by_regs = 64 / MAXC > 0 ? 64 / MAXC : 1;
+  return by_bytes < by_regs ? by_bytes : by_regs;
+}
+
+// Load VEC values starting at voxel n0 of one (b, c) row; out-of-range voxels read 0.
+// `vec` says the whole row is contiguous and aligned for Packet loads (host-checked).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_row(const T* __restrict__ row, int64_t stride_n,
+                                         int64_t n0, int64_t N, bool vec, float (&out)[VEC]) {
+  if (vec && n0 + VEC <= N) {
+    const Packet<T, VEC> pk = *reinterpret_cast<const Packet<T, VEC>*>(row + n0);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = to_float(pk.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i)
+      out[i] = (n0 + i < N) ? to_float(row[(n0 + i) * stride_n]) : 0.f;
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_row(T* __restrict__ row, int64_t stride_n, int64_t n0,
+                                          int64_t N, bool vec, const float (&val)[VEC]) {
+  if (vec && n0 + VEC <= N) {
+    Packet<T, VEC> pk;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) pk.v[i] = from_float<T>(val[i]);
+    *reinterpret_cast<Packet<T, VEC>*>(row + n0) = pk;
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i)
+      if (n0 + i < N) row[(n0 + i) * stride_n] = from_float<T>(val[i]);
+  }
+}
+
+template <typename L, int VEC>
+__device__ __forceinline__ void load_labels(const L* __restrict__ row, int64_t stride_n,
+                                            int64_t n0, int64_t N, bool vec,
+                                            int64_t (&out)[VEC]) {
+  if (vec && n0 + VEC <= N) {
+    const Packet<L, VEC> pk = *reinterpret_cast<const Packet<L, VEC>*>(row + n0);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = (int64_t)pk.v[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = (n0 + i < N) ? (int64_t)row[(n0 + i) * stride_n] : 0;
+  }
+}
+
+// Labels of voxels n0..n0+VEC-1 of sample b, widened to int64 so that every stored
+// value (negative, beyond int32) is compared exactly. vec: Packet loads are legal.
+template <int VEC>
+__device__ __forceinline__ void load_labels_any(const TverskyParams& p, int64_t b, int64_t n0,
+                                                bool vec, int64_t (&lab)[VEC]) {
+  const int64_t off = b * p.target_stride_b;
+  switch (p.target_dtype) {
+    case TV_UINT8:
+      load_labels<uint8_t, VEC>(static_cast<const uint8_t*>(p.target_ptr) + off,
+                                p.target_stride_n, n0, p.N, vec, lab);
+      break;
+    case TV_INT16:
+      load_labels<int16_t, VEC>(static_cast<const int16_t*>(p.target_ptr) + off,
+                                p.target_stride_n, n0, p.N, vec, lab);
+      break;
+    case TV_INT32:
+      load_labels<int32_t, VEC>(static_cast<const int32_t*>(p.target_ptr) + off,
+                                p.target_stride_n, n0, p.N, vec, lab);
+      break;
+    default:
+      load_labels<int64_t, VEC>(static_cast<const int64_t*>(p.target_ptr) + off,
+                                p.target_stride_n, n0, p.N, vec, lab);
+      break;
+  }
+}
+
+// One soft-target value; the dtype switch is uniform across the grid (no divergence).
+__device__ __forceinline__ float load_soft(const void* base, int32_t dtype, int64_t off) {
+  switch (dtype) {
+    case TV_FLOAT16: return __half2float(static_cast<const __half*>(base)[off]);
+    case TV_BFLOAT16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[off]);
+    case TV_FLOAT64: return (float)static_cast<const double*>(base)[off];
+    default: return static_cast<const float*>(base)[off];
+  }
+}
+
+// p in place of x, for the first C rows (rows >= C are left untouched and never read).
+template <int ACT, int MAXC, int VEC>
+__device__ __forceinline__ void activate(float (&x)[MAXC][VEC], int C, int activation) {
+  if (ACT == TV_SOFTMAX) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      float m = x[0][i];
+#pragma unroll
+      for (int c = 1; c < MAXC; ++c)
+        if (c < C) m = fmaxf(m, x[c][i]);
+      float s = 0.f;
+#pragma unroll
+      for (int c = 0; c < MAXC; ++c)
+        if (c < C) {
+          x[c][i] = expf(x[c][i] - m);  // max-subtracted: no overflow
+          s += x[c][i];
+        }
+      const float inv = 1.f / s;
+#pragma unroll
+      for (int c = 0; c < MAXC; ++c)
+        if (c < C) x[c][i] *= inv;
+    }
+  } else if (activation == TV_SIGMOID) {
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) x[c][i] = 1.f / (1.f + expf(-x[c][i]));
+      }
+  }
+  // TV_NONE: the inputs already are probabilities.
+}
+
+// Butterfly over the 32 lanes: every lane ends with the same, order-fixed sum.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T, int ACT, int MAXC>
+__global__ void __launch_bounds__(kThreads)
+    _tversky_fwd_partials_kernel(const TverskyParams p,
+                                 float* __restrict__ partials,  // (B, G, 3, C) fp32
+                                 int* __restrict__ counts,      // (B, G, 2) int32
+                                 int vec_x, int vec_t) {
+  constexpr int VEC = vec_width<T, MAXC>();
+  const int C = (int)p.C;
+  const int64_t N = p.N;
+  const int64_t b = blockIdx.y;
+  const T* xb = static_cast<const T*>(p.logits_ptr) + b * p.logits_stride_b;
+
+  float acc_pg[MAXC], acc_p[MAXC], acc_g[MAXC];
+#pragma unroll
+  for (int c = 0; c < MAXC; ++c) acc_pg[c] = acc_p[c] = acc_g[c] = 0.f;
+  int n_nonfinite = 0, n_bad = 0;
+
+  const int64_t step = (int64_t)gridDim.x * kThreads * VEC;
+  for (int64_t n0 = ((int64_t)blockIdx.x * kThreads + threadIdx.x) * VEC; n0 < N; n0 += step) {
+    float x[MAXC][VEC];
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) load_row<T, VEC>(xb + c * p.logits_stride_c, p.logits_stride_n, n0, N, vec_x,
+                                  x[c]);
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) n_nonfinite += (n0 + i < N) && !isfinite(x[c][i]);
+    activate<ACT, MAXC, VEC>(x, C, p.activation);
+
+    if (p.soft_target) {
+#pragma unroll
+      for (int c = 0; c < MAXC; ++c)
+        if (c < C)
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            if (n0 + i >= N) continue;
+            const float g = load_soft(p.target_ptr, p.target_dtype,
+                                      b * p.target_stride_b + c * p.target_stride_c +
+                                          (n0 + i) * p.target_stride_n);
+            n_bad += !(g >= 0.f && g <= 1.f);  // NaN fails both
+            acc_pg[c] += x[c][i] * g;
+            acc_p[c] += x[c][i];
+            acc_g[c] += g;
+          }
+    } else {
+      int64_t lab[VEC];
+      load_labels_any<VEC>(p, b, n0, vec_t, lab);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const bool keep = (n0 + i < N) && !(p.has_ignore_index && lab[i] == p.ignore_index);
+        n_bad += keep && (lab[i] < 0 || lab[i] >= p.num_labels);
+        if (!keep) continue;
+        // Compare with the class index in registers; a one-hot is never built.
+        const int64_t hit = p.binary_labels ? (lab[i] == 1 ? 0 : -1) : lab[i];
+#pragma unroll
+        for (int c = 0; c < MAXC; ++c)
+          if (c < C) {
+            const float g = (hit == c) ? 1.f : 0.f;
+            acc_pg[c] += x[c][i] * g;
+            acc_p[c] += x[c][i];
+            acc_g[c] += g;
+          }
+      }
+    }
+  }
+
+  // Block reduction in a fixed order: lanes by butterfly, then warps 0..kWarps-1.
+  __shared__ float s_acc[kWarps][3 * MAXC];
+  __shared__ int s_cnt[kWarps][2];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int c = 0; c < MAXC; ++c) {
+    if (c >= C) break;
+    const float a = warp_sum(acc_pg[c]), q = warp_sum(acc_p[c]), g = warp_sum(acc_g[c]);
+    if (lane == 0) {
+      s_acc[warp][c] = a;
+      s_acc[warp][MAXC + c] = q;
+      s_acc[warp][2 * MAXC + c] = g;
+    }
+  }
+  n_nonfinite = warp_sum(n_nonfinite);
+  n_bad = warp_sum(n_bad);
+  if (lane == 0) {
+    s_cnt[warp][0] = n_nonfinite;
+    s_cnt[warp][1] = n_bad;
+  }
+  __syncthreads();
+  const int64_t blk = b * gridDim.x + blockIdx.x;
+  for (int j = threadIdx.x; j < 3 * C; j += kThreads) {
+    const int k = j / C, c = j % C;
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += s_acc[w][k * MAXC + c];
+    partials[blk * 3 * C + j] = s;  // layout (B, G, 3, C): j = k*C + c
+  }
+  if (threadIdx.x < 2) {
+    int s = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += s_cnt[w][threadIdx.x];
+    counts[blk * 2 + threadIdx.x] = s;
+  }
+}
+
+// One block: stats[b, c, k] = Σ_g partials[b, g, k, c] in float64, g ascending.
+__global__ void __launch_bounds__(kThreads)
+    _tversky_finalize_kernel(const float* __restrict__ partials, const int* __restrict__ counts,
+                             double* __restrict__ stats, int64_t* __restrict__ flags, int64_t B,
+                             int64_t C, int64_t G) {
+  for (int64_t j = threadIdx.x; j < B * C * 3; j += kThreads) {
+    const int64_t b = j / (3 * C), c = (j / 3) % C, k = j % 3;
+    const float* src = partials + b * G * 3 * C + k * C + c;
+    double s = 0.0;
+    for (int64_t g = 0; g < G; ++g) s += (double)src[g * 3 * C];
+    stats[j] = s;  // layout (B, C, 3): j = (b*C + c)*3 + k
+  }
+  if (threadIdx.x < 2) {
+    int64_t s = 0;  // integers: exact in any order
+    for (int64_t i = 0; i < B * G; ++i) s += counts[i * 2 + threadIdx.x];
+    flags[threadIdx.x] = s;
+  }
+}
+
+template <typename T, int ACT, int MAXC>
+__global__ void __launch_bounds__(kThreads)
+    _tversky_bwd_kernel(const TverskyParams p, int vec_x, int vec_t, int vec_g) {
+  constexpr int VEC = vec_width<T, MAXC>();
+  const bool soft = p.soft_target != 0;
+  const int C = (int)p.C;
+  const int64_t N = p.N;
+  const int64_t b = blockIdx.y;
+  const T* xb = static_cast<const T*>(p.logits_ptr) + b * p.logits_stride_b;
+  T* gb = static_cast<T*>(p.grad_ptr) + b * p.grad_stride_b;
+
+  // coef_a/coef_b (B, C) fp32: this sample's row, once per block.
+  __shared__ float s_a[MAXC], s_b[MAXC];
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    s_a[c] = static_cast<const float*>(p.coef_a_ptr)[b * C + c];
+    s_b[c] = static_cast<const float*>(p.coef_b_ptr)[b * C + c];
+  }
+  __syncthreads();
+
+  const int64_t step = (int64_t)gridDim.x * kThreads * VEC;
+  for (int64_t n0 = ((int64_t)blockIdx.x * kThreads + threadIdx.x) * VEC; n0 < N; n0 += step) {
+    float x[MAXC][VEC];
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) load_row<T, VEC>(xb + c * p.logits_stride_c, p.logits_stride_n, n0, N, vec_x,
+                                  x[c]);
+    activate<ACT, MAXC, VEC>(x, C, p.activation);
+
+    // u_c = w (A_c + B_c g_c): recomputed where needed rather than kept, to spare
+    // MAXC x VEC registers (labels are in registers; soft targets re-read from L1).
+    int64_t lab[VEC];
+    float w[VEC];
+    if (!soft) {
+      load_labels_any<VEC>(p, b, n0, vec_t, lab);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        w[i] = (p.has_ignore_index && lab[i] == p.ignore_index) ? 0.f : 1.f;
+        if (p.binary_labels) lab[i] = (lab[i] == 1) ? 0 : -1;
+      }
+    }
+    auto u_of = [&](int c, int i) -> float {
+      if (soft) {
+        if (n0 + i >= N) return 0.f;
+        const float g = load_soft(p.target_ptr, p.target_dtype,
+                                  b * p.target_stride_b + c * p.target_stride_c +
+                                      (n0 + i) * p.target_stride_n);
+        return s_a[c] + s_b[c] * g;
+      } else {
+        return w[i] * (s_a[c] + (lab[i] == c ? s_b[c] : 0.f));
+      }
+    };
+
+    float dot[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) dot[i] = 0.f;
+    if (ACT == TV_SOFTMAX) {
+#pragma unroll
+      for (int c = 0; c < MAXC; ++c)
+        if (c < C)
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) dot[i] += x[c][i] * u_of(c, i);
+    }
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c) {
+      if (c >= C) break;
+      float d[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float u = u_of(c, i), q = x[c][i];
+        d[i] = ACT == TV_SOFTMAX         ? q * (u - dot[i])
+               : p.activation == TV_SIGMOID ? u * q * (1.f - q)
+                                            : u;
+      }
+      store_row<T, VEC>(gb + c * p.grad_stride_c, p.grad_stride_n, n0, N, vec_g, d);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// host side: pick the instantiation, size the grid, launch
+// ---------------------------------------------------------------------------------------
+template <typename X>
+struct Tag {
+  using type = X;
+};
+template <int V>
+struct IntTag {
+  static constexpr int value = V;
+};
+
+// Calls f(Tag<T>, IntTag<ACT>, IntTag<MAXC>) for p's logits dtype, activation and C.
+template <typename F>
+int dispatch(const TverskyParams& p, F&& f) {
+  if (p.soft_target) {
+    if (p.target_dtype > TV_FLOAT64) return -4;
+  } else if (p.target_dtype < TV_UINT8 || p.target_dtype > TV_INT64) {
+    return -4;
+  }
+  auto with_maxc = [&](auto t, auto act) -> int {
+    if (p.C <= 4) return f(t, act, IntTag<4>{});
+    if (p.C <= 8) return f(t, act, IntTag<8>{});
+    return -2;
+  };
+  auto with_act = [&](auto t) -> int {
+    switch (p.activation) {
+      case TV_SOFTMAX: return with_maxc(t, IntTag<TV_SOFTMAX>{});
+      case TV_SIGMOID: return with_maxc(t, IntTag<TV_SIGMOID>{});
+      case TV_NONE: return with_maxc(t, IntTag<TV_SIGMOID>{});  // see the header comment
+    }
+    return -3;
+  };
+  switch (p.logits_dtype) {
+    case TV_FLOAT32: return with_act(Tag<float>{});
+    case TV_FLOAT16: return with_act(Tag<__half>{});
+    case TV_BFLOAT16: return with_act(Tag<__nv_bfloat16>{});
+  }
+  return -1;
+}
+
+inline bool aligned(const void* ptr, int64_t bytes) {
+  return (reinterpret_cast<uintptr_t>(ptr) % (uintptr_t)bytes) == 0;
+}
+
+// Packet loads of one (b, c) row are legal when every row starts VEC-aligned.
+inline bool rows_vectorisable(const void* ptr, int64_t elem, int vec, int64_t stride_b,
+                              int64_t stride_c, int64_t stride_n, bool has_c) {
+  return stride_n == 1 && aligned(ptr, elem * vec) && stride_b % vec == 0 &&
+         (!has_c || stride_c % vec == 0);
+}
+
+// Blocks per sample: enough to fill every SM ~4 times over, no more than the work needs.
+inline int64_t label_size(int32_t code) {
+  switch (code) {
+    case TV_UINT8: return 1;
+    case TV_INT16: return 2;
+    case TV_INT32: return 4;
+    default: return 8;
+  }
+}
+
+inline int64_t blocks_per_sample(const TverskyParams& p, int vec, int num_sms) {
+  const int64_t need = (p.N + (int64_t)kThreads * vec - 1) / ((int64_t)kThreads * vec);
+  int64_t want = (4 * (int64_t)(num_sms > 0 ? num_sms : 1) + p.B - 1) / p.B;
+  if (want < 1) want = 1;
+  return need < want ? need : want;
+}
+
+// Blocks per sample of the forward for p, or a negative code from dispatch().
+inline int64_t forward_grid(const TverskyParams& p, int num_sms) {
+  return dispatch(p, [&](auto t, auto, auto maxc) -> int {
+    using T = typename decltype(t)::type;
+    return (int)blocks_per_sample(p, vec_width<T, decltype(maxc)::value>(), num_sms);
+  });
+}
+
+inline int64_t workspace_bytes_for(const TverskyParams& p, int64_t G) {
+  return p.B * G * (3 * p.C * (int64_t)sizeof(float) + 2 * (int64_t)sizeof(int));
+}
+
+}  // namespace
+
+extern "C" {
+
+// sizeof(TverskyParams) as this file was compiled: the loader checks it against its
+// ctypes mirror, so a header change that the loader missed fails loudly.
+int64_t tversky_cuda_params_size(void) { return (int64_t)sizeof(TverskyParams); }
+
+// Workspace bytes tversky_cuda_forward needs for p on a device with num_sms SMs (the
+// per-block partials and counts), or a negative code for unsupported arguments.
+int64_t tversky_cuda_forward_workspace(const TverskyParams* p, int num_sms) {
+  const int64_t G = forward_grid(*p, num_sms);
+  return G < 0 ? G : workspace_bytes_for(*p, G);
+}
+
+// Forward: p->stats_ptr (B, C, 3) float64 and p->flags_ptr (2,) int64, on `stream`.
+// workspace: device memory of tversky_cuda_forward_workspace() bytes, 16-byte aligned.
+// Returns 0, a negative code for arguments the kernels do not cover, or a cudaError_t.
+int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t workspace_bytes,
+                         int num_sms, cudaStream_t stream) {
+  const TverskyParams& p = *pp;
+  if (p.B < 1 || p.B > 65535 || p.N < 1) return -5;
+  return dispatch(p, [&](auto t, auto act, auto maxc) -> int {
+    using T = typename decltype(t)::type;
+    constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
+    constexpr int VEC = vec_width<T, MAXC>();
+    const int64_t G = blocks_per_sample(p, VEC, num_sms);
+    if (workspace_bytes < workspace_bytes_for(p, G)) return -6;
+    float* partials = static_cast<float*>(workspace);
+    int* counts = reinterpret_cast<int*>(partials + p.B * G * 3 * p.C);
+    const int vec_x = rows_vectorisable(p.logits_ptr, sizeof(T), VEC, p.logits_stride_b,
+                                        p.logits_stride_c, p.logits_stride_n, true);
+    const int vec_t = !p.soft_target &&
+                      rows_vectorisable(p.target_ptr, label_size(p.target_dtype), VEC,
+                                        p.target_stride_b, 0, p.target_stride_n, false);
+    auto* fwd = _tversky_fwd_partials_kernel<T, ACT, MAXC>;
+    TV_LAUNCH(fwd, dim3((unsigned)G, (unsigned)p.B), kThreads, stream, p, partials, counts,
+              vec_x, vec_t);
+    TV_LAUNCH(_tversky_finalize_kernel, dim3(1), kThreads, stream, partials, counts,
+              p.stats_ptr, p.flags_ptr, p.B, p.C, G);
+    return TV_LAST_ERROR();
+  });
+}
+
+// Backward: writes p->grad_ptr (B, C, N), the logits' dtype, from logits, target and
+// coef_a/coef_b (B, C) float32, on `stream`. Same return codes as the forward.
+int tversky_cuda_backward(const TverskyParams* pp, int num_sms, cudaStream_t stream) {
+  const TverskyParams& p = *pp;
+  if (p.B < 1 || p.B > 65535 || p.N < 1) return -5;
+  return dispatch(p, [&](auto t, auto act, auto maxc) -> int {
+    using T = typename decltype(t)::type;
+    constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
+    constexpr int VEC = vec_width<T, MAXC>();
+    // Elementwise: size the grid like the forward; a grid-stride loop covers the rest.
+    const int64_t G = blocks_per_sample(p, VEC, num_sms) * 2;
+    const int vec_x = rows_vectorisable(p.logits_ptr, sizeof(T), VEC, p.logits_stride_b,
+                                        p.logits_stride_c, p.logits_stride_n, true);
+    const int vec_g = rows_vectorisable(p.grad_ptr, sizeof(T), VEC, p.grad_stride_b,
+                                        p.grad_stride_c, p.grad_stride_n, true);
+    const int vec_t = !p.soft_target &&
+                      rows_vectorisable(p.target_ptr, label_size(p.target_dtype), VEC,
+                                        p.target_stride_b, 0, p.target_stride_n, false);
+    auto* bwd = _tversky_bwd_kernel<T, ACT, MAXC>;
+    TV_LAUNCH(bwd, dim3((unsigned)G, (unsigned)p.B), kThreads, stream, p, vec_x, vec_t, vec_g);
+    return TV_LAST_ERROR();
+  });
+}
+
+}  // extern "C"

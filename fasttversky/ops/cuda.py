@@ -1,0 +1,351 @@
+"""Loader for the CUDA kernels (csrc/cuda/tversky_cuda.cu): build, cache, call.
+
+The kernels include no torch headers, only csrc/tversky.h's plain parameter struct; this
+is the only file that knows about both torch and the kernels. On first use the .cu is
+compiled by nvcc for the current GPU's architecture into a cache folder keyed by the
+sources' hash, the nvcc and torch CUDA versions, the flags and the architecture
+(``FASTTVERSKY_CACHE``, default ``~/.cache/fasttversky``), loaded with ctypes, and
+called on torch's current stream. A machine without a GPU, a CUDA build of torch or
+nvcc gets one reason from ``unavailable()``; importing this module never fails.
+
+``FASTTVERSKY_CUDA_EMULATE=1`` builds the same .cu with the host C++ compiler and
+csrc/cuda/host_emulation.h instead (each block's threads as std::threads) and runs the
+backend on CPU tensors: slow, but it executes the real kernel code, which is how CI
+checks it against the reference without a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .._spec import KernelSpec
+
+MAX_CLASSES = 8  # the kernels keep a voxel's classes in registers (MAXC = 4 or 8)
+_MAX_BATCH = 65535  # grid axis 1 carries the batch
+
+_DTYPE_CODES = {
+    torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
+    torch.uint8: 10, torch.int16: 11, torch.int32: 12, torch.int64: 13,
+}
+_LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ERRORS = {
+    -1: "unsupported logits dtype", -2: f"more than {MAX_CLASSES} classes",
+    -3: "unknown activation", -4: "unsupported target dtype",
+    -5: "batch or volume size out of range", -6: "workspace too small",
+}
+
+
+def _csrc() -> Path:
+    # A source checkout keeps csrc/ next to the package; an installed wheel may ship it
+    # inside the package (pyproject's package-data).
+    here = Path(__file__).resolve().parents[1]
+    for root in (here.parent / "csrc", here / "csrc"):
+        if (root / "cuda" / "tversky_cuda.cu").exists():
+            return root
+    raise RuntimeError(f"csrc/cuda/tversky_cuda.cu not found next to {here}")
+
+
+class TverskyParams(ctypes.Structure):
+    """Mirror of ``struct TverskyParams`` in csrc/tversky.h (same order, same types).
+
+    The loader compares ``ctypes.sizeof`` with the size the .cu was compiled with, so a
+    header change this mirror misses fails at load time instead of corrupting memory.
+    """
+
+    _fields_ = [
+        ("logits_ptr", ctypes.c_void_p),
+        ("logits_stride_b", ctypes.c_int64),
+        ("logits_stride_c", ctypes.c_int64),
+        ("logits_stride_n", ctypes.c_int64),
+        ("logits_dtype", ctypes.c_int32),
+        ("target_ptr", ctypes.c_void_p),
+        ("target_stride_b", ctypes.c_int64),
+        ("target_stride_c", ctypes.c_int64),
+        ("target_stride_n", ctypes.c_int64),
+        ("target_dtype", ctypes.c_int32),
+        ("soft_target", ctypes.c_int32),
+        ("grad_ptr", ctypes.c_void_p),
+        ("grad_stride_b", ctypes.c_int64),
+        ("grad_stride_c", ctypes.c_int64),
+        ("grad_stride_n", ctypes.c_int64),
+        ("coef_a_ptr", ctypes.c_void_p),
+        ("coef_b_ptr", ctypes.c_void_p),
+        ("stats_ptr", ctypes.c_void_p),
+        ("flags_ptr", ctypes.c_void_p),
+        ("B", ctypes.c_int64),
+        ("C", ctypes.c_int64),
+        ("N", ctypes.c_int64),
+        ("activation", ctypes.c_int32),
+        ("has_ignore_index", ctypes.c_int32),
+        ("ignore_index", ctypes.c_int64),
+        ("binary_labels", ctypes.c_int32),
+        ("num_labels", ctypes.c_int64),
+        ("num_threads", ctypes.c_int32),
+    ]
+
+
+def emulating() -> bool:
+    return os.environ.get("FASTTVERSKY_CUDA_EMULATE", "0") == "1"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FASTTVERSKY_CACHE") or Path.home() / ".cache" / "fasttversky"
+    return Path(root)
+
+
+def find_nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.exists() else None
+
+
+def _cuda_include() -> Path:
+    """The CUDA toolkit's include folder (the emulation build needs cuda_fp16.h)."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = find_nvcc()
+    if nvcc is not None:
+        roots.append(str(Path(nvcc).resolve().parents[1]))
+    for root in roots:
+        if root and (Path(root) / "include" / "cuda_fp16.h").exists():
+            return Path(root) / "include"
+    raise RuntimeError("the CUDA headers (cuda_fp16.h) were not found; set CUDA_HOME")
+
+
+def nvcc_command(arch: str, src: Path, out: Path, *, shared: bool = True) -> list[str]:
+    """The nvcc call that builds the kernels for one architecture, e.g. arch='90'."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (put it on PATH or set CUDA_HOME)")
+    cmd = [nvcc, "-O3", "-std=c++17", f"-I{src.parent.parent}",
+           f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    cmd += ["--shared", "-Xcompiler", "-fPIC"] if shared else ["-c"]
+    return [*cmd, str(src), "-o", str(out)]
+
+
+def _build_command(src: Path, out: Path) -> tuple[list[str], str]:
+    """(command, cache-key text) for this machine: nvcc for the current GPU, or g++ emulation."""
+    if emulating():
+        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        if cxx is None:
+            raise RuntimeError("no C++ compiler for the CUDA emulation build")
+        cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-DTV_HOST_EMULATION",
+               "-x", "c++", f"-I{_cuda_include()}", f"-I{src.parent.parent}", str(src),
+               "-o", str(out)]
+        return cmd, " ".join(cmd[:-3])
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device (torch.cuda.is_available() is False)")
+    if torch.version.cuda is None:
+        raise RuntimeError("torch is a CPU-only build")
+    major, minor = torch.cuda.get_device_capability()
+    cmd = nvcc_command(f"{major}{minor}", src, out)
+    ver = subprocess.run([cmd[0], "--version"], capture_output=True, text=True).stdout
+    return cmd, " ".join(cmd[:-3]) + ver + f"torch-cuda-{torch.version.cuda}"
+
+
+def _build() -> ctypes.CDLL:
+    csrc = _csrc()
+    src = csrc / "cuda" / "tversky_cuda.cu"
+    h = hashlib.sha256()
+    for f in (csrc / "tversky.h", src, csrc / "cuda" / "host_emulation.h"):
+        h.update(f.read_bytes())
+    probe_cmd, key = _build_command(src, Path("OUT"))
+    h.update(key.encode())
+    tag = "cuda-emu" if emulating() else "cuda"
+    out_dir = _cache_dir() / f"{tag}-{h.hexdigest()[:16]}"
+    lib = out_dir / "libtversky_cuda.so"
+    if not lib.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Build to a private name, then rename: concurrent first uses (DDP workers,
+        # parallel tests) never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        cmd, _ = _build_command(src, Path(tmp))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(
+                f"building the CUDA kernels failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}"
+            )
+        os.replace(tmp, lib)
+    dll = ctypes.CDLL(str(lib))
+    P = ctypes.POINTER(TverskyParams)
+    dll.tversky_cuda_params_size.argtypes = []
+    dll.tversky_cuda_params_size.restype = ctypes.c_int64
+    dll.tversky_cuda_forward_workspace.argtypes = [P, ctypes.c_int]
+    dll.tversky_cuda_forward_workspace.restype = ctypes.c_int64
+    dll.tversky_cuda_forward.argtypes = [P, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                         ctypes.c_void_p]
+    dll.tversky_cuda_forward.restype = ctypes.c_int
+    dll.tversky_cuda_backward.argtypes = [P, ctypes.c_int, ctypes.c_void_p]
+    dll.tversky_cuda_backward.restype = ctypes.c_int
+    size = dll.tversky_cuda_params_size()
+    if size != ctypes.sizeof(TverskyParams):
+        raise RuntimeError(
+            f"csrc/tversky.h's TverskyParams is {size} bytes but fasttversky/ops/cuda.py's "
+            f"mirror is {ctypes.sizeof(TverskyParams)}: update the mirror"
+        )
+    return dll
+
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _library():
+    """The loaded kernels, or raise the (cached) reason they cannot be built."""
+    with _lock:
+        if "lib" not in _state and "error" not in _state:
+            try:
+                _state["lib"] = _build()
+            except Exception as exc:  # reported through unavailable(), never at import
+                _state["error"] = f"{type(exc).__name__}: {exc}"
+        if "error" in _state:
+            raise RuntimeError(_state["error"])
+        return _state["lib"]
+
+
+def _params(logits, target, spec: KernelSpec) -> TverskyParams:
+    B, C, N = logits.shape
+    p = TverskyParams()
+    p.logits_ptr = logits.data_ptr()
+    p.logits_stride_b, p.logits_stride_c, p.logits_stride_n = logits.stride()
+    p.logits_dtype = _DTYPE_CODES[logits.dtype]
+    p.target_ptr = target.data_ptr()
+    if spec.soft_target:
+        p.target_stride_b, p.target_stride_c, p.target_stride_n = target.stride()
+    else:
+        p.target_stride_b, p.target_stride_n = target.stride()
+    p.target_dtype = _DTYPE_CODES[target.dtype]
+    p.soft_target = int(spec.soft_target)
+    p.B, p.C, p.N = B, C, N
+    p.activation = spec.activation
+    p.has_ignore_index = int(spec.ignore_index is not None)
+    p.ignore_index = spec.ignore_index if spec.ignore_index is not None else 0
+    p.binary_labels = int(spec.binary_labels)
+    p.num_labels = spec.num_labels
+    p.num_threads = 1
+    return p
+
+
+def _launch_env(t: torch.Tensor):
+    """(num_sms, stream handle) for launches on t's device."""
+    if emulating():
+        return 1, None
+    props = torch.cuda.get_device_properties(t.device)
+    return props.multi_processor_count, torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _check(code: int, what: str):
+    if code != 0:
+        why = _ERRORS.get(code, f"CUDA error {code}")
+        raise RuntimeError(f"CUDA {what} kernel failed: {why}")
+
+
+def tversky_forward(logits, target, spec: KernelSpec):
+    """stats (B, C, 3) float64 and flags (2,) int64 (see ``_spec.py``)."""
+    lib = _library()
+    B, C, _ = logits.shape
+    dev = logits.device
+    stats = torch.empty((B, C, 3), dtype=torch.float64, device=dev)
+    flags = torch.empty(2, dtype=torch.int64, device=dev)
+    p = _params(logits, target, spec)
+    p.stats_ptr = stats.data_ptr()
+    p.flags_ptr = flags.data_ptr()
+    with _device(logits):
+        sms, stream = _launch_env(logits)
+        nbytes = lib.tversky_cuda_forward_workspace(ctypes.byref(p), sms)
+        if nbytes < 0:
+            _check(int(nbytes), "forward")
+        # Per-block partials: a few KiB, from torch's caching allocator (stream-ordered).
+        work = torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device=dev)
+        _check(lib.tversky_cuda_forward(ctypes.byref(p), work.data_ptr(), work.numel(), sms,
+                                        stream), "forward")
+    return stats, flags
+
+
+def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
+    """dL/dlogits with the logits' shape, dtype and (when dense) strides."""
+    lib = _library()
+    grad = torch.empty_like(logits)
+    if grad.stride() != logits.stride():  # non-dense views: write a fresh (B, C, N)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    p = _params(logits, target, spec)
+    p.grad_ptr = grad.data_ptr()
+    p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
+    coef_a = coef_a.to(torch.float32).contiguous()
+    coef_b = coef_b.to(torch.float32).contiguous()
+    p.coef_a_ptr = coef_a.data_ptr()
+    p.coef_b_ptr = coef_b.data_ptr()
+    with _device(logits):
+        sms, stream = _launch_env(logits)
+        _check(lib.tversky_cuda_backward(ctypes.byref(p), sms, stream), "backward")
+    return grad
+
+
+def _device(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+class _CudaBackend:
+    name = "cuda"
+
+    def unavailable(self):
+        if not emulating():
+            # Cheap checks first, so that a CPU-only machine never runs a compiler.
+            if not torch.cuda.is_available():
+                return "no CUDA device (torch.cuda.is_available() is False)"
+            if torch.version.cuda is None:
+                return "torch is a CPU-only build"
+            if find_nvcc() is None:
+                return ("nvcc not found: the CUDA kernels are compiled on first use (put nvcc "
+                        "on PATH or set CUDA_HOME)")
+        try:
+            _library()
+        except RuntimeError as exc:
+            return f"CUDA kernels unavailable: {exc}"
+        return None
+
+    def reasons(self, logits, target, spec: KernelSpec):
+        why = []
+        want = "cpu" if emulating() else "cuda"
+        if logits.device.type != want:
+            why.append(f"logits are on {logits.device}, the cuda backend needs "
+                       f"{'CPU tensors under FASTTVERSKY_CUDA_EMULATE=1' if emulating() else 'CUDA tensors'}")
+        if logits.dtype not in _LOGITS_DTYPES:
+            why.append(f"{logits.dtype} logits: the CUDA kernels compute in fp32 "
+                       "(float64 runs on the triton backend, in fp64)")
+        B, C, _ = logits.shape
+        if C > MAX_CLASSES:
+            why.append(f"C={C} classes > {MAX_CLASSES} kept in registers by the CUDA kernels")
+        if B > _MAX_BATCH:
+            why.append(f"batch size {B} > {_MAX_BATCH} (the grid's batch axis)")
+        if target.dtype not in _DTYPE_CODES:
+            why.append(f"target dtype {target.dtype} not supported by the kernels")
+        return why
+
+    def forward_stats(self, logits, target, spec: KernelSpec):
+        return tversky_forward(logits, target, spec)
+
+    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec):
+        return tversky_backward(logits, target, coef_a, coef_b, spec)
+
+
+BACKEND = _CudaBackend()
