@@ -9,7 +9,8 @@ A case is one input shape and logits dtype; every provider gets the same tensors
 
 Bytes that must move (the floor any implementation pays, whatever its passes):
 forward reads logits + labels; backward reads them again and writes the logits'
-gradient. So ``fwd = L + Y`` and ``fwdbwd = 3 L + 2 Y`` (L = logits bytes, Y = labels).
+gradient. So ``fwd = L + Y``, ``bwd = 2 L + Y`` and ``fwdbwd = 3 L + 2 Y`` (L = logits
+bytes, Y = labels bytes).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class LossCase:
     def bytes_moved(self, mode: str) -> int:
         if mode == "fwd":
             return self.logits_bytes + self.labels_bytes
+        if mode == "bwd":
+            return self.logits_bytes + self.labels_bytes + self.grad_bytes
         if mode == "fwdbwd":
             return 2 * (self.logits_bytes + self.labels_bytes) + self.grad_bytes
         raise ValueError(mode)

@@ -141,7 +141,7 @@ def _table(rows: dict, case: str, providers: list[str]) -> list[str]:
         return a / b if a and b else None
 
     out = [
-        "| provider | fwd ms | fwd+bwd ms | bwd ms (diff) | fwd+bwd IQR ms | GB/s | of copy BW | × floor "
+        "| provider | fwd ms | fwd+bwd ms | bwd ms | fwd+bwd IQR ms | GB/s | of copy BW | × floor "
         "| peak fwd MB | peak fwd+bwd MB | beyond grad | vs MONAI fwd / fwd+bwd "
         "| vs compile(ref) fwd / fwd+bwd |",
         "|---|" + "---:|" * 12,
@@ -151,12 +151,13 @@ def _table(rows: dict, case: str, providers: list[str]) -> list[str]:
         if not (f or fb):
             continue
         tf, tfb = median(p, "fwd"), median(p, "fwdbwd")
+        tb = median(p, "bwd")  # measured alone for the fused backends
         e = fb["extra_info"] if fb else {}
         ef = f["extra_info"] if f else {}
         bg = e.get("beyond_grad_frac")
         out.append(
             f"| {p} | {_fmt_ms(tf)} | {_fmt_ms(tfb)} "
-            f"| {_fmt_ms(tfb - tf) if tf and tfb else '–'} "
+            f"| {_fmt_ms(tb) if tb else (f'({_fmt_ms(tfb - tf)})' if tf and tfb else '–')} "
             f"| {_fmt_ms(fb['stats']['iqr']) if fb else '–'} "
             f"| {e.get('gbps', 0):.2f} | {100 * e.get('frac_copy_bw', 0):.0f} % "
             f"| {_fmt_x(e.get('x_floor'))} "
@@ -167,6 +168,44 @@ def _table(rows: dict, case: str, providers: list[str]) -> list[str]:
             f"{_fmt_x(speedup('compile(reference)', p, 'fwdbwd'))} |"
         )
     return out
+
+
+def _split_section(rows, fused, copy_gbps) -> list[str]:
+    """fwd, bwd alone and the gradient buffer's page faults for the target case."""
+    def med(p, m):
+        r = rows.get((TARGET_CASE, p, m))
+        return (r["stats"]["median"], r["extra_info"]) if r else (None, {})
+
+    tf, ef = med(fused, "fwd")
+    tb, eb = med(fused, "bwd")
+    tfb, efb = med(fused, "fwdbwd")
+    fresh, _ = med("grad buffer (fresh pages)", "write")
+    touched, et = med("grad buffer (touched pages)", "write")
+    if not (tf and tb and tfb):
+        return []
+    L = [
+        f"## Where a fused fwd+bwd goes ({fused}, {TARGET_CASE})",
+        "",
+        "| part | median ms | floor ms (bytes / copy BW) | × floor |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, t, e in (("forward", tf, ef), ("backward alone", tb, eb), ("fwd+bwd", tfb, efb)):
+        L.append(f"| {name} | {_fmt_ms(t)} | {_fmt_ms(e.get('floor_s'))} | {_fmt_x(e.get('x_floor'))} |")
+    if fresh and touched and copy_gbps:
+        L.append(
+            f"| writing a gradient-sized buffer, fresh pages (alloc + first touch) | "
+            f"{_fmt_ms(fresh)} | | |"
+        )
+        L.append(f"| the same write into touched pages | {_fmt_ms(touched)} | | |")
+        L += [
+            "",
+            f"First-touch page faults of a freshly allocated gradient cost about "
+            f"{_fmt_ms(fresh - touched)} ms of the backward's {_fmt_ms(tb)} ms: any "
+            "backward that allocates its output pays them (MONAI's and the reference's "
+            "too, many times over); only reusing the buffer across steps avoids them.",
+        ]
+    L.append("")
+    return L
 
 
 def _verdict(value, target, higher_is_better, unit="×"):
@@ -259,6 +298,10 @@ def render(data: dict) -> str:
             L.append(f"| {label} | {shown} | {v} | {gap} |")
         L.append("")
 
+    # ---- where a fused step's time goes
+    if fused and tr:
+        L += _split_section(rows, fused, copy_gbps)
+
     # ---- per case
     L += ["## Medians per case", ""]
     for case in cases:
@@ -274,7 +317,8 @@ def render(data: dict) -> str:
             *_table(rows, case, providers),
             "",
         ]
-        losses = [r["extra_info"]["loss"] for (c, _, _), r in rows.items() if c == case]
+        losses = [r["extra_info"]["loss"] for (c, _, _), r in rows.items()
+                  if c == case and "loss" in r["extra_info"]]
         if losses:
             spread = (max(losses) - min(losses)) / max(abs(max(losses)), 1e-30)
             L += [f"Loss values agree across providers to {spread:.1e} (relative).", ""]
