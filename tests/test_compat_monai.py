@@ -268,6 +268,7 @@ def test_out_of_range_soft_target_gives_monai_value(backend):
 
 @pytest.mark.parametrize("act", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("kind,ii", [("labels_uint8", 255), ("labels_float", 1),
+                                     ("labels_int64", -100), ("labels_float", -100),
                                      ("onehot_float", None), ("soft_float", None)])
 def test_main_options_on_every_backend(backend, act, kind, ii):
     x, y = _make_case(3, kind, ii)
