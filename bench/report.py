@@ -78,6 +78,16 @@ def _mem_total_gib() -> float | None:
     return None
 
 
+def _thp() -> str:
+    """Transparent huge pages: the kernel's mode and PyTorch's opt-in (first-touch cost)."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+        mode = mode.split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "?"
+    return f"THP {mode}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
+
+
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for mod in ("torch", "monai", "pytest_benchmark"):
@@ -381,7 +391,7 @@ def main(argv=None) -> int:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "mem_gib": _mem_total_gib(),
-        "platform": f"{platform.system()} {platform.release()}",
+        "platform": f"{platform.system()} {platform.release()}, {_thp()}",
         "versions": _versions(),
         "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2),
