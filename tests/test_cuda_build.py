@@ -39,7 +39,9 @@ def test_nvcc_compiles_for_sm80_and_sm90(src, tmp_path):
     cmd[-3:-3] = ["-gencode=arch=compute_90,code=sm_90", "--threads", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
-    assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
+    # Warnings in our own source fail too (nvcc's notes about the toolkit do not).
+    ours = [ln for ln in proc.stderr.splitlines() if src.name in ln and "warning" in ln]
+    assert not ours, "\n".join(ours)
 
 
 # ------------------------------------------------------------------------------------

@@ -105,3 +105,4 @@ using std::isfinite;
 #define TV_LAUNCH(kernel, grid, block, stream, ...) \
   tv_emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__)
 #define TV_LAST_ERROR() 0
+#define TV_SET_DEVICE(d) ((void)(d), 0)

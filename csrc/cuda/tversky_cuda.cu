@@ -53,6 +53,9 @@
 #include <cuda_runtime.h>
 #define TV_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
 #define TV_LAST_ERROR() ((int)cudaGetLastError())
+// This library carries its own (static) CUDA runtime, whose current device is not
+// torch's: every launcher selects the tensors' device itself.
+#define TV_SET_DEVICE(d) ((int)cudaSetDevice(d))
 #endif
 
 namespace {
@@ -513,6 +516,29 @@ extern "C" {
 // ctypes mirror, so a header change that the loader missed fails loudly.
 int64_t tversky_cuda_params_size(void) { return (int64_t)sizeof(TverskyParams); }
 
+// 0 when this library's kernels can run on `device` (its CUDA runtime works with the
+// installed driver and the kernels were built for the device's architecture), else the
+// cudaError_t; tversky_cuda_error_string() names it.
+int tversky_cuda_check(int device) {
+#ifdef TV_HOST_EMULATION
+  (void)device;
+  return 0;
+#else
+  if (const int err = TV_SET_DEVICE(device)) return err;
+  cudaFuncAttributes attr;
+  return (int)cudaFuncGetAttributes(&attr, _tversky_finalize_kernel);
+#endif
+}
+
+const char* tversky_cuda_error_string(int code) {
+#ifdef TV_HOST_EMULATION
+  (void)code;
+  return "emulation error";
+#else
+  return cudaGetErrorString((cudaError_t)code);
+#endif
+}
+
 // Workspace bytes tversky_cuda_forward needs for p on a device with num_sms SMs (the
 // per-block partials and counts), or a negative code for unsupported arguments.
 int64_t tversky_cuda_forward_workspace(const TverskyParams* p, int num_sms) {
@@ -524,9 +550,10 @@ int64_t tversky_cuda_forward_workspace(const TverskyParams* p, int num_sms) {
 // workspace: device memory of tversky_cuda_forward_workspace() bytes, 16-byte aligned.
 // Returns 0, a negative code for arguments the kernels do not cover, or a cudaError_t.
 int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t workspace_bytes,
-                         int num_sms, cudaStream_t stream) {
+                         int device, int num_sms, cudaStream_t stream) {
   const TverskyParams& p = *pp;
   if (p.B < 1 || p.B > 65535 || p.N < 1) return -5;
+  if (const int err = TV_SET_DEVICE(device)) return err;
   return dispatch(p, [&](auto t, auto act, auto maxc) -> int {
     using T = typename decltype(t)::type;
     constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
@@ -551,9 +578,11 @@ int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t works
 
 // Backward: writes p->grad_ptr (B, C, N), the logits' dtype, from logits, target and
 // coef_a/coef_b (B, C) float32, on `stream`. Same return codes as the forward.
-int tversky_cuda_backward(const TverskyParams* pp, int num_sms, cudaStream_t stream) {
+int tversky_cuda_backward(const TverskyParams* pp, int device, int num_sms,
+                          cudaStream_t stream) {
   const TverskyParams& p = *pp;
   if (p.B < 1 || p.B > 65535 || p.N < 1) return -5;
+  if (const int err = TV_SET_DEVICE(device)) return err;
   return dispatch(p, [&](auto t, auto act, auto maxc) -> int {
     using T = typename decltype(t)::type;
     constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;

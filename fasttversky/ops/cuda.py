@@ -188,16 +188,29 @@ def _build() -> ctypes.CDLL:
     dll.tversky_cuda_forward_workspace.argtypes = [P, ctypes.c_int]
     dll.tversky_cuda_forward_workspace.restype = ctypes.c_int64
     dll.tversky_cuda_forward.argtypes = [P, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                         ctypes.c_void_p]
+                                         ctypes.c_int, ctypes.c_void_p]
     dll.tversky_cuda_forward.restype = ctypes.c_int
-    dll.tversky_cuda_backward.argtypes = [P, ctypes.c_int, ctypes.c_void_p]
+    dll.tversky_cuda_backward.argtypes = [P, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     dll.tversky_cuda_backward.restype = ctypes.c_int
+    dll.tversky_cuda_check.argtypes = [ctypes.c_int]
+    dll.tversky_cuda_check.restype = ctypes.c_int
+    dll.tversky_cuda_error_string.argtypes = [ctypes.c_int]
+    dll.tversky_cuda_error_string.restype = ctypes.c_char_p
     size = dll.tversky_cuda_params_size()
     if size != ctypes.sizeof(TverskyParams):
         raise RuntimeError(
             f"csrc/tversky.h's TverskyParams is {size} bytes but fasttversky/ops/cuda.py's "
             f"mirror is {ctypes.sizeof(TverskyParams)}: update the mirror"
         )
+    if not emulating():
+        # Fails here, with the runtime's words, when e.g. nvcc's CUDA is newer than the
+        # driver: better one reason from unavailable() than an error at the first loss.
+        code = dll.tversky_cuda_check(torch.cuda.current_device())
+        if code != 0:
+            raise RuntimeError(
+                f"the kernels built by {probe_cmd[0]} cannot run here: "
+                f"{dll.tversky_cuda_error_string(code).decode()} (cudaError {code})"
+            )
     return dll
 
 
@@ -242,16 +255,23 @@ def _params(logits, target, spec: KernelSpec) -> TverskyParams:
 
 
 def _launch_env(t: torch.Tensor):
-    """(num_sms, stream handle) for launches on t's device."""
+    """(device index, SM count, stream handle) for launches on t's device."""
     if emulating():
-        return 1, None
-    props = torch.cuda.get_device_properties(t.device)
-    return props.multi_processor_count, torch.cuda.current_stream(t.device).cuda_stream
+        return 0, 1, None
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    key = ("sms", idx)
+    if key not in _state:
+        _state[key] = torch.cuda.get_device_properties(idx).multi_processor_count
+    sms = _state[key]
+    return idx, sms, torch.cuda.current_stream(t.device).cuda_stream
 
 
 def _check(code: int, what: str):
     if code != 0:
-        why = _ERRORS.get(code, f"CUDA error {code}")
+        if code in _ERRORS:
+            why = _ERRORS[code]
+        else:
+            why = f"{_library().tversky_cuda_error_string(code).decode()} (cudaError {code})"
         raise RuntimeError(f"CUDA {what} kernel failed: {why}")
 
 
@@ -266,14 +286,14 @@ def tversky_forward(logits, target, spec: KernelSpec):
     p.stats_ptr = stats.data_ptr()
     p.flags_ptr = flags.data_ptr()
     with _device(logits):
-        sms, stream = _launch_env(logits)
+        idx, sms, stream = _launch_env(logits)
         nbytes = lib.tversky_cuda_forward_workspace(ctypes.byref(p), sms)
         if nbytes < 0:
             _check(int(nbytes), "forward")
         # Per-block partials: a few KiB, from torch's caching allocator (stream-ordered).
         work = torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device=dev)
-        _check(lib.tversky_cuda_forward(ctypes.byref(p), work.data_ptr(), work.numel(), sms,
-                                        stream), "forward")
+        _check(lib.tversky_cuda_forward(ctypes.byref(p), work.data_ptr(), work.numel(), idx,
+                                        sms, stream), "forward")
     return stats, flags
 
 
@@ -291,8 +311,8 @@ def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
     p.coef_a_ptr = coef_a.data_ptr()
     p.coef_b_ptr = coef_b.data_ptr()
     with _device(logits):
-        sms, stream = _launch_env(logits)
-        _check(lib.tversky_cuda_backward(ctypes.byref(p), sms, stream), "backward")
+        idx, sms, stream = _launch_env(logits)
+        _check(lib.tversky_cuda_backward(ctypes.byref(p), idx, sms, stream), "backward")
     return grad
 
 
