@@ -35,6 +35,8 @@
 // nvcc's build time, by five. VEC = voxels per thread per step: 16 bytes of one class's
 // logits when the layout allows (stride_n == 1, aligned rows), fewer when MAXC is large
 // so that MAXC·VEC logits still fit in 64 registers.
+// TODO(perf): channels_last_3d logits (stride_c == 1, stride_n == C) take the scalar
+// path; a per-voxel packet over the classes would make them vector loads too.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
