@@ -86,13 +86,16 @@ PRESETS: dict[str, Preset] = {
                     batch_size=1, patch_size=[16, 16, 16], lesion_prob=0.9),
         "seconds; for tests: 4 phantoms 32×40×32, 2-level U-Net with 2 features, 2 steps",
     ),
+    # Instance norm and lr 3e-3 (not the paper's plain net at 1e-4): measured on these
+    # phantoms, the plain 8-feature net collapses to all-background within ~10 steps at
+    # lr 1e-3 or 3e-4, and lr 1e-4 learns nothing in a CPU budget.
     "quick": Preset(
         6, (64, 80, 64), (1e-3, 6.5e-3),
-        RunSettings(base_features=8, levels=3, checkpoint="none", steps=60, lr=3e-3,
-                    lr_decay_every=1000, batch_size=2, patch_size=[32, 32, 32],
-                    lesion_prob=0.7),
+        RunSettings(base_features=8, levels=3, checkpoint="none", norm="instance",
+                    steps=100, lr=3e-3, lr_decay_every=1000, batch_size=2,
+                    patch_size=[32, 32, 32], lesion_prob=0.7),
         "≤ 20 min on a 2-core CPU: 6 phantoms 64×80×64 (2.8 mm voxels), 3-level U-Net "
-        "with 8 features, 32³ patches, 60 Adam steps per fold",
+        "with 8 features + instance norm, 32³ patches, 100 Adam steps (lr 3e-3) per fold",
     ),
     "gpu": Preset(
         20, (182, 218, 182), (1.2e-4, 6.5e-3),
