@@ -31,7 +31,7 @@ CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 # 1. nvcc
 # ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("src", CU_FILES, ids=[p.name for p in CU_FILES])
-def test_nvcc_compiles_for_sm80_and_sm90(src, tmp_path):
+def test_nvcc_builds_for_sm80_and_sm90(src, tmp_path):
     if cu.find_nvcc() is None:
         pytest.skip("nvcc not found (PATH, CUDA_HOME): cannot check that the .cu compiles")
     # Both architectures in one nvcc call; --threads 2 builds them side by side.
@@ -42,6 +42,22 @@ def test_nvcc_compiles_for_sm80_and_sm90(src, tmp_path):
     # Warnings in our own source fail too (nvcc's notes about the toolkit do not).
     ours = [ln for ln in proc.stderr.splitlines() if src.name in ln and "warning" in ln]
     assert not ours, "\n".join(ours)
+    if src.name != "tversky_cuda.cu":
+        return
+    # Link it as ops/cuda.py does and load it: the exported launchers exist and the
+    # compiled struct has the size of the loader's ctypes mirror (csrc/tversky.h drift).
+    lib_path = tmp_path / "libtversky_cuda.so"
+    link = [cmd[0], "--shared", str(tmp_path / f"{src.stem}.o"), "-o", str(lib_path)]
+    proc = subprocess.run(link, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(link)}\n{proc.stderr[-4000:]}"
+    import ctypes
+
+    dll = ctypes.CDLL(str(lib_path))
+    for name in ("tversky_cuda_forward", "tversky_cuda_backward", "tversky_cuda_check",
+                 "tversky_cuda_forward_workspace", "tversky_cuda_error_string"):
+        assert hasattr(dll, name), name
+    dll.tversky_cuda_params_size.restype = ctypes.c_int64
+    assert dll.tversky_cuda_params_size() == ctypes.sizeof(cu.TverskyParams)
 
 
 # ------------------------------------------------------------------------------------

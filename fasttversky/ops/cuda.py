@@ -130,9 +130,9 @@ def nvcc_command(arch: str, src: Path, out: Path, *, shared: bool = True) -> lis
     nvcc = find_nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (put it on PATH or set CUDA_HOME)")
-    cmd = [nvcc, "-O3", "-std=c++17", f"-I{src.parent.parent}",
+    cmd = [nvcc, "-O3", "-std=c++17", f"-I{src.parent.parent}", "-Xcompiler", "-fPIC",
            f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-    cmd += ["--shared", "-Xcompiler", "-fPIC"] if shared else ["-c"]
+    cmd += ["--shared"] if shared else ["-c"]
     return [*cmd, str(src), "-o", str(out)]
 
 
