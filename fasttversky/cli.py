@@ -387,14 +387,49 @@ def _setting_slug(a: float, b: float) -> str:
     return f"a{a:g}_b{b:g}"
 
 
+def transplant_augmenter(subjects, mask_dir: str | Path, n_per_fold: int, seed: int,
+                         target_shape, progress: bool = True):
+    """augment(fold, train_set, test_set) -> extra training subjects: real lesion masks
+    from ``mask_dir`` transplanted into the fold's training brains (in memory).
+
+    Masks named like a test subject (``masks/patient19.nii.gz`` when patient19 is
+    tested) are never used, so no test lesion reaches training in another brain.
+    """
+    from .data import load_subject, load_volume, prepare_arrays
+    from .data.synth import transplant
+
+    by_name = {s.name: s for s in subjects}
+    files = sorted(p for p in Path(mask_dir).iterdir()
+                   if p.name.lower().endswith((".nii", ".nii.gz")))
+
+    def augment(fold, train_set, test_set):
+        banned = {p.name for p in test_set} | {p.name for p in train_set}
+        usable = [f for f in files if f.name.split(".")[0] not in banned]
+        rng = np.random.default_rng((seed, fold))
+        picks = rng.choice(len(usable), size=min(n_per_fold, len(usable)), replace=False)
+        extra = []
+        for j, k in enumerate(_progress(picks, f"transplant fold {fold + 1}", progress)):
+            brain = train_set[j % len(train_set)]
+            img, own, aff = load_subject(by_name[brain.name])
+            lm, _ = load_volume(usable[k], kind="mask")
+            imgs, mask = transplant(dict(zip(by_name[brain.name].modalities, img)), own, lm,
+                                    np.random.default_rng((seed, fold, j)))
+            extra.append(prepare_arrays(f"{brain.name}+{usable[k].name.split('.')[0]}",
+                                        np.stack(list(imgs.values())), mask, aff, target_shape))
+        return extra
+
+    return augment
+
+
 def run_sweep(subjects, base: RunSettings, out: str | Path, settings_list=PAPER_SETTINGS,
               folds: int = 2, threshold: float = 0.5, progress: bool = True,
-              title: str = "") -> dict:
+              title: str = "", augment=None) -> dict:
     """Cross-validated sweep over (alpha, beta): table, PR figure, overlays -> summary dict.
 
     Subjects are split into ``folds`` interleaved folds (sorted names, i::folds); every
     subject is predicted by the model that did not see it, and metrics are pooled over
-    all subjects (plus per-subject DSC mean ± sd).
+    all subjects (plus per-subject DSC mean ± sd). ``augment(fold, train, test)``, if
+    given, returns extra PreparedSubjects added to that fold's training set.
     """
     from .data import prepare_subject
     from .plots import plot_loss_curves, plot_overlays, plot_pr_curves
@@ -408,12 +443,17 @@ def run_sweep(subjects, base: RunSettings, out: str | Path, settings_list=PAPER_
     prepared = [prepare_subject(s, base.target_shape)
                 for s in _progress(subjects, "load", progress)]
     fold_of = {p.name: i % folds for i, p in enumerate(prepared)}
+    extra = {}
+    for k in range(folds):
+        tr = [p for p in prepared if fold_of[p.name] != k]
+        te = [p for p in prepared if fold_of[p.name] == k]
+        extra[k] = augment(k, tr, te) if augment is not None else []
     results, curves, preds, losses = [], {}, {}, {}
     for a, b in settings_list:
         label = _setting_label(a, b)
         probs = {}
         for k in range(folds):
-            train_set = [p for p in prepared if fold_of[p.name] != k]
+            train_set = [p for p in prepared if fold_of[p.name] != k] + extra[k]
             test_set = [p for p in prepared if fold_of[p.name] == k]
             s = replace(base, alpha=a, beta=b)
             if progress:
@@ -466,6 +506,7 @@ def run_sweep(subjects, base: RunSettings, out: str | Path, settings_list=PAPER_
                               out / "overlays.png", title=show.name))
     figs.append(plot_loss_curves(losses, out / "loss_curves.png"))
     summary = {"title": title, "subjects": [p.name for p in prepared], "folds": folds,
+               "augmented_training": {k: [p.name for p in v] for k, v in extra.items()},
                "threshold": threshold, "seconds": seconds, "settings": asdict(base),
                "results": results, "figures": [str(f.name) for f in figs]}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -503,9 +544,14 @@ def cmd_reproduce(args) -> int:
                 progress=lambda it: _progress(it, "synth", not args.quiet))
         title = f"reproduce on phantoms (preset {args.preset})"
     subjects = _find(data, base)
+    augment = None
+    if args.transplant_masks and args.transplant_n:
+        augment = transplant_augmenter(subjects, args.transplant_masks, args.transplant_n,
+                                       base.seed, base.target_shape, not args.quiet)
+        title += f"; training folds + {args.transplant_n} transplanted real lesion masks"
     title += f"; {_environment_note(base)}"
     run_sweep(subjects, base, out, settings_list, folds=args.folds, threshold=args.threshold,
-              progress=not args.quiet, title=title)
+              progress=not args.quiet, title=title, augment=augment)
     return 0
 
 
@@ -685,6 +731,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-subjects", type=int, help="phantoms to synthesise [preset]")
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--transplant-masks", metavar="DIR",
+                   help="add real lesion masks from DIR, transplanted into each fold's "
+                        "training brains, to the training set (e.g. open_ms_data/masks)")
+    p.add_argument("--transplant-n", type=int, default=0,
+                   help="transplanted training subjects per fold")
     p.add_argument("--settings", nargs="+", metavar="A,B",
                    help="(α, β) pairs instead of the paper's five, e.g. 0.5,0.5 0.3,0.7")
     _add_train_options(p, RunSettings())

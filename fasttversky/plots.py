@@ -62,8 +62,9 @@ def best_slice(target: np.ndarray, axis: int = 2) -> int:
 
 def _overlay_rgb(image2d: np.ndarray, target2d: np.ndarray, pred2d: np.ndarray) -> np.ndarray:
     """Gray image with TP green, FN blue, FP red, as in the paper's overlay figures."""
-    lo, hi = np.percentile(image2d, [1, 99.5]) if image2d.any() else (0.0, 1.0)
-    g = np.clip((image2d - lo) / (hi - lo + 1e-8), 0, 1)
+    inside = image2d != 0  # z-scored data: background is exactly 0 -> drawn black
+    lo, hi = np.percentile(image2d[inside], [1, 99.5]) if inside.any() else (0.0, 1.0)
+    g = np.clip((image2d - lo) / (hi - lo + 1e-8), 0, 1) * inside
     rgb = np.stack([g, g, g], axis=-1)
     t, p = target2d.astype(bool), pred2d.astype(bool)
     for sel, colour in ((t & p, (0.1, 0.9, 0.1)), (t & ~p, (0.2, 0.4, 1.0)), (~t & p, (1.0, 0.15, 0.1))):

@@ -9,6 +9,7 @@ from .dataset import (
     PreparedSubject,
     RandomBatches,
     batch_iterator,
+    prepare_arrays,
     prepare_subject,
 )
 from .io import (
@@ -36,5 +37,5 @@ __all__ = [
     "DEFAULT_MASK_PATTERN", "DEFAULT_MODALITIES", "CropInfo", "DataError", "LesionDataset",
     "PreparedSubject", "RandomBatches", "Subject", "apply_crop", "batch_iterator", "brain_mask",
     "crop_or_pad_info", "find_subject", "find_subjects", "load_subject", "load_volume",
-    "pad_to_multiple", "prepare_subject", "save_volume", "undo_crop", "zscore_in_brain",
+    "pad_to_multiple", "prepare_arrays", "prepare_subject", "save_volume", "undo_crop", "zscore_in_brain",
 ]

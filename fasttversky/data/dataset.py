@@ -52,6 +52,21 @@ def prepare_subject(
 ) -> PreparedSubject:
     """Load, z-score inside the brain, then crop/pad to ``target_shape`` around the brain."""
     image, mask, affine = load_subject(subject)
+    return prepare_arrays(subject.name, image, mask, affine, target_shape)
+
+
+def prepare_arrays(
+    name: str,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    affine: np.ndarray,
+    target_shape: Sequence[int] | None = None,
+) -> PreparedSubject:
+    """:func:`prepare_subject` for arrays in memory: image (C, X, Y, Z) raw intensities,
+    mask (X, Y, Z) {0, 1} or None (e.g. a transplanted subject never written to disk)."""
+    image = np.asarray(image, dtype=np.float32)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=np.uint8)
     brain = brain_mask(image)
     image = zscore_in_brain(image, brain)
     crop = None
@@ -62,7 +77,7 @@ def prepare_subject(
         brain = apply_crop(brain, crop)
         if mask is not None:
             mask = apply_crop(mask, crop)
-    return PreparedSubject(subject.name, image, mask, brain, affine, crop, full_mask)
+    return PreparedSubject(name, image, mask, brain, affine, crop, full_mask)
 
 
 def _patch_start(center: np.ndarray, size: Sequence[int], shape: Sequence[int]) -> list[int]:
