@@ -86,7 +86,9 @@ def test_loss(benchmark, case, mode, provider):
     nbytes = case.bytes_moved(mode)
     copy = _copy_gbps()
     benchmark.extra_info.update(
-        bytes=nbytes, gbps=nbytes / med / 1e9, copy_gbps=copy,
+        bytes=nbytes,
+        gbps=nbytes / med / 1e9,
+        copy_gbps=copy,
         copy_fraction=nbytes / med / 1e9 / copy,
         peak_extra_bytes=R.peak_extra(run, "cuda"),
     )

@@ -62,8 +62,13 @@ DRY_SHAPES = [("paper-toy", 2, 2, (8, 14, 16)), ("4class-toy", 1, 4, (10, 10, 10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ("triton", "cuda", "reference", "compile(reference)", "monai")
 SLOW = ("reference", "compile(reference)", "monai")
-TARGETS = {"copy_fraction": 0.80, "vs_eager": 10.0, "vs_monai": 10.0, "vs_compile": 1.5,
-           "extra_mib": 1.0}
+TARGETS = {
+    "copy_fraction": 0.80,
+    "vs_eager": 10.0,
+    "vs_monai": 10.0,
+    "vs_compile": 1.5,
+    "extra_mib": 1.0,
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -94,8 +99,11 @@ class Case:
         backward reads them again and writes the gradient."""
         L = self.voxels * self.classes * self.dtype.itemsize
         Y = self.voxels
-        return L + Y if mode in ("fwd", "fwd-kernel") else (
-            L + Y + L if mode == "bwd-kernel" else 2 * (L + Y) + L)
+        return (
+            L + Y
+            if mode in ("fwd", "fwd-kernel")
+            else (L + Y + L if mode == "bwd-kernel" else 2 * (L + Y) + L)
+        )
 
     def make(self, device, seed=0):
         g = torch.Generator(device=device).manual_seed(seed)
@@ -109,8 +117,7 @@ class Case:
 
 
 def cases(dry: bool):
-    return [Case(n, b, c, s, d) for (n, b, c, s) in (DRY_SHAPES if dry else SHAPES)
-            for d in DTYPES]
+    return [Case(n, b, c, s, d) for (n, b, c, s) in (DRY_SHAPES if dry else SHAPES) for d in DTYPES]
 
 
 _COMPILED: dict = {}
@@ -140,8 +147,7 @@ def provider_fn(name: str, dry: bool):
         return lambda x, y: reference_tversky_loss(x, y, ALPHA, BETA)
     if name == "compile(reference)":
         if "fn" not in _COMPILED:
-            torch._dynamo.config.cache_size_limit = max(
-                torch._dynamo.config.cache_size_limit, 64)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             _COMPILED["fn"] = torch.compile(reference_tversky_loss, dynamic=False)
         c = _COMPILED["fn"]
         return lambda x, y: c(x, y, ALPHA, BETA)
@@ -193,7 +199,6 @@ def copy_bandwidth(device, nbytes=512 * 2**20, reps=20) -> dict:
     dst = torch.empty_like(src)
     times = time_call(lambda: dst.copy_(src), device, reps, warmup=3)
     med = statistics.median(times)
-    del src, dst
     return {"bytes": 2 * nbytes, "median_ms": med * 1e3, "gbps": 2 * nbytes / med / 1e9}
 
 
@@ -210,25 +215,37 @@ def bench_case(case: Case, device, dry, copy_gbps, reps, errors) -> list[dict]:
             fn = provider_fn(prov, dry)
         except Exception as exc:
             for mode in MODES:
-                rows.append({"case": case.id, "provider": prov, "mode": mode,
-                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                rows.append(
+                    {
+                        "case": case.id,
+                        "provider": prov,
+                        "mode": mode,
+                        "error": f"{type(exc).__name__}: {exc}"[:300],
+                    }
+                )
             continue
         n = max(2, reps // 4) if prov in SLOW else reps
         for mode in MODES:
-            row = {"case": case.id, "provider": prov, "mode": mode,
-                   "bytes": case.bytes_moved(mode)}
+            row = {"case": case.id, "provider": prov, "mode": mode, "bytes": case.bytes_moved(mode)}
             try:
                 if mode == "fwd":
-                    def call():
+
+                    def call(fn=fn):
                         return fn(logits, labels)
                 else:
-                    def call():
+
+                    def call(fn=fn):
                         logits.grad = None
                         fn(logits, labels).backward()
+
                 times = time_call(call, device, n, warmup=2)
                 med = statistics.median(times)
-                row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, reps=n,
-                           gbps=row["bytes"] / med / 1e9)
+                row.update(
+                    median_ms=med * 1e3,
+                    min_ms=min(times) * 1e3,
+                    reps=n,
+                    gbps=row["bytes"] / med / 1e9,
+                )
                 row["copy_fraction"] = row["gbps"] / copy_gbps if copy_gbps else None
                 logits.grad = None
                 pk = peak_extra(call, device)
@@ -244,7 +261,7 @@ def bench_case(case: Case, device, dry, copy_gbps, reps, errors) -> list[dict]:
             rows.append(row)
         gc.collect()
     rows += kernel_rows(case, logits, labels, device, dry, copy_gbps, reps)
-    del logits, labels
+    logits = labels = None  # free the case's tensors before the next case
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -259,8 +276,7 @@ def kernel_rows(case, logits, labels, device, dry, copy_gbps, reps) -> list[dict
     out = []
     x3 = logits.detach().flatten(2)
     y3 = labels.flatten(1)
-    spec = KernelSpec(activation=0, soft_target=False, ignore_index=None,
-                      num_classes=case.classes)
+    spec = KernelSpec(activation=0, soft_target=False, ignore_index=None, num_classes=case.classes)
     B, C = x3.shape[:2]
     coef_a = torch.full((B, C), -1e-7, device=device)
     coef_b = torch.full((B, C), 2e-7, device=device)
@@ -269,19 +285,22 @@ def kernel_rows(case, logits, labels, device, dry, copy_gbps, reps) -> list[dict
         impl, err = _load(name)
         why = err or (impl.unavailable() if impl else "not loaded")
         for mode, call in (
-            ("fwd-kernel", lambda: impl.forward_stats(x3, y3, spec)),
-            ("bwd-kernel", lambda: impl.backward(x3, y3, coef_a, coef_b, spec)),
+            ("fwd-kernel", lambda impl=impl: impl.forward_stats(x3, y3, spec)),
+            ("bwd-kernel", lambda impl=impl: impl.backward(x3, y3, coef_a, coef_b, spec)),
         ):
-            row = {"case": case.id, "provider": prov, "mode": mode,
-                   "bytes": case.bytes_moved(mode)}
+            row = {"case": case.id, "provider": prov, "mode": mode, "bytes": case.bytes_moved(mode)}
             if why:
                 row["error"] = why[:300]
             else:
                 try:
                     times = time_call(call, device, reps, warmup=2)
                     med = statistics.median(times)
-                    row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, reps=reps,
-                               gbps=row["bytes"] / med / 1e9)
+                    row.update(
+                        median_ms=med * 1e3,
+                        min_ms=min(times) * 1e3,
+                        reps=reps,
+                        gbps=row["bytes"] / med / 1e9,
+                    )
                     row["copy_fraction"] = row["gbps"] / copy_gbps if copy_gbps else None
                     row["peak_extra_bytes"] = peak_extra(call, device)
                 except Exception as exc:
@@ -294,9 +313,14 @@ def kernel_rows(case, logits, labels, device, dry, copy_gbps, reps) -> list[dict
 # sections
 # --------------------------------------------------------------------------------------
 def environment(device) -> dict:
-    env = {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__,
-           "torch_cuda": torch.version.cuda, "host": platform.node(), "device": device}
+    env = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "host": platform.node(),
+        "device": device,
+    }
     try:
         import triton
 
@@ -305,13 +329,23 @@ def environment(device) -> dict:
         env["triton"] = f"unavailable ({exc})"
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
-        env.update(gpu=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
-                   gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                   capability=".".join(map(str, torch.cuda.get_device_capability(0))))
+        env.update(
+            gpu=torch.cuda.get_device_name(0),
+            sms=p.multi_processor_count,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+        )
         try:
             smi = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
-                 "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+                [
+                    "nvidia-smi",
+                    "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             env["nvidia_smi"] = smi.stdout.strip()
         except Exception as exc:
             env["nvidia_smi"] = f"unavailable ({exc})"
@@ -321,8 +355,13 @@ def environment(device) -> dict:
         from fasttversky.ops.cuda import find_nvcc
 
         nvcc = find_nvcc()
-        env["nvcc"] = (subprocess.run([nvcc, "--version"], capture_output=True, text=True)
-                       .stdout.strip().splitlines()[-1] if nvcc else "not found")
+        env["nvcc"] = (
+            subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+            .stdout.strip()
+            .splitlines()[-1]
+            if nvcc
+            else "not found"
+        )
     except Exception as exc:
         env["nvcc"] = f"unknown ({exc})"
     try:
@@ -336,8 +375,17 @@ def environment(device) -> dict:
 
 def run_tests(out: Path, dry: bool) -> dict:
     files = ["tests/test_gpu.py", "tests/test_triton.py"]
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-rs", "-p", "no:cacheprovider",
-           f"--junitxml={out / 'tests.xml'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *files,
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={out / 'tests.xml'}",
+    ]
     if dry:
         cmd += ["-k", "repeat or refuses or gpu"]
     env = dict(os.environ)
@@ -347,10 +395,22 @@ def run_tests(out: Path, dry: bool) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     tail = (proc.stdout + proc.stderr)[-6000:]
     (out / "tests.log").write_text(proc.stdout + proc.stderr)
-    summary = next((ln for ln in reversed(tail.splitlines()) if " in " in ln and (
-        "passed" in ln or "failed" in ln or "skipped" in ln or "error" in ln)), "")
-    return {"command": " ".join(cmd), "returncode": proc.returncode, "summary": summary,
-            "seconds": round(time.time() - t0, 1), "tail": tail[-3000:]}
+    summary = next(
+        (
+            ln
+            for ln in reversed(tail.splitlines())
+            if " in " in ln
+            and ("passed" in ln or "failed" in ln or "skipped" in ln or "error" in ln)
+        ),
+        "",
+    )
+    return {
+        "command": " ".join(cmd),
+        "returncode": proc.returncode,
+        "summary": summary,
+        "seconds": round(time.time() - t0, 1),
+        "tail": tail[-3000:],
+    }
 
 
 def training_section() -> dict:
@@ -387,15 +447,20 @@ def targets(rows) -> list[dict]:
         if mode != "fwdbwd" or prov not in ("triton", "cuda"):
             continue
         t = {"case": case, "provider": prov, "copy_fraction": r.get("copy_fraction")}
-        for key, other in (("vs_eager", "reference"), ("vs_compile", "compile(reference)"),
-                           ("vs_monai", "monai")):
+        for key, other in (
+            ("vs_eager", "reference"),
+            ("vs_compile", "compile(reference)"),
+            ("vs_monai", "monai"),
+        ):
             o = by.get((case, other, "fwdbwd"))
             t[key] = o["median_ms"] / r["median_ms"] if o else None
         bg = r.get("beyond_grad_bytes")
         t["extra_mib"] = None if bg is None else bg / 2**20
         t["met"] = {
-            k: (t[k] is not None and (t[k] <= TARGETS[k] if k == "extra_mib"
-                                      else t[k] >= TARGETS[k]))
+            k: (
+                t[k] is not None
+                and (t[k] <= TARGETS[k] if k == "extra_mib" else t[k] >= TARGETS[k])
+            )
             for k in TARGETS
         }
         out.append(t)
@@ -406,29 +471,48 @@ def markdown(rep: dict) -> str:
     env = rep["environment"]
     L = ["# fasttversky GPU report", ""]
     if rep.get("dry_run"):
-        L += ["**DRY RUN** on the CPU at toy sizes: checks the script, not the GPU "
-              "(triton runs in the interpreter; the torch backend stands in for cuda). "
-              "No figure here is a GPU claim.", ""]
+        L += [
+            "**DRY RUN** on the CPU at toy sizes: checks the script, not the GPU "
+            "(triton runs in the interpreter; the torch backend stands in for cuda). "
+            "No figure here is a GPU claim.",
+            "",
+        ]
     L += ["## Environment", ""]
     for k, v in env.items():
         L.append(f"- {k}: {v}")
     t = rep.get("tests", {})
-    L += ["", "## Tests", "", f"`{t.get('command', '')}`", "",
-          f"- result: **{t.get('summary') or t.get('error', '?')}** "
-          f"(exit {t.get('returncode')}, {t.get('seconds')} s); full log in tests.log", ""]
+    L += [
+        "",
+        "## Tests",
+        "",
+        f"`{t.get('command', '')}`",
+        "",
+        f"- result: **{t.get('summary') or t.get('error', '?')}** "
+        f"(exit {t.get('returncode')}, {t.get('seconds')} s); full log in tests.log",
+        "",
+    ]
     cb = rep.get("copy_bandwidth", {})
-    L += ["## Copy bandwidth (device to device, this run)", "",
-          f"- {_fmt(cb.get('gbps'), 1)} GB/s ({_mib(cb.get('bytes'))} MiB moved per copy, "
-          f"median {_fmt(cb.get('median_ms'))} ms)" if "gbps" in cb
-          else f"- error: {cb.get('error')}", ""]
-    L += ["## Loss benchmarks", "",
-          "bytes = what must move (fwd: logits + uint8 labels; fwd+bwd: twice that + "
-          "the gradient). peak extra = `max_memory_allocated` growth during one call; "
-          "for fwd+bwd it includes the gradient buffer, 'beyond grad' does not. "
-          "`*-kernel` rows: the backend's forward_stats / backward alone.", "",
-          "| case | mode | provider | median ms | GB/s | of copy BW | peak extra MiB "
-          "| beyond grad MiB | loss / error |",
-          "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    L += [
+        "## Copy bandwidth (device to device, this run)",
+        "",
+        f"- {_fmt(cb.get('gbps'), 1)} GB/s ({_mib(cb.get('bytes'))} MiB moved per copy, "
+        f"median {_fmt(cb.get('median_ms'))} ms)"
+        if "gbps" in cb
+        else f"- error: {cb.get('error')}",
+        "",
+    ]
+    L += [
+        "## Loss benchmarks",
+        "",
+        "bytes = what must move (fwd: logits + uint8 labels; fwd+bwd: twice that + "
+        "the gradient). peak extra = `max_memory_allocated` growth during one call; "
+        "for fwd+bwd it includes the gradient buffer, 'beyond grad' does not. "
+        "`*-kernel` rows: the backend's forward_stats / backward alone.",
+        "",
+        "| case | mode | provider | median ms | GB/s | of copy BW | peak extra MiB "
+        "| beyond grad MiB | loss / error |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rep.get("rows", []):
         tail = _fmt(r.get("loss"), 6) if "error" not in r else f"error: {r['error'][:120]}"
         frac = r.get("copy_fraction")
@@ -436,16 +520,22 @@ def markdown(rep: dict) -> str:
             f"| {r['case']} | {r['mode']} | {r['provider']} | {_fmt(r.get('median_ms'))} | "
             f"{_fmt(r.get('gbps'), 1)} | {'–' if frac is None else f'{100 * frac:.0f} %'} | "
             f"{_mib(r.get('peak_extra_bytes'))} | {_mib(r.get('beyond_grad_bytes'))} | "
-            f"{tail} |")
+            f"{tail} |"
+        )
     tg = rep.get("targets", [])
     if tg:
-        L += ["", "## Targets (issue 3, fwd+bwd)", "",
-              f"copy fraction >= {TARGETS['copy_fraction']:.0%}, >= {TARGETS['vs_eager']:g}x "
-              f"eager reference and MONAI, >= {TARGETS['vs_compile']:g}x "
-              f"torch.compile(reference), < {TARGETS['extra_mib']:g} MiB beyond inputs + "
-              "gradient.", "",
-              "| case | provider | of copy BW | x eager | x compile | x MONAI | MiB beyond grad |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+        L += [
+            "",
+            "## Targets (issue 3, fwd+bwd)",
+            "",
+            f"copy fraction >= {TARGETS['copy_fraction']:.0%}, >= {TARGETS['vs_eager']:g}x "
+            f"eager reference and MONAI, >= {TARGETS['vs_compile']:g}x "
+            f"torch.compile(reference), < {TARGETS['extra_mib']:g} MiB beyond inputs + "
+            "gradient.",
+            "",
+            "| case | provider | of copy BW | x eager | x compile | x MONAI | MiB beyond grad |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
 
         def cell(t, k, f):
             v = t[k]
@@ -458,10 +548,17 @@ def markdown(rep: dict) -> str:
                 f"{cell(t, 'vs_eager', lambda v: f'{v:.1f}')} | "
                 f"{cell(t, 'vs_compile', lambda v: f'{v:.2f}')} | "
                 f"{cell(t, 'vs_monai', lambda v: f'{v:.1f}')} | "
-                f"{cell(t, 'extra_mib', lambda v: f'{v:.3f}')} |")
+                f"{cell(t, 'extra_mib', lambda v: f'{v:.3f}')} |"
+            )
     tr = rep.get("training")
-    L += ["", "## U-Net training step", "",
-          "```json", json.dumps(tr, indent=2, default=str)[:6000], "```"]
+    L += [
+        "",
+        "## U-Net training step",
+        "",
+        "```json",
+        json.dumps(tr, indent=2, default=str)[:6000],
+        "```",
+    ]
     if rep.get("errors"):
         L += ["", "## Errors", ""] + [f"- {e}" for e in rep["errors"]]
     return "\n".join(L) + "\n"
@@ -492,8 +589,9 @@ def main(argv=None) -> int:
             rep[name] = fn()
         except Exception as exc:
             rep[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            rep["errors"].append(f"{name}: {type(exc).__name__}: {exc}\n"
-                                 + traceback.format_exc()[-1500:])
+            rep["errors"].append(
+                f"{name}: {type(exc).__name__}: {exc}\n" + traceback.format_exc()[-1500:]
+            )
         print(f"[gpu_report] {name} done in {time.time() - t0:.1f} s", flush=True)
         _write(out, rep)  # a partial report survives a later crash
 
@@ -502,8 +600,10 @@ def main(argv=None) -> int:
         rep["tests"] = {"skipped": "--skip-tests"}
     else:
         section("tests", lambda: run_tests(out, dry))
-    section("copy_bandwidth", lambda: copy_bandwidth(
-        device, nbytes=(16 if dry else 512) * 2**20, reps=5 if dry else 20))
+    section(
+        "copy_bandwidth",
+        lambda: copy_bandwidth(device, nbytes=(16 if dry else 512) * 2**20, reps=5 if dry else 20),
+    )
     copy_gbps = rep["copy_bandwidth"].get("gbps")
 
     def matrix():

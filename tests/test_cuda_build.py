@@ -53,8 +53,13 @@ def test_nvcc_builds_for_sm80_and_sm90(src, tmp_path):
     import ctypes
 
     dll = ctypes.CDLL(str(lib_path))
-    for name in ("tversky_cuda_forward", "tversky_cuda_backward", "tversky_cuda_check",
-                 "tversky_cuda_forward_workspace", "tversky_cuda_error_string"):
+    for name in (
+        "tversky_cuda_forward",
+        "tversky_cuda_backward",
+        "tversky_cuda_check",
+        "tversky_cuda_forward_workspace",
+        "tversky_cuda_error_string",
+    ):
         assert hasattr(dll, name), name
     dll.tversky_cuda_params_size.restype = ctypes.c_int64
     assert dll.tversky_cuda_params_size() == ctypes.sizeof(cu.TverskyParams)
@@ -84,12 +89,24 @@ def emulated():
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
-def _make(B, C, spatial, *, dtype=torch.float32, soft=False, activation="softmax",
-          label_dtype=torch.uint8, seed=0):
+def _make(
+    B,
+    C,
+    spatial,
+    *,
+    dtype=torch.float32,
+    soft=False,
+    activation="softmax",
+    label_dtype=torch.uint8,
+    seed=0,
+):
     g = torch.Generator().manual_seed(seed)
     shape = (B, C, *spatial)
-    x = (torch.rand(shape, generator=g, dtype=torch.float64) if activation == "none"
-         else 2.0 * torch.randn(shape, generator=g, dtype=torch.float64))
+    x = (
+        torch.rand(shape, generator=g, dtype=torch.float64)
+        if activation == "none"
+        else 2.0 * torch.randn(shape, generator=g, dtype=torch.float64)
+    )
     if soft:
         t = torch.rand(shape, generator=g, dtype=torch.float64)
         t = torch.where(t < 0.3, torch.zeros_like(t), t).float()
@@ -131,8 +148,8 @@ def test_emulated_dtypes_and_paths(emulated, spatial, dtype):
 
 @pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
 @pytest.mark.parametrize(
-    "activation,C", [("softmax", 2), ("softmax", 5), ("softmax", 8), ("sigmoid", 1),
-                     ("sigmoid", 4), ("none", 2)],
+    "activation,C",
+    [("softmax", 2), ("softmax", 5), ("softmax", 8), ("sigmoid", 1), ("sigmoid", 4), ("none", 2)],
 )
 def test_emulated_activation_target(emulated, activation, C, soft):
     x, t = _make(2, C, (8, 8, 10), soft=soft, activation=activation, seed=C)
@@ -141,8 +158,13 @@ def test_emulated_activation_target(emulated, activation, C, soft):
 
 @pytest.mark.parametrize(
     "label_dtype,ignore_index",
-    [(torch.uint8, 255), (torch.int16, -1), (torch.int32, 2), (torch.int64, -100),
-     (torch.bool, None)],
+    [
+        (torch.uint8, 255),
+        (torch.int16, -1),
+        (torch.int32, 2),
+        (torch.int64, -100),
+        (torch.bool, None),
+    ],
 )
 def test_emulated_labels_and_ignore(emulated, label_dtype, ignore_index):
     C = 2 if label_dtype == torch.bool else 3
@@ -150,8 +172,14 @@ def test_emulated_labels_and_ignore(emulated, label_dtype, ignore_index):
     if ignore_index is not None:
         drop = torch.rand(t.shape, generator=torch.Generator().manual_seed(4)) < 0.25
         t = torch.where(drop, torch.full_like(t, ignore_index), t)
-    _, grad = _check(x, t, ignore_index=ignore_index, alpha=[0.2, 0.3, 0.4][:C],
-                     class_weights=[1.0, 2.0, 0.5][:C], include_background=False)
+    _, grad = _check(
+        x,
+        t,
+        ignore_index=ignore_index,
+        alpha=[0.2, 0.3, 0.4][:C],
+        class_weights=[1.0, 2.0, 0.5][:C],
+        include_background=False,
+    )
     if ignore_index is not None:
         assert (grad.movedim(1, -1)[t == ignore_index] == 0).all()
 

@@ -31,8 +31,17 @@ def _need(backend: str):
         pytest.skip(f"{backend} backend unavailable: {why}")
 
 
-def _make(B, C, spatial, *, dtype=torch.float32, soft=False, activation="softmax",
-          label_dtype=torch.uint8, seed=0):
+def _make(
+    B,
+    C,
+    spatial,
+    *,
+    dtype=torch.float32,
+    soft=False,
+    activation="softmax",
+    label_dtype=torch.uint8,
+    seed=0,
+):
     g = torch.Generator(device="cuda").manual_seed(seed)
     shape = (B, C, *spatial)
     if activation == "none":
@@ -67,8 +76,11 @@ def _check(backend, x, t, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 2, (64, 96, 96)), (1, 5, (17, 19, 23)),
-                                   (3, 4, (33, 65))], ids=["realistic", "odd", "2d"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 2, (64, 96, 96)), (1, 5, (17, 19, 23)), (3, 4, (33, 65))],
+    ids=["realistic", "odd", "2d"],
+)
 def test_vs_reference(backend, dtype, shape):
     _need(backend)
     B, C, spatial = shape
@@ -79,14 +91,27 @@ def test_vs_reference(backend, dtype, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "kw",
-    [dict(activation="sigmoid", C=1), dict(activation="sigmoid", C=3),
-     dict(activation="none", C=2), dict(soft=True, C=3), dict(ignore_index=255, C=4),
-     dict(label_dtype=torch.int64, C=3, batch=True, gamma=0.75),
-     dict(C=4, alpha=[0.1, 0.2, 0.3, 0.4], beta=[0.9, 0.8, 0.7, 0.6],
-          class_weights=[0, 1, 2, 3], include_background=False, reduction="none"),
-     dict(C=3, layout="channels_last_3d"), dict(C=3, layout="strided")],
-    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items() if k != "alpha"
-                            and k != "beta" and k != "class_weights"),
+    [
+        dict(activation="sigmoid", C=1),
+        dict(activation="sigmoid", C=3),
+        dict(activation="none", C=2),
+        dict(soft=True, C=3),
+        dict(ignore_index=255, C=4),
+        dict(label_dtype=torch.int64, C=3, batch=True, gamma=0.75),
+        dict(
+            C=4,
+            alpha=[0.1, 0.2, 0.3, 0.4],
+            beta=[0.9, 0.8, 0.7, 0.6],
+            class_weights=[0, 1, 2, 3],
+            include_background=False,
+            reduction="none",
+        ),
+        dict(C=3, layout="channels_last_3d"),
+        dict(C=3, layout="strided"),
+    ],
+    ids=lambda kw: "-".join(
+        f"{k}={v}" for k, v in kw.items() if k != "alpha" and k != "beta" and k != "class_weights"
+    ),
 )
 def test_features(backend, kw):
     _need(backend)
@@ -95,8 +120,15 @@ def test_features(backend, kw):
     soft = kw.pop("soft", False)
     layout = kw.pop("layout", None)
     label_dtype = kw.pop("label_dtype", torch.uint8)
-    x, t = _make(2, C, (24, 40, 40), soft=soft, activation=kw.get("activation", "softmax"),
-                 label_dtype=label_dtype, seed=11)
+    x, t = _make(
+        2,
+        C,
+        (24, 40, 40),
+        soft=soft,
+        activation=kw.get("activation", "softmax"),
+        label_dtype=label_dtype,
+        seed=11,
+    )
     if "ignore_index" in kw:
         t[:, :4] = kw["ignore_index"]
     if layout == "channels_last_3d":
@@ -145,8 +177,9 @@ def test_over_2_31_elements(backend):
     x = torch.zeros((1, 2, N), dtype=torch.bfloat16, device="cuda", requires_grad=True)
     t = torch.zeros((1, N), dtype=torch.uint8, device="cuda")
     t[0, -1000:] = 1
-    loss = fasttversky.tversky_loss(x, t, backend=backend, reduction="none", smooth_nr=0,
-                                    smooth_dr=0, alpha=0.5, beta=0.5)
+    loss = fasttversky.tversky_loss(
+        x, t, backend=backend, reduction="none", smooth_nr=0, smooth_dr=0, alpha=0.5, beta=0.5
+    )
     # p = 1/2 everywhere: class 0 has tp = (N-1000)/2, fp = 500, fn = (N-1000)/2.
     n0 = N - 1000
     t0 = (n0 / 2) / (n0 / 2 + 0.5 * 500 + 0.5 * n0 / 2)

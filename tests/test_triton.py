@@ -21,8 +21,7 @@ from reference import reference_tversky_loss
 pytestmark = pytest.mark.interpreter
 
 if tri.BACKEND.unavailable() is not None:
-    pytest.skip(f"triton backend unavailable: {tri.BACKEND.unavailable()}",
-                allow_module_level=True)
+    pytest.skip(f"triton backend unavailable: {tri.BACKEND.unavailable()}", allow_module_level=True)
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
@@ -54,8 +53,17 @@ def _report(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol:
         )
 
 
-def _make(B, C, spatial, *, dtype=torch.float32, soft=False, activation="softmax",
-          label_dtype=torch.int64, seed=0):
+def _make(
+    B,
+    C,
+    spatial,
+    *,
+    dtype=torch.float32,
+    soft=False,
+    activation="softmax",
+    label_dtype=torch.int64,
+    seed=0,
+):
     g = torch.Generator().manual_seed(seed)
     shape = (B, C, *spatial)
     if activation == "none":
@@ -92,17 +100,20 @@ def _check_against_reference(x, target, **kw):
     if x.dtype in (torch.float16, torch.bfloat16):
         # Plain torch in the same dtype sets the bar.
         xl = x.detach().clone().requires_grad_()
-        low = reference_tversky_loss(xl, target.to(x.dtype) if target.is_floating_point()
-                                     else target, **kw)
+        low = reference_tversky_loss(
+            xl, target.to(x.dtype) if target.is_floating_point() else target, **kw
+        )
         (low * w.to(low.dtype).view_as(low)).sum().backward()
         err_loss = (loss.double() - ref).abs().max().item()
         base_loss = (low.double() - ref).abs().max().item()
         assert err_loss <= K_LOWP * base_loss + rtol * ref.abs().max().item(), (
-            f"loss error {err_loss:.3e} vs torch-in-{x.dtype} {base_loss:.3e}")
+            f"loss error {err_loss:.3e} vs torch-in-{x.dtype} {base_loss:.3e}"
+        )
         err_g = (xk.grad.double() - x64.grad).abs().max().item()
         base_g = (xl.grad.double() - x64.grad).abs().max().item()
         assert err_g <= K_LOWP * base_g + gtol * gscale, (
-            f"grad error {err_g:.3e} vs torch-in-{x.dtype} {base_g:.3e}")
+            f"grad error {err_g:.3e} vs torch-in-{x.dtype} {base_g:.3e}"
+        )
     else:
         _report("loss", loss, ref, atol=rtol * 1e-3, rtol=rtol)
         _report("grad", xk.grad, x64.grad, atol=gtol * gscale, rtol=gtol)
@@ -115,8 +126,7 @@ def _check_against_reference(x, target, **kw):
 @pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
 @pytest.mark.parametrize(
     "activation,C",
-    [("softmax", 2), ("softmax", 5), ("sigmoid", 1), ("sigmoid", 3), ("none", 1),
-     ("none", 2)],
+    [("softmax", 2), ("softmax", 5), ("sigmoid", 1), ("sigmoid", 3), ("none", 1), ("none", 2)],
 )
 def test_activation_target(activation, C, soft):
     x, t = _make(2, C, (9, 10, 11), soft=soft, activation=activation, seed=C)
@@ -140,16 +150,27 @@ def test_gamma_background(gamma, include_background):
 def test_per_class_alpha_beta_weights():
     x, t = _make(2, 4, (5, 6, 7), seed=3)
     _check_against_reference(
-        x, t, alpha=[0.1, 0.3, 0.5, 0.7], beta=[0.9, 0.7, 0.5, 0.3],
-        class_weights=[0.0, 1.0, 2.0, 0.5], include_background=True, reduction="mean",
+        x,
+        t,
+        alpha=[0.1, 0.3, 0.5, 0.7],
+        beta=[0.9, 0.7, 0.5, 0.3],
+        class_weights=[0.0, 1.0, 2.0, 0.5],
+        include_background=True,
+        reduction="mean",
     )
     _check_against_reference(x, t, alpha=0.5, beta=0.5, smooth_nr=0.0, smooth_dr=1e-6)
 
 
 @pytest.mark.parametrize(
     "label_dtype,ignore_index",
-    [(torch.uint8, 255), (torch.int16, -1), (torch.int32, 7), (torch.int64, -100),
-     (torch.int64, None), (torch.bool, None)],
+    [
+        (torch.uint8, 255),
+        (torch.int16, -1),
+        (torch.int32, 7),
+        (torch.int64, -100),
+        (torch.int64, None),
+        (torch.bool, None),
+    ],
 )
 def test_label_dtypes_and_ignore_index(label_dtype, ignore_index):
     C = 2 if label_dtype == torch.bool else 3
@@ -174,8 +195,9 @@ def test_binary_sigmoid_labels_with_ignore():
 # ------------------------------------------------------------------------------------
 # layouts and dtypes
 # ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "strided", "permuted",
-                                    "label_channel_dim"])
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "channels_last_3d", "strided", "permuted", "label_channel_dim"]
+)
 def test_layouts(layout):
     x, t = _make(2, 3, (9, 10, 11), seed=7)
     if layout == "channels_last_3d":
@@ -204,8 +226,9 @@ def test_spatial_dims(spatial):
     _check_against_reference(x, t, ignore_index=None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16,
-                                   torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str
+)
 @pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
 def test_dtypes(dtype, soft):
     x, t = _make(2, 3, (9, 10, 11), dtype=dtype, soft=soft, seed=11)
@@ -242,8 +265,8 @@ def test_repeat_is_bitwise_equal(monkeypatch):
 
 def test_stats_match_torch_backend():
     """The raw (B, C, 3) sums and flags, not only the loss."""
-    from fasttversky.ops import torch as tb
     from fasttversky._spec import KernelSpec
+    from fasttversky.ops import torch as tb
 
     x, t = _make(2, 3, (9, 10, 11), seed=15)
     x3, t3 = x.flatten(2), t.flatten(1)
@@ -257,8 +280,9 @@ def test_stats_match_torch_backend():
     assert f_k.dtype == torch.int64 and f_k.tolist() == f_t.tolist() == [0, 3]
 
 
-@pytest.mark.parametrize("bad", ["label_high", "label_negative", "nan", "inf", "soft_high",
-                                 "soft_nan"])
+@pytest.mark.parametrize(
+    "bad", ["label_high", "label_negative", "nan", "inf", "soft_high", "soft_nan"]
+)
 def test_bad_inputs_raise(bad):
     soft = bad.startswith("soft")
     x, t = _make(2, 3, (4, 5, 6), soft=soft, seed=16)

@@ -28,6 +28,7 @@
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _probs(x, cmask2, ACTIVATION: tl.constexpr):
     """p from a (C_PAD, BLOCK_N) block of logits x (compute dtype).
@@ -51,9 +52,17 @@ def _probs(x, cmask2, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _target_block(
-    target_ptr, b, cls, n, nmask, cmask2,
-    target_stride_b, target_stride_c, target_stride_n,
-    ignore_index, num_labels,
+    target_ptr,
+    b,
+    cls,
+    n,
+    nmask,
+    cmask2,
+    target_stride_b,
+    target_stride_c,
+    target_stride_n,
+    ignore_index,
+    num_labels,
     CDTYPE: tl.constexpr,
     HAS_SOFT_TARGET: tl.constexpr,
     HAS_IGNORE_INDEX: tl.constexpr,
@@ -70,8 +79,11 @@ def _target_block(
     m2 = cmask2 & nmask[None, :]
     if HAS_SOFT_TARGET:
         # target (B, C, N) float of any dtype, any strides.
-        offs = (b * target_stride_b + cls[:, None].to(tl.int64) * target_stride_c
-                + n[None, :] * target_stride_n)
+        offs = (
+            b * target_stride_b
+            + cls[:, None].to(tl.int64) * target_stride_c
+            + n[None, :] * target_stride_n
+        )
         t = tl.load(target_ptr + offs, mask=m2, other=0.0).to(CDTYPE)
         # NaN fails both comparisons, so it is counted as bad too.
         bad = (m2 & ~((t >= 0.0) & (t <= 1.0))).to(tl.int32)
@@ -80,8 +92,9 @@ def _target_block(
     else:
         # target (B, N) integer labels of any width; widened to int64 so that every
         # value (negative, or beyond the int32 range) is compared exactly.
-        lab = tl.load(target_ptr + b * target_stride_b + n * target_stride_n,
-                      mask=nmask, other=0).to(tl.int64)
+        lab = tl.load(
+            target_ptr + b * target_stride_b + n * target_stride_n, mask=nmask, other=0
+        ).to(tl.int64)
         if HAS_IGNORE_INDEX:
             keep1 = nmask & (lab != ignore_index)
         else:
@@ -100,21 +113,29 @@ def _target_block(
 
 @triton.jit
 def _tversky_fwd_partials_kernel(
-    logits_ptr,      # (B, C, N) float32/float16/bfloat16/float64, any strides
-    target_ptr,      # (B, N) uint8/int16/int32/int64 labels, or (B, C, N) float soft target
-    partials_ptr,    # (B, T, 3, C_PAD) CDTYPE out: per-tile [sum_pg, sum_p, sum_g]
-    counts_ptr,      # (B, T, 2) int32 out: per-tile [non-finite logits, bad targets]
-    N, C, T, iters,  # voxels per sample, classes, tiles per sample, BLOCK_N steps per tile
-    logits_stride_b, logits_stride_c, logits_stride_n,
-    target_stride_b, target_stride_c, target_stride_n,
-    ignore_index, num_labels,
-    ACTIVATION: tl.constexpr,        # 0 softmax, 1 sigmoid, 2 none
+    logits_ptr,  # (B, C, N) float32/float16/bfloat16/float64, any strides
+    target_ptr,  # (B, N) uint8/int16/int32/int64 labels, or (B, C, N) float soft target
+    partials_ptr,  # (B, T, 3, C_PAD) CDTYPE out: per-tile [sum_pg, sum_p, sum_g]
+    counts_ptr,  # (B, T, 2) int32 out: per-tile [non-finite logits, bad targets]
+    N,
+    C,
+    T,
+    iters,  # voxels per sample, classes, tiles per sample, BLOCK_N steps per tile
+    logits_stride_b,
+    logits_stride_c,
+    logits_stride_n,
+    target_stride_b,
+    target_stride_c,
+    target_stride_n,
+    ignore_index,
+    num_labels,
+    ACTIVATION: tl.constexpr,  # 0 softmax, 1 sigmoid, 2 none
     HAS_SOFT_TARGET: tl.constexpr,
     HAS_IGNORE_INDEX: tl.constexpr,
-    BINARY_LABELS: tl.constexpr,     # C == 1 label map
-    C_PAD: tl.constexpr,             # next power of 2 >= C (>= 2)
-    BLOCK_N: tl.constexpr,           # voxels per step, power of 2
-    CDTYPE: tl.constexpr,            # tl.float32, or tl.float64 for float64 logits
+    BINARY_LABELS: tl.constexpr,  # C == 1 label map
+    C_PAD: tl.constexpr,  # next power of 2 >= C (>= 2)
+    BLOCK_N: tl.constexpr,  # voxels per step, power of 2
+    CDTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
 ):
     # grid = (T, B): program (t, b) reduces voxels [t*iters*BLOCK_N, (t+1)*iters*BLOCK_N)
     # of sample b. Batch on axis 1 (limit 65535), tiles on axis 0 (limit 2**31 - 1).
@@ -141,10 +162,21 @@ def _tversky_fwd_partials_kernel(
         n_nonfinite += (m2 & ~((x == x) & (tl.abs(x) != float("inf")))).to(tl.int32)
         p = _probs(x, cmask2, ACTIVATION)
         g, keep, bad = _target_block(
-            target_ptr, b, cls, n, nmask, cmask2,
-            target_stride_b, target_stride_c, target_stride_n,
-            ignore_index, num_labels,
-            CDTYPE, HAS_SOFT_TARGET, HAS_IGNORE_INDEX, BINARY_LABELS,
+            target_ptr,
+            b,
+            cls,
+            n,
+            nmask,
+            cmask2,
+            target_stride_b,
+            target_stride_c,
+            target_stride_n,
+            ignore_index,
+            num_labels,
+            CDTYPE,
+            HAS_SOFT_TARGET,
+            HAS_IGNORE_INDEX,
+            BINARY_LABELS,
         )
         n_bad += bad
         # where() rather than a multiply by w: an ignored voxel adds exact zeros.
@@ -164,11 +196,12 @@ def _tversky_fwd_partials_kernel(
 
 @triton.jit
 def _tversky_finalize_kernel(
-    partials_ptr,    # (B, T, 3, C_PAD) float32/float64 in
-    counts_ptr,      # (B, T, 2) int32 in
-    stats_ptr,       # (B, C, 3) float64 out: [sum_pg, sum_p, sum_g]
-    flag_sums_ptr,   # (B, 2) int64 out: per-sample [non-finite logits, bad targets]
-    C, T,
+    partials_ptr,  # (B, T, 3, C_PAD) float32/float64 in
+    counts_ptr,  # (B, T, 2) int32 in
+    stats_ptr,  # (B, C, 3) float64 out: [sum_pg, sum_p, sum_g]
+    flag_sums_ptr,  # (B, 2) int64 out: per-sample [non-finite logits, bad targets]
+    C,
+    T,
     C_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,  # tiles summed per step, power of 2
 ):
@@ -204,16 +237,24 @@ def _tversky_finalize_kernel(
 
 @triton.jit
 def _tversky_bwd_kernel(
-    logits_ptr,      # (B, C, N) float32/float16/bfloat16/float64, any strides
-    target_ptr,      # (B, N) integer labels, or (B, C, N) float soft target
-    coef_a_ptr,      # (B, C) contiguous CDTYPE: A = dL/dsum_p
-    coef_b_ptr,      # (B, C) contiguous CDTYPE: B = dL/dsum_pg
-    grad_ptr,        # (B, C, N) out, the logits' dtype, any (non-overlapping) strides
-    N, C,
-    logits_stride_b, logits_stride_c, logits_stride_n,
-    target_stride_b, target_stride_c, target_stride_n,
-    grad_stride_b, grad_stride_c, grad_stride_n,
-    ignore_index, num_labels,
+    logits_ptr,  # (B, C, N) float32/float16/bfloat16/float64, any strides
+    target_ptr,  # (B, N) integer labels, or (B, C, N) float soft target
+    coef_a_ptr,  # (B, C) contiguous CDTYPE: A = dL/dsum_p
+    coef_b_ptr,  # (B, C) contiguous CDTYPE: B = dL/dsum_pg
+    grad_ptr,  # (B, C, N) out, the logits' dtype, any (non-overlapping) strides
+    N,
+    C,
+    logits_stride_b,
+    logits_stride_c,
+    logits_stride_n,
+    target_stride_b,
+    target_stride_c,
+    target_stride_n,
+    grad_stride_b,
+    grad_stride_c,
+    grad_stride_n,
+    ignore_index,
+    num_labels,
     ACTIVATION: tl.constexpr,
     HAS_SOFT_TARGET: tl.constexpr,
     HAS_IGNORE_INDEX: tl.constexpr,
@@ -233,14 +274,28 @@ def _tversky_bwd_kernel(
     nmask = n < N
     m2 = cmask2 & nmask[None, :]
     c64 = cls[:, None].to(tl.int64)
-    x = tl.load(logits_ptr + b * logits_stride_b + c64 * logits_stride_c
-                + n[None, :] * logits_stride_n, mask=m2, other=0.0).to(CDTYPE)
+    x = tl.load(
+        logits_ptr + b * logits_stride_b + c64 * logits_stride_c + n[None, :] * logits_stride_n,
+        mask=m2,
+        other=0.0,
+    ).to(CDTYPE)
     p = _probs(x, cmask2, ACTIVATION)
     g, keep, _ = _target_block(
-        target_ptr, b, cls, n, nmask, cmask2,
-        target_stride_b, target_stride_c, target_stride_n,
-        ignore_index, num_labels,
-        CDTYPE, HAS_SOFT_TARGET, HAS_IGNORE_INDEX, BINARY_LABELS,
+        target_ptr,
+        b,
+        cls,
+        n,
+        nmask,
+        cmask2,
+        target_stride_b,
+        target_stride_c,
+        target_stride_n,
+        ignore_index,
+        num_labels,
+        CDTYPE,
+        HAS_SOFT_TARGET,
+        HAS_IGNORE_INDEX,
+        BINARY_LABELS,
     )
     coef_a = tl.load(coef_a_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
     coef_b = tl.load(coef_b_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
@@ -253,5 +308,8 @@ def _tversky_bwd_kernel(
         dx = u * p * (1.0 - p)
     else:
         dx = u
-    tl.store(grad_ptr + b * grad_stride_b + c64 * grad_stride_c + n[None, :] * grad_stride_n,
-             dx.to(grad_ptr.dtype.element_ty), mask=m2)
+    tl.store(
+        grad_ptr + b * grad_stride_b + c64 * grad_stride_c + n[None, :] * grad_stride_n,
+        dx.to(grad_ptr.dtype.element_ty),
+        mask=m2,
+    )

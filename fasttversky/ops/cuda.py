@@ -33,14 +33,23 @@ MAX_CLASSES = 8  # the kernels keep a voxel's classes in registers (MAXC = 4 or 
 _MAX_BATCH = 65535  # grid axis 1 carries the batch
 
 _DTYPE_CODES = {
-    torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
-    torch.uint8: 10, torch.int16: 11, torch.int32: 12, torch.int64: 13,
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.uint8: 10,
+    torch.int16: 11,
+    torch.int32: 12,
+    torch.int64: 13,
 }
 _LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ERRORS = {
-    -1: "unsupported logits dtype", -2: f"more than {MAX_CLASSES} classes",
-    -3: "unknown activation", -4: "unsupported target dtype",
-    -5: "batch or volume size out of range", -6: "workspace too small",
+    -1: "unsupported logits dtype",
+    -2: f"more than {MAX_CLASSES} classes",
+    -3: "unknown activation",
+    -4: "unsupported target dtype",
+    -5: "batch or volume size out of range",
+    -6: "workspace too small",
 }
 
 
@@ -130,8 +139,15 @@ def nvcc_command(arch: str, src: Path, out: Path, *, shared: bool = True) -> lis
     nvcc = find_nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (put it on PATH or set CUDA_HOME)")
-    cmd = [nvcc, "-O3", "-std=c++17", f"-I{src.parent.parent}", "-Xcompiler", "-fPIC",
-           f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    cmd = [
+        nvcc,
+        "-O3",
+        "-std=c++17",
+        f"-I{src.parent.parent}",
+        "-Xcompiler",
+        "-fPIC",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+    ]
     cmd += ["--shared"] if shared else ["-c"]
     return [*cmd, str(src), "-o", str(out)]
 
@@ -142,9 +158,22 @@ def _build_command(src: Path, out: Path) -> tuple[list[str], str]:
         cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
         if cxx is None:
             raise RuntimeError("no C++ compiler for the CUDA emulation build")
-        cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-DTV_HOST_EMULATION",
-               "-x", "c++", f"-I{_cuda_include()}", f"-I{src.parent.parent}", str(src),
-               "-o", str(out)]
+        cmd = [
+            cxx,
+            "-std=c++20",
+            "-O2",
+            "-shared",
+            "-fPIC",
+            "-pthread",
+            "-DTV_HOST_EMULATION",
+            "-x",
+            "c++",
+            f"-I{_cuda_include()}",
+            f"-I{src.parent.parent}",
+            str(src),
+            "-o",
+            str(out),
+        ]
         return cmd, " ".join(cmd[:-3])
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device (torch.cuda.is_available() is False)")
@@ -187,8 +216,14 @@ def _build() -> ctypes.CDLL:
     dll.tversky_cuda_params_size.restype = ctypes.c_int64
     dll.tversky_cuda_forward_workspace.argtypes = [P, ctypes.c_int]
     dll.tversky_cuda_forward_workspace.restype = ctypes.c_int64
-    dll.tversky_cuda_forward.argtypes = [P, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                         ctypes.c_int, ctypes.c_void_p]
+    dll.tversky_cuda_forward.argtypes = [
+        P,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    ]
     dll.tversky_cuda_forward.restype = ctypes.c_int
     dll.tversky_cuda_backward.argtypes = [P, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     dll.tversky_cuda_backward.restype = ctypes.c_int
@@ -292,8 +327,12 @@ def tversky_forward(logits, target, spec: KernelSpec):
             _check(int(nbytes), "forward")
         # Per-block partials: a few KiB, from torch's caching allocator (stream-ordered).
         work = torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device=dev)
-        _check(lib.tversky_cuda_forward(ctypes.byref(p), work.data_ptr(), work.numel(), idx,
-                                        sms, stream), "forward")
+        _check(
+            lib.tversky_cuda_forward(
+                ctypes.byref(p), work.data_ptr(), work.numel(), idx, sms, stream
+            ),
+            "forward",
+        )
     return stats, flags
 
 
@@ -335,8 +374,10 @@ class _CudaBackend:
             if torch.version.cuda is None:
                 return "torch is a CPU-only build"
             if find_nvcc() is None:
-                return ("nvcc not found: the CUDA kernels are compiled on first use (put nvcc "
-                        "on PATH or set CUDA_HOME)")
+                return (
+                    "nvcc not found: the CUDA kernels are compiled on first use (put nvcc "
+                    "on PATH or set CUDA_HOME)"
+                )
         try:
             _library()
         except RuntimeError as exc:
@@ -347,11 +388,13 @@ class _CudaBackend:
         why = []
         want = "cpu" if emulating() else "cuda"
         if logits.device.type != want:
-            why.append(f"logits are on {logits.device}, the cuda backend needs "
-                       f"{'CPU tensors under FASTTVERSKY_CUDA_EMULATE=1' if emulating() else 'CUDA tensors'}")
+            need = "CPU tensors under FASTTVERSKY_CUDA_EMULATE=1" if emulating() else "CUDA tensors"
+            why.append(f"logits are on {logits.device}, the cuda backend needs {need}")
         if logits.dtype not in _LOGITS_DTYPES:
-            why.append(f"{logits.dtype} logits: the CUDA kernels compute in fp32 "
-                       "(float64 runs on the triton backend, in fp64)")
+            why.append(
+                f"{logits.dtype} logits: the CUDA kernels compute in fp32 "
+                "(float64 runs on the triton backend, in fp64)"
+            )
         B, C, _ = logits.shape
         if C > MAX_CLASSES:
             why.append(f"C={C} classes > {MAX_CLASSES} kept in registers by the CUDA kernels")

@@ -138,16 +138,35 @@ def tversky_forward(logits: torch.Tensor, target: torch.Tensor, spec: KernelSpec
     ignore = spec.ignore_index if spec.ignore_index is not None else 0
     with _device_guard(logits):
         k._tversky_fwd_partials_kernel[(T, B)](
-            logits, target, partials, counts,
-            N, C, T, iters,
-            *logits.stride(), tsb, tsc, tsn,
-            ignore, spec.num_labels,
-            BLOCK_N=block_n, num_warps=4, **meta,
+            logits,
+            target,
+            partials,
+            counts,
+            N,
+            C,
+            T,
+            iters,
+            *logits.stride(),
+            tsb,
+            tsc,
+            tsn,
+            ignore,
+            spec.num_labels,
+            BLOCK_N=block_n,
+            num_warps=4,
+            **meta,
         )
         block_t = min(256 if not _state.get("interpret") else 4096, max(2, _next_pow2(T)))
         k._tversky_finalize_kernel[(B,)](
-            partials, counts, stats, flag_sums, C, T,
-            C_PAD=C_PAD, BLOCK_T=block_t, num_warps=4,
+            partials,
+            counts,
+            stats,
+            flag_sums,
+            C,
+            T,
+            C_PAD=C_PAD,
+            BLOCK_T=block_t,
+            num_warps=4,
         )
     # Integer sums are exact, so torch's reduction order cannot matter here.
     flags = flag_sums.sum(0)
@@ -176,11 +195,23 @@ def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
     ignore = spec.ignore_index if spec.ignore_index is not None else 0
     with _device_guard(logits):
         k._tversky_bwd_kernel[(_cdiv(N, block_n), B)](
-            logits, target, coef_a, coef_b, grad,
-            N, C,
-            *logits.stride(), tsb, tsc, tsn, *grad.stride(),
-            ignore, spec.num_labels,
-            BLOCK_N=block_n, num_warps=4, **meta,
+            logits,
+            target,
+            coef_a,
+            coef_b,
+            grad,
+            N,
+            C,
+            *logits.stride(),
+            tsb,
+            tsc,
+            tsn,
+            *grad.stride(),
+            ignore,
+            spec.num_labels,
+            BLOCK_N=block_n,
+            num_warps=4,
+            **meta,
         )
     return grad
 
@@ -196,8 +227,10 @@ class _TritonBackend:
         if _state["interpret"]:
             return None
         if not torch.cuda.is_available():
-            return ("no CUDA device (set TRITON_INTERPRET=1 before importing triton to run "
-                    "the kernels in the Triton interpreter on CPU tensors)")
+            return (
+                "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run "
+                "the kernels in the Triton interpreter on CPU tensors)"
+            )
         return None
 
     def reasons(self, logits, target, spec: KernelSpec):
@@ -205,15 +238,20 @@ class _TritonBackend:
         want = "cpu" if _state.get("interpret") else "cuda"
         if logits.device.type != want:
             if want == "cuda":
-                why.append(f"logits are on {logits.device}; the triton backend needs CUDA "
-                           "tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+                why.append(
+                    f"logits are on {logits.device}; the triton backend needs CUDA "
+                    "tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+                )
             else:
-                why.append(f"logits are on {logits.device}; under TRITON_INTERPRET=1 the "
-                           "triton backend runs on CPU tensors")
+                why.append(
+                    f"logits are on {logits.device}; under TRITON_INTERPRET=1 the "
+                    "triton backend runs on CPU tensors"
+                )
         B, C, _ = logits.shape
         if C > MAX_CLASSES:
-            why.append(f"C={C} classes > {MAX_CLASSES}: one voxel's classes must fit in "
-                       "one register block")
+            why.append(
+                f"C={C} classes > {MAX_CLASSES}: one voxel's classes must fit in one register block"
+            )
         if B > _MAX_GRID_Y:
             why.append(f"batch size {B} > {_MAX_GRID_Y} (the grid's batch axis)")
         return why
