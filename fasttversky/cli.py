@@ -352,28 +352,27 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _find_bench_file() -> Path | None:
+def _find_bench_report() -> Path | None:
     for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        f = root / "bench" / "bench_loss.py"
+        f = root / "bench" / "report.py"
         if f.is_file():
             return f
     return None
 
 
 def cmd_bench(args) -> int:
-    bench = _find_bench_file()
-    if bench is None:
-        raise SystemExit("error: bench/bench_loss.py not found (run from a source checkout "
-                         "of fasttversky)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", str(bench), "-q", f"--benchmark-json={out}",
-           *args.pytest_args]
-    print("running:", " ".join(cmd))
-    rc = subprocess.call(cmd, cwd=bench.parents[1])
-    if rc == 0:
-        print(f"benchmark results in {out}")
-    return rc
+    """Thin wrapper: bench/report.py (pytest-benchmark matrix + Markdown report) owns the
+    benchmark; this only finds it and passes the arguments on."""
+    import importlib.util
+
+    report = _find_bench_report()
+    if report is None:
+        raise SystemExit("error: bench/report.py not found; run `fasttversky bench` from a "
+                         "source checkout of fasttversky")
+    spec = importlib.util.spec_from_file_location("fasttversky_bench_report", report)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(list(args.report_args)) or 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -711,11 +710,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder [PRED]")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("bench", parents=[common], formatter_class=_Formatter, help="the loss benchmark report",
-                       description="Run bench/bench_loss.py with pytest-benchmark; extra "
-                       "arguments after -- go to pytest.")
-    p.add_argument("--out", default="bench/results/bench_loss.json", help="benchmark JSON")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
+    p = sub.add_parser("bench", formatter_class=_Formatter, help="the loss benchmark report",
+                       description="Run the loss benchmark matrix (bench/report.py: "
+                       "pytest-benchmark over bench/bench_loss.py) and write the Markdown "
+                       "report + JSON. Every other argument goes to bench/report.py: --out "
+                       "FILE.md, --quick (smaller shapes), --device cpu|cuda, --providers "
+                       "a,b, -k EXPR, --from-json FILE.")
+    p.add_argument("report_args", nargs=argparse.REMAINDER, help="bench/report.py arguments")
     p.set_defaults(func=cmd_bench)
 
     presets = "\n".join(f"  {k}: {v.description}" for k, v in PRESETS.items())
@@ -756,9 +757,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "pytest_args", None) and args.pytest_args[:1] == ["--"]:
-        args.pytest_args = args.pytest_args[1:]
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench":  # options of bench/report.py are passed through as-is
+        args.report_args = [a for a in [*unknown, *args.report_args] if a != "--"]
+    elif unknown:
+        parser.error("unrecognized arguments: " + " ".join(unknown))
     from .data import DataError
 
     try:

@@ -110,3 +110,17 @@ def test_reproduce_tiny(tmp_path, capsys):
     for a, b in PAPER_SETTINGS:
         _valid_png(out / f"overlay_a{a:g}_b{b:g}.png")
     assert "DSC" in capsys.readouterr().out
+
+
+def test_bench_passes_arguments_to_report(tmp_path, monkeypatch):
+    """`fasttversky bench` stays a thin wrapper over bench/report.py's main(argv)."""
+    import fasttversky.cli as cli
+
+    fake = tmp_path / "bench" / "report.py"
+    fake.parent.mkdir()
+    seen = tmp_path / "argv.json"
+    fake.write_text(f"import json\ndef main(argv):\n    open({str(seen)!r}, 'w').write("
+                    "json.dumps(argv))\n    return 0\n")
+    monkeypatch.setattr(cli, "_find_bench_report", lambda: fake)
+    assert main(["bench", "--quick", "--out", "x.md", "-k", "paper"]) == 0
+    assert json.loads(seen.read_text()) == ["--quick", "--out", "x.md", "-k", "paper"]
