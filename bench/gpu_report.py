@@ -3,7 +3,10 @@
     PYTHONPATH=. python bench/gpu_report.py --out bench/results/gpu-<date>
 
 One command on a bare GPU machine with torch + triton (nvcc optional: without it the
-cuda backend is reported unavailable and its rows say why). Sections, each of which
+cuda backend is reported unavailable and its rows say why). Where one command may run
+for 10 minutes at most, split it: ``--skip-bench`` (tests + training), then
+``--skip-tests --skip-training [--cases ...] [--providers ...]``; every section rewrites
+the report, so a run cut short still leaves what it measured. Sections, each of which
 records its error in the report instead of ending the run:
 
 1. environment: GPU, driver/CUDA/torch/triton/nvcc versions, backends available;
@@ -202,7 +205,7 @@ def copy_bandwidth(device, nbytes=512 * 2**20, reps=20) -> dict:
     return {"bytes": 2 * nbytes, "median_ms": med * 1e3, "gbps": 2 * nbytes / med / 1e9}
 
 
-def bench_case(case: Case, device, dry, copy_gbps, reps, errors) -> list[dict]:
+def bench_case(case: Case, device, dry, copy_gbps, reps, errors, providers=PROVIDERS) -> list[dict]:
     rows = []
     try:
         logits, labels = case.make(device)
@@ -210,7 +213,7 @@ def bench_case(case: Case, device, dry, copy_gbps, reps, errors) -> list[dict]:
         errors.append(f"{case.id}: making inputs: {type(exc).__name__}: {exc}")
         return rows
     grad_bytes = logits.numel() * logits.element_size()
-    for prov in PROVIDERS:
+    for prov in providers:
         try:
             fn = provider_fn(prov, dry)
         except Exception as exc:
@@ -373,7 +376,7 @@ def environment(device) -> dict:
     return env
 
 
-def run_tests(out: Path, dry: bool) -> dict:
+def run_tests(out: Path, dry: bool, timeout_s: float = 1500) -> dict:
     files = ["tests/test_gpu.py", "tests/test_triton.py"]
     cmd = [
         sys.executable,
@@ -392,7 +395,22 @@ def run_tests(out: Path, dry: bool) -> dict:
     if not dry:
         env.pop("TRITON_INTERPRET", None)  # compiled kernels, on the GPU
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as exc:
+        text = (
+            (exc.stdout or b"").decode(errors="replace")
+            if isinstance(exc.stdout, bytes)
+            else (exc.stdout or "")
+        )
+        (out / "tests.log").write_text(text)
+        return {
+            "command": " ".join(cmd),
+            "error": f"timed out after {timeout_s:.0f} s",
+            "tail": text[-3000:],
+        }
     tail = (proc.stdout + proc.stderr)[-6000:]
     (out / "tests.log").write_text(proc.stdout + proc.stderr)
     summary = next(
@@ -571,7 +589,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--reps", type=int, default=20, help="timed calls per fast row")
+    ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset")
+    ap.add_argument("--cases", default=None, help="comma-separated case ids (e.g. paper-b2-bf16)")
+    ap.add_argument("--skip-bench", action="store_true", help="tests (and training) only")
+    ap.add_argument("--tests-timeout", type=float, default=1500, help="seconds for pytest")
     args = ap.parse_args(argv)
+    providers = tuple(p for p in args.providers.split(",") if p)
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown:
+        ap.error(f"unknown providers {sorted(unknown)}; known: {PROVIDERS}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dry = args.dry_run
@@ -599,23 +625,30 @@ def main(argv=None) -> int:
     if args.skip_tests:
         rep["tests"] = {"skipped": "--skip-tests"}
     else:
-        section("tests", lambda: run_tests(out, dry))
+        section("tests", lambda: run_tests(out, dry, args.tests_timeout))
     section(
         "copy_bandwidth",
         lambda: copy_bandwidth(device, nbytes=(16 if dry else 512) * 2**20, reps=5 if dry else 20),
     )
     copy_gbps = rep["copy_bandwidth"].get("gbps")
 
+    wanted = set(args.cases.split(",")) if args.cases else None
+
     def matrix():
         rows = []
         for case in cases(dry):
+            if wanted is not None and case.id not in wanted:
+                continue
             print(f"[gpu_report]   {case.id}", flush=True)
-            rows += bench_case(case, device, dry, copy_gbps, reps, rep["errors"])
+            rows += bench_case(case, device, dry, copy_gbps, reps, rep["errors"], providers)
             rep["rows"] = rows
             _write(out, rep)
         return rows
 
-    section("rows", matrix)
+    if args.skip_bench:
+        rep["rows"] = []
+    else:
+        section("rows", matrix)
     if isinstance(rep.get("rows"), list):
         rep["targets"] = targets(rep["rows"])
     if args.skip_training:
