@@ -108,8 +108,7 @@ def _pr_from_parts(pos_scores: np.ndarray, neg_groups: Sequence[np.ndarray]) -> 
     precision = tp_ge / (tp_ge + fp_ge)
     recall = tp_ge / n_pos
     # Report highest threshold first (recall ascending), as the curve is drawn.
-    return PRCurve(precision[::-1].copy(), recall[::-1].copy(),
-                   u[::-1].astype(np.float64))
+    return PRCurve(precision[::-1].copy(), recall[::-1].copy(), u[::-1].astype(np.float64))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -159,8 +158,9 @@ def segmentation_metrics(prob, target, threshold: float = 0.5, *, return_curve: 
     return (out, curve) if return_curve else out
 
 
-def pooled_metrics(probs: Sequence, targets: Sequence, threshold: float = 0.5,
-                   *, return_curve: bool = False):
+def pooled_metrics(
+    probs: Sequence, targets: Sequence, threshold: float = 0.5, *, return_curve: bool = False
+):
     """Metrics over all voxels of several subjects, as if their volumes were concatenated.
 
     Counts are summed; APR and the curve use every subject's voxels (exact, no
@@ -168,7 +168,7 @@ def pooled_metrics(probs: Sequence, targets: Sequence, threshold: float = 0.5,
     """
     if len(probs) != len(targets) or not probs:
         raise ValueError("pooled_metrics needs equally many (>= 1) probs and targets")
-    pairs = [_flat_pair(p, t) for p, t in zip(probs, targets)]
+    pairs = [_flat_pair(p, t) for p, t in zip(probs, targets, strict=False)]
     totals = np.zeros(4, np.int64)
     for p, t in pairs:
         totals += _counts(p, t, threshold)

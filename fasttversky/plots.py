@@ -67,7 +67,11 @@ def _overlay_rgb(image2d: np.ndarray, target2d: np.ndarray, pred2d: np.ndarray) 
     g = np.clip((image2d - lo) / (hi - lo + 1e-8), 0, 1) * inside
     rgb = np.stack([g, g, g], axis=-1)
     t, p = target2d.astype(bool), pred2d.astype(bool)
-    for sel, colour in ((t & p, (0.1, 0.9, 0.1)), (t & ~p, (0.2, 0.4, 1.0)), (~t & p, (1.0, 0.15, 0.1))):
+    for sel, colour in (
+        (t & p, (0.1, 0.9, 0.1)),
+        (t & ~p, (0.2, 0.4, 1.0)),
+        (~t & p, (1.0, 0.15, 0.1)),
+    ):
         rgb[sel] = 0.35 * rgb[sel] + 0.65 * np.asarray(colour)
     return rgb
 
@@ -94,12 +98,17 @@ def plot_overlays(
     fig = _figure(2.6 * n + 0.4, 3.1)
     for k, (label, pred) in enumerate(preds.items()):
         ax = fig.add_subplot(1, n, k + 1)
-        ax.imshow(_overlay_rgb(take(image), take(target), take(pred)), origin="lower",
-                  interpolation="nearest")
+        ax.imshow(
+            _overlay_rgb(take(image), take(target), take(pred)),
+            origin="lower",
+            interpolation="nearest",
+        )
         ax.set_title(str(label), fontsize=9)
         ax.set_axis_off()
-    fig.suptitle((title + "  " if title else "")
-                 + f"slice {slice_index}: TP green, FN blue, FP red", fontsize=9)
+    fig.suptitle(
+        (title + "  " if title else "") + f"slice {slice_index}: TP green, FN blue, FP red",
+        fontsize=9,
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

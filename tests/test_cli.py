@@ -22,8 +22,9 @@ def _valid_png(path):
     assert img[..., :3].std() > 0  # not a blank canvas
 
 
-@pytest.mark.parametrize("command", ["synth", "train", "predict", "evaluate", "bench",
-                                     "reproduce", "demo"])
+@pytest.mark.parametrize(
+    "command", ["synth", "train", "predict", "evaluate", "bench", "reproduce", "demo"]
+)
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -40,15 +41,62 @@ def test_top_level_help_lists_commands():
 
 def test_synth_train_predict_evaluate(tmp_path, capsys):
     data, run, pred = tmp_path / "data", tmp_path / "run", tmp_path / "pred"
-    assert main(["synth", str(data), "--n", "3", "--shape", "32", "40", "32",
-                 "--lesion-fraction", "3e-3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(data),
+                "--n",
+                "3",
+                "--shape",
+                "32",
+                "40",
+                "32",
+                "--lesion-fraction",
+                "3e-3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in data.iterdir() if p.is_dir()) == [
-        "subject01", "subject02", "subject03"]
+        "subject01",
+        "subject02",
+        "subject03",
+    ]
 
-    assert main(["train", str(data), "--out", str(run), "--steps", "3", "--base-features", "2",
-                 "--levels", "2", "--checkpoint", "none", "--patch-size", "16", "16", "16",
-                 "--batch-size", "2", "--lr", "1e-3", "--alpha", "0.3", "--beta", "0.7",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(run),
+                "--steps",
+                "3",
+                "--base-features",
+                "2",
+                "--levels",
+                "2",
+                "--checkpoint",
+                "none",
+                "--patch-size",
+                "16",
+                "16",
+                "16",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-3",
+                "--alpha",
+                "0.3",
+                "--beta",
+                "0.7",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (run / "last.pt").is_file()
     cfg = json.loads((run / "run.json").read_text())
     assert cfg["alpha"] == 0.3 and cfg["beta"] == 0.7 and cfg["steps"] == 3
@@ -56,9 +104,35 @@ def test_synth_train_predict_evaluate(tmp_path, capsys):
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
 
     # resume to more steps continues from the checkpoint
-    assert main(["train", str(data), "--out", str(run), "--steps", "4", "--base-features", "2",
-                 "--levels", "2", "--checkpoint", "none", "--patch-size", "16", "16", "16",
-                 "--batch-size", "2", "--lr", "1e-3", "--resume", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(run),
+                "--steps",
+                "4",
+                "--base-features",
+                "2",
+                "--levels",
+                "2",
+                "--checkpoint",
+                "none",
+                "--patch-size",
+                "16",
+                "16",
+                "16",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-3",
+                "--resume",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
 
     assert main(["predict", str(data), "--model", str(run), "--out", str(pred), "--quiet"]) == 0
@@ -73,8 +147,10 @@ def test_synth_train_predict_evaluate(tmp_path, capsys):
     np.testing.assert_array_equal(np.asanyarray(mask.dataobj), (p >= 0.5).astype(np.uint8))
 
     capsys.readouterr()
-    assert main(["evaluate", str(pred), "--data", str(data), "--out", str(tmp_path / "ev"),
-                 "--quiet"]) == 0
+    assert (
+        main(["evaluate", str(pred), "--data", str(data), "--out", str(tmp_path / "ev"), "--quiet"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "pooled" in out and "APR" in out
     rows = list(csv.DictReader(open(tmp_path / "ev" / "metrics.csv")))
@@ -90,7 +166,9 @@ def test_predict_needs_a_run_folder(tmp_path):
     data = tmp_path / "data"
     assert main(["synth", str(data), "--n", "1", "--shape", "32", "40", "32", "--quiet"]) == 0
     with pytest.raises(SystemExit, match="not a run folder"):
-        main(["predict", str(data), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "p")])
+        main(
+            ["predict", str(data), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "p")]
+        )
 
 
 def test_reproduce_tiny(tmp_path, capsys):
@@ -119,8 +197,10 @@ def test_bench_passes_arguments_to_report(tmp_path, monkeypatch):
     fake = tmp_path / "bench" / "report.py"
     fake.parent.mkdir()
     seen = tmp_path / "argv.json"
-    fake.write_text(f"import json\ndef main(argv):\n    open({str(seen)!r}, 'w').write("
-                    "json.dumps(argv))\n    return 0\n")
+    fake.write_text(
+        f"import json\ndef main(argv):\n    open({str(seen)!r}, 'w').write("
+        "json.dumps(argv))\n    return 0\n"
+    )
     monkeypatch.setattr(cli, "_find_bench_report", lambda: fake)
     assert main(["bench", "--quick", "--out", "x.md", "-k", "paper"]) == 0
     assert json.loads(seen.read_text()) == ["--quick", "--out", "x.md", "-k", "paper"]

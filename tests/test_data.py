@@ -109,15 +109,20 @@ def test_shape_mismatch_names_files(tmp_path):
         _load_one(tmp_path)
 
 
-@pytest.mark.parametrize("change, what", [
-    (lambda a: np.diag([-1.5, 1.5, 2.0, 1.0]), "voxel sizes"),
-    (lambda a: np.concatenate([a[:, :3], [[5.0], [0], [0], [1]]], axis=1), "origins"),
-    (lambda a: np.diag([1.5, 1.5, 1.5, 1.0]), "orientation"),
-])
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        (lambda a: np.diag([-1.5, 1.5, 2.0, 1.0]), "voxel sizes"),
+        (lambda a: np.concatenate([a[:, :3], [[5.0], [0], [0], [1]]], axis=1), "origins"),
+        (lambda a: np.diag([1.5, 1.5, 1.5, 1.0]), "orientation"),
+    ],
+)
 def test_affine_mismatch_says_what_differs(tmp_path, change, what):
     d = _subject(tmp_path, "s1")
     _write(d / "FLAIR.nii.gz", _volume(2), affine=change(AFFINE))
-    with pytest.raises(DataError, match=rf"affine of FLAIR\.nii\.gz differs from T1\.nii\.gz.*{what}"):
+    with pytest.raises(
+        DataError, match=rf"affine of FLAIR\.nii\.gz differs from T1\.nii\.gz.*{what}"
+    ):
         _load_one(tmp_path)
 
 
@@ -131,7 +136,9 @@ def test_unreadable_file(tmp_path):
 def test_four_d_volume(tmp_path):
     d = _subject(tmp_path, "s1")
     _write(d / "T1.nii.gz", np.stack([_volume(0)] * 2, axis=-1))
-    with pytest.raises(DataError, match=r"T1\.nii\.gz: expected a 3-D volume, got shape \(12, 14, 10, 2\)"):
+    with pytest.raises(
+        DataError, match=r"T1\.nii\.gz: expected a 3-D volume, got shape \(12, 14, 10, 2\)"
+    ):
         _load_one(tmp_path)
 
 
@@ -171,7 +178,9 @@ def test_cli_reports_data_errors(tmp_path, capsys):
 
     d = _subject(tmp_path / "data", "s1")
     _write(d / "T2.nii.gz", np.zeros(SHAPE, np.float32))
-    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    assert (
+        main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    )
     assert "T2.nii.gz: volume is empty" in capsys.readouterr().err
 
 
@@ -232,7 +241,8 @@ def test_dataset_whole_volumes_and_patches(tmp_path):
 # the shared real MS data (CI and every developer have it)
 # --------------------------------------------------------------------------------------
 needs_shared = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason=f"shared MS data not present at {SHARED_DATA}")
+    not SHARED_DATA.is_dir(), reason=f"shared MS data not present at {SHARED_DATA}"
+)
 
 
 @pytest.mark.data
@@ -253,7 +263,11 @@ def test_shared_real_data_loads_as_is():
 @pytest.mark.data
 @needs_shared
 def test_shared_real_data_patches():
-    ds = LesionDataset(find_subjects(SHARED_DATA)[1:], patch_size=(32, 32, 32),
-                       patches_per_subject=2, lesion_prob=1.0)
+    ds = LesionDataset(
+        find_subjects(SHARED_DATA)[1:],
+        patch_size=(32, 32, 32),
+        patches_per_subject=2,
+        lesion_prob=1.0,
+    )
     img, lab = ds[0]
     assert img.shape == (3, 32, 32, 32) and lab.sum() > 0

@@ -46,8 +46,8 @@ def test_pr_curve_matches_sklearn_where_recall_changes():
     _, curve = segmentation_metrics(prob, target, return_curve=True)
     p, r, t = sklearn_metrics.precision_recall_curve(target.ravel(), prob.ravel())
     # sklearn: thresholds ascending, (p, r) one longer with the (1, 0) end point.
-    sk = {float(th): (pp, rr) for th, pp, rr in zip(t, p[:-1], r[:-1])}
-    for th, pp, rr in zip(curve.thresholds, curve.precision, curve.recall):
+    sk = {float(th): (pp, rr) for th, pp, rr in zip(t, p[:-1], r[:-1], strict=False)}
+    for th, pp, rr in zip(curve.thresholds, curve.precision, curve.recall, strict=False):
         assert sk[float(th)] == pytest.approx((pp, rr), abs=1e-12)
     assert np.all(np.diff(curve.recall) > 0) and curve.recall[-1] == pytest.approx(1.0)
 
@@ -63,7 +63,8 @@ def test_pooled_equals_concatenation():
     for k in ("dsc", "sensitivity", "specificity", "f2", "apr", "tp", "fp", "fn", "tn"):
         assert pooled[k] == pytest.approx(whole[k], abs=1e-12), k
     assert pooled["apr"] == pytest.approx(
-        sklearn_metrics.average_precision_score(flat_t, flat_p), abs=1e-12)
+        sklearn_metrics.average_precision_score(flat_t, flat_p), abs=1e-12
+    )
 
 
 def test_hand_counted_case():

@@ -91,9 +91,13 @@ def test_written_dataset_loads(tmp_path):
     subs = find_subjects(tmp_path)
     assert [s.name for s in subs] == ["subject01", "subject02"]
     img, mask, aff = load_subject(subs[0])
-    assert img.shape == (3, 32, 40, 32) and mask.mean() == pytest.approx(stats[0]["lesion_fraction"])
+    assert img.shape == (3, 32, 40, 32) and mask.mean() == pytest.approx(
+        stats[0]["lesion_fraction"]
+    )
     assert aff[0, 0] < 0  # MNI-like orientation
-    assert json.loads((tmp_path / "synth.json").read_text())["subjects"][1]["subject"] == "subject02"
+    assert (
+        json.loads((tmp_path / "synth.json").read_text())["subjects"][1]["subject"] == "subject02"
+    )
     again = write_phantom_dataset(tmp_path / "b", n_subjects=2, shape=(32, 40, 32), seed=5)
     assert again == stats  # deterministic in the seed
 
@@ -103,7 +107,8 @@ def test_transplant_changes_contrast_inside_mask():
     rng = np.random.default_rng(0)
     # A block of deep white matter (eroded: no partial volume with CSF/GM), no lesions.
     deep_wm = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
-        p.mask.astype(bool), iterations=2)
+        p.mask.astype(bool), iterations=2
+    )
     extra = np.zeros(SHAPE, np.uint8)
     extra[16:48, 20:60, 30:50] = 1
     extra &= deep_wm.astype(np.uint8)
@@ -120,8 +125,9 @@ def test_transplant_changes_contrast_inside_mask():
 @pytest.mark.data
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared MS data not at {SHARED_DATA}")
 def test_transplant_dataset_from_shared_data(tmp_path):
-    stats = write_transplant_dataset(tmp_path, SHARED_DATA, SHARED_DATA / "masks",
-                                     n_subjects=1, seed=0)
+    stats = write_transplant_dataset(
+        tmp_path, SHARED_DATA, SHARED_DATA / "masks", n_subjects=1, seed=0
+    )
     subs = find_subjects(tmp_path)
     assert len(subs) == 1 and subs[0].name == "patient07_patient01"
     _, mask, _ = load_subject(subs[0])

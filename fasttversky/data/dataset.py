@@ -47,9 +47,7 @@ class PreparedSubject:
         return undo_crop(volume, self.crop, fill) if self.crop is not None else volume
 
 
-def prepare_subject(
-    subject: Subject, target_shape: Sequence[int] | None = None
-) -> PreparedSubject:
+def prepare_subject(subject: Subject, target_shape: Sequence[int] | None = None) -> PreparedSubject:
     """Load, z-score inside the brain, then crop/pad to ``target_shape`` around the brain."""
     image, mask, affine = load_subject(subject)
     return prepare_arrays(subject.name, image, mask, affine, target_shape)
@@ -81,7 +79,10 @@ def prepare_arrays(
 
 
 def _patch_start(center: np.ndarray, size: Sequence[int], shape: Sequence[int]) -> list[int]:
-    return [int(min(max(c - p // 2, 0), max(s - p, 0))) for c, p, s in zip(center, size, shape)]
+    return [
+        int(min(max(c - p // 2, 0), max(s - p, 0)))
+        for c, p, s in zip(center, size, shape, strict=False)
+    ]
 
 
 def extract_patch(
@@ -90,7 +91,7 @@ def extract_patch(
     """Patch of ``size`` at ``start``; zero-padded where the volume is smaller than it."""
     out_i = np.zeros((image.shape[0], *size), dtype=image.dtype)
     out_m = np.zeros(tuple(size), dtype=mask.dtype)
-    src = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, size, mask.shape))
+    src = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, size, mask.shape, strict=False))
     dst = tuple(slice(0, sl.stop - sl.start) for sl in src)
     out_i[(slice(None),) + dst] = image[(slice(None),) + src]
     out_m[dst] = mask[src]

@@ -96,8 +96,7 @@ def find_subject(
         return None
     if missing:
         raise DataError(
-            f"{folder}: no file for " + ", ".join(missing)
-            + f"; found {[f.name for f in files]}"
+            f"{folder}: no file for " + ", ".join(missing) + f"; found {[f.name for f in files]}"
         )
     mask = None
     if mask_pattern is not None:
@@ -185,9 +184,13 @@ def _describe_difference(a: np.ndarray, b: np.ndarray) -> str:
     zooms_b = np.sqrt((b[:3, :3] ** 2).sum(0))
     parts = []
     if not np.allclose(zooms_a, zooms_b, atol=_AFFINE_ATOL):
-        parts.append(f"voxel sizes {np.round(zooms_a, 4).tolist()} vs {np.round(zooms_b, 4).tolist()}")
+        parts.append(
+            f"voxel sizes {np.round(zooms_a, 4).tolist()} vs {np.round(zooms_b, 4).tolist()}"
+        )
     if not np.allclose(a[:3, 3], b[:3, 3], atol=_AFFINE_ATOL):
-        parts.append(f"origins {np.round(a[:3, 3], 3).tolist()} vs {np.round(b[:3, 3], 3).tolist()}")
+        parts.append(
+            f"origins {np.round(a[:3, 3], 3).tolist()} vs {np.round(b[:3, 3], 3).tolist()}"
+        )
     if not parts:
         parts.append("orientation (direction cosines)")
     return "; ".join(parts)

@@ -100,8 +100,9 @@ def _mni_affine(shape: Sequence[int], voxel_mm: Sequence[float]) -> np.ndarray:
     return aff
 
 
-def _draw_lesion_fraction(rng: np.random.Generator,
-                          bounds: Sequence[float] = LESION_FRACTION_RANGE) -> float:
+def _draw_lesion_fraction(
+    rng: np.random.Generator, bounds: Sequence[float] = LESION_FRACTION_RANGE
+) -> float:
     lo, hi = bounds
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
@@ -127,11 +128,13 @@ def make_phantom(
     """
     rng = np.random.default_rng(rng)
     shape = tuple(int(s) for s in shape)
-    vs = tuple(f / s for f, s in zip(MNI_FOV_MM, shape))
+    vs = tuple(f / s for f, s in zip(MNI_FOV_MM, shape, strict=False))
     # World-ish coordinates in mm, centred on the box (x left-right, y posterior-anterior,
     # z inferior-superior); open grids keep memory at one volume per expression.
-    x, y, z = (((np.arange(n, dtype=np.float32) + 0.5) * v - f / 2)
-               for n, v, f in zip(shape, vs, MNI_FOV_MM))
+    x, y, z = (
+        ((np.arange(n, dtype=np.float32) + 0.5) * v - f / 2)
+        for n, v, f in zip(shape, vs, MNI_FOV_MM, strict=False)
+    )
     x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
     z = z - 8.0  # the brain sits above the box centre in MNI space
 
@@ -171,8 +174,8 @@ def make_phantom(
     L = 34.0
     yy = np.clip(y / L, -1, 1)
     zc = 14.0 - 10.0 * yy**2  # banana: body high, horns curve down
-    rz = (4.0 + 3.0 * (1 - yy**2)) * atrophy ** 0.5
-    rx = 4.5 * atrophy ** 0.5
+    rz = (4.0 + 3.0 * (1 - yy**2)) * atrophy**0.5
+    rx = 4.5 * atrophy**0.5
     vent = np.zeros(shape, bool)
     for side in (-1, 1):
         vent |= (((x - side * (rx + 1.5)) / rx) ** 2 + ((z - zc) / rz) ** 2 < 1.0) & (np.abs(y) < L)
@@ -207,11 +210,14 @@ def make_phantom(
         else:  # typical small lesion
             diam = float(np.clip(rng.lognormal(np.log(3.5), 0.45), 1.5, 12.0))
         semi = diam / 2 * rng.uniform(0.7, 1.4, 3)  # ovoid, random elongation
-        half = [int(np.ceil(1.3 * a / v)) + 1 for a, v in zip(semi, vs)]
-        lo = [max(int(c) - h, 0) for c, h in zip(centre, half)]
-        hi = [min(int(c) + h + 1, n) for c, h, n in zip(centre, half, shape)]
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        d = [((np.arange(a, b) - c) * v / r) for a, b, c, v, r in zip(lo, hi, centre, vs, semi)]
+        half = [int(np.ceil(1.3 * a / v)) + 1 for a, v in zip(semi, vs, strict=False)]
+        lo = [max(int(c) - h, 0) for c, h in zip(centre, half, strict=False)]
+        hi = [min(int(c) + h + 1, n) for c, h, n in zip(centre, half, shape, strict=False)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=False))
+        d = [
+            ((np.arange(a, b) - c) * v / r)
+            for a, b, c, v, r in zip(lo, hi, centre, vs, semi, strict=False)
+        ]
         r = np.sqrt(d[0][:, None, None] ** 2 + d[1][None, :, None] ** 2 + d[2][None, None, :] ** 2)
         # Irregular border: perturb the radius with voxel-scale noise.
         bump = ndi.gaussian_filter(rng.standard_normal(r.shape).astype(np.float32), 0.8)
@@ -219,14 +225,20 @@ def make_phantom(
         blob = (r < 1.0) & can_host[box]
         if not blob.any():
             blob = np.zeros(r.shape, bool)
-            blob[tuple(int(c) - a for c, a in zip(centre, lo))] = True
+            blob[tuple(int(c) - a for c, a in zip(centre, lo, strict=False))] = True
         new = blob & ~mask[box]
         u = rng.uniform()
         mask[box] |= blob
         severity[box][new] = u
         count += int(new.sum())
-        lesions.append({"centre_vox": centre.tolist(), "diameter_mm": round(diam, 2),
-                        "periventricular": bool(periv), "severity": round(u, 3)})
+        lesions.append(
+            {
+                "centre_vox": centre.tolist(),
+                "diameter_mm": round(diam, 2),
+                "periventricular": bool(periv),
+                "severity": round(u, 3),
+            }
+        )
 
     # --- intensities -----------------------------------------------------------------
     # Partial-volume weights: smoothed one-hot tissue maps (sigma ~0.6 voxel).
@@ -262,8 +274,9 @@ def make_phantom(
 # --------------------------------------------------------------------------------------
 # transplant: real lesion masks into real brains
 # --------------------------------------------------------------------------------------
-def _normal_wm_reference(image: dict[str, np.ndarray], brain: np.ndarray,
-                         exclude: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+def _normal_wm_reference(
+    image: dict[str, np.ndarray], brain: np.ndarray, exclude: np.ndarray
+) -> tuple[np.ndarray, dict[str, float]]:
     """Approximate normal-appearing WM (bright on T1 among brain voxels) and its median
     per modality. WM is the brightest T1 tissue, so the top 35 % of brain T1 is a
     serviceable WM sample without a segmentation."""
@@ -320,8 +333,9 @@ def transplant(
 # --------------------------------------------------------------------------------------
 # writing datasets
 # --------------------------------------------------------------------------------------
-def _write_subject(folder: Path, images: dict[str, np.ndarray], mask: np.ndarray,
-                   affine: np.ndarray) -> None:
+def _write_subject(
+    folder: Path, images: dict[str, np.ndarray], mask: np.ndarray, affine: np.ndarray
+) -> None:
     for m, img in images.items():
         save_volume(folder / f"{m}.nii.gz", img, affine)
     save_volume(folder / "mask.nii.gz", mask.astype(np.uint8), affine)
@@ -348,11 +362,18 @@ def write_phantom_dataset(
         ph = make_phantom(shape, np.random.default_rng((seed, i)), **kwargs)
         name = f"subject{i + 1:02d}"
         _write_subject(out / name, ph.images, ph.mask, ph.affine)
-        stats.append({"subject": name, "lesion_fraction": ph.lesion_fraction,
-                      "n_lesions": len(ph.lesions), "voxel_mm": list(ph.voxel_mm),
-                      "shape": list(shape)})
-    (out / "synth.json").write_text(json.dumps({"mode": "phantom", "seed": seed,
-                                                "subjects": stats}, indent=1))
+        stats.append(
+            {
+                "subject": name,
+                "lesion_fraction": ph.lesion_fraction,
+                "n_lesions": len(ph.lesions),
+                "voxel_mm": list(ph.voxel_mm),
+                "shape": list(shape),
+            }
+        )
+    (out / "synth.json").write_text(
+        json.dumps({"mode": "phantom", "seed": seed, "subjects": stats}, indent=1)
+    )
     return stats
 
 
@@ -372,8 +393,9 @@ def write_transplant_dataset(
     """
     out = Path(out)
     subjects = find_subjects(brains, DEFAULT_MODALITIES, require_mask=False)
-    mask_files = sorted(p for p in Path(lesion_masks).iterdir()
-                        if p.name.lower().endswith((".nii", ".nii.gz")))
+    mask_files = sorted(
+        p for p in Path(lesion_masks).iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
+    )
     if not mask_files:
         raise ValueError(f"{lesion_masks}: no .nii/.nii.gz lesion masks found")
     n = len(mask_files) if n_subjects is None else int(n_subjects)
@@ -389,16 +411,25 @@ def write_transplant_dataset(
         mpath = mask_files[i % len(mask_files)]
         lm, maff = load_volume(mpath, kind="mask")
         if lm.shape != img.shape[1:]:
-            raise ValueError(f"{mpath}: shape {lm.shape} differs from brain "
-                             f"{subjects[b].name} {img.shape[1:]}; masks must be on its grid")
-        images = dict(zip(subjects[b].modalities, img))
+            raise ValueError(
+                f"{mpath}: shape {lm.shape} differs from brain "
+                f"{subjects[b].name} {img.shape[1:]}; masks must be on its grid"
+            )
+        images = dict(zip(subjects[b].modalities, img, strict=False))
         new_imgs, mask = transplant(images, own, lm, np.random.default_rng((seed, i)))
         stem = mpath.name.split(".")[0]
         name = f"{subjects[b].name}_{stem}"
         _write_subject(out / name, new_imgs, mask, aff)
-        stats.append({"subject": name, "brain": subjects[b].name, "lesion_mask": mpath.name,
-                      "lesion_fraction": float(mask.mean())})
+        stats.append(
+            {
+                "subject": name,
+                "brain": subjects[b].name,
+                "lesion_mask": mpath.name,
+                "lesion_fraction": float(mask.mean()),
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "synth.json").write_text(json.dumps({"mode": "transplant", "seed": seed,
-                                                "subjects": stats}, indent=1))
+    (out / "synth.json").write_text(
+        json.dumps({"mode": "transplant", "seed": seed, "subjects": stats}, indent=1)
+    )
     return stats

@@ -56,8 +56,10 @@ class CropInfo:
 
 def _bbox_center(mask: np.ndarray | None, shape: Sequence[int]) -> list[float]:
     if mask is not None and mask.any():
-        idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
-               for ax in range(mask.ndim)]
+        idx = [
+            np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+            for ax in range(mask.ndim)
+        ]
         return [(i[0] + i[-1] + 1) / 2 for i in idx]
     return [s / 2 for s in shape]
 
@@ -76,7 +78,7 @@ def crop_or_pad_info(
         raise ValueError(f"target shape {target} has {len(target)} dims, volume has {len(shape)}")
     center = _bbox_center(center_mask, shape)
     src, dst = [], []
-    for s, t, c in zip(shape, target, center):
+    for s, t, c in zip(shape, target, center, strict=False):
         if t >= s:  # pad: original goes in the middle of the target
             off = (t - s) // 2
             src.append(slice(0, s))
