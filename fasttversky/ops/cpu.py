@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from .._spec import KernelSpec
+from ._sources import csrc_dir
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
-_SOURCES = (_CSRC / "tversky.h", _CSRC / "cpu" / "tversky_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++20", "-shared", "-fPIC",
           "-pthread"]
 MAX_CLASSES = 32
@@ -92,8 +91,10 @@ def _build() -> ctypes.CDLL:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+    csrc = csrc_dir()
+    sources = (csrc / "tversky.h", csrc / "cpu" / "tversky_cpu.cpp")
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in sources:
         h.update(src.read_bytes())
     h.update(" ".join([cxx, *_FLAGS]).encode())
     h.update(_cpu_identity())
@@ -105,7 +106,7 @@ def _build() -> ctypes.CDLL:
         # parallel test processes) never load a half-written library.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        cmd = [cxx, *_FLAGS, str(_SOURCES[1]), "-o", tmp]
+        cmd = [cxx, *_FLAGS, str(sources[1]), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(tmp)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .._spec import KernelSpec
+from ._sources import csrc_dir
 
 MAX_CLASSES = 8  # the kernels keep a voxel's classes in registers (MAXC = 4 or 8)
 _MAX_BATCH = 65535  # grid axis 1 carries the batch
@@ -54,13 +55,7 @@ _ERRORS = {
 
 
 def _csrc() -> Path:
-    # A source checkout keeps csrc/ next to the package; an installed wheel may ship it
-    # inside the package (pyproject's package-data).
-    here = Path(__file__).resolve().parents[1]
-    for root in (here.parent / "csrc", here / "csrc"):
-        if (root / "cuda" / "tversky_cuda.cu").exists():
-            return root
-    raise RuntimeError(f"csrc/cuda/tversky_cuda.cu not found next to {here}")
+    return csrc_dir()
 
 
 class TverskyParams(ctypes.Structure):
