@@ -658,13 +658,17 @@ def run_sweep(
                 ]
             )
     # Fig. 2, Figs. 3-4
-    figs = [
-        plot_pr_curves(
-            curves,
-            out / "pr_curves.png",
-            title=title or "PR curves per (α, β), pooled over test subjects",
-        )
-    ]
+    # The curves themselves, so the figure can be redrawn without retraining.
+    np.savez_compressed(
+        out / "pr_curves.npz",
+        **{
+            f"{_setting_slug(r['alpha'], r['beta'])}_{key}": getattr(curves[r["label"]], key)
+            for r in results
+            for key in ("precision", "recall", "thresholds")
+        },
+    )
+    short = title.split(";")[0] if title else "PR curves per (α, β)"
+    figs = [plot_pr_curves(curves, out / "pr_curves.png", title=f"{short}: pooled test voxels")]
     show = max(prepared, key=lambda p: int(p.full_mask.sum()))  # most lesions: best overlay
     flair = list(base.modalities).index("FLAIR") if "FLAIR" in base.modalities else 0
     img = show.to_file_grid(show.image[flair])
