@@ -4,7 +4,9 @@ batch: two gloo processes on the CPU (loopback only), uneven local batches (1 an
 
 from __future__ import annotations
 
+import datetime
 import socket
+import time
 
 import pytest
 import torch
@@ -40,8 +42,10 @@ def _model():
 
 def _worker(rank: int, port: int, errors):
     torch.set_num_threads(1)
+    # A short collective timeout: a rank that dies must fail its peer, not hang CI.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),
     )
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -95,13 +99,27 @@ def _free_port() -> int:
 def test_ddp_equals_single_process_on_concatenated_batch():
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
+    procs = mp.start_processes(
+        _worker, args=(_free_port(), errors), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 300
+    failure = None
     try:
-        mp.spawn(_worker, args=(_free_port(), errors), nprocs=WORLD, join=True)
-    except Exception as exc:
+        while not procs.join(timeout=5):
+            if time.monotonic() > deadline:
+                failure = "DDP workers did not finish within 300 s"
+                break
+    except Exception as exc:  # a worker raised or died: join() says which
+        failure = str(exc)
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.terminate()
+    if failure is not None:
         msgs = []
         while not errors.empty():
             msgs.append(errors.get())
-        pytest.fail("\n".join(msgs) or str(exc))
+        pytest.fail("\n".join(msgs) or failure)
 
 
 def test_gather_stats_is_a_no_op_without_a_process_group():

@@ -36,15 +36,31 @@ def test_forward_and_backward_equal_reference(norm, checkpoint):
     w = torch.randn(X_SHAPE[0], 2, *X_SHAPE[2:], dtype=torch.float64)
     y_fast, y_ref = fast(x), ref(x)
     assert y_fast.shape == (X_SHAPE[0], 2, *X_SHAPE[2:])
-    # Same ops in the same order: identical, not merely close.
-    assert torch.equal(y_fast, y_ref)
+    # Equal up to summation order (the decoder's split concat-conv, the matmul head).
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-12, atol=1e-12)
     (y_fast * w).sum().backward()
     (y_ref * w).sum().backward()
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
-        assert torch.equal(p.grad, q.grad), name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
     # Checkpoint recomputation must not update batch-norm running stats twice.
     for (name, a), b in zip(fast.named_buffers(), ref.buffers()):
-        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_checkpoint_modes_are_bitwise_identical(norm):
+    """Recomputation replays the same ops: checkpointing changes memory, not numbers."""
+    x = torch.randn(X_SHAPE, dtype=torch.float64)
+    outs, grads = [], []
+    for mode in CHECKPOINT_MODES:
+        model, _ = _pair(norm, mode)
+        y = model(x)
+        y.square().sum().backward()
+        outs.append(y)
+        grads.append([p.grad for p in model.parameters()])
+    for y, g in zip(outs[1:], grads[1:]):
+        assert torch.equal(y, outs[0])
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))
 
 
 def test_state_dicts_load_into_each_other():
@@ -69,7 +85,7 @@ def test_architecture_shapes():
 def test_single_level():
     fast, ref = _pair(levels=1)
     x = torch.randn(1, 3, 5, 6, 7, dtype=torch.float64)
-    assert torch.equal(fast(x), ref(x))
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
 def test_bf16_autocast_gives_bf16_logits_and_grads():

@@ -16,23 +16,31 @@ into each other.
 Where the memory goes and what is done about it
 -----------------------------------------------
 At the paper's size (1x3x128x224x256, base 32) one full-resolution feature map is
-3.5 GiB in float32 — 470 MB in bf16 — and a plain U-Net keeps about six of them
-(two ReLU outputs per encoder/decoder block, the concatenation, the pooling indices)
-plus the loss's softmax/one-hot copies for backward.
+0.94 GB in float32 (0.47 GB in bf16), and a plain U-Net keeps about six of them for
+backward (two ReLU outputs per encoder and decoder block, the 2f-channel
+concatenation, the pooling indices) plus the loss's softmax/one-hot copies.
 
-* **Activation checkpointing by segment.** Each level is one checkpointed segment
-  whose boundaries are chosen so that only tensors that must exist anyway are
-  stored: an encoder segment is ``pool + two convs`` (so the int64 pooling indices
-  and the first conv's output are never kept), a decoder segment is ``up-conv +
-  concat + two convs`` (the up-sampled map and the 2f concatenation are never kept),
-  and the top decoder segment also contains the head, so at full resolution only
-  the input, the level-0 skip and the logits stay alive between forward and
-  backward. ``checkpoint="top"`` does this for level 0 only (where most of the
-  memory is: each level down holds 1/8 of the voxels and 2x the features, i.e. 1/4
-  of the bytes), ``"all"`` for every level, ``"none"`` not at all.
-* **In-place ReLU**: a convolution's backward needs its input, not its output, and
-  batch/instance norm save their own input, so the ReLU may overwrite the
-  conv/norm output; this removes one full-size temporary per conv.
+* **Activation checkpointing by segment.** Segment boundaries are chosen so that only
+  tensors that must exist anyway are stored: an encoder segment is ``pool + two
+  convs`` (so neither the int64 pooling indices nor the first conv's output are
+  kept), a lower decoder segment is ``up-conv + concat + two convs``. The top
+  decoder is two segments, ``up-conv + concat + conv1`` and ``conv2 + head``: their
+  boundary lives only from the end of the forward to the start of the backward, and
+  in backward each half is recomputed alone. So between forward and backward only
+  the input, the level-0 skip and the logits stay alive at full resolution.
+  ``checkpoint="top"`` does this for level 0 only (where most of the memory is: each
+  level down holds 1/8 of the voxels and 2x the features, i.e. 1/4 of the bytes),
+  ``"all"`` for every level, ``"none"`` not at all. Checkpointing changes no number:
+  the recomputation replays the same ops (tests/test_models.py checks bitwise).
+* **No concatenation**: conv1(cat([skip, up])) is computed as
+  conv(skip, W[:, :f]) + conv(up, W[:, f:]), so the 2f-channel tensor never exists and
+  a conv backward's scratch is sized for f channels, not 2f.
+* **Head as a matmul**: the 1x1x1 conv is a (C x f) @ (f x N) product; on the CPU a
+  conv's backward reorders its operands into a blocked layout (two extra full-size
+  copies), a matmul's does not.
+* **In-place ReLU and add**: a convolution's backward needs its input, not its
+  output, and batch/instance norm save their own input, so the ReLU (and the add of
+  the two concat halves) may overwrite a conv/norm output.
 * **Autocast-friendly**: no dtype is forced anywhere, so under
   ``torch.autocast(dtype=torch.bfloat16)`` every conv runs and stores in bf16 and the
   logits reach the fused loss in bf16 (it accumulates in float32).
@@ -40,8 +48,14 @@ plus the loss's softmax/one-hot copies for backward.
   the batch statistics again but does not update the running statistics a second
   time (which would make checkpointed and plain training diverge).
 
-Measured and *not* kept: channels_last_3d (slower on the CPU conv3d path and no
-memory gain; see bench/results/training_cpu.md).
+The split concat-conv and the matmul head change only the summation order with respect
+to ``reference.unet`` (float64 agreement ~1e-15).
+
+Measured and *not* kept (bench/results/training_cpu.md): channels_last_3d (on the CPU
+it removes the forward's reorder copy but enlarges every conv backward's scratch: one
+step's peak 190 MB vs 196 MB contiguous at the CPU bench size, and slower), and bf16
+autocast on the CPU (conv3d has no fast bf16 CPU kernel here: 1.2 GB peak, ~10x the
+time); both remain available to callers (``model.to(memory_format=...)``, autocast).
 """
 
 from __future__ import annotations
@@ -132,16 +146,37 @@ class _DoubleConv(nn.Module):
 
 
 class _Up(nn.Module):
-    """2x2x2 transposed conv (c_in -> c_out), concat with the skip, two convs."""
+    """2x2x2 transposed conv (c_in -> c_out), concat with the skip, two convs.
+
+    Split in two halves so that the top level can checkpoint them separately:
+    ``first(x, skip)`` = up-conv, concat, conv1, ReLU and ``second(y)`` = conv2, ReLU.
+    """
 
     def __init__(self, c_in: int, c_out: int, norm: str):
         super().__init__()
         self.up = nn.ConvTranspose3d(c_in, c_out, 2, stride=2)
         self.conv = _DoubleConv(2 * c_out, c_out, norm)
 
+    def first(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        # conv1(cat([skip, up])) computed as conv(skip, W[:, :f]) + conv(up, W[:, f:]):
+        # the 2f-channel concatenation is never built (nor saved for backward), and the
+        # backward of two f-channel convs needs half the scratch of one 2f-channel conv.
+        # Same function as the reference's concatenation ([skip, up] order); only the
+        # summation order of the two halves differs (rounding level).
+        c = self.conv
+        f = skip.shape[1]
+        w = c.conv1.weight
+        y = F.conv3d(skip, w[:, :f], c.conv1.bias, padding=1)
+        # In place: a conv's backward does not need its output.
+        y += F.conv3d(self.up(x), w[:, f:], None, padding=1)
+        return F.relu(c.norm1(y), inplace=True)
+
+    def second(self, y: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return F.relu(c.norm2(c.conv2(y)), inplace=True)
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        # Order [skip, up] as in the reference (the weights of conv1 depend on it).
-        return self.conv(torch.cat((skip, self.up(x)), dim=1))
+        return self.second(self.first(x, skip))
 
 
 class UNet3D(nn.Module):
@@ -203,8 +238,28 @@ class UNet3D(nn.Module):
         return self.encoders[level](x)
 
     def _decode(self, level: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        y = self.decoders[level](x, skip)
-        return self.head(y) if level == 0 else y
+        return self.decoders[level](x, skip)
+
+    def _decode_first(self, level: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.decoders[level].first(x, skip)
+
+    def _decode_second(self, level: int, y: torch.Tensor) -> torch.Tensor:
+        return self._head(self.decoders[level].second(y))
+
+    def _head(self, y: torch.Tensor) -> torch.Tensor:
+        """The 1x1x1 conv as a matmul over (B, f, N): on the CPU, a conv's backward
+        reorders grad and input into a blocked layout (two extra full-size copies at
+        the top level); a matmul's backward needs none. Same parameters as self.head."""
+        B, f = y.shape[:2]
+        w = self.head.weight.view(self.num_classes, f)
+        if not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last_3d):
+            # (B, D, H, W, f) @ (f, C): no copy of a channels-last input.
+            out = torch.matmul(y.permute(0, 2, 3, 4, 1), w.t())
+            out = out + self.head.bias.to(out.dtype)
+            return out.permute(0, 4, 1, 2, 3)
+        out = torch.matmul(w, y.reshape(B, f, -1))  # autocast casts both operands
+        out = out + self.head.bias.view(1, -1, 1).to(out.dtype)
+        return out.view(B, self.num_classes, *y.shape[2:])
 
     def _checkpointed(self, level: int) -> bool:
         if not torch.is_grad_enabled():
@@ -237,11 +292,17 @@ class UNet3D(nn.Module):
             x = self._run(level, self._encode, x)
             skips.append(x)
         if self.levels == 1:
-            return self.head(x)
+            return self._head(x)
         x = skips.pop()
-        for level in reversed(range(self.levels - 1)):
+        for level in reversed(range(1, self.levels - 1)):
             x = self._run(level, self._decode, x, skips.pop())
-        return x
+        # The top decoder is two segments: its mid tensor is a boundary only from here to
+        # the start of backward, and in backward each half's recomputation is alive
+        # alone (up-conv output and conv1 output are never alive together with the
+        # conv2 backward's scratch). Lower levels stay one segment: a boundary there
+        # would be kept through the whole top level.
+        y = self._run(0, self._decode_first, x, skips.pop())
+        return self._run(0, self._decode_second, y)
 
     def extra_repr(self) -> str:
         return (
