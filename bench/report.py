@@ -400,7 +400,9 @@ def main(argv=None) -> int:
         "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2),
         "quick": args.quick,
-        "command": " ".join(["python", "bench/report.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "bench/report.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "wall_s": wall,
         "exit_code": rc,
     }
