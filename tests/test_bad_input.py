@@ -10,8 +10,8 @@ from fasttversky import BackendUnavailableError, TverskyLoss, tversky_loss
 BACKENDS = ["cpu", "torch"]
 
 
-def _ok():
-    return torch.randn(2, 3, 4, 5, 6), torch.randint(0, 3, (2, 4, 5, 6))
+def _ok(C=3):
+    return torch.randn(2, C, 4, 5, 6), torch.randint(0, C, (2, 4, 5, 6))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -43,10 +43,11 @@ def test_shape_dtype_device(backend, make, error, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_label_range(backend):
-    x, t = _ok()
-    t[0, 0, 0, 0] = 3
-    with pytest.raises(ValueError, match=r"1 label\(s\) outside \[0, 3\)"):
+@pytest.mark.parametrize("C", [2, 3])  # C = 2 has its own fused kernel path
+def test_label_range(backend, C):
+    x, t = _ok(C)
+    t[0, 0, 0, 0] = C
+    with pytest.raises(ValueError, match=rf"1 label\(s\) outside \[0, {C}\)"):
         tversky_loss(x, t, backend=backend)
     t[0, 0, 0, 0] = -1
     with pytest.raises(ValueError, match="outside"):
@@ -68,10 +69,11 @@ def test_soft_target_range(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("C", [2, 3])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_logits(backend, bad):
-    x, t = _ok()
-    x[1, 2, 3, 4, 5] = bad
+def test_non_finite_logits(backend, bad, C):
+    x, t = _ok(C)
+    x[1, C - 1, 0, 1, 2] = bad
     with pytest.raises(ValueError, match=r"logits contain 1 non-finite"):
         tversky_loss(x, t, backend=backend)
 

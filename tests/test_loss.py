@@ -38,6 +38,7 @@ CASES = [
     ("weights", 2, 3, (6, 5, 4), {"class_weights": [0.2, 1.0, 3.0]}, "labels"),
     ("ignore-index", 2, 3, (6, 5, 4), {"ignore_index": 2}, "labels"),
     ("ignore-outside", 2, 3, (6, 5, 4), {"ignore_index": -100}, "labels-ignore"),
+    ("two-class-ignore", 2, 2, (8, 9, 7), {"ignore_index": 255}, "labels-255"),
     ("sigmoid-binary", 3, 1, (7, 6, 5), {"activation": "sigmoid"}, "binary"),
     ("sigmoid-multilabel", 2, 3, (5, 4, 3), {"activation": "sigmoid"}, "soft"),
     ("softmax-soft", 2, 4, (5, 4, 3), {}, "soft"),
@@ -59,6 +60,9 @@ def _make(case, dtype, gen):
     elif kind == "labels-ignore":
         t = _labels(B, C, spatial, gen=gen)
         t[torch.rand(t.shape, generator=gen) < 0.3] = -100
+    elif kind == "labels-255":
+        t = _labels(B, C, spatial, torch.uint8, gen=gen)
+        t[torch.rand(t.shape, generator=gen) < 0.3] = 255
     elif kind == "binary":
         t = _labels(B, C, spatial, torch.uint8, gen=gen)
     elif kind == "lesion":

@@ -269,6 +269,17 @@ void forward_impl(const TverskyParams& P) {
   std::vector<double> partial((size_t)n_items * C * 3);
   std::vector<int64_t> flags((size_t)n_items * 2, 0);
   const bool two_class_softmax = C == 2 && P.activation == TV_SOFTMAX;
+  const bool contiguous = P.logits_stride_n == 1 && P.target_stride_n == 1;
+  // ignore_index as a label value of this label type (see load_labels)
+  using LI = label_int_t<std::conditional_t<SOFT, int32_t, TT>>;
+  bool has_ii = false;
+  LI ii = 0;
+  if constexpr (!SOFT) {
+    has_ii = P.has_ignore_index &&
+             P.ignore_index >= (int64_t)std::numeric_limits<TT>::min() &&
+             P.ignore_index <= (int64_t)std::numeric_limits<TT>::max();
+    ii = has_ii ? (LI)P.ignore_index : (LI)0;
+  }
 
   parallel_items(n_items, P.num_threads, [&](int64_t item) {
     const int64_t b = item / n_chunks, k = item % n_chunks;
@@ -295,8 +306,40 @@ void forward_impl(const TverskyParams& P) {
             acc_pg[c][i] += p * g[c][i];
             acc_g[c][i] += g[c][i];
           }
+      } else if (two_class_softmax && n == TILE && contiguous) {
+        // Fused two-class path (the paper's setup) on a full, contiguous tile: logits and
+        // labels are read straight from memory in one loop, one exp per voxel, and only
+        // the accumulators live outside registers.
+        using L = label_int_t<TT>;
+        const LT* r0 = (const LT*)P.logits_ptr + b * P.logits_stride_b + n0;
+        const LT* r1 = r0 + P.logits_stride_c;
+        const TT* lab = (const TT*)P.target_ptr + b * P.target_stride_b + n0;
+        int32_t nf = 0, nb = 0;
+        for (int i = 0; i < TILE; ++i) {
+          const F x0 = (F)load_val(r0 + i), x1 = (F)load_val(r1 + i);
+          // x1 - x0 is finite iff both logits are; counts voxels with a bad logit
+          nf += not_finite(x1 - x0);
+          const L v = (L)lab[i];
+          const bool keep = !(has_ii & (v == ii));
+          nb += keep & ((v < 0) | (v > 1));
+          const F wi = keep ? (F)1 : (F)0;
+          const F g0 = (keep & (v == 0)) ? (F)1 : (F)0;
+          const F g1 = (keep & (v == 1)) ? (F)1 : (F)0;
+          F p0, p1, e, r;
+          softmax2(x0, x1, p0, p1, e, r);
+          p0 *= wi;
+          p1 *= wi;
+          acc_p[0][i] += p0;
+          acc_p[1][i] += p1;
+          acc_pg[0][i] += p0 * g0;
+          acc_pg[1][i] += p1 * g1;
+          acc_g[0][i] += g0;
+          acc_g[1][i] += g1;
+        }
+        nonfinite += nf;
+        bad += nb;
       } else if (two_class_softmax) {
-        // Fused two-class path (the paper's setup): one exp per voxel, all in registers.
+        // Fused two-class path on a tail or strided tile: one exp per voxel.
         nonfinite += load_logits<F, LT>(P, b, n0, n, x);
         bad += load_labels<TT>(P, b, n0, n, y, w);
         for (int i = 0; i < TILE; ++i) {
