@@ -51,11 +51,16 @@ concatenation, the pooling indices) plus the loss's softmax/one-hot copies.
 The split concat-conv and the matmul head change only the summation order with respect
 to ``reference.unet`` (float64 agreement ~1e-15).
 
-Measured and *not* kept (bench/results/training_cpu.md): channels_last_3d (on the CPU
-it removes the forward's reorder copy but enlarges every conv backward's scratch: one
-step's peak 190 MB vs 196 MB contiguous at the CPU bench size, and slower), and bf16
-autocast on the CPU (conv3d has no fast bf16 CPU kernel here: 1.2 GB peak, ~10x the
-time); both remain available to callers (``model.to(memory_format=...)``, autocast).
+Measured (bench/results/training_cpu.md, 2-core CPU, 1x3x64x112x128, base 8):
+
+* channels_last_3d is *not* the default but is supported (the head keeps the layout):
+  on the CPU it removes the forward's reorder copies, giving a slightly lower step
+  peak (187 vs 193 MB) and, in that noisy shared-machine run, a faster step; use
+  ``model.to(memory_format=torch.channels_last_3d)`` and channels-last input there.
+  It stays off by default because the main target is the GPU, where it is
+  unmeasured here and reported to slow some 3D nets.
+* bf16 autocast on the CPU is not worth it here (no fast bf16 conv3d CPU kernel:
+  1.2 GB peak, ~10x the time); on the GPU it is the intended setting.
 """
 
 from __future__ import annotations
