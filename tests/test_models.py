@@ -131,3 +131,22 @@ def test_channels_last_input_and_weights():
     # float32 convs run on oneDNN in channels-last (float64 ones fall back to contiguous)
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_depth_folded_conv_equals_plain_conv():
+    """The CPU batch-1 conv that folds depth halves into the batch (oneDNN instead of
+    im2col) computes the same padded conv, forward and backward."""
+    from fasttversky.models.unet import _conv3x3, _fold_depth
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 10, 12, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    assert _fold_depth(x) == torch.backends.mkldnn.is_available()
+    g = torch.randn(1, 6, 8, 10, 12)
+    grads = []
+    for fn in (_conv3x3, lambda x, w, b: torch.nn.functional.conv3d(x, w, b, padding=1)):
+        y = fn(x, w, b)
+        grads.append((y.detach(), *torch.autograd.grad(y, (x, w, b), g)))
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

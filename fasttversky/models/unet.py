@@ -133,6 +133,37 @@ def _make_norm(norm: str, features: int) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
+def _fold_depth(x: torch.Tensor) -> bool:
+    """Whether :func:`_conv3x3` should fold depth halves into the batch (see there)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] != 1:
+        return False
+    if torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.is_available():
+        return False
+    _, C, D, H, _ = x.shape
+    # PyTorch's own rule (ConvParams::use_mkldnn) for batch 1 and 3x3x3 kernels: oneDNN
+    # only when N*C*D*H > 20480, else the im2col path.
+    return D >= 4 and D % 2 == 0 and C * D * H <= 20480 and torch.backends.mkldnn.enabled
+
+
+def _conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Padded 3x3x3 conv, (1 or B, c_in, D, H, W) -> (B, c_out, D, H, W).
+
+    On the CPU, PyTorch sends batch-1 convs with few channels to its im2col path, whose
+    column buffer is 27 x c_in x voxels (99 MB for a 7 MB output at the CPU bench's
+    level 1) in forward and again in backward. Folding the two depth halves (each with a
+    one-voxel halo) into a batch of 2 takes the oneDNN path instead: same sums, ~1/5 of
+    the memory and ~3x faster backward (measured). The halo copy is input-sized.
+    """
+    if not _fold_depth(x):
+        return F.conv3d(x, weight, bias, padding=1)
+    D = x.shape[2]
+    h = D // 2
+    xp = F.pad(x, (0, 0, 0, 0, 1, 1))
+    halves = torch.cat((xp[:, :, : h + 2], xp[:, :, h:]), 0)  # (2, c_in, h + 2, H, W)
+    y = F.conv3d(halves, weight, bias, padding=(0, 1, 1))  # (2, c_out, h, H, W)
+    return torch.cat((y[:1], y[1:]), 2)
+
+
 class _DoubleConv(nn.Module):
     """Two (3x3x3 padded conv -> norm -> ReLU) pairs: (B, c_in, *S) -> (B, c_out, *S)."""
 
@@ -146,8 +177,8 @@ class _DoubleConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In-place ReLU is safe: neither conv nor norm needs its output for backward.
-        x = F.relu(self.norm1(self.conv1(x)), inplace=True)
-        return F.relu(self.norm2(self.conv2(x)), inplace=True)
+        x = F.relu(self.norm1(_conv3x3(x, self.conv1.weight, self.conv1.bias)), inplace=True)
+        return F.relu(self.norm2(_conv3x3(x, self.conv2.weight, self.conv2.bias)), inplace=True)
 
 
 class _Up(nn.Module):
@@ -171,14 +202,14 @@ class _Up(nn.Module):
         c = self.conv
         f = skip.shape[1]
         w = c.conv1.weight
-        y = F.conv3d(skip, w[:, :f], c.conv1.bias, padding=1)
+        y = _conv3x3(skip, w[:, :f], c.conv1.bias)
         # In place: a conv's backward does not need its output.
-        y += F.conv3d(self.up(x), w[:, f:], None, padding=1)
+        y += _conv3x3(self.up(x), w[:, f:], None)
         return F.relu(c.norm1(y), inplace=True)
 
     def second(self, y: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        return F.relu(c.norm2(c.conv2(y)), inplace=True)
+        return F.relu(c.norm2(_conv3x3(y, c.conv2.weight, c.conv2.bias)), inplace=True)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x, skip))
