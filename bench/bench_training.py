@@ -3,7 +3,8 @@
     python -m pytest bench/bench_training.py --benchmark-only [--quick]
 
 * **fast**: ``fasttversky.models.UNet3D`` (its defaults: checkpoint="all", in-place
-  ReLU) + ``fasttversky.tversky_loss`` (backend "auto": the fused kernel) + Adam.
+  ReLU, channels_last_3d on the CPU) + ``fasttversky.tversky_loss`` (backend "auto":
+  the fused kernel) + Adam; **fast-contiguous**: the same with channels_last=False.
 * **reference**: ``reference.unet.ReferenceUNet3D`` + ``reference_tversky_loss`` + Adam.
 
 CPU case (the issue's): 1x3x64x112x128, base 8, 4 levels, float32 (``--quick``: every
@@ -46,8 +47,8 @@ CPU_CASE = dict(shape=(1, 3, 64, 112, 128), base=8, levels=4)
 CPU_QUICK_CASE = dict(shape=(1, 3, 32, 56, 64), base=8, levels=4)
 GPU_CASE = dict(shape=(1, 3, 128, 224, 256), base=32, levels=4)
 KINDS = ("reference", "fast")
-# "fast-channels_last": the same model in channels_last_3d, measured and not kept.
-VARIANTS = ("reference", "fast", "fast-channels_last")
+# "fast-contiguous": the same model with channels_last=False (the layout it replaced).
+VARIANTS = ("reference", "fast", "fast-contiguous")
 
 
 # --------------------------------------------------------------------------------------
@@ -62,12 +63,12 @@ def make_batch(shape, device="cpu"):
 
 
 def build_step(kind, shape, base, levels, device="cpu", precision="fp32", checkpoint="all",
-               backend="auto", channels_last=False):
+               backend="auto", channels_last=None):
     """A closure running one training step of ``kind`` on a fixed batch; returns the loss.
 
     precision "bf16"/"fp16" wraps the forward in autocast (fp16 would need a GradScaler
-    in real training; a single benchmark step does not care). channels_last: weights
-    and input in channels_last_3d (the measured-and-rejected layout).
+    in real training; a single benchmark step does not care). channels_last: UNet3D's
+    argument (None = its default: on for float32 CPU input); ignored for the reference.
     """
     import fasttversky
     from fasttversky.models import UNet3D
@@ -76,7 +77,8 @@ def build_step(kind, shape, base, levels, device="cpu", precision="fp32", checkp
 
     torch.manual_seed(0)
     if kind == "fast":
-        model = UNet3D(3, 2, base, levels, checkpoint=checkpoint)
+        model = UNet3D(3, 2, base, levels, checkpoint=checkpoint,
+                       channels_last=channels_last)
     elif kind == "reference":
         model = ReferenceUNet3D(3, 2, base, levels)
     else:
@@ -84,9 +86,8 @@ def build_step(kind, shape, base, levels, device="cpu", precision="fp32", checkp
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     image, label = make_batch(shape, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
-        image = image.to(memory_format=torch.channels_last_3d)
+    if kind == "fast":
+        image = model.prepare_input(image)  # as train() does
     autocast = (
         torch.autocast(torch.device(device).type,
                        dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -132,7 +133,7 @@ def _measure_here(spec: dict) -> dict:
     step = build_step(spec["kind"], tuple(spec["shape"]), spec["base"], spec["levels"],
                       precision=spec.get("precision", "fp32"),
                       checkpoint=spec.get("checkpoint", "all"),
-                      channels_last=spec.get("channels_last", False))
+                      channels_last=spec.get("channels_last"))
     step()  # warm-up: Adam state, first-call allocations, kernel build
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -171,7 +172,7 @@ def test_training_step_cpu(benchmark, variant, request):
     quick = request.config.getoption("--quick", default=False)
     case = CPU_QUICK_CASE if quick else CPU_CASE
     kind, _, layout = variant.partition("-")
-    channels_last = layout == "channels_last"
+    channels_last = False if layout == "contiguous" else None
     mem = measure_in_subprocess({"kind": kind, "channels_last": channels_last, **case})
     _PEAKS[variant] = mem["step_peak_bytes"]
     step = build_step(kind, case["shape"], case["base"], case["levels"],

@@ -380,6 +380,9 @@ def train(
             for _ in range(config.grad_accum):
                 image, label = stream.next()
                 image = image.to(device=device, dtype=dtype, non_blocking=True)
+                prepare = getattr(_module(model), "prepare_input", None)
+                if prepare is not None:  # e.g. UNet3D's channels_last on the CPU
+                    image = prepare(image)
                 label = label.to(device=device, non_blocking=True)
                 voxels += image.shape[0] * math.prod(image.shape[2:])
                 try:
