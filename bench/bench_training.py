@@ -62,8 +62,17 @@ def make_batch(shape, device="cpu"):
     return image.to(device), label.to(device)
 
 
-def build_step(kind, shape, base, levels, device="cpu", precision="fp32", checkpoint="all",
-               backend="auto", channels_last=None):
+def build_step(
+    kind,
+    shape,
+    base,
+    levels,
+    device="cpu",
+    precision="fp32",
+    checkpoint="all",
+    backend="auto",
+    channels_last=None,
+):
     """A closure running one training step of ``kind`` on a fixed batch; returns the loss.
 
     precision "bf16"/"fp16" wraps the forward in autocast (fp16 would need a GradScaler
@@ -77,8 +86,7 @@ def build_step(kind, shape, base, levels, device="cpu", precision="fp32", checkp
 
     torch.manual_seed(0)
     if kind == "fast":
-        model = UNet3D(3, 2, base, levels, checkpoint=checkpoint,
-                       channels_last=channels_last)
+        model = UNet3D(3, 2, base, levels, checkpoint=checkpoint, channels_last=channels_last)
     elif kind == "reference":
         model = ReferenceUNet3D(3, 2, base, levels)
     else:
@@ -89,9 +97,12 @@ def build_step(kind, shape, base, levels, device="cpu", precision="fp32", checkp
     if kind == "fast":
         image = model.prepare_input(image)  # as train() does
     autocast = (
-        torch.autocast(torch.device(device).type,
-                       dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        if precision != "fp32" else contextlib.nullcontext()
+        torch.autocast(
+            torch.device(device).type,
+            dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+        )
+        if precision != "fp32"
+        else contextlib.nullcontext()
     )
 
     def step():
@@ -130,10 +141,15 @@ def _pin_mmap_threshold(nbytes: int = 64 * 1024) -> bool:
 def _measure_here(spec: dict) -> dict:
     """Runs inside the subprocess: warm-up step, then one measured step."""
     pinned = _pin_mmap_threshold()
-    step = build_step(spec["kind"], tuple(spec["shape"]), spec["base"], spec["levels"],
-                      precision=spec.get("precision", "fp32"),
-                      checkpoint=spec.get("checkpoint", "all"),
-                      channels_last=spec.get("channels_last"))
+    step = build_step(
+        spec["kind"],
+        tuple(spec["shape"]),
+        spec["base"],
+        spec["levels"],
+        precision=spec.get("precision", "fp32"),
+        checkpoint=spec.get("checkpoint", "all"),
+        channels_last=spec.get("channels_last"),
+    )
     step()  # warm-up: Adam state, first-call allocations, kernel build
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -144,8 +160,12 @@ def _measure_here(spec: dict) -> dict:
     dt = time.perf_counter() - t0
     peak = _proc_status("VmHWM")
     return {
-        "step_peak_bytes": peak - before, "peak_rss_bytes": peak, "baseline_rss_bytes": before,
-        "subprocess_step_s": dt, "loss": float(loss), "mmap_threshold_pinned": pinned,
+        "step_peak_bytes": peak - before,
+        "peak_rss_bytes": peak,
+        "baseline_rss_bytes": before,
+        "subprocess_step_s": dt,
+        "loss": float(loss),
+        "mmap_threshold_pinned": pinned,
     }
 
 
@@ -154,7 +174,10 @@ def measure_in_subprocess(spec: dict, timeout: float = 1800) -> dict:
     Python process; see the module docstring."""
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--measure", json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
     if out.returncode != 0:
         raise RuntimeError(f"memory subprocess failed:\n{out.stderr[-4000:]}")
@@ -175,15 +198,21 @@ def test_training_step_cpu(benchmark, variant, request):
     channels_last = False if layout == "contiguous" else None
     mem = measure_in_subprocess({"kind": kind, "channels_last": channels_last, **case})
     _PEAKS[variant] = mem["step_peak_bytes"]
-    step = build_step(kind, case["shape"], case["base"], case["levels"],
-                      channels_last=channels_last)
+    step = build_step(
+        kind, case["shape"], case["base"], case["levels"], channels_last=channels_last
+    )
     benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
     info = benchmark.extra_info
     info.update(mem)
     info.update(
-        kind=kind, channels_last=channels_last, shape=list(case["shape"]),
-        base_features=case["base"], levels=case["levels"], precision="fp32",
-        threads=torch.get_num_threads(), torch=torch.__version__,
+        kind=kind,
+        channels_last=channels_last,
+        shape=list(case["shape"]),
+        base_features=case["base"],
+        levels=case["levels"],
+        precision="fp32",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
     )
     if kind != "reference" and "reference" in _PEAKS:
         info["peak_ratio_to_reference"] = mem["step_peak_bytes"] / _PEAKS["reference"]
@@ -201,8 +230,15 @@ def _cuda_measure(kind, precision, case, checkpoint="all", rounds=3) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        step = build_step(kind, case["shape"], case["base"], case["levels"], device="cuda",
-                          precision=precision, checkpoint=checkpoint)
+        step = build_step(
+            kind,
+            case["shape"],
+            case["base"],
+            case["levels"],
+            device="cuda",
+            precision=precision,
+            checkpoint=checkpoint,
+        )
         step()  # warm-up (cuDNN algorithm choice, Adam state, kernel build)
         torch.cuda.synchronize()
         times = []

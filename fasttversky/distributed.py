@@ -47,7 +47,7 @@ def _all_gather_varsize(x: torch.Tensor, group) -> tuple[torch.Tensor, list[int]
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0), sizes
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)], dim=0), sizes
 
 
 class _GatherStats(torch.autograd.Function):

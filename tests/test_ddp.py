@@ -44,7 +44,10 @@ def _worker(rank: int, port: int, errors):
     torch.set_num_threads(1)
     # A short collective timeout: a rank that dies must fail its peer, not hang CI.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
         timeout=datetime.timedelta(seconds=120),
     )
     try:
@@ -59,12 +62,17 @@ def _worker(rank: int, port: int, errors):
             # DDP, each rank its shard; the loss sees the gathered statistics.
             ddp = DDP(_model())
             loss = fasttversky.tversky_loss(
-                ddp(_shard(rank, image)), _shard(rank, label), backend="torch",
-                sync_across_ranks=True, **kwargs,
+                ddp(_shard(rank, image)),
+                _shard(rank, label),
+                backend="torch",
+                sync_across_ranks=True,
+                **kwargs,
             )
             loss.backward()
             torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)
-            for (name, p), q in zip(ddp.module.named_parameters(), single.parameters()):
+            for (name, p), q in zip(
+                ddp.module.named_parameters(), single.parameters(), strict=True
+            ):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14, msg=name)
 
         # The training loop end to end: 3 Adam steps, DDP vs single process.
@@ -75,11 +83,10 @@ def _worker(rank: int, port: int, errors):
         r_ddp = train(
             ddp,
             lambda i: tuple(_shard(rank, t) for t in _global_batch(i)),
-            TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch",
-                        sync_across_ranks=True),
+            TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch", sync_across_ranks=True),
         )
         torch.testing.assert_close(r_ddp.losses, r_single.losses, rtol=1e-10, atol=0)
-        for (name, p), q in zip(ddp.module.named_parameters(), single.parameters()):
+        for (name, p), q in zip(ddp.module.named_parameters(), single.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
     except BaseException as exc:  # report to the parent, which asserts
         errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
@@ -94,8 +101,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 def test_ddp_equals_single_process_on_concatenated_batch():
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()

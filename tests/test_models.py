@@ -40,10 +40,10 @@ def test_forward_and_backward_equal_reference(norm, checkpoint):
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-12, atol=1e-12)
     (y_fast * w).sum().backward()
     (y_ref * w).sum().backward()
-    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
     # Checkpoint recomputation must not update batch-norm running stats twice.
-    for (name, a), b in zip(fast.named_buffers(), ref.buffers()):
+    for (name, a), b in zip(fast.named_buffers(), ref.buffers(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
@@ -58,9 +58,9 @@ def test_checkpoint_modes_are_bitwise_identical(norm):
         y.square().sum().backward()
         outs.append(y)
         grads.append([p.grad for p in model.parameters()])
-    for y, g in zip(outs[1:], grads[1:]):
+    for y, g in zip(outs[1:], grads[1:], strict=True):
         assert torch.equal(y, outs[0])
-        assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0], strict=True))
 
 
 def test_state_dicts_load_into_each_other():
@@ -148,5 +148,5 @@ def test_depth_folded_conv_equals_plain_conv():
     for fn in (_conv3x3, lambda x, w, b: torch.nn.functional.conv3d(x, w, b, padding=1)):
         y = fn(x, w, b)
         grads.append((y.detach(), *torch.autograd.grad(y, (x, w, b), g)))
-    for a, e in zip(*grads):
+    for a, e in zip(*grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

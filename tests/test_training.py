@@ -43,6 +43,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 CPU_MISSING = fasttversky.available_backends()["cpu"]
 needs_cpu = pytest.mark.skipif(CPU_MISSING is not None, reason=f"cpu backend: {CPU_MISSING}")
 
@@ -68,7 +69,7 @@ def _models(dtype, checkpoint="all", norm="none", shape_base=BASE):
     return fast, ref
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_run(dtype, norm, grad_accum, shape):
     """(losses, state_dict) of the reference loop; shared by the cases that compare to it."""
     _, ref = _models(dtype, norm=norm)
@@ -95,16 +96,20 @@ def _assert_close(name, actual, expected, rtol):
 @pytest.mark.parametrize(
     "dtype, checkpoint, backend, norm, grad_accum, shape",
     [
-        pytest.param(torch.float64, "all", "cpu", "none", 1, SHAPE, marks=needs_cpu,
-                     id="f64-ckpt-cpu"),
-        pytest.param(torch.float32, "all", "cpu", "none", 1, SHAPE, marks=needs_cpu,
-                     id="f32-ckpt-cpu"),
+        pytest.param(
+            torch.float64, "all", "cpu", "none", 1, SHAPE, marks=needs_cpu, id="f64-ckpt-cpu"
+        ),
+        pytest.param(
+            torch.float32, "all", "cpu", "none", 1, SHAPE, marks=needs_cpu, id="f32-ckpt-cpu"
+        ),
         pytest.param(torch.float64, "all", "torch", "none", 1, SMALL, id="f64-ckpt-torch"),
         pytest.param(torch.float64, "none", "torch", "none", 1, SMALL, id="f64-nockpt-torch"),
-        pytest.param(torch.float64, "none", "cpu", "none", 1, SMALL, marks=needs_cpu,
-                     id="f64-nockpt-cpu"),
-        pytest.param(torch.float32, "none", "cpu", "none", 1, SMALL, marks=needs_cpu,
-                     id="f32-nockpt-cpu"),
+        pytest.param(
+            torch.float64, "none", "cpu", "none", 1, SMALL, marks=needs_cpu, id="f64-nockpt-cpu"
+        ),
+        pytest.param(
+            torch.float32, "none", "cpu", "none", 1, SMALL, marks=needs_cpu, id="f32-nockpt-cpu"
+        ),
         pytest.param(torch.float32, "top", "torch", "none", 1, SMALL, id="f32-top-torch"),
         pytest.param(torch.float64, "all", "auto", "batch", 1, SMALL, id="f64-ckpt-batchnorm"),
         pytest.param(torch.float64, "top", "auto", "none", 2, SMALL, id="f64-top-accum2"),
@@ -178,10 +183,12 @@ def test_resume_is_bitwise(tmp_path, source, precision):
     # different RNG state, to prove nothing leaks from the first half.
     torch.manual_seed(123)
     second = model()
-    r2 = train(second, data(), TrainConfig(steps=20, seed=7, checkpoint_dir=d, **common), resume=True)
+    r2 = train(
+        second, data(), TrainConfig(steps=20, seed=7, checkpoint_dir=d, **common), resume=True
+    )
     assert r2.start_step == 10 and r2.step == 20
     assert r1.losses + r2.losses == r_full.losses  # bitwise, as Python floats
-    for (k, a), b in zip(full.state_dict().items(), second.state_dict().values()):
+    for (k, a), b in zip(full.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert load_checkpoint(d)["step"] == 20
 
@@ -199,8 +206,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = UNet3D(3, 2, BASE, LEVELS)
     d = tmp_path / "ckpt"
-    config = TrainConfig(steps=10, checkpoint_dir=d, checkpoint_every=2, progress=False,
-                         backend="torch", log_path=tmp_path / "m.jsonl", **HYPER)
+    config = TrainConfig(
+        steps=10,
+        checkpoint_dir=d,
+        checkpoint_every=2,
+        progress=False,
+        backend="torch",
+        log_path=tmp_path / "m.jsonl",
+        **HYPER,
+    )
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5") as info:
         train(model, batch, config)
     assert info.value.step == 5 and info.value.checkpoint == d / "last.pt"
@@ -219,10 +233,19 @@ def test_metrics_log_and_schedule(tmp_path):
     torch.manual_seed(0)
     model = UNet3D(3, 2, BASE, LEVELS)
     log = tmp_path / "logs" / "metrics.jsonl"
-    result = train(model, make_batch(SMALL), TrainConfig(
-        steps=6, lr=1e-3, lr_decay=0.5, lr_decay_every=2, log_path=log, progress=True,
-        backend="torch",
-    ))
+    result = train(
+        model,
+        make_batch(SMALL),
+        TrainConfig(
+            steps=6,
+            lr=1e-3,
+            lr_decay=0.5,
+            lr_decay_every=2,
+            log_path=log,
+            progress=True,
+            backend="torch",
+        ),
+    )
     rows = [json.loads(s) for s in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
@@ -234,8 +257,11 @@ def test_metrics_log_and_schedule(tmp_path):
 def test_fp16_with_grad_scaler_trains():
     torch.manual_seed(0)
     model = UNet3D(3, 2, BASE, LEVELS)
-    result = train(model, make_batch(SMALL), TrainConfig(
-        steps=3, precision="fp16", progress=False, backend="torch", **HYPER))
+    result = train(
+        model,
+        make_batch(SMALL),
+        TrainConfig(steps=3, precision="fp16", progress=False, backend="torch", **HYPER),
+    )
     assert all(math.isfinite(v) for v in result.losses)
 
 

@@ -116,8 +116,13 @@ class _CheckpointSafeBatchNorm3d(nn.BatchNorm3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.track_running_stats and _recomputing():
             return F.batch_norm(
-                x, self.running_mean.clone(), self.running_var.clone(), self.weight,
-                self.bias, True, self.momentum if self.momentum is not None else 0.0,
+                x,
+                self.running_mean.clone(),
+                self.running_var.clone(),
+                self.weight,
+                self.bias,
+                True,
+                self.momentum if self.momentum is not None else 0.0,
                 self.eps,
             )
         return super().forward(x)
@@ -313,7 +318,11 @@ class UNet3D(nn.Module):
             # preserve_rng_state=False: the net draws no random numbers, so stashing and
             # restoring the RNG for the recomputation would be wasted work.
             return _checkpoint(
-                fn, level, *args, use_reentrant=False, preserve_rng_state=False,
+                fn,
+                level,
+                *args,
+                use_reentrant=False,
+                preserve_rng_state=False,
                 context_fn=_context_fn,
             )
         return fn(level, *args)

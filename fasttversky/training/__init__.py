@@ -37,7 +37,14 @@ Public API (stable; the CLI builds on it)::
   volume or by sliding windows.
 """
 
-from .loop import CHECKPOINT_NAME, NonFiniteLossError, TrainConfig, TrainResult, load_checkpoint, train
+from .loop import (
+    CHECKPOINT_NAME,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainResult,
+    load_checkpoint,
+    train,
+)
 from .predict import predict
 
 __all__ = [

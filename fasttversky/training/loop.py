@@ -202,8 +202,11 @@ def _rng_state() -> dict:
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {
-            "kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss),
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
         },
         "python": random.getstate(),
     }
@@ -327,7 +330,9 @@ def train(
         scaler.load_state_dict(state["scaler"])
         step, consumed, rng = state["step"], state["consumed"], state["rng"]
         if ckpt_path is None:
-            ckpt_path = Path(resume) if not Path(resume).is_dir() else Path(resume) / CHECKPOINT_NAME
+            ckpt_path = (
+                Path(resume) if not Path(resume).is_dir() else Path(resume) / CHECKPOINT_NAME
+            )
     else:
         _seed_everything(config.seed)
 
@@ -365,8 +370,10 @@ def train(
                 "rng": _rng_state(),
                 "step": step,
                 "consumed": stream.index,
-                "config": {k: (str(v) if isinstance(v, os.PathLike) else v)
-                           for k, v in asdict(config).items()},
+                "config": {
+                    k: (str(v) if isinstance(v, os.PathLike) else v)
+                    for k, v in asdict(config).items()
+                },
             },
             ckpt_path,
         )
@@ -389,17 +396,26 @@ def train(
                     with _autocast(device, config.precision):
                         logits = model(image)
                     loss = tversky_loss(
-                        logits, label, config.alpha, config.beta, gamma=config.gamma,
-                        backend=config.backend, sync_across_ranks=config.sync_across_ranks,
+                        logits,
+                        label,
+                        config.alpha,
+                        config.beta,
+                        gamma=config.gamma,
+                        backend=config.backend,
+                        sync_across_ranks=config.sync_across_ranks,
                     )
                 except ValueError as exc:
                     # The fused loss refuses non-finite logits with a ValueError.
                     if "non-finite" in str(exc):
-                        raise NonFiniteLossError(step + 1, None, result.checkpoint or _existing(ckpt_path), str(exc)) from exc
+                        raise NonFiniteLossError(
+                            step + 1, None, result.checkpoint or _existing(ckpt_path), str(exc)
+                        ) from exc
                     raise
                 value = loss.item()
                 if not math.isfinite(value):
-                    raise NonFiniteLossError(step + 1, value, result.checkpoint or _existing(ckpt_path))
+                    raise NonFiniteLossError(
+                        step + 1, value, result.checkpoint or _existing(ckpt_path)
+                    )
                 loss_sum += value
                 scaler.scale(loss / config.grad_accum).backward()
             scaler.step(optimizer)
@@ -414,15 +430,26 @@ def train(
             voxels_total += voxels
             vps = voxels / dt if dt > 0 else float("inf")
             if log is not None and (step % config.log_every == 0 or step == config.steps):
-                log.write(json.dumps({
-                    "step": step, "loss": mean_loss, "lr": lr, "seconds": dt,
-                    "voxels_per_s": vps, "time": time.time(),
-                }) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": mean_loss,
+                            "lr": lr,
+                            "seconds": dt,
+                            "voxels_per_s": vps,
+                            "time": time.time(),
+                        }
+                    )
+                    + "\n"
+                )
                 log.flush()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", vox_s=f"{vps:.3g}")
-            if ckpt_path is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+            if ckpt_path is not None and (
+                step % config.checkpoint_every == 0 or step == config.steps
+            ):
                 save()
     finally:
         if bar is not None:

@@ -80,9 +80,15 @@ def predict(
     if squeeze:
         image = image.unsqueeze(0)
     if image.dim() != 5:
-        raise ValueError(f"image must be (B, Cin, D, H, W) or (Cin, D, H, W), got {tuple(image.shape)}")
+        raise ValueError(
+            f"image must be (B, Cin, D, H, W) or (Cin, D, H, W), got {tuple(image.shape)}"
+        )
     params = list(model.parameters())
-    dev = torch.device(device) if device is not None else (params[0].device if params else image.device)
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (params[0].device if params else image.device)
+    )
     dtype = params[0].dtype if params else torch.float32
     autocast = (
         torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -101,11 +107,13 @@ def predict(
             prob = prob[:, : size[0], : size[1], : size[2]]
         else:
             win = (window,) * 3 if isinstance(window, int) else tuple(window)
-            win = tuple(min(w, s) for w, s in zip(win, size))
+            win = tuple(min(w, s) for w, s in zip(win, size, strict=True))
             steps = [max(1, int(w * (1 - overlap))) for w in win]
             prob = torch.zeros((image.shape[0], *size), dtype=torch.float32, device=dev)
             count = torch.zeros(size, dtype=torch.float32, device=dev)
-            for z, y, x0 in itertools.product(*(_starts(s, w, st) for s, w, st in zip(size, win, steps))):
+            for z, y, x0 in itertools.product(
+                *(_starts(s, w, st) for s, w, st in zip(size, win, steps, strict=True))
+            ):
                 sl = (slice(z, z + win[0]), slice(y, y + win[1]), slice(x0, x0 + win[2]))
                 patch, _ = _pad_to(image[(slice(None), slice(None), *sl)].to(dev, dtype), m)
                 with autocast:
@@ -117,4 +125,3 @@ def predict(
         model.train(was_training)
     prob = prob.to(image.device)
     return prob[0] if squeeze else prob
-
