@@ -1,78 +1,43 @@
 """Loader for the C++ CPU kernels (csrc/cpu/tversky_cpu.cpp): build, cache, call.
 
 The kernels include no torch headers (only csrc/tversky.h's plain parameter struct), so
-they build with one g++ call in a few seconds and are called through ctypes; this file
-is the only one that knows about both torch and the kernels. The shared library is
-built on first use into a cache folder keyed by the sources' hash and the compiler
-flags (``FASTTVERSKY_CACHE``, default ``~/.cache/fasttversky``) and reused afterwards;
+they build with one g++ call and are called through ctypes; this file is the only one
+that knows about both torch and the kernels. The shared library is built on first use
+into a cache folder keyed by the sources' hash, the compiler flags and the CPU
+(``FASTTVERSKY_CACHE``, default ``~/.cache/fasttversky``) and reused afterwards;
 ``-march=native`` is safe because the build happens on the machine that runs it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-from pathlib import Path
 
 import torch
 
 from .._spec import KernelSpec
+from ._native import DTYPE_CODES, LazyLibrary, TverskyParams, cache_dir, make_params
 from ._sources import csrc_dir
 
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++20", "-shared", "-fPIC",
-          "-pthread"]
+# -fno-trapping-math lets gcc if-convert and vectorise the tile loops (4x here); no
+# -ffast-math: the non-finite check must see NaN and inf.
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-std=c++20",
+    "-shared",
+    "-fPIC",
+    "-pthread",
+]
 MAX_CLASSES = 32
-
-_DTYPE_CODES = {
-    torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
-    torch.uint8: 10, torch.int16: 11, torch.int32: 12, torch.int64: 13,
-}
-
-
-class TverskyParams(ctypes.Structure):
-    """Mirror of ``struct TverskyParams`` in csrc/tversky.h (same order, same types)."""
-
-    _fields_ = [
-        ("logits_ptr", ctypes.c_void_p),
-        ("logits_stride_b", ctypes.c_int64),
-        ("logits_stride_c", ctypes.c_int64),
-        ("logits_stride_n", ctypes.c_int64),
-        ("logits_dtype", ctypes.c_int32),
-        ("target_ptr", ctypes.c_void_p),
-        ("target_stride_b", ctypes.c_int64),
-        ("target_stride_c", ctypes.c_int64),
-        ("target_stride_n", ctypes.c_int64),
-        ("target_dtype", ctypes.c_int32),
-        ("soft_target", ctypes.c_int32),
-        ("grad_ptr", ctypes.c_void_p),
-        ("grad_stride_b", ctypes.c_int64),
-        ("grad_stride_c", ctypes.c_int64),
-        ("grad_stride_n", ctypes.c_int64),
-        ("coef_a_ptr", ctypes.c_void_p),
-        ("coef_b_ptr", ctypes.c_void_p),
-        ("stats_ptr", ctypes.c_void_p),
-        ("flags_ptr", ctypes.c_void_p),
-        ("B", ctypes.c_int64),
-        ("C", ctypes.c_int64),
-        ("N", ctypes.c_int64),
-        ("activation", ctypes.c_int32),
-        ("has_ignore_index", ctypes.c_int32),
-        ("ignore_index", ctypes.c_int64),
-        ("binary_labels", ctypes.c_int32),
-        ("num_labels", ctypes.c_int64),
-        ("num_threads", ctypes.c_int32),
-    ]
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("FASTTVERSKY_CACHE") or Path.home() / ".cache" / "fasttversky"
-    return Path(root)
 
 
 def _cpu_identity() -> bytes:
@@ -99,7 +64,7 @@ def _build() -> ctypes.CDLL:
         h.update(src.read_bytes())
     h.update(" ".join([cxx, *_FLAGS]).encode())
     h.update(_cpu_identity())
-    out_dir = _cache_dir() / f"cpu-{h.hexdigest()[:16]}"
+    out_dir = cache_dir() / f"cpu-{h.hexdigest()[:16]}"
     lib = out_dir / "libtversky_cpu.so"
     if not lib.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,61 +87,34 @@ def _build() -> ctypes.CDLL:
     return dll
 
 
-_lock = threading.Lock()
-_state: dict = {}
+_LIB = LazyLibrary(_build)
 
 
-def _library():
-    """The loaded kernels, or raise the (cached) reason they cannot be built."""
-    with _lock:
-        if "lib" not in _state and "error" not in _state:
-            try:
-                _state["lib"] = _build()
-            except Exception as exc:  # reported through unavailable(), never at import
-                _state["error"] = f"{type(exc).__name__}: {exc}"
-        if "error" in _state:
-            raise RuntimeError(_state["error"])
-        return _state["lib"]
+def _library() -> ctypes.CDLL:
+    """The loaded kernels, or raise the (remembered) reason they cannot be built."""
+    return _LIB.get()
 
 
 def _params(logits, target, spec: KernelSpec) -> TverskyParams:
-    B, C, N = logits.shape
-    p = TverskyParams()
-    p.logits_ptr = logits.data_ptr()
-    p.logits_stride_b, p.logits_stride_c, p.logits_stride_n = logits.stride()
-    p.logits_dtype = _DTYPE_CODES[logits.dtype]
-    p.target_ptr = target.data_ptr()
-    if spec.soft_target:
-        p.target_stride_b, p.target_stride_c, p.target_stride_n = target.stride()
-    else:
-        p.target_stride_b, p.target_stride_n = target.stride()
-    p.target_dtype = _DTYPE_CODES[target.dtype]
-    p.soft_target = int(spec.soft_target)
-    p.B, p.C, p.N = B, C, N
-    p.activation = spec.activation
-    p.has_ignore_index = int(spec.ignore_index is not None)
-    p.ignore_index = spec.ignore_index if spec.ignore_index is not None else 0
-    p.binary_labels = int(spec.binary_labels)
-    p.num_labels = spec.num_labels
+    B, _, N = logits.shape
     # Small volumes are not worth waking threads for.
-    p.num_threads = max(1, torch.get_num_threads()) if B * N >= 65536 else 1
-    return p
+    threads = max(1, torch.get_num_threads()) if B * N >= 65536 else 1
+    return make_params(logits, target, spec, threads)
 
 
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
-    if "libc" not in _state:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            libc.madvise.restype = ctypes.c_int
-            _state["libc"] = libc
-        except (OSError, AttributeError):
-            _state["libc"] = None
-    return _state["libc"]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.restype = ctypes.c_int
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _advise_huge_pages(t: torch.Tensor) -> None:
@@ -220,7 +158,7 @@ class _CpuBackend:
             why.append(f"logits are on {logits.device}, the cpu backend needs CPU tensors")
         if logits.shape[1] > MAX_CLASSES:
             why.append(f"C={logits.shape[1]} classes > {MAX_CLASSES} supported by the kernel")
-        if target.dtype not in _DTYPE_CODES:
+        if target.dtype not in DTYPE_CODES:
             why.append(f"target dtype {target.dtype} not supported by the kernel")
         return why
 

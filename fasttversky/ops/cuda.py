@@ -17,32 +17,23 @@ checks it against the reference without a GPU.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
 from .._spec import KernelSpec
+from ._native import DTYPE_CODES, LazyLibrary, TverskyParams, cache_dir, make_params
 from ._sources import csrc_dir
 
 MAX_CLASSES = 8  # the kernels keep a voxel's classes in registers (MAXC = 4 or 8)
 _MAX_BATCH = 65535  # grid axis 1 carries the batch
 
-_DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float64: 3,
-    torch.uint8: 10,
-    torch.int16: 11,
-    torch.int32: 12,
-    torch.int64: 13,
-}
 _LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ERRORS = {
     -1: "unsupported logits dtype",
@@ -58,52 +49,8 @@ def _csrc() -> Path:
     return csrc_dir()
 
 
-class TverskyParams(ctypes.Structure):
-    """Mirror of ``struct TverskyParams`` in csrc/tversky.h (same order, same types).
-
-    The loader compares ``ctypes.sizeof`` with the size the .cu was compiled with, so a
-    header change this mirror misses fails at load time instead of corrupting memory.
-    """
-
-    _fields_ = [
-        ("logits_ptr", ctypes.c_void_p),
-        ("logits_stride_b", ctypes.c_int64),
-        ("logits_stride_c", ctypes.c_int64),
-        ("logits_stride_n", ctypes.c_int64),
-        ("logits_dtype", ctypes.c_int32),
-        ("target_ptr", ctypes.c_void_p),
-        ("target_stride_b", ctypes.c_int64),
-        ("target_stride_c", ctypes.c_int64),
-        ("target_stride_n", ctypes.c_int64),
-        ("target_dtype", ctypes.c_int32),
-        ("soft_target", ctypes.c_int32),
-        ("grad_ptr", ctypes.c_void_p),
-        ("grad_stride_b", ctypes.c_int64),
-        ("grad_stride_c", ctypes.c_int64),
-        ("grad_stride_n", ctypes.c_int64),
-        ("coef_a_ptr", ctypes.c_void_p),
-        ("coef_b_ptr", ctypes.c_void_p),
-        ("stats_ptr", ctypes.c_void_p),
-        ("flags_ptr", ctypes.c_void_p),
-        ("B", ctypes.c_int64),
-        ("C", ctypes.c_int64),
-        ("N", ctypes.c_int64),
-        ("activation", ctypes.c_int32),
-        ("has_ignore_index", ctypes.c_int32),
-        ("ignore_index", ctypes.c_int64),
-        ("binary_labels", ctypes.c_int32),
-        ("num_labels", ctypes.c_int64),
-        ("num_threads", ctypes.c_int32),
-    ]
-
-
 def emulating() -> bool:
     return os.environ.get("FASTTVERSKY_CUDA_EMULATE", "0") == "1"
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("FASTTVERSKY_CACHE") or Path.home() / ".cache" / "fasttversky"
-    return Path(root)
 
 
 def find_nvcc() -> str | None:
@@ -189,7 +136,7 @@ def _build() -> ctypes.CDLL:
     probe_cmd, key = _build_command(src, Path("OUT"))
     h.update(key.encode())
     tag = "cuda-emu" if emulating() else "cuda"
-    out_dir = _cache_dir() / f"{tag}-{h.hexdigest()[:16]}"
+    out_dir = cache_dir() / f"{tag}-{h.hexdigest()[:16]}"
     lib = out_dir / "libtversky_cuda.so"
     if not lib.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,44 +191,16 @@ def _build() -> ctypes.CDLL:
     return dll
 
 
-_lock = threading.Lock()
-_state: dict = {}
+_LIB = LazyLibrary(_build)
 
 
 def _library():
-    """The loaded kernels, or raise the (cached) reason they cannot be built."""
-    with _lock:
-        if "lib" not in _state and "error" not in _state:
-            try:
-                _state["lib"] = _build()
-            except Exception as exc:  # reported through unavailable(), never at import
-                _state["error"] = f"{type(exc).__name__}: {exc}"
-        if "error" in _state:
-            raise RuntimeError(_state["error"])
-        return _state["lib"]
+    """The loaded kernels, or raise the (remembered) reason they cannot be built."""
+    return _LIB.get()
 
 
 def _params(logits, target, spec: KernelSpec) -> TverskyParams:
-    B, C, N = logits.shape
-    p = TverskyParams()
-    p.logits_ptr = logits.data_ptr()
-    p.logits_stride_b, p.logits_stride_c, p.logits_stride_n = logits.stride()
-    p.logits_dtype = _DTYPE_CODES[logits.dtype]
-    p.target_ptr = target.data_ptr()
-    if spec.soft_target:
-        p.target_stride_b, p.target_stride_c, p.target_stride_n = target.stride()
-    else:
-        p.target_stride_b, p.target_stride_n = target.stride()
-    p.target_dtype = _DTYPE_CODES[target.dtype]
-    p.soft_target = int(spec.soft_target)
-    p.B, p.C, p.N = B, C, N
-    p.activation = spec.activation
-    p.has_ignore_index = int(spec.ignore_index is not None)
-    p.ignore_index = spec.ignore_index if spec.ignore_index is not None else 0
-    p.binary_labels = int(spec.binary_labels)
-    p.num_labels = spec.num_labels
-    p.num_threads = 1
-    return p
+    return make_params(logits, target, spec)
 
 
 def _launch_env(t: torch.Tensor):
@@ -289,11 +208,12 @@ def _launch_env(t: torch.Tensor):
     if emulating():
         return 0, 1, None
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    key = ("sms", idx)
-    if key not in _state:
-        _state[key] = torch.cuda.get_device_properties(idx).multi_processor_count
-    sms = _state[key]
-    return idx, sms, torch.cuda.current_stream(t.device).cuda_stream
+    return idx, _sm_count(idx), torch.cuda.current_stream(t.device).cuda_stream
+
+
+@functools.cache
+def _sm_count(idx: int) -> int:
+    return torch.cuda.get_device_properties(idx).multi_processor_count
 
 
 def _check(code: int, what: str):
@@ -395,7 +315,7 @@ class _CudaBackend:
             why.append(f"C={C} classes > {MAX_CLASSES} kept in registers by the CUDA kernels")
         if B > _MAX_BATCH:
             why.append(f"batch size {B} > {_MAX_BATCH} (the grid's batch axis)")
-        if target.dtype not in _DTYPE_CODES:
+        if target.dtype not in DTYPE_CODES:
             why.append(f"target dtype {target.dtype} not supported by the kernels")
         return why
 

@@ -1,0 +1,118 @@
+"""What the two compiled backends (cpu, cuda) share: the ctypes mirror of
+csrc/tversky.h's parameter struct, filling it from tensors, the build cache folder,
+and a lazily built library whose failure is remembered as a reason, never raised at
+import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .._spec import KernelSpec
+
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.uint8: 10,
+    torch.int16: 11,
+    torch.int32: 12,
+    torch.int64: 13,
+}
+
+
+class TverskyParams(ctypes.Structure):
+    """Mirror of ``struct TverskyParams`` in csrc/tversky.h (same order, same types).
+
+    The CUDA loader compares ``ctypes.sizeof`` with the size the .cu was compiled with,
+    so a header change this mirror misses fails at load time instead of corrupting memory.
+    """
+
+    _fields_ = [
+        ("logits_ptr", ctypes.c_void_p),
+        ("logits_stride_b", ctypes.c_int64),
+        ("logits_stride_c", ctypes.c_int64),
+        ("logits_stride_n", ctypes.c_int64),
+        ("logits_dtype", ctypes.c_int32),
+        ("target_ptr", ctypes.c_void_p),
+        ("target_stride_b", ctypes.c_int64),
+        ("target_stride_c", ctypes.c_int64),
+        ("target_stride_n", ctypes.c_int64),
+        ("target_dtype", ctypes.c_int32),
+        ("soft_target", ctypes.c_int32),
+        ("grad_ptr", ctypes.c_void_p),
+        ("grad_stride_b", ctypes.c_int64),
+        ("grad_stride_c", ctypes.c_int64),
+        ("grad_stride_n", ctypes.c_int64),
+        ("coef_a_ptr", ctypes.c_void_p),
+        ("coef_b_ptr", ctypes.c_void_p),
+        ("stats_ptr", ctypes.c_void_p),
+        ("flags_ptr", ctypes.c_void_p),
+        ("B", ctypes.c_int64),
+        ("C", ctypes.c_int64),
+        ("N", ctypes.c_int64),
+        ("activation", ctypes.c_int32),
+        ("has_ignore_index", ctypes.c_int32),
+        ("ignore_index", ctypes.c_int64),
+        ("binary_labels", ctypes.c_int32),
+        ("num_labels", ctypes.c_int64),
+        ("num_threads", ctypes.c_int32),
+    ]
+
+
+def make_params(logits, target, spec: KernelSpec, num_threads: int = 1) -> TverskyParams:
+    """The struct for logits (B, C, N) and target (B, N) labels or (B, C, N) soft."""
+    B, C, N = logits.shape
+    p = TverskyParams()
+    p.logits_ptr = logits.data_ptr()
+    p.logits_stride_b, p.logits_stride_c, p.logits_stride_n = logits.stride()
+    p.logits_dtype = DTYPE_CODES[logits.dtype]
+    p.target_ptr = target.data_ptr()
+    if spec.soft_target:
+        p.target_stride_b, p.target_stride_c, p.target_stride_n = target.stride()
+    else:
+        p.target_stride_b, p.target_stride_n = target.stride()
+    p.target_dtype = DTYPE_CODES[target.dtype]
+    p.soft_target = int(spec.soft_target)
+    p.B, p.C, p.N = B, C, N
+    p.activation = spec.activation
+    p.has_ignore_index = int(spec.ignore_index is not None)
+    p.ignore_index = spec.ignore_index if spec.ignore_index is not None else 0
+    p.binary_labels = int(spec.binary_labels)
+    p.num_labels = spec.num_labels
+    p.num_threads = num_threads
+    return p
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (``FASTTVERSKY_CACHE``, default ~/.cache/fasttversky)."""
+    root = os.environ.get("FASTTVERSKY_CACHE") or Path.home() / ".cache" / "fasttversky"
+    return Path(root)
+
+
+class LazyLibrary:
+    """Build (once, on first use) and hold a compiled library, or the reason it failed."""
+
+    def __init__(self, build: Callable[[], ctypes.CDLL]):
+        self._build = build
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._error: str | None = None
+
+    def get(self) -> ctypes.CDLL:
+        with self._lock:
+            if self._lib is None and self._error is None:
+                try:
+                    self._lib = self._build()
+                except Exception as exc:  # reported through unavailable(), never at import
+                    self._error = f"{type(exc).__name__}: {exc}"
+            if self._error is not None:
+                raise RuntimeError(self._error)
+            return self._lib
