@@ -22,7 +22,8 @@ import os
 
 import torch
 
-# Priority per device type; measured order (see bench/RESULTS.md).
+# Priority per device type. CPU: measured (bench/RESULTS.md). CUDA: cuda before triton
+# is a guess until a GPU run of bench/gpu_report.py measures both side by side.
 _PRIORITY = {
     "cpu": ("cpu", "torch"),
     "cuda": ("cuda", "triton", "torch"),
