@@ -101,7 +101,9 @@ struct compute_of<double> {
 // |r| <= ln2/2, degree-6 polynomial, 2^n built in the exponent bits): ~2 ulp, far
 // below the float32 tolerance of a loss summed over millions of voxels.
 inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  // written as selects (not std::min/max) so they compile to single vmaxps/vminps
+  x = x > -87.0f ? x : -87.0f;
+  x = x < 88.0f ? x : 88.0f;
   const float n = __builtin_rintf(x * 1.44269504088896341f);
   float r = __builtin_fmaf(n, -0.693359375f, x);
   r = __builtin_fmaf(n, 2.12194440e-4f, r);
@@ -311,31 +313,43 @@ void forward_impl(const TverskyParams& P) {
         // labels are read straight from memory in one loop, one exp per voxel, and only
         // the accumulators live outside registers.
         using L = label_int_t<TT>;
+        using U = std::make_unsigned_t<L>;
         const LT* r0 = (const LT*)P.logits_ptr + b * P.logits_stride_b + n0;
         const LT* r1 = r0 + P.logits_stride_c;
         const TT* lab = (const TT*)P.target_ptr + b * P.target_stride_b + n0;
         int32_t nf = 0, nb = 0;
-        for (int i = 0; i < TILE; ++i) {
-          const F x0 = (F)load_val(r0 + i), x1 = (F)load_val(r1 + i);
-          // x1 - x0 is finite iff both logits are; counts voxels with a bad logit
-          nf += not_finite(x1 - x0);
-          const L v = (L)lab[i];
-          const bool keep = !(has_ii & (v == ii));
-          nb += keep & ((v < 0) | (v > 1));
-          const F wi = keep ? (F)1 : (F)0;
-          const F g0 = (keep & (v == 0)) ? (F)1 : (F)0;
-          const F g1 = (keep & (v == 1)) ? (F)1 : (F)0;
-          F p0, p1, e, r;
-          softmax2(x0, x1, p0, p1, e, r);
-          p0 *= wi;
-          p1 *= wi;
-          acc_p[0][i] += p0;
-          acc_p[1][i] += p1;
-          acc_pg[0][i] += p0 * g0;
-          acc_pg[1][i] += p1 * g1;
-          acc_g[0][i] += g0;
-          acc_g[1][i] += g1;
-        }
+        // Two copies of the loop: without an ignore_index (the common case) the mask
+        // work disappears from the inner loop.
+        auto run = [&](auto has_ii_c) {
+          constexpr bool HAS_II = decltype(has_ii_c)::value;
+          for (int i = 0; i < TILE; ++i) {
+            const F x0 = (F)load_val(r0 + i), x1 = (F)load_val(r1 + i);
+            // x1 - x0 is finite iff both logits are; counts voxels with a bad logit
+            nf += not_finite(x1 - x0);
+            const L v = (L)lab[i];
+            const bool keep = HAS_II ? v != ii : true;
+            nb += keep & ((U)v > (U)1);  // unsigned: negative labels are bad too
+            const F g0 = (keep & (v == 0)) ? (F)1 : (F)0;
+            const F g1 = (keep & (v == 1)) ? (F)1 : (F)0;
+            F p0, p1, e, r;
+            softmax2(x0, x1, p0, p1, e, r);
+            if constexpr (HAS_II) {
+              const F wi = keep ? (F)1 : (F)0;
+              p0 *= wi;
+              p1 *= wi;
+            }
+            acc_p[0][i] += p0;
+            acc_p[1][i] += p1;
+            acc_pg[0][i] += p0 * g0;
+            acc_pg[1][i] += p1 * g1;
+            acc_g[0][i] += g0;
+            acc_g[1][i] += g1;
+          }
+        };
+        if (has_ii)
+          run(std::true_type{});
+        else
+          run(std::false_type{});
         nonfinite += nf;
         bad += nb;
       } else if (two_class_softmax) {
