@@ -28,10 +28,11 @@ if not _has_cuda():
 SHARED_DATA = ROOT.parent / "shared" / "data" / "open_ms_data"
 
 
-# .ci/run sets FASTTVERSKY_CI=1: there, tests that read the shared MS data or run the
-# Triton interpreter must have run, so a skip of one of them fails the session instead
-# of passing silently (a user's clone without ../shared still skips them, with reasons).
-_REQUIRED_MARKERS = ("data", "interpreter")
+# .ci/run sets FASTTVERSKY_CI=1: there, tests that read the shared MS data, run the
+# Triton interpreter or compile the CUDA sources with nvcc must have run, so a skip of
+# one of them fails the session instead of passing silently (a user's clone without
+# ../shared or nvcc still skips them, with reasons).
+_REQUIRED_MARKERS = ("data", "interpreter", "nvcc")
 _skipped_required: list[str] = []
 
 

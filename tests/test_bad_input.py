@@ -119,3 +119,13 @@ def test_module_rejects_bad_arguments_at_construction():
         TverskyLoss(alpha=-1)
     with pytest.raises(ValueError, match="reduction"):
         TverskyLoss(reduction="max")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_finite_logits_are_not_called_non_finite(backend):
+    # |x1 - x0| overflows float32 here, the logits themselves are finite
+    x = torch.full((1, 2, 100), 3e38)
+    x[:, 1] = -3e38
+    t = torch.zeros(1, 100, dtype=torch.uint8)
+    loss = tversky_loss(x, t, backend=backend)
+    assert torch.isfinite(loss)

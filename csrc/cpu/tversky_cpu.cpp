@@ -324,8 +324,7 @@ void forward_impl(const TverskyParams& P) {
           constexpr bool HAS_II = decltype(has_ii_c)::value;
           for (int i = 0; i < TILE; ++i) {
             const F x0 = (F)load_val(r0 + i), x1 = (F)load_val(r1 + i);
-            // x1 - x0 is finite iff both logits are; counts voxels with a bad logit
-            nf += not_finite(x1 - x0);
+            nf += not_finite(x0) + not_finite(x1);
             const L v = (L)lab[i];
             const bool keep = HAS_II ? v != ii : true;
             nb += keep & ((U)v > (U)1);  // unsigned: negative labels are bad too
