@@ -197,6 +197,26 @@ def build_model(settings: RunSettings):
     )
 
 
+class _PaddedBatches:
+    """Whole-volume batches zero-padded at the far end of each axis up to a multiple the
+    U-Net can pool (e.g. the 182×218×182 MNI grid for 4 levels). Zero is background
+    in both the z-scored image and the label, and predict() pads the same way."""
+
+    def __init__(self, batches, multiple: int):
+        self.batches, self.multiple = batches, multiple
+
+    def __call__(self, i: int):
+        import torch.nn.functional as F
+
+        image, label = self.batches(i)
+        pad = []
+        for s in reversed(label.shape[1:]):
+            pad += [0, -(-s // self.multiple) * self.multiple - s]
+        if any(pad):
+            image, label = F.pad(image, pad), F.pad(label, pad)
+        return image, label
+
+
 def train_run(
     subjects, settings: RunSettings, out: str | Path, *, resume=None, progress: bool = True
 ):
@@ -220,6 +240,15 @@ def train_run(
         seed=settings.seed,
     )
     batches = RandomBatches(ds, settings.batch_size, settings.seed)
+    multiple = 2 ** (settings.levels - 1)  # the U-Net pools levels-1 times
+    if settings.patch_size is not None:
+        if any(int(p) % multiple for p in settings.patch_size):
+            raise SystemExit(
+                f"error: --patch-size {' '.join(map(str, settings.patch_size))} must be "
+                f"divisible by 2**(levels-1) = {multiple} on every axis"
+            )
+    else:
+        batches = _PaddedBatches(batches, multiple)
     torch.manual_seed(settings.seed)  # reproducible initialisation
     model = build_model(settings)
     config = TrainConfig(
@@ -436,7 +465,11 @@ def cmd_evaluate(args) -> int:
     from .data import find_subjects, load_volume
     from .plots import plot_pr_curves
 
-    truth = {s.name: s for s in find_subjects(args.data, mask_pattern=args.mask_pattern)}
+    modalities = dict(m.split("=", 1) for m in args.modality) if args.modality else None
+    truth = {
+        s.name: s
+        for s in find_subjects(args.data, modalities=modalities, mask_pattern=args.mask_pattern)
+    }
     pred_dir = Path(args.pred)
     probs, targets = {}, {}
     for name, s in truth.items():
@@ -1003,6 +1036,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pred", help="predictions folder (PRED/<subject>/prob.nii.gz)")
     p.add_argument("--data", required=True, help="dataset folder with the true masks")
     p.add_argument("--mask-pattern", default="mask")
+    p.add_argument(
+        "--modality",
+        action="append",
+        metavar="NAME=PATTERN",
+        help="image file patterns used to recognise subject folders, as given to train",
+    )
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--out", default=None, help="output folder [PRED]")
     p.set_defaults(func=cmd_evaluate)

@@ -237,6 +237,29 @@ def test_dataset_whole_volumes_and_patches(tmp_path):
     torch.testing.assert_close(y1, y2)
 
 
+def test_random_batches_never_repeat_a_patch_within_a_batch(tmp_path):
+    # one subject, so every slot draws from the same volume: the slots must still differ
+    _subject(tmp_path, "s0")
+    ds = LesionDataset(find_subjects(tmp_path), patch_size=(6, 6, 6), lesion_prob=0.0, seed=2)
+    rb = RandomBatches(ds, batch_size=3, seed=0)
+    for i in range(10):
+        x, _ = rb(i)
+        for a in range(3):
+            for b in range(a + 1, 3):
+                assert not torch.equal(x[a], x[b]), (i, a, b)
+
+
+def test_whole_volume_batches_are_padded_to_the_unet_multiple():
+    from fasttversky.cli import _PaddedBatches
+
+    image = torch.randn(1, 3, 13, 18, 9)
+    label = torch.randint(0, 2, (1, 13, 18, 9), dtype=torch.uint8)
+    x, y = _PaddedBatches(lambda i: (image, label), 8)(0)
+    assert x.shape == (1, 3, 16, 24, 16) and y.shape == (1, 16, 24, 16)
+    assert torch.equal(x[..., :13, :18, :9], image) and torch.equal(y[..., :13, :18, :9], label)
+    assert x[..., 13:, :, :].abs().sum() == 0 and y[..., :, 18:, :].sum() == 0
+
+
 # --------------------------------------------------------------------------------------
 # the shared real MS data (CI and every developer have it)
 # --------------------------------------------------------------------------------------

@@ -199,8 +199,9 @@ def batch_iterator(
 class RandomBatches:
     """Callable ``batches(i) -> (image (B, C, D, H, W) float32, label (B, D, H, W) uint8)``.
 
-    Micro-batch ``i`` depends only on (seed, i): subjects drawn with replacement and
-    patches as in :class:`LesionDataset`. This is the form ``fasttversky.training.train``
+    Micro-batch ``i`` depends only on (seed, i): items drawn without replacement when the
+    dataset has enough of them, and each slot of the batch gets its own patch
+    randomness, so a subject drawn twice still gives two different patches. This is the form ``fasttversky.training.train``
     resumes exactly (no iterator to replay).
     """
 
@@ -211,7 +212,10 @@ class RandomBatches:
 
     def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, 1, int(i)))
-        idx = rng.integers(len(self.dataset), size=self.batch_size)
-        self.dataset.set_epoch(int(i))
-        items = [self.dataset[int(k)] for k in idx]
+        n = len(self.dataset)
+        idx = rng.choice(n, size=self.batch_size, replace=self.batch_size > n)
+        items = []
+        for slot, k in enumerate(idx):
+            self.dataset.set_epoch(int(i) * self.batch_size + slot)
+            items.append(self.dataset[int(k)])
         return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])

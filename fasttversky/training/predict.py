@@ -97,6 +97,10 @@ def predict(
     )
     m = _multiple(model)
     was_training = model.training
+    # The model runs where it was asked to and is put back afterwards (a CPU-loaded
+    # checkpoint with device="cuda" must not meet a CUDA input with CPU weights).
+    home = params[0].device if params else dev
+    model.to(dev)
     model.eval()
     try:
         size = tuple(image.shape[2:])
@@ -123,5 +127,6 @@ def predict(
             prob /= count
     finally:
         model.train(was_training)
+        model.to(home)
     prob = prob.to(image.device)
     return prob[0] if squeeze else prob
