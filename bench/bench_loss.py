@@ -80,8 +80,11 @@ def test_copy_bandwidth(benchmark, device):
     benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
     med = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        provider="copy", device=device, bytes_moved=2 * COPY_BYTES,
-        gbps=2 * COPY_BYTES / med / 1e9, threads=torch.get_num_threads(),
+        provider="copy",
+        device=device,
+        bytes_moved=2 * COPY_BYTES,
+        gbps=2 * COPY_BYTES / med / 1e9,
+        threads=torch.get_num_threads(),
     )
 
 
@@ -136,12 +139,22 @@ def test_loss(benchmark, case, provider, mode, device, copy_bandwidth, request):
     # With grad enabled, as timed: under no_grad torch.compile would build another graph.
     value = float(fn(logits, labels).detach())
     info = dict(
-        provider=provider, case=case.id, shape=list(case.shape),
-        dtype=str(case.dtype).removeprefix("torch."), labels="uint8", mode=mode,
-        device=device, threads=torch.get_num_threads(),
-        bytes_moved=moved, gbps=moved / med / 1e9, copy_gbps=copy_bandwidth["gbps"],
-        frac_copy_bw=moved / med / copy_bps, floor_s=moved / copy_bps,
-        x_floor=med / (moved / copy_bps), peak_extra_bytes=peak, loss=value,
+        provider=provider,
+        case=case.id,
+        shape=list(case.shape),
+        dtype=str(case.dtype).removeprefix("torch."),
+        labels="uint8",
+        mode=mode,
+        device=device,
+        threads=torch.get_num_threads(),
+        bytes_moved=moved,
+        gbps=moved / med / 1e9,
+        copy_gbps=copy_bandwidth["gbps"],
+        frac_copy_bw=moved / med / copy_bps,
+        floor_s=moved / copy_bps,
+        x_floor=med / (moved / copy_bps),
+        peak_extra_bytes=peak,
+        loss=value,
     )
     if mode != "fwd" and peak is not None:
         info.update(
@@ -178,10 +191,16 @@ def test_grad_buffer(benchmark, pages, device, copy_bandwidth, request):
     benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
     med = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        provider=f"grad buffer ({pages} pages)", case=case.id, mode="write",
-        shape=list(case.shape), dtype=str(case.dtype).removeprefix("torch."), device=device,
-        bytes_moved=case.grad_bytes, gbps=case.grad_bytes / med / 1e9,
-        copy_gbps=copy_bandwidth["gbps"], threads=torch.get_num_threads(),
+        provider=f"grad buffer ({pages} pages)",
+        case=case.id,
+        mode="write",
+        shape=list(case.shape),
+        dtype=str(case.dtype).removeprefix("torch."),
+        device=device,
+        bytes_moved=case.grad_bytes,
+        gbps=case.grad_bytes / med / 1e9,
+        copy_gbps=copy_bandwidth["gbps"],
+        threads=torch.get_num_threads(),
     )
 
 

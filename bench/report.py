@@ -27,8 +27,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_CASE, TARGET_MODE = "paper-b1-fp32", "fwdbwd"
 TARGET_SHAPE = [1, 2, 128, 224, 256]
-LOSS_SOURCES = ("fasttversky/functional.py", "fasttversky/_dispatch.py", "fasttversky/_spec.py",
-                "fasttversky/ops", "fasttversky/compat", "csrc", "reference", "bench")
+LOSS_SOURCES = (
+    "fasttversky/functional.py",
+    "fasttversky/_dispatch.py",
+    "fasttversky/_spec.py",
+    "fasttversky/ops",
+    "fasttversky/compat",
+    "csrc",
+    "reference",
+    "bench",
+)
 TARGETS = {  # issue 2, CPU, fp32, 1x2x128x224x256, fwd+bwd
     "vs_monai": 8.0,
     "vs_compiled": 10.0,
@@ -45,7 +53,9 @@ def _parse(argv):
     ap.add_argument("--providers", default=None, help="comma-separated provider names")
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
     ap.add_argument(
-        "--from-json", type=Path, default=None,
+        "--from-json",
+        type=Path,
+        default=None,
         help="only re-render the Markdown from an earlier run's JSON",
     )
     return ap.parse_args(argv)
@@ -110,8 +120,15 @@ def _versions() -> dict:
 
 def _run_matrix(args, json_path: Path) -> int:
     cmd = [
-        sys.executable, "-m", "pytest", str(ROOT / "bench" / "bench_loss.py"),
-        "--benchmark-only", f"--benchmark-json={json_path}", "-q", "-p", "no:cacheprovider",
+        sys.executable,
+        "-m",
+        "pytest",
+        str(ROOT / "bench" / "bench_loss.py"),
+        "--benchmark-only",
+        f"--benchmark-json={json_path}",
+        "-q",
+        "-p",
+        "no:cacheprovider",
     ]
     if args.quick:
         cmd.append("--quick")
@@ -186,6 +203,7 @@ def _table(rows: dict, case: str, providers: list[str]) -> list[str]:
 
 def _split_section(rows, fused, copy_gbps) -> list[str]:
     """fwd, bwd alone and the gradient buffer's page faults for the target case."""
+
     def med(p, m):
         r = rows.get((TARGET_CASE, p, m))
         return (r["stats"]["median"], r["extra_info"]) if r else (None, {})
@@ -204,7 +222,9 @@ def _split_section(rows, fused, copy_gbps) -> list[str]:
         "|---|---:|---:|---:|",
     ]
     for name, t, e in (("forward", tf, ef), ("backward alone", tb, eb), ("fwd+bwd", tfb, efb)):
-        L.append(f"| {name} | {_fmt_ms(t)} | {_fmt_ms(e.get('floor_s'))} | {_fmt_x(e.get('x_floor'))} |")
+        L.append(
+            f"| {name} | {_fmt_ms(t)} | {_fmt_ms(e.get('floor_s'))} | {_fmt_x(e.get('x_floor'))} |"
+        )
     if fresh and touched and copy_gbps:
         L.append(
             f"| writing a gradient-sized buffer, fresh pages (alloc + first touch) | "
@@ -276,8 +296,11 @@ def render(data: dict) -> str:
         L.append(
             f"- Copy bandwidth (median `dst.copy_(src)`, 256 MiB float32, read+write "
             f"counted): {copy_gbps:.2f} GB/s at session start"
-            + (f"; {copy_row['extra_info']['gbps']:.2f} GB/s as its own benchmark row"
-               if copy_row else "")
+            + (
+                f"; {copy_row['extra_info']['gbps']:.2f} GB/s as its own benchmark row"
+                if copy_row
+                else ""
+            )
         )
     L.append("")
 
@@ -302,11 +325,22 @@ def render(data: dict) -> str:
         for label, val, tgt, hib, shown in (
             ("≥ 8× faster than MONAI", vs_m, 8.0, True, _fmt_x(vs_m)),
             ("≥ 10× faster than torch.compile(reference)", vs_c, 10.0, True, _fmt_x(vs_c)),
-            ("within 2× of the copy-bandwidth floor", e.get("x_floor"), 2.0, False,
-             f"{_fmt_x(e.get('x_floor'))} floor ({_fmt_ms(e.get('floor_s'))} ms)"),
-            ("memory beyond the gradient ≤ 1 % of it", e.get("beyond_grad_frac"), 0.01, False,
-             "–" if e.get("beyond_grad_frac") is None
-             else f"{100 * e['beyond_grad_frac']:.2f} % ({_fmt_mb(e.get('beyond_grad_bytes'))} MB)"),
+            (
+                "within 2× of the copy-bandwidth floor",
+                e.get("x_floor"),
+                2.0,
+                False,
+                f"{_fmt_x(e.get('x_floor'))} floor ({_fmt_ms(e.get('floor_s'))} ms)",
+            ),
+            (
+                "memory beyond the gradient ≤ 1 % of it",
+                e.get("beyond_grad_frac"),
+                0.01,
+                False,
+                "–"
+                if e.get("beyond_grad_frac") is None
+                else f"{100 * e['beyond_grad_frac']:.2f} % ({_fmt_mb(e.get('beyond_grad_bytes'))} MB)",
+            ),
         ):
             v, gap = _verdict(val, tgt, hib)
             L.append(f"| {label} | {shown} | {v} | {gap} |")
@@ -331,8 +365,11 @@ def render(data: dict) -> str:
             *_table(rows, case, providers),
             "",
         ]
-        losses = [r["extra_info"]["loss"] for (c, _, _), r in rows.items()
-                  if c == case and "loss" in r["extra_info"]]
+        losses = [
+            r["extra_info"]["loss"]
+            for (c, _, _), r in rows.items()
+            if c == case and "loss" in r["extra_info"]
+        ]
         if losses:
             spread = (max(losses) - min(losses)) / max(abs(max(losses)), 1e-30)
             L += [f"Loss values agree across providers to {spread:.1e} (relative).", ""]

@@ -69,9 +69,7 @@ def select_backend(requested: str, logits: torch.Tensor, target: torch.Tensor, s
         requested = os.environ.get("FASTTVERSKY_BACKEND", "auto") or "auto"
     if requested != "auto":
         if requested not in _MODULES:
-            raise ValueError(
-                f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}"
-            )
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}")
         why = _why_not(requested, logits, target, spec)
         if why:
             raise BackendUnavailableError(

@@ -30,6 +30,7 @@ class KernelSpec:
     soft_target: bool  # target is (B, C, N) float instead of (B, N) labels
     ignore_index: int | None  # label value that contributes nothing (labels only)
     num_classes: int  # C
+
     # With C == 1 (binary sigmoid / probabilities) a label map holds {0, 1} and the
     # single channel is the foreground: g = (label == 1). Otherwise g_c = (label == c).
     @property

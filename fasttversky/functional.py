@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._dispatch import select_backend, _load
+from ._dispatch import _load, select_backend
 from ._spec import ACTIVATIONS, KernelSpec
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -71,9 +71,7 @@ def _tversky_stats_op(
             if spec.soft_target:
                 raise ValueError(f"target has {n_bad} value(s) outside [0, 1]")
             ii = f" other than ignore_index={ignore_index}" if ignore_index is not None else ""
-            raise ValueError(
-                f"target has {n_bad} label(s) outside [0, {spec.num_labels}){ii}"
-            )
+            raise ValueError(f"target has {n_bad} label(s) outside [0, {spec.num_labels}){ii}")
     return stats
 
 
@@ -164,7 +162,8 @@ def _prepare(logits, target, activation, ignore_index):
         )
     if not 3 <= logits.dim() <= 5:
         raise ValueError(
-            f"logits must have shape (B, C, *spatial) with 1-3 spatial dims, got {tuple(logits.shape)}"
+            "logits must have shape (B, C, *spatial) with 1-3 spatial dims, "
+            f"got {tuple(logits.shape)}"
         )
     if logits.numel() == 0:
         raise ValueError(f"logits is empty: shape {tuple(logits.shape)}")
@@ -191,7 +190,8 @@ def _prepare(logits, target, activation, ignore_index):
     else:
         if target.dtype not in _LABEL_DTYPES:
             raise TypeError(
-                f"label map dtype must be one of uint8, int16, int32, int64, bool; got {target.dtype}"
+                "label map dtype must be one of uint8, int16, int32, int64, bool; "
+                f"got {target.dtype}"
             )
         tshape = tuple(target.shape)
         if tshape == (B, 1, *spatial):
@@ -213,8 +213,18 @@ def _prepare(logits, target, activation, ignore_index):
 # the (B, C) part
 # --------------------------------------------------------------------------------------
 def _finalize(
-    stats, alpha, beta, *, include_background, batch, reduction, smooth_nr, smooth_dr,
-    gamma, class_weights, sync_across_ranks,
+    stats,
+    alpha,
+    beta,
+    *,
+    include_background,
+    batch,
+    reduction,
+    smooth_nr,
+    smooth_dr,
+    gamma,
+    class_weights,
+    sync_across_ranks,
 ):
     """stats (B, C, 3) float64 -> the loss, differentiably."""
     if sync_across_ranks:
@@ -335,10 +345,17 @@ def tversky_loss(
     name = select_backend(backend, logits3, target3, spec)
     stats = _tversky_stats_op(logits3, target3, act, ignore_index, name)
     loss = _finalize(
-        stats, alpha_c, beta_c,
-        include_background=include_background, batch=batch, reduction=reduction,
-        smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), gamma=float(gamma),
-        class_weights=weights, sync_across_ranks=sync_across_ranks,
+        stats,
+        alpha_c,
+        beta_c,
+        include_background=include_background,
+        batch=batch,
+        reduction=reduction,
+        smooth_nr=float(smooth_nr),
+        smooth_dr=float(smooth_dr),
+        gamma=float(gamma),
+        class_weights=weights,
+        sync_across_ranks=sync_across_ranks,
     )
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
     return loss.to(out_dtype)

@@ -37,19 +37,34 @@ class TverskyLoss(nn.Module):
     ):
         super().__init__()
         self.kwargs = dict(
-            alpha=alpha, beta=beta, activation=activation,
-            include_background=include_background, batch=batch, reduction=reduction,
-            smooth_nr=smooth_nr, smooth_dr=smooth_dr, gamma=gamma,
-            ignore_index=ignore_index, class_weights=class_weights, backend=backend,
+            alpha=alpha,
+            beta=beta,
+            activation=activation,
+            include_background=include_background,
+            batch=batch,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            gamma=gamma,
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+            backend=backend,
             sync_across_ranks=sync_across_ranks,
         )
         # Fail at construction, not at the first step, on bad scalar arguments.
         tversky_loss(
-            torch.zeros(1, 2, 1), torch.zeros(1, 1, dtype=torch.long),
-            **{**self.kwargs, "backend": "torch", "activation": "softmax",
-               "alpha": 0.5 if not isinstance(alpha, (int, float)) else alpha,
-               "beta": 0.5 if not isinstance(beta, (int, float)) else beta,
-               "class_weights": None, "ignore_index": None, "sync_across_ranks": False},
+            torch.zeros(1, 2, 1),
+            torch.zeros(1, 1, dtype=torch.long),
+            **{
+                **self.kwargs,
+                "backend": "torch",
+                "activation": "softmax",
+                "alpha": 0.5 if not isinstance(alpha, (int, float)) else alpha,
+                "beta": 0.5 if not isinstance(beta, (int, float)) else beta,
+                "class_weights": None,
+                "ignore_index": None,
+                "sync_across_ranks": False,
+            },
         )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -93,8 +93,10 @@ def reference_tversky_loss(
     else:
         terms = (1 - t).clamp_min(1e-12) ** gamma
 
-    w = _per_class(class_weights, C, p) if class_weights is not None else torch.ones(
-        C, dtype=p.dtype, device=p.device
+    w = (
+        _per_class(class_weights, C, p)
+        if class_weights is not None
+        else torch.ones(C, dtype=p.dtype, device=p.device)
     )
     if not include_background and C > 1:
         terms = terms[..., 1:]

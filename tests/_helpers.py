@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from reference import reference_tversky_loss
-
 import fasttversky
+from reference import reference_tversky_loss
 
 # Per logits dtype: (loss rtol, gradient tolerance relative to max |grad|). The backends
 # compute in float32 (float64 for float64 logits) on the *same rounded inputs* as the

@@ -150,7 +150,8 @@ _GRID = [
 
 
 @pytest.mark.parametrize(
-    "C,act,to_onehot_y,kind,ignore_index", _GRID,
+    "C,act,to_onehot_y,kind,ignore_index",
+    _GRID,
     ids=[f"C{c}-{a}-onehot{int(o)}-{k}-ii{i}" for c, a, o, k, i in _GRID],
 )
 def test_every_option_matches_monai_float64(C, act, to_onehot_y, kind, ignore_index):
@@ -162,9 +163,17 @@ def test_every_option_matches_monai_float64(C, act, to_onehot_y, kind, ignore_in
         (True, False), (False, True), ("mean", "sum", "none"), (False, True)
     ):
         kwargs = dict(
-            include_background=include_background, to_onehot_y=to_onehot_y, alpha=0.3,
-            beta=0.7, reduction=reduction, batch=batch, soft_label=soft_label,
-            ignore_index=ignore_index, smooth_nr=1e-4, smooth_dr=1e-3, **ACTS[act],
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            alpha=0.3,
+            beta=0.7,
+            reduction=reduction,
+            batch=batch,
+            soft_label=soft_label,
+            ignore_index=ignore_index,
+            smooth_nr=1e-4,
+            smooth_dr=1e-3,
+            **ACTS[act],
         )
         # MONAI quirk: soft_label=True runs linalg.vector_norm on the target itself, which
         # raises for an integer target that is not one-hot encoded by MONAI. The compat
@@ -178,8 +187,7 @@ def test_every_option_matches_monai_float64(C, act, to_onehot_y, kind, ignore_in
 @pytest.mark.parametrize("spatial", [(17,), (6, 7), (3, 4, 5)])
 def test_spatial_dims_and_defaults(backend, spatial):
     x, y = _make_case(4, "labels_int64", None, shape=spatial, B=3)
-    _check_parity({}, x, torch.nn.functional.one_hot(y[:, 0], 4).movedim(-1, 1).double(),
-                  backend)
+    _check_parity({}, x, torch.nn.functional.one_hot(y[:, 0], 4).movedim(-1, 1).double(), backend)
     _check_parity(dict(softmax=True, to_onehot_y=True), x, y, backend)
 
 
@@ -191,8 +199,14 @@ def test_low_precision_error_no_worse_than_monai(backend, dtype, k, act, kind):
     # flash-attention's rule: error vs MONAI in float64 at most k x MONAI's own error in
     # ``dtype`` (plus a floor for when MONAI happens to be exact).
     x, y = _make_case(3, kind, None, dtype=dtype, shape=(16, 16, 16), seed=3)
-    kwargs = dict(to_onehot_y=kind.startswith("labels"), batch=False, reduction="none",
-                  alpha=0.3, beta=0.7, **ACTS[act])
+    kwargs = dict(
+        to_onehot_y=kind.startswith("labels"),
+        batch=False,
+        reduction="none",
+        alpha=0.3,
+        beta=0.7,
+        **ACTS[act],
+    )
     y64 = y.double() if y.is_floating_point() else y
     ref = _run(monai_losses.TverskyLoss(**kwargs), x.double(), y64)
     lo = _run(monai_losses.TverskyLoss(**kwargs), x, y)
@@ -267,15 +281,30 @@ def test_out_of_range_soft_target_gives_monai_value(backend):
 
 
 @pytest.mark.parametrize("act", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("kind,ii", [("labels_uint8", 255), ("labels_float", 1),
-                                     ("labels_int64", -100), ("labels_float", -100),
-                                     ("onehot_float", None), ("soft_float", None)])
+@pytest.mark.parametrize(
+    "kind,ii",
+    [
+        ("labels_uint8", 255),
+        ("labels_float", 1),
+        ("labels_int64", -100),
+        ("labels_float", -100),
+        ("onehot_float", None),
+        ("soft_float", None),
+    ],
+)
 def test_main_options_on_every_backend(backend, act, kind, ii):
     x, y = _make_case(3, kind, ii)
     for include_background, batch in itertools.product((True, False), (False, True)):
-        kwargs = dict(include_background=include_background, batch=batch, reduction="none",
-                      to_onehot_y=kind.startswith("labels"), ignore_index=ii, alpha=0.2,
-                      beta=0.8, **ACTS[act])
+        kwargs = dict(
+            include_background=include_background,
+            batch=batch,
+            reduction="none",
+            to_onehot_y=kind.startswith("labels"),
+            ignore_index=ii,
+            alpha=0.2,
+            beta=0.8,
+            **ACTS[act],
+        )
         _check_parity(kwargs, x, y, backend)
 
 

@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
+from _helpers import check_against_reference
 
 import fasttversky
 from fasttversky import TverskyLoss, tversky_loss
 from reference import reference_tversky_loss
-
-from _helpers import check_against_reference
 
 BACKENDS = ["cpu", "torch"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -29,12 +28,24 @@ CASES = [
     ("softmax-default", 2, 3, (5, 6, 7), {}, "labels"),
     ("softmax-batch", 3, 2, (9, 8, 4), {"batch": True}, "labels"),
     ("softmax-none-red", 2, 5, (4, 5, 6), {"reduction": "none"}, "labels"),
-    ("softmax-sum-nobg", 1, 5, (17, 31, 5), {"reduction": "sum", "include_background": False},
-     "labels"),
+    (
+        "softmax-sum-nobg",
+        1,
+        5,
+        (17, 31, 5),
+        {"reduction": "sum", "include_background": False},
+        "labels",
+    ),
     ("focal-gamma", 2, 3, (6, 5, 4), {"gamma": 0.75}, "labels"),
     ("gamma-2", 2, 3, (6, 5, 4), {"gamma": 2.0, "batch": True}, "labels"),
-    ("per-class-ab", 2, 3, (6, 5, 4), {"alpha": [0.1, 0.3, 0.5], "beta": [0.9, 0.7, 0.5]},
-     "labels"),
+    (
+        "per-class-ab",
+        2,
+        3,
+        (6, 5, 4),
+        {"alpha": [0.1, 0.3, 0.5], "beta": [0.9, 0.7, 0.5]},
+        "labels",
+    ),
     ("weights", 2, 3, (6, 5, 4), {"class_weights": [0.2, 1.0, 3.0]}, "labels"),
     ("ignore-index", 2, 3, (6, 5, 4), {"ignore_index": 2}, "labels"),
     ("ignore-outside", 2, 3, (6, 5, 4), {"ignore_index": -100}, "labels-ignore"),
@@ -135,8 +146,16 @@ def test_gradcheck(backend):
         return tversky_loss(z, t, 0.3, 0.7, backend=backend, gamma=0.75, ignore_index=1)
 
     def g(z):
-        return tversky_loss(z, soft, [0.2, 0.3, 0.4], 0.7, activation="sigmoid",
-                            batch=True, reduction="none", backend=backend)
+        return tversky_loss(
+            z,
+            soft,
+            [0.2, 0.3, 0.4],
+            0.7,
+            activation="sigmoid",
+            batch=True,
+            reduction="none",
+            backend=backend,
+        )
 
     assert torch.autograd.gradcheck(f, (x,))
     assert torch.autograd.gradcheck(g, (x,))
@@ -154,8 +173,17 @@ def test_dice_identity(backend):
     gen = torch.Generator().manual_seed(5)
     p = torch.rand(2, 1, 9, 9, 9, generator=gen, dtype=torch.float64)
     g = (torch.rand(2, 1, 9, 9, 9, generator=gen) < 0.3).double()
-    loss = tversky_loss(p, g, 0.5, 0.5, activation="none", reduction="none",
-                        smooth_nr=0, smooth_dr=0, backend=backend)
+    loss = tversky_loss(
+        p,
+        g,
+        0.5,
+        0.5,
+        activation="none",
+        reduction="none",
+        smooth_nr=0,
+        smooth_dr=0,
+        backend=backend,
+    )
     dice = 2 * (p * g).sum((2, 3, 4)) / (p.sum((2, 3, 4)) + g.sum((2, 3, 4)))
     torch.testing.assert_close(loss, 1 - dice, rtol=1e-12, atol=1e-12)
 
@@ -165,8 +193,17 @@ def test_tanimoto_identity(backend):
     """alpha = beta = 1 is the Tanimoto (Jaccard) loss 1 - |P∩G| / |P∪G| on hard masks."""
     gen = torch.Generator().manual_seed(6)
     p, g = _hard(gen, (3, 1, 7, 8, 9))
-    loss = tversky_loss(p, g, 1.0, 1.0, activation="none", reduction="none",
-                        smooth_nr=0, smooth_dr=0, backend=backend)
+    loss = tversky_loss(
+        p,
+        g,
+        1.0,
+        1.0,
+        activation="none",
+        reduction="none",
+        smooth_nr=0,
+        smooth_dr=0,
+        backend=backend,
+    )
     inter = (p * g).sum((2, 3, 4))
     union = ((p + g) > 0).double().sum((2, 3, 4))
     torch.testing.assert_close(loss, 1 - inter / union, rtol=1e-12, atol=1e-12)
@@ -180,8 +217,16 @@ def test_fbeta_identity(backend, beta):
     gen = torch.Generator().manual_seed(7)
     p, g = _hard(gen, (1, 1, 10, 11, 12))
     alpha = 1 - beta
-    loss = tversky_loss(p, g.to(torch.uint8)[:, 0], alpha, beta, activation="none",
-                        smooth_nr=0, smooth_dr=0, backend=backend)
+    loss = tversky_loss(
+        p,
+        g.to(torch.uint8)[:, 0],
+        alpha,
+        beta,
+        activation="none",
+        smooth_nr=0,
+        smooth_dr=0,
+        backend=backend,
+    )
     f = sklearn.fbeta_score(g.flatten().numpy(), p.flatten().numpy(), beta=math.sqrt(beta / alpha))
     assert abs(loss.item() - (1 - f)) < 1e-12
 
@@ -310,8 +355,8 @@ def test_many_classes_fall_back_to_torch():
     x = torch.randn(1, 40, 3, 3, 3, dtype=torch.float64)
     t = torch.randint(0, 40, (1, 3, 3, 3))
     from fasttversky._dispatch import select_backend
-    from fasttversky.functional import _prepare
     from fasttversky._spec import KernelSpec
+    from fasttversky.functional import _prepare
 
     x3, t3 = _prepare(x, t, "softmax", None)
     spec = KernelSpec(activation=0, soft_target=False, ignore_index=None, num_classes=40)

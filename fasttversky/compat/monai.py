@@ -228,7 +228,9 @@ class TverskyLoss(_Loss):
             raise ValueError(f"{reduction!r} is not a valid LossReduction")
         super().__init__(reduction=red)
         if other_act is not None and not callable(other_act):
-            raise TypeError(f"other_act must be None or callable but is {type(other_act).__name__}.")
+            raise TypeError(
+                f"other_act must be None or callable but is {type(other_act).__name__}."
+            )
         if int(sigmoid) + int(softmax) + int(other_act is not None) > 1:
             raise ValueError(
                 "Incompatible values: more than 1 of [sigmoid=True, softmax=True, other_act is not None]."
@@ -256,10 +258,17 @@ class TverskyLoss(_Loss):
         self._single_channel_warnings(input.shape[1])
         try:
             loss = tversky_loss(
-                plan.input, plan.target, float(self.alpha), float(self.beta),
-                activation=plan.activation, include_background=self.include_background,
-                batch=self.batch, reduction=self.reduction, smooth_nr=self.smooth_nr,
-                smooth_dr=self.smooth_dr, ignore_index=plan.ignore_index,
+                plan.input,
+                plan.target,
+                float(self.alpha),
+                float(self.beta),
+                activation=plan.activation,
+                include_background=self.include_background,
+                batch=self.batch,
+                reduction=self.reduction,
+                smooth_nr=self.smooth_nr,
+                smooth_dr=self.smooth_dr,
+                ignore_index=plan.ignore_index,
                 backend=self.backend,
             )
         except (ValueError, TypeError, BackendUnavailableError) as exc:
@@ -381,8 +390,13 @@ class TverskyLoss(_Loss):
                         tgt = _float_labels_to_int(target, need_integral=True)
                         if tgt is None:
                             return "non-integer float mask with ignore_index"
-                elif target.dtype not in (torch.uint8, torch.int16, torch.int32,
-                                          torch.int64, torch.bool):
+                elif target.dtype not in (
+                    torch.uint8,
+                    torch.int16,
+                    torch.int32,
+                    torch.int64,
+                    torch.bool,
+                ):
                     return f"target dtype {target.dtype}"
             else:
                 if ii is not None:
@@ -391,8 +405,13 @@ class TverskyLoss(_Loss):
                     if self.soft_label:
                         return "soft_label=True with a float target (may be soft)"
                     tgt = target
-                elif target.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64,
-                                      torch.bool):
+                elif target.dtype in (
+                    torch.uint8,
+                    torch.int16,
+                    torch.int32,
+                    torch.int64,
+                    torch.bool,
+                ):
                     # 0/1 is exact in every float dtype; out-of-range values are refused
                     # by the kernels and go to the mirror.
                     tgt = target.to(x.dtype)
@@ -414,7 +433,9 @@ class TverskyLoss(_Loss):
         if self.softmax:
             if n_pred_ch == 1:
                 if warn:
-                    warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
+                    warnings.warn(
+                        "single channel prediction, `softmax=True` ignored.", stacklevel=3
+                    )
             else:
                 input = torch.softmax(input, 1)
         if self.other_act is not None:

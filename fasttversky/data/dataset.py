@@ -201,8 +201,8 @@ class RandomBatches:
 
     Micro-batch ``i`` depends only on (seed, i): items drawn without replacement when the
     dataset has enough of them, and each slot of the batch gets its own patch
-    randomness, so a subject drawn twice still gives two different patches. This is the form ``fasttversky.training.train``
-    resumes exactly (no iterator to replay).
+    randomness, so a subject drawn twice still gives two different patches. This is the
+    form ``fasttversky.training.train`` resumes exactly (no iterator to replay).
     """
 
     def __init__(self, dataset: LesionDataset, batch_size: int = 1, seed: int = 0):

@@ -59,8 +59,11 @@ class _TorchBackend:
         if w is not None:
             p = p * w
         stats = torch.stack(
-            [(p * g).sum(-1, dtype=torch.float64), p.sum(-1, dtype=torch.float64),
-             g.sum(-1, dtype=torch.float64)],
+            [
+                (p * g).sum(-1, dtype=torch.float64),
+                p.sum(-1, dtype=torch.float64),
+                g.sum(-1, dtype=torch.float64),
+            ],
             dim=-1,
         )
         flags = torch.stack([n_nonfinite, n_bad]).to(torch.int64)
