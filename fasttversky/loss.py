@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .functional import tversky_loss
+from .functional import _per_class, tversky_loss
 
 
 class TverskyLoss(nn.Module):
@@ -51,7 +51,22 @@ class TverskyLoss(nn.Module):
             backend=backend,
             sync_across_ranks=sync_across_ranks,
         )
-        # Fail at construction, not at the first step, on bad scalar arguments.
+        # Fail at construction, not at the first step: scalar arguments through a tiny
+        # probe call, per-class sequences on their own (C is only known at forward).
+        seqs = {
+            name: value
+            for name, value in (("alpha", alpha), ("beta", beta), ("class_weights", class_weights))
+            if value is not None and not isinstance(value, (int, float))
+        }
+        for name, value in seqs.items():
+            _per_class(name, value, len(value) if hasattr(value, "__len__") else 1)
+        lengths = {len(v) for v in seqs.values() if hasattr(v, "__len__")}
+        if len(lengths) > 1:
+            raise ValueError(f"per-class arguments have different lengths: {seqs}")
+        if not isinstance(activation, str) or activation not in ("softmax", "sigmoid", "none"):
+            raise ValueError(
+                f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}"
+            )
         tversky_loss(
             torch.zeros(1, 2, 1),
             torch.zeros(1, 1, dtype=torch.long),
@@ -59,8 +74,8 @@ class TverskyLoss(nn.Module):
                 **self.kwargs,
                 "backend": "torch",
                 "activation": "softmax",
-                "alpha": 0.5 if not isinstance(alpha, (int, float)) else alpha,
-                "beta": 0.5 if not isinstance(beta, (int, float)) else beta,
+                "alpha": 0.5 if "alpha" in seqs else alpha,
+                "beta": 0.5 if "beta" in seqs else beta,
                 "class_weights": None,
                 "ignore_index": None,
                 "sync_across_ranks": False,

@@ -130,6 +130,12 @@ def test_module_rejects_bad_arguments_at_construction():
         TverskyLoss(alpha=-1)
     with pytest.raises(ValueError, match="reduction"):
         TverskyLoss(reduction="max")
+    with pytest.raises(ValueError, match="beta must be finite and >= 0"):
+        TverskyLoss(beta=[0.7, -0.1])
+    with pytest.raises(ValueError, match="different lengths"):
+        TverskyLoss(alpha=[0.3, 0.3], beta=[0.7, 0.7, 0.7])
+    with pytest.raises(ValueError, match="class_weights"):
+        TverskyLoss(class_weights=[1.0, float("nan")])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
