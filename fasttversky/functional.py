@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +52,25 @@ def _check_inputs() -> bool:
     return os.environ.get("FASTTVERSKY_CHECK_INPUTS", "1") != "0"
 
 
+def _input_error(flags: torch.Tensor, spec: KernelSpec, ignore_index) -> str | None:
+    """The message for the kernels' input-check counts, or None when the input is fine."""
+    n_nonfinite, n_bad = (int(v) for v in flags.tolist())
+    if n_nonfinite:
+        return f"logits contain {n_nonfinite} non-finite value(s) (NaN or inf)"
+    if n_bad:
+        if spec.soft_target:
+            return f"target has {n_bad} value(s) outside [0, 1]"
+        ii = f" other than ignore_index={ignore_index}" if ignore_index is not None else ""
+        return f"target has {n_bad} label(s) outside [0, {spec.num_labels}){ii}"
+    return None
+
+
+# A rank whose input is bad under DDP must still reach the all-gather (or its peers wait
+# there until the collective times out): it poisons its stats with NaN and keeps its
+# message here, and every rank raises once the gathered stats show the poison.
+_deferred = threading.local()
+
+
 @torch.library.custom_op("fasttversky::tversky_stats", mutates_args=())
 def _tversky_stats_op(
     logits: torch.Tensor,
@@ -58,25 +78,24 @@ def _tversky_stats_op(
     activation: int,
     ignore_index: int | None,
     backend: str,
+    defer_checks: bool = False,
 ) -> torch.Tensor:
     B, C, _ = logits.shape
     spec = _spec_from(C, target.is_floating_point(), activation, ignore_index)
     impl, err = _load(backend)
     stats, flags = impl.forward_stats(logits, target, spec)
     if _check_inputs():
-        n_nonfinite, n_bad = (int(v) for v in flags.tolist())
-        if n_nonfinite:
-            raise ValueError(f"logits contain {n_nonfinite} non-finite value(s) (NaN or inf)")
-        if n_bad:
-            if spec.soft_target:
-                raise ValueError(f"target has {n_bad} value(s) outside [0, 1]")
-            ii = f" other than ignore_index={ignore_index}" if ignore_index is not None else ""
-            raise ValueError(f"target has {n_bad} label(s) outside [0, {spec.num_labels}){ii}")
+        msg = _input_error(flags, spec, ignore_index)
+        if msg is not None:
+            if not defer_checks:
+                raise ValueError(msg)
+            _deferred.msg = msg
+            stats = torch.full_like(stats, float("nan"))
     return stats
 
 
 @_tversky_stats_op.register_fake
-def _(logits, target, activation, ignore_index, backend):
+def _(logits, target, activation, ignore_index, backend, defer_checks=False):
     B, C, _ = logits.shape
     return logits.new_empty((B, C, 3), dtype=torch.float64)
 
@@ -103,7 +122,7 @@ def _(logits, target, coef_a, coef_b, activation, ignore_index, backend):
 
 
 def _stats_setup_context(ctx, inputs, output):
-    logits, target, activation, ignore_index, backend = inputs
+    logits, target, activation, ignore_index, backend, _ = inputs
     ctx.save_for_backward(logits, target)
     ctx.args = (activation, ignore_index, backend)
 
@@ -115,7 +134,7 @@ def _stats_backward(ctx, grad_stats):
     coef_a = grad_stats[..., 1].to(coef_dtype).contiguous()
     coef_b = grad_stats[..., 0].to(coef_dtype).contiguous()
     grad = _tversky_grad_op(logits, target, coef_a, coef_b, *ctx.args)
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None
 
 
 _tversky_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
@@ -228,9 +247,16 @@ def _finalize(
 ):
     """stats (B, C, 3) float64 -> the loss, differentiably."""
     if sync_across_ranks:
-        from .distributed import gather_stats
+        from .distributed import gather_stats, is_distributed
 
-        stats = gather_stats(stats)
+        if is_distributed():
+            stats = gather_stats(stats)
+            if _check_inputs() and bool(torch.isnan(stats).any()):
+                msg, _deferred.msg = getattr(_deferred, "msg", None), None
+                raise ValueError(
+                    msg or "another rank's input is bad (non-finite logits or invalid "
+                    "targets); its own error says which"
+                )
     B, C, _ = stats.shape
     spg, sp, sg = stats.unbind(-1)
     if batch:
@@ -343,7 +369,12 @@ def tversky_loss(
     act = ACTIVATIONS[activation]
     spec = _spec_from(C, target3.is_floating_point(), act, ignore_index)
     name = select_backend(backend, logits3, target3, spec)
-    stats = _tversky_stats_op(logits3, target3, act, ignore_index, name)
+    defer = False
+    if sync_across_ranks:
+        from .distributed import is_distributed
+
+        defer = is_distributed()
+    stats = _tversky_stats_op(logits3, target3, act, ignore_index, name, defer)
     loss = _finalize(
         stats,
         alpha_c,

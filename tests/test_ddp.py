@@ -88,6 +88,17 @@ def _worker(rank: int, port: int, errors):
         torch.testing.assert_close(r_ddp.losses, r_single.losses, rtol=1e-10, atol=0)
         for (name, p), q in zip(ddp.module.named_parameters(), single.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+
+        # Bad input on one rank: every rank raises at once (none waits in the gather).
+        x = torch.randn(LOCAL_B[rank], 2, *SPATIAL, dtype=torch.float64)
+        if rank == 1:
+            x[0, 1, 0, 0, 0] = float("nan")
+        t0 = time.monotonic()
+        with pytest.raises(ValueError) as info:
+            fasttversky.tversky_loss(x, _shard(rank, label), backend="cpu", sync_across_ranks=True)
+        assert time.monotonic() - t0 < 30
+        expected = "non-finite" if rank == 1 else "another rank"
+        assert expected in str(info.value), str(info.value)
     except BaseException as exc:  # report to the parent, which asserts
         errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise
