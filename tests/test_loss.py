@@ -364,3 +364,24 @@ def test_many_classes_fall_back_to_torch():
     with pytest.raises(fasttversky.BackendUnavailableError, match="C=40"):
         tversky_loss(x, t, backend="cpu")
     check_against_reference(x, t, "auto")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("ignore_index", [None, 255])
+def test_two_class_channels_last(backend, dtype, ignore_index):
+    # UNet3D's CPU output layout: two classes interleaved (the kernel has a path for it)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 2, 9, 10, 11, generator=gen).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    t = _labels(2, 2, (9, 10, 11), torch.uint8, fg=0.1, gen=gen)
+    if ignore_index is not None:
+        t[torch.rand(t.shape, generator=gen) < 0.2] = ignore_index
+    check_against_reference(x, t, backend, ignore_index=ignore_index)
+    xg = x.clone().requires_grad_(True)
+    tversky_loss(xg, t, backend=backend, ignore_index=ignore_index).backward()
+    assert xg.grad.stride() == x.stride()
+    bad = x.clone()
+    bad[1, 0, 0, 0, 1] = float("nan")  # in a full tile
+    with pytest.raises(ValueError, match="1 non-finite"):
+        tversky_loss(bad, t, backend=backend, ignore_index=ignore_index)

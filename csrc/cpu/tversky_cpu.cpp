@@ -272,6 +272,10 @@ void forward_impl(const TverskyParams& P) {
   std::vector<int64_t> flags((size_t)n_items * 2, 0);
   const bool two_class_softmax = C == 2 && P.activation == TV_SOFTMAX;
   const bool contiguous = P.logits_stride_n == 1 && P.target_stride_n == 1;
+  // channels_last_3d logits of two classes: the classes of a voxel are adjacent
+  // (stride_c 1, stride_n 2). UNet3D's CPU output has this layout.
+  const bool interleaved = C == 2 && P.logits_stride_c == 1 && P.logits_stride_n == 2 &&
+                           P.target_stride_n == 1;
   // ignore_index as a label value of this label type (see load_labels)
   using LI = label_int_t<std::conditional_t<SOFT, int32_t, TT>>;
   bool has_ii = false;
@@ -308,22 +312,28 @@ void forward_impl(const TverskyParams& P) {
             acc_pg[c][i] += p * g[c][i];
             acc_g[c][i] += g[c][i];
           }
-      } else if (two_class_softmax && n == TILE && contiguous) {
-        // Fused two-class path (the paper's setup) on a full, contiguous tile: logits and
-        // labels are read straight from memory in one loop, one exp per voxel, and only
-        // the accumulators live outside registers.
+      } else if (two_class_softmax && n == TILE && (contiguous || interleaved)) {
+        // Fused two-class path (the paper's setup) on a full tile, planar or interleaved:
+        // logits and labels are read straight from memory in one loop, one exp per
+        // voxel, and only the accumulators live outside registers.
         using L = label_int_t<TT>;
         using U = std::make_unsigned_t<L>;
-        const LT* r0 = (const LT*)P.logits_ptr + b * P.logits_stride_b + n0;
+        const LT* base = (const LT*)P.logits_ptr + b * P.logits_stride_b;
+        const LT* r0 = base + n0 * P.logits_stride_n;
         const LT* r1 = r0 + P.logits_stride_c;
         const TT* lab = (const TT*)P.target_ptr + b * P.target_stride_b + n0;
         int32_t nf = 0, nb = 0;
         // Two copies of the loop: without an ignore_index (the common case) the mask
         // work disappears from the inner loop.
-        auto run = [&](auto has_ii_c) {
+        // Compile-time variants: with/without ignore_index, planar/interleaved classes.
+        auto run = [&](auto has_ii_c, auto stride_c) {
           constexpr bool HAS_II = decltype(has_ii_c)::value;
+          constexpr int S = decltype(stride_c)::value;  // voxel stride: 1 or 2
           for (int i = 0; i < TILE; ++i) {
-            const F x0 = (F)load_val(r0 + i), x1 = (F)load_val(r1 + i);
+            // interleaved: both classes from one base pointer, so gcc sees one
+            // load group and de-interleaves with shuffles instead of gathers
+            const F x0 = (F)load_val(r0 + i * S);
+            const F x1 = (F)load_val(S == 2 ? r0 + 2 * i + 1 : r1 + i);
             nf += not_finite(x0) + not_finite(x1);
             const L v = (L)lab[i];
             const bool keep = HAS_II ? v != ii : true;
@@ -345,10 +355,19 @@ void forward_impl(const TverskyParams& P) {
             acc_g[1][i] += g1;
           }
         };
-        if (has_ii)
-          run(std::true_type{});
-        else
-          run(std::false_type{});
+        using One = std::integral_constant<int, 1>;
+        using Two = std::integral_constant<int, 2>;
+        if (interleaved) {
+          if (has_ii)
+            run(std::true_type{}, Two{});
+          else
+            run(std::false_type{}, Two{});
+        } else {
+          if (has_ii)
+            run(std::true_type{}, One{});
+          else
+            run(std::false_type{}, One{});
+        }
         nonfinite += nf;
         bad += nb;
       } else if (two_class_softmax) {
@@ -424,6 +443,9 @@ void backward_impl(const TverskyParams& P) {
   const bool two_class_softmax = C == 2 && P.activation == TV_SOFTMAX;
   const bool contiguous =
       P.logits_stride_n == 1 && P.target_stride_n == 1 && P.grad_stride_n == 1;
+  const bool interleaved = C == 2 && P.logits_stride_c == 1 && P.logits_stride_n == 2 &&
+                           P.grad_stride_c == 1 && P.grad_stride_n == 2 &&
+                           P.target_stride_n == 1;
   using LI = label_int_t<std::conditional_t<SOFT, int32_t, TT>>;
   bool has_ii = false;
   LI ii = 0;
@@ -452,28 +474,35 @@ void backward_impl(const TverskyParams& P) {
     for (int64_t n0 = start; n0 < stop; n0 += TILE) {
       const int n = (int)std::min<int64_t>(TILE, stop - n0);
       if constexpr (!SOFT) {
-        if (two_class_softmax && n == TILE && contiguous) {
+        if (two_class_softmax && n == TILE && (contiguous || interleaved)) {
           // dL/dz1 = -dL/dz0 = w p0 p1 (u1 - u0), p0 p1 = e r^2: one exp per voxel, read
-          // and written straight from/to memory on a full contiguous tile.
+          // and written straight from/to memory on a full tile, planar or interleaved.
           using L = label_int_t<TT>;
-          const LT* r0 = (const LT*)P.logits_ptr + b * P.logits_stride_b + n0;
+          const LT* r0 = (const LT*)P.logits_ptr + b * P.logits_stride_b + n0 * P.logits_stride_n;
           const LT* r1 = r0 + P.logits_stride_c;
           const TT* lab = (const TT*)P.target_ptr + b * P.target_stride_b + n0;
-          LT* __restrict o0 = gbase + n0;
-          LT* __restrict o1 = o0 + P.grad_stride_c;
+          LT* o0 = gbase + n0 * P.grad_stride_n;
+          LT* o1 = o0 + P.grad_stride_c;
           const F dA = A[1] - A[0], B0 = Bc[0], B1 = Bc[1];
+          auto run = [&](auto stride_c) {
+            constexpr int S = decltype(stride_c)::value;  // voxel stride: 1 or 2
 #pragma GCC ivdep
-          for (int i = 0; i < TILE; ++i) {
-            const F d = (F)load_val(r1 + i) - (F)load_val(r0 + i);
-            const F e = fast_exp(-std::abs(d));
-            const F r = (F)1 / ((F)1 + e);
-            const L v = (L)lab[i];
-            const bool keep = !(has_ii & (v == ii));
-            const F du = dA + (v == 1 ? B1 : (F)0) - (v == 0 ? B0 : (F)0);
-            const F g1 = keep ? e * r * r * du : (F)0;
-            store_val(o0 + i, -g1);
-            store_val(o1 + i, g1);
-          }
+            for (int i = 0; i < TILE; ++i) {
+              const F d = (F)load_val(S == 2 ? r0 + 2 * i + 1 : r1 + i) - (F)load_val(r0 + i * S);
+              const F e = fast_exp(-std::abs(d));
+              const F r = (F)1 / ((F)1 + e);
+              const L v = (L)lab[i];
+              const bool keep = !(has_ii & (v == ii));
+              const F du = dA + (v == 1 ? B1 : (F)0) - (v == 0 ? B0 : (F)0);
+              const F g1 = keep ? e * r * r * du : (F)0;
+              store_val(o0 + i * S, -g1);
+              store_val(S == 2 ? o0 + 2 * i + 1 : o1 + i, g1);
+            }
+          };
+          if (interleaved)
+            run(std::integral_constant<int, 2>{});
+          else
+            run(std::integral_constant<int, 1>{});
           continue;
         }
         if (two_class_softmax) {
