@@ -82,7 +82,7 @@ def _tversky_stats_op(
 ) -> torch.Tensor:
     B, C, _ = logits.shape
     spec = _spec_from(C, target.is_floating_point(), activation, ignore_index)
-    impl, err = _load(backend)
+    impl = _load(backend)[0]
     stats, flags = impl.forward_stats(logits, target, spec)
     if _check_inputs():
         msg = _input_error(flags, spec, ignore_index)
@@ -112,7 +112,7 @@ def _tversky_grad_op(
 ) -> torch.Tensor:
     B, C, _ = logits.shape
     spec = _spec_from(C, target.is_floating_point(), activation, ignore_index)
-    impl, err = _load(backend)
+    impl = _load(backend)[0]
     return impl.backward(logits, target, coef_a, coef_b, spec)
 
 

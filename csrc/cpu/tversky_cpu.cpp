@@ -193,17 +193,31 @@ __attribute__((always_inline)) inline int64_t load_probs(const TverskyParams& P,
 template <typename TT>
 using label_int_t = std::conditional_t<std::is_same_v<TT, int64_t>, int64_t, int32_t>;
 
+// ignore_index as a label value of type TT: {matches at all, value}. One outside TT's
+// range can never match (e.g. -100 with uint8 labels). Soft targets have none.
+template <typename TT>
+struct IgnoreLabel {
+  bool active = false;
+  label_int_t<TT> value = 0;
+  explicit IgnoreLabel(const TverskyParams& P) {
+    if constexpr (std::is_integral_v<TT>) {
+      active = P.has_ignore_index &&
+               P.ignore_index >= (int64_t)std::numeric_limits<TT>::min() &&
+               P.ignore_index <= (int64_t)std::numeric_limits<TT>::max();
+      value = active ? (label_int_t<TT>)P.ignore_index : 0;
+    }
+  }
+};
+
 template <typename TT>
 inline int64_t load_labels(const TverskyParams& P, int64_t b, int64_t n0, int n,
                            int32_t* __restrict y, float* __restrict w) {
   using L = label_int_t<TT>;
   const TT* base = (const TT*)P.target_ptr + b * P.target_stride_b;
   const int64_t sn = P.target_stride_n;
-  // An ignore_index outside TT's range can never match (e.g. -100 with uint8 labels).
-  const bool has_ii = P.has_ignore_index &&
-                      P.ignore_index >= (int64_t)std::numeric_limits<TT>::min() &&
-                      P.ignore_index <= (int64_t)std::numeric_limits<TT>::max();
-  const L ii = has_ii ? (L)P.ignore_index : (L)0;
+  const IgnoreLabel<TT> ignore(P);
+  const bool has_ii = ignore.active;
+  const L ii = ignore.value;
   const L num_labels = (L)P.num_labels;
   const bool binary = P.binary_labels;
   alignas(64) L v[TILE];
@@ -276,16 +290,9 @@ void forward_impl(const TverskyParams& P) {
   // (stride_c 1, stride_n 2). UNet3D's CPU output has this layout.
   const bool interleaved = C == 2 && P.logits_stride_c == 1 && P.logits_stride_n == 2 &&
                            P.target_stride_n == 1;
-  // ignore_index as a label value of this label type (see load_labels)
-  using LI = label_int_t<std::conditional_t<SOFT, int32_t, TT>>;
-  bool has_ii = false;
-  LI ii = 0;
-  if constexpr (!SOFT) {
-    has_ii = P.has_ignore_index &&
-             P.ignore_index >= (int64_t)std::numeric_limits<TT>::min() &&
-             P.ignore_index <= (int64_t)std::numeric_limits<TT>::max();
-    ii = has_ii ? (LI)P.ignore_index : (LI)0;
-  }
+  const IgnoreLabel<TT> ignore(P);
+  const bool has_ii = ignore.active;
+  const auto ii = ignore.value;
 
   parallel_items(n_items, P.num_threads, [&](int64_t item) {
     const int64_t b = item / n_chunks, k = item % n_chunks;
@@ -446,15 +453,9 @@ void backward_impl(const TverskyParams& P) {
   const bool interleaved = C == 2 && P.logits_stride_c == 1 && P.logits_stride_n == 2 &&
                            P.grad_stride_c == 1 && P.grad_stride_n == 2 &&
                            P.target_stride_n == 1;
-  using LI = label_int_t<std::conditional_t<SOFT, int32_t, TT>>;
-  bool has_ii = false;
-  LI ii = 0;
-  if constexpr (!SOFT) {
-    has_ii = P.has_ignore_index &&
-             P.ignore_index >= (int64_t)std::numeric_limits<TT>::min() &&
-             P.ignore_index <= (int64_t)std::numeric_limits<TT>::max();
-    ii = has_ii ? (LI)P.ignore_index : (LI)0;
-  }
+  const IgnoreLabel<TT> ignore(P);
+  const bool has_ii = ignore.active;
+  const auto ii = ignore.value;
 
   parallel_items(B * n_chunks, P.num_threads, [&](int64_t item) {
     const int64_t b = item / n_chunks, k = item % n_chunks;
