@@ -7,7 +7,10 @@ import.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +98,30 @@ def cache_dir() -> Path:
     """Where compiled kernels are kept (``FASTTVERSKY_CACHE``, default ~/.cache/fasttversky)."""
     root = os.environ.get("FASTTVERSKY_CACHE") or Path.home() / ".cache" / "fasttversky"
     return Path(root)
+
+
+def build_cached(tag: str, key: bytes, lib_name: str, command, what: str) -> Path:
+    """The shared library ``cache_dir()/<tag>-<hash of key>/<lib_name>``, built once.
+
+    ``command(out_path) -> argv`` compiles it. The build goes to a private name and is
+    then renamed, so concurrent first uses (DDP workers, parallel test processes) never
+    load a half-written library.
+    """
+    out_dir = cache_dir() / f"{tag}-{hashlib.sha256(key).hexdigest()[:16]}"
+    lib = out_dir / lib_name
+    if not lib.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        cmd = command(tmp)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(
+                f"building the {what} kernels failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}"
+            )
+        os.replace(tmp, lib)
+    return lib
 
 
 class LazyLibrary:

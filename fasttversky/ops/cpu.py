@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 
 import torch
 
 from .._spec import KernelSpec
-from ._native import DTYPE_CODES, LazyLibrary, TverskyParams, cache_dir, make_params
+from ._native import DTYPE_CODES, LazyLibrary, TverskyParams, build_cached, make_params
 from ._sources import csrc_dir
 
 # -fno-trapping-math lets gcc if-convert and vectorise the tile loops (4x here); no
@@ -59,27 +56,15 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     csrc = csrc_dir()
     sources = (csrc / "tversky.h", csrc / "cpu" / "tversky_cpu.cpp")
-    h = hashlib.sha256()
-    for src in sources:
-        h.update(src.read_bytes())
-    h.update(" ".join([cxx, *_FLAGS]).encode())
-    h.update(_cpu_identity())
-    out_dir = cache_dir() / f"cpu-{h.hexdigest()[:16]}"
-    lib = out_dir / "libtversky_cpu.so"
-    if not lib.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # Build to a private name, then rename: concurrent first uses (DDP workers,
-        # parallel test processes) never load a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
-        cmd = [cxx, *_FLAGS, str(sources[1]), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(
-                f"building the CPU kernels failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}"
-            )
-        os.replace(tmp, lib)
+    key = b"".join(src.read_bytes() for src in sources)
+    key += " ".join([cxx, *_FLAGS]).encode() + _cpu_identity()
+    lib = build_cached(
+        "cpu",
+        key,
+        "libtversky_cpu.so",
+        lambda out: [cxx, *_FLAGS, str(sources[1]), "-o", out],
+        "CPU",
+    )
     dll = ctypes.CDLL(str(lib))
     for fn in (dll.tversky_cpu_forward, dll.tversky_cpu_backward):
         fn.argtypes = [ctypes.POINTER(TverskyParams)]

@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .._spec import KernelSpec
-from ._native import DTYPE_CODES, LazyLibrary, TverskyParams, cache_dir, make_params
+from ._native import DTYPE_CODES, LazyLibrary, TverskyParams, build_cached, make_params
 from ._sources import csrc_dir
 
 MAX_CLASSES = 8  # the kernels keep a voxel's classes in registers (MAXC = 4 or 8)
@@ -130,28 +128,17 @@ def _build_command(src: Path, out: Path) -> tuple[list[str], str]:
 def _build() -> ctypes.CDLL:
     csrc = _csrc()
     src = csrc / "cuda" / "tversky_cuda.cu"
-    h = hashlib.sha256()
-    for f in (csrc / "tversky.h", src, csrc / "cuda" / "host_emulation.h"):
-        h.update(f.read_bytes())
-    probe_cmd, key = _build_command(src, Path("OUT"))
-    h.update(key.encode())
-    tag = "cuda-emu" if emulating() else "cuda"
-    out_dir = cache_dir() / f"{tag}-{h.hexdigest()[:16]}"
-    lib = out_dir / "libtversky_cuda.so"
-    if not lib.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # Build to a private name, then rename: concurrent first uses (DDP workers,
-        # parallel tests) never load a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
-        cmd, _ = _build_command(src, Path(tmp))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(
-                f"building the CUDA kernels failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}"
-            )
-        os.replace(tmp, lib)
+    key = b"".join(
+        f.read_bytes() for f in (csrc / "tversky.h", src, csrc / "cuda" / "host_emulation.h")
+    )
+    probe_cmd, flags_key = _build_command(src, Path("OUT"))
+    lib = build_cached(
+        "cuda-emu" if emulating() else "cuda",
+        key + flags_key.encode(),
+        "libtversky_cuda.so",
+        lambda out: _build_command(src, Path(out))[0],
+        "CUDA",
+    )
     dll = ctypes.CDLL(str(lib))
     P = ctypes.POINTER(TverskyParams)
     dll.tversky_cuda_params_size.argtypes = []
