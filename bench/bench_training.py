@@ -2,7 +2,7 @@
 
     python -m pytest bench/bench_training.py --benchmark-only [--quick]
 
-* **fast**: ``fasttversky.models.UNet3D`` (its defaults: checkpoint="all", in-place
+* **fast**: ``fasttversky.app.models.UNet3D`` (its defaults: checkpoint="all", in-place
   ReLU, channels_last_3d on the CPU) + ``fasttversky.tversky_loss`` (backend "auto":
   the fused kernel) + Adam; **fast-contiguous**: the same with channels_last=False.
 * **reference**: ``reference.unet.ReferenceUNet3D`` + ``reference_tversky_loss`` + Adam.
@@ -80,7 +80,7 @@ def build_step(
     argument (None = its default: on for float32 CPU input); ignored for the reference.
     """
     import fasttversky
-    from fasttversky.models import UNet3D
+    from fasttversky.app.models import UNet3D
     from reference import reference_tversky_loss
     from reference.unet import ReferenceUNet3D
 

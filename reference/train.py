@@ -1,4 +1,4 @@
-"""The training loop written plainly: the oracle for ``fasttversky.training.train``.
+"""The training loop written plainly: the oracle for ``fasttversky.app.training.train``.
 
 Adam, the learning rate set by hand from the paper's step schedule
 (lr · decay ** (step // decay_every)), the reference loss, no autocast, no

@@ -1,7 +1,7 @@
-"""The 3D U-Net written plainly: the oracle for ``fasttversky.models.UNet3D``.
+"""The 3D U-Net written plainly: the oracle for ``fasttversky.app.models.UNet3D``.
 
 No checkpointing, no in-place operations, no autocast, one module call per layer.
-Parameter names and registration order are those of ``fasttversky.models.UNet3D``
+Parameter names and registration order are those of ``fasttversky.app.models.UNet3D``
 so that state_dicts load into each other. Never imported by the package.
 """
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fasttversky.cli import PAPER_SETTINGS, build_parser, main
+from fasttversky.app.cli import PAPER_SETTINGS, build_parser, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -192,7 +192,7 @@ def test_reproduce_tiny(tmp_path, capsys):
 
 def test_bench_passes_arguments_to_report(tmp_path, monkeypatch):
     """`fasttversky bench` stays a thin wrapper over bench/report.py's main(argv)."""
-    import fasttversky.cli as cli
+    import fasttversky.app.cli as cli
 
     fake = tmp_path / "bench" / "report.py"
     fake.parent.mkdir()

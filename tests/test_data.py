@@ -1,4 +1,4 @@
-"""fasttversky.data: subject discovery, validation errors, normalisation, crop/pad,
+"""fasttversky.app.data: subject discovery, validation errors, normalisation, crop/pad,
 patches, the torch Dataset, and the shared real MS data loading as-is."""
 
 import nibabel as nib
@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from fasttversky.data import (
+from fasttversky.app.data import (
     DataError,
     LesionDataset,
     RandomBatches,
@@ -174,7 +174,7 @@ def test_empty_mask_is_valid(tmp_path):
 
 
 def test_cli_reports_data_errors(tmp_path, capsys):
-    from fasttversky.cli import main
+    from fasttversky.app.cli import main
 
     d = _subject(tmp_path / "data", "s1")
     _write(d / "T2.nii.gz", np.zeros(SHAPE, np.float32))
@@ -250,7 +250,7 @@ def test_random_batches_never_repeat_a_patch_within_a_batch(tmp_path):
 
 
 def test_whole_volume_batches_are_padded_to_the_unet_multiple():
-    from fasttversky.cli import _PaddedBatches
+    from fasttversky.app.cli import _PaddedBatches
 
     image = torch.randn(1, 3, 13, 18, 9)
     label = torch.randint(0, 2, (1, 13, 18, 9), dtype=torch.uint8)

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 
 import fasttversky
 from fasttversky.distributed import gather_stats
-from fasttversky.models import UNet3D
-from fasttversky.training import TrainConfig, train
+from fasttversky.app.models import UNet3D
+from fasttversky.app.training import TrainConfig, train
 
 WORLD = 2
 LOCAL_B = (1, 2)  # uneven on purpose: the loss must not assume equal shards

@@ -1,4 +1,4 @@
-"""fasttversky.metrics against independent computations: sklearn's average precision
+"""fasttversky.app.metrics against independent computations: sklearn's average precision
 and PR curve, hand-counted DSC/F2/sensitivity/specificity, and the degenerate cases."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fasttversky.metrics import pooled_metrics, segmentation_metrics
+from fasttversky.app.metrics import pooled_metrics, segmentation_metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

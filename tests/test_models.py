@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fasttversky.models import CHECKPOINT_MODES, NORMS, UNet3D
+from fasttversky.app.models import CHECKPOINT_MODES, NORMS, UNet3D
 from reference.unet import ReferenceUNet3D
 
 X_SHAPE = (2, 3, 8, 12, 16)
@@ -136,7 +136,7 @@ def test_channels_last_input_and_weights():
 def test_depth_folded_conv_equals_plain_conv():
     """The CPU batch-1 conv that folds depth halves into the batch (oneDNN instead of
     im2col) computes the same padded conv, forward and backward."""
-    from fasttversky.models.unet import _conv3x3, _fold_depth
+    from fasttversky.app.models.unet import _conv3x3, _fold_depth
 
     torch.manual_seed(0)
     x = torch.randn(1, 4, 8, 10, 12, requires_grad=True)

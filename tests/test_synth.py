@@ -8,8 +8,8 @@ import pytest
 from conftest import SHARED_DATA
 from scipy import ndimage as ndi
 
-from fasttversky.data import find_subjects, load_subject
-from fasttversky.data.synth import (
+from fasttversky.app.data import find_subjects, load_subject
+from fasttversky.app.data.synth import (
     CSF,
     WM,
     make_phantom,

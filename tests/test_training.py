@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import fasttversky
-from fasttversky.models import UNet3D
-from fasttversky.training import (
+from fasttversky.app.models import UNet3D
+from fasttversky.app.training import (
     NonFiniteLossError,
     TrainConfig,
     load_checkpoint,

@@ -1,7 +1,7 @@
 """NIfTI datasets (one folder per subject), normalisation, patches, and lesion phantoms.
 
 Entry points: :func:`find_subjects`, :func:`load_subject`, :func:`prepare_subject`,
-:class:`LesionDataset`, :func:`batch_iterator`; phantoms in :mod:`fasttversky.data.synth`.
+:class:`LesionDataset`, :func:`batch_iterator`; phantoms in :mod:`fasttversky.app.data.synth`.
 """
 
 from .dataset import (

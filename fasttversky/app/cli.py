@@ -6,7 +6,7 @@ training loop are imported inside the commands that need them, so ``--help``,
 
 Folders the commands read and write:
 
-* dataset: ``DATA/<subject>/{T1,T2,FLAIR,mask}.nii(.gz)`` (see fasttversky.data)
+* dataset: ``DATA/<subject>/{T1,T2,FLAIR,mask}.nii(.gz)`` (see fasttversky.app.data)
 * run (``train --out RUN``): ``RUN/last.pt`` (checkpoint), ``RUN/run.json`` (model and
   data settings that ``predict`` needs), ``RUN/metrics.jsonl`` (loss per step)
 * predictions (``predict --out PRED``): ``PRED/<subject>/{prob,mask}.nii.gz`` with the
@@ -499,7 +499,7 @@ def cmd_evaluate(args) -> int:
 
 
 def _find_bench_report() -> Path | None:
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
         f = root / "bench" / "report.py"
         if f.is_file():
             return f

@@ -2,7 +2,7 @@
 
 Public API (stable; the CLI builds on it)::
 
-    from fasttversky.training import TrainConfig, TrainResult, train, predict
+    from fasttversky.app.training import TrainConfig, TrainResult, train, predict
 
     config = TrainConfig(steps=2000, lr=1e-4, lr_decay=0.9, lr_decay_every=1000,
                          alpha=0.3, beta=0.7, gamma=1.0, backend="auto",

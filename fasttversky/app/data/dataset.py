@@ -102,7 +102,7 @@ class LesionDataset(torch.utils.data.Dataset):
     """Whole volumes (``patch_size=None``) or random patches of a list of subjects.
 
     Args:
-        subjects: from :func:`fasttversky.data.find_subjects`, or already
+        subjects: from :func:`fasttversky.app.data.find_subjects`, or already
             :class:`PreparedSubject` (re-used as they are, e.g. across the runs of a
             sweep); each needs a mask.
         target_shape: crop/pad every volume to this (D, H, W) around the brain first
@@ -202,7 +202,7 @@ class RandomBatches:
     Micro-batch ``i`` depends only on (seed, i): items drawn without replacement when the
     dataset has enough of them, and each slot of the batch gets its own patch
     randomness, so a subject drawn twice still gives two different patches. This is the
-    form ``fasttversky.training.train`` resumes exactly (no iterator to replay).
+    form ``fasttversky.app.training.train`` resumes exactly (no iterator to replay).
     """
 
     def __init__(self, dataset: LesionDataset, batch_size: int = 1, seed: int = 0):

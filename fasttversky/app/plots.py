@@ -27,7 +27,7 @@ def plot_pr_curves(curves: Mapping[str, object], path: str | Path, title: str = 
 
     curves: label -> an object with ``precision``, ``recall`` (1-D arrays, recall
     ascending) and optionally ``average_precision`` (shown in the legend), e.g.
-    :class:`fasttversky.metrics.PRCurve`. Drawn as steps, which is what AP integrates.
+    :class:`fasttversky.app.metrics.PRCurve`. Drawn as steps, which is what AP integrates.
     """
     fig = _figure(5.2, 4.6)
     ax = fig.add_subplot(1, 1, 1)

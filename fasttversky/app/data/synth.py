@@ -1,6 +1,6 @@
 """Lesion phantoms that need no download: procedural brains, or real masks in real brains.
 
-Two generators write a dataset in the layout :func:`fasttversky.data.find_subjects`
+Two generators write a dataset in the layout :func:`fasttversky.app.data.find_subjects`
 reads (``out/subjectNN/{T1,T2,FLAIR,mask}.nii.gz``):
 
 * :func:`make_phantom` — a procedural head in an MNI-sized box (182×218×182 mm sampled

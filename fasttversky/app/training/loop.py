@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..functional import tversky_loss
+from ...functional import tversky_loss
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -283,7 +283,7 @@ def train(
 
     Args:
         model: returns logits (B, C, D, H, W) for an image (B, Cin, D, H, W), e.g.
-            ``fasttversky.models.UNet3D``. It is moved to ``config.device`` and put in
+            ``fasttversky.app.models.UNet3D``. It is moved to ``config.device`` and put in
             train mode; a DistributedDataParallel wrapper works (set
             ``config.sync_across_ranks`` to compute the loss over the global batch).
         batches: micro-batches ``(image, label)``: image (B, Cin, D, H, W) float (cast
