@@ -15,6 +15,17 @@ Backends see
   and returns ``dL/dlogits`` with the logits' shape, dtype and strides, where
   ``dL/dp[b, c, n] = w[b, n] * (coef_a[b, c] + coef_b[b, c] * g[b, c, n])`` is chained
   through the activation (w = 0 on ignored voxels).
+
+Cross-entropy term (``spec.with_ce``, label-map targets with softmax or sigmoid only):
+
+* ``stats`` is (B, C, 4); column 3 is ``sum_ce``, per sample and class:
+  softmax: ``Σ_n w_n [y_n = c] (−log p_c,n)`` (the CE of the voxels labelled c, from a
+  log-sum-exp with the max the softmax already takes); sigmoid: ``Σ_n w_n BCE(x_c,n,
+  g_c,n)`` with ``BCE(x, g) = max(x, 0) − x g + log1p(exp(−|x|))``.
+* ``backward`` also gets ``coef_ce`` (B, C) (same dtype as ``coef_a``) = ``dL/dsum_ce``
+  and adds, on non-ignored voxels, softmax: ``coef_ce[b, y_n] (p_k − [k = y_n])`` to
+  every class k; sigmoid: ``coef_ce[b, c] (σ(x_c) − g_c)``. Without ``with_ce`` it gets
+  ``coef_ce=None`` and must do exactly the Tversky-only work.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ class KernelSpec:
     soft_target: bool  # target is (B, C, N) float instead of (B, N) labels
     ignore_index: int | None  # label value that contributes nothing (labels only)
     num_classes: int  # C
+    with_ce: bool = False  # also accumulate sum_ce (stats column 3) and its gradient
 
     # With C == 1 (binary sigmoid / probabilities) a label map holds {0, 1} and the
     # single channel is the foreground: g = (label == 1). Otherwise g_c = (label == c).

@@ -40,9 +40,15 @@ _REDUCTIONS = ("mean", "sum", "none")
 # --------------------------------------------------------------------------------------
 # custom ops
 # --------------------------------------------------------------------------------------
-def _spec_from(C: int, soft: bool, activation: int, ignore_index: int | None) -> KernelSpec:
+def _spec_from(
+    C: int, soft: bool, activation: int, ignore_index: int | None, with_ce: bool = False
+) -> KernelSpec:
     return KernelSpec(
-        activation=activation, soft_target=soft, ignore_index=ignore_index, num_classes=C
+        activation=activation,
+        soft_target=soft,
+        ignore_index=ignore_index,
+        num_classes=C,
+        with_ce=with_ce,
     )
 
 
@@ -79,9 +85,10 @@ def _tversky_stats_op(
     ignore_index: int | None,
     backend: str,
     defer_checks: bool = False,
+    with_ce: bool = False,
 ) -> torch.Tensor:
     B, C, _ = logits.shape
-    spec = _spec_from(C, target.is_floating_point(), activation, ignore_index)
+    spec = _spec_from(C, target.is_floating_point(), activation, ignore_index, with_ce)
     impl = _load(backend)[0]
     stats, flags = impl.forward_stats(logits, target, spec)
     if _check_inputs():
@@ -95,9 +102,9 @@ def _tversky_stats_op(
 
 
 @_tversky_stats_op.register_fake
-def _(logits, target, activation, ignore_index, backend, defer_checks=False):
+def _(logits, target, activation, ignore_index, backend, defer_checks=False, with_ce=False):
     B, C, _ = logits.shape
-    return logits.new_empty((B, C, 3), dtype=torch.float64)
+    return logits.new_empty((B, C, 4 if with_ce else 3), dtype=torch.float64)
 
 
 @torch.library.custom_op("fasttversky::tversky_grad", mutates_args=())
@@ -106,25 +113,30 @@ def _tversky_grad_op(
     target: torch.Tensor,
     coef_a: torch.Tensor,
     coef_b: torch.Tensor,
+    coef_ce: torch.Tensor | None,
     activation: int,
     ignore_index: int | None,
     backend: str,
 ) -> torch.Tensor:
     B, C, _ = logits.shape
-    spec = _spec_from(C, target.is_floating_point(), activation, ignore_index)
+    with_ce = coef_ce is not None
+    spec = _spec_from(C, target.is_floating_point(), activation, ignore_index, with_ce)
     impl = _load(backend)[0]
+    if with_ce:
+        return impl.backward(logits, target, coef_a, coef_b, spec, coef_ce=coef_ce)
     return impl.backward(logits, target, coef_a, coef_b, spec)
 
 
 @_tversky_grad_op.register_fake
-def _(logits, target, coef_a, coef_b, activation, ignore_index, backend):
+def _(logits, target, coef_a, coef_b, coef_ce, activation, ignore_index, backend):
     return torch.empty_like(logits)
 
 
 def _stats_setup_context(ctx, inputs, output):
-    logits, target, activation, ignore_index, backend, _ = inputs
+    logits, target, activation, ignore_index, backend, _, with_ce = inputs
     ctx.save_for_backward(logits, target)
     ctx.args = (activation, ignore_index, backend)
+    ctx.with_ce = with_ce
 
 
 def _stats_backward(ctx, grad_stats):
@@ -133,8 +145,10 @@ def _stats_backward(ctx, grad_stats):
     # dL/dp = w * (dL/dsum_p + dL/dsum_pg * g); sum_g does not depend on the logits.
     coef_a = grad_stats[..., 1].to(coef_dtype).contiguous()
     coef_b = grad_stats[..., 0].to(coef_dtype).contiguous()
-    grad = _tversky_grad_op(logits, target, coef_a, coef_b, *ctx.args)
-    return grad, None, None, None, None, None
+    # The cross-entropy term: dL/dsum_ce, one more (B, C) coefficient (see _spec.py).
+    coef_ce = grad_stats[..., 3].to(coef_dtype).contiguous() if ctx.with_ce else None
+    grad = _tversky_grad_op(logits, target, coef_a, coef_b, coef_ce, *ctx.args)
+    return grad, None, None, None, None, None, None
 
 
 _tversky_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
@@ -244,8 +258,16 @@ def _finalize(
     gamma,
     class_weights,
     sync_across_ranks,
+    ce_weight=0.0,
+    ce_class_weights=None,
+    activation="softmax",
 ):
-    """stats (B, C, 3) float64 -> the loss, differentiably."""
+    """stats (B, C, 3) float64 -> the loss, differentiably.
+
+    With ``ce_weight > 0``, stats is (B, C, 4) (column 3: sum_ce) for softmax, and
+    (B, C, 5) for sigmoid, whose column 4 holds the sample's non-ignored voxel count
+    (the same in every class), so that both travel through the DDP all-gather.
+    """
     if sync_across_ranks:
         from .distributed import gather_stats, is_distributed
 
@@ -254,11 +276,13 @@ def _finalize(
             if _check_inputs() and bool(torch.isnan(stats).any()):
                 msg, _deferred.msg = getattr(_deferred, "msg", None), None
                 raise ValueError(
-                    msg or "another rank's input is bad (non-finite logits or invalid "
+                    msg
+                    or "another rank's input is bad (non-finite logits or invalid "
                     "targets); its own error says which"
                 )
     B, C, _ = stats.shape
-    spg, sp, sg = stats.unbind(-1)
+    ce = _cross_entropy(stats, ce_class_weights, activation) if ce_weight else None
+    spg, sp, sg = stats[..., 0], stats[..., 1], stats[..., 2]
     if batch:
         spg, sp, sg = spg.sum(0), sp.sum(0), sg.sum(0)
     a = stats.new_tensor(alpha)
@@ -280,10 +304,62 @@ def _finalize(
     if reduction == "none":
         return terms
     if reduction == "sum":
-        return terms.sum()
-    n = 1 if batch else B
-    denom = (w.sum() if w is not None else terms.shape[-1]) * n
-    return terms.sum() / denom
+        loss = terms.sum()
+    else:
+        n = 1 if batch else B
+        denom = (w.sum() if w is not None else terms.shape[-1]) * n
+        loss = terms.sum() / denom
+    if ce is not None:
+        loss = loss + ce_weight * ce
+    return loss
+
+
+def _cross_entropy(stats, ce_class_weights, activation):
+    """The cross-entropy mean over the (whole batch's) non-ignored voxels, from the sums.
+
+    softmax: Σ_{b,c} w_c sum_ce[b, c] / Σ_{b,c} w_c sum_g[b, c] — F.cross_entropy's
+    weighted mean, since sum_g counts the voxels labelled c. sigmoid: Σ_{b,c} w_c
+    sum_ce[b, c] / (C · Σ_b kept_b) — binary_cross_entropy_with_logits' mean with a
+    per-channel weight. When no voxel counts, the term is 0 (F.cross_entropy gives NaN;
+    nnU-Net also skips its CE then). Autograd gives dL/dsum_ce = coef_ce.
+    """
+    C = stats.shape[1]
+    sum_ce = stats[..., 3]
+    if activation == "softmax":
+        count = stats[..., 2]
+        if ce_class_weights is not None:
+            w = stats.new_tensor(ce_class_weights)
+            num, den = (sum_ce * w).sum(), (count * w).sum()
+        else:
+            num, den = sum_ce.sum(), count.sum()
+    else:
+        if ce_class_weights is not None:
+            sum_ce = sum_ce * stats.new_tensor(ce_class_weights)
+        num = sum_ce.sum()
+        den = stats[:, 0, 4].sum() * C
+    # den does not depend on the logits; where() keeps 0/0 (no voxel counts) at 0 with a
+    # finite gradient (num is 0 then too).
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _kept_voxels(stats, target3, spec: KernelSpec, N: int) -> torch.Tensor:
+    """(B, C, 1) float64: each sample's number of non-ignored voxels (sigmoid CE's mean).
+
+    Without ignore_index that is N; with one and C > 1 every kept voxel has exactly one
+    label in [0, C) (others raise), so it is Σ_c sum_g. For C = 1 sum_g only counts the
+    label-1 voxels, so the label-0 ones are counted here.
+    TODO(perf): that case costs one extra read of the label map.
+    """
+    B, C, _ = stats.shape
+    if spec.ignore_index is None:
+        kept = torch.full((B,), float(N), dtype=torch.float64, device=stats.device)
+    elif C > 1:
+        kept = stats[..., 2].detach().sum(-1)
+    else:
+        kept = stats[:, 0, 2].detach()
+        if spec.ignore_index != 0:
+            kept = kept + (target3 == 0).sum(-1, dtype=torch.float64)
+    return kept.view(B, 1, 1).expand(B, C, 1)
 
 
 def tversky_loss(
@@ -303,8 +379,10 @@ def tversky_loss(
     class_weights: Sequence[float] | None = None,
     backend: str = "auto",
     sync_across_ranks: bool = False,
+    ce_weight: float = 0.0,
+    ce_class_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    r"""Fused Tversky loss (Salehi et al., 2017) from logits.
+    r"""Fused Tversky loss (Salehi et al., 2017) from logits, optionally + cross-entropy.
 
     Per sample and class (or per class over the whole batch when ``batch=True``)::
 
@@ -343,6 +421,22 @@ def tversky_loss(
         sync_across_ranks: under torch.distributed, compute the loss on the batch
             concatenated over all ranks (the per-sample sums are all-gathered, with
             autograd), so DDP's averaged gradients equal single-process training.
+        ce_weight: >= 0. When > 0 the result is the Tversky loss (as above) +
+            ``ce_weight`` × CE, computed in the same single pass over the volume (the
+            compound loss of nnU-Net / MONAI DiceCE). CE is always ONE mean over the
+            whole batch's non-ignored voxels, whatever ``batch`` says (like
+            ``F.cross_entropy``), and it is added once to the "mean" or "sum" of the
+            Tversky terms; ``reduction="none"`` raises. Needs an integer label map and
+            activation "softmax" or "sigmoid".
+            softmax: ``F.cross_entropy(logits, labels, weight=ce_class_weights,
+            ignore_index=ignore_index)``, i.e. Σ w_y·(−log p_y) / Σ w_y over the
+            non-ignored voxels. sigmoid: ``F.binary_cross_entropy_with_logits(logits,
+            onehot, weight=ce_class_weights[c] per channel)`` where onehot is
+            (label == c), or (label == 1) for C = 1, averaged over the C × non-ignored
+            voxels (ignored voxels add nothing, like a zero weight, and are not counted).
+            Where no voxel counts, CE is 0 rather than F.cross_entropy's NaN.
+        ce_class_weights: C non-negative weights of the CE classes (torch's ``weight``),
+            not all zero; independent of ``class_weights``.
 
     Returns:
         A scalar (or the (B, C') / (C',) terms), float32 for half-precision logits,
@@ -355,8 +449,32 @@ def tversky_loss(
             raise ValueError(f"{name} must be finite and >= 0, got {v}")
     if not (math.isfinite(float(gamma)) and gamma > 0):
         raise ValueError(f"gamma must be finite and > 0, got {gamma}")
+    ce_weight = float(ce_weight)
+    if not (math.isfinite(ce_weight) and ce_weight >= 0):
+        raise ValueError(f"ce_weight must be finite and >= 0, got {ce_weight}")
     logits3, target3 = _prepare(logits, target, activation, ignore_index)
-    C = logits3.shape[1]
+    B, C, N = logits3.shape
+    ce_w = None
+    if ce_class_weights is not None:
+        ce_w = _per_class("ce_class_weights", ce_class_weights, C)
+        if sum(ce_w) <= 0:
+            raise ValueError("ce_class_weights must not all be zero")
+    with_ce = ce_weight > 0
+    if with_ce:
+        if reduction == "none":
+            raise ValueError(
+                "reduction='none' is not defined with ce_weight > 0 (the cross-entropy is "
+                "one mean over the batch); use 'mean' or 'sum'"
+            )
+        if target3.is_floating_point():
+            raise ValueError(
+                "ce_weight > 0 needs an integer label map target, got a float target "
+                "(for a one-hot target pass target.argmax(1))"
+            )
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(
+                f"ce_weight > 0 needs activation 'softmax' or 'sigmoid', got {activation!r}"
+            )
     alpha_c = _per_class("alpha", alpha, C)
     beta_c = _per_class("beta", beta, C)
     weights = None
@@ -367,14 +485,19 @@ def tversky_loss(
             raise ValueError("class_weights of the kept classes must not all be zero")
 
     act = ACTIVATIONS[activation]
-    spec = _spec_from(C, target3.is_floating_point(), act, ignore_index)
+    spec = _spec_from(C, target3.is_floating_point(), act, ignore_index, with_ce)
     name = select_backend(backend, logits3, target3, spec)
     defer = False
     if sync_across_ranks:
         from .distributed import is_distributed
 
         defer = is_distributed()
-    stats = _tversky_stats_op(logits3, target3, act, ignore_index, name, defer)
+    if with_ce:
+        stats = _tversky_stats_op(logits3, target3, act, ignore_index, name, defer, True)
+        if activation == "sigmoid":
+            stats = torch.cat([stats, _kept_voxels(stats, target3, spec, N)], dim=-1)
+    else:
+        stats = _tversky_stats_op(logits3, target3, act, ignore_index, name, defer)
     loss = _finalize(
         stats,
         alpha_c,
@@ -387,6 +510,9 @@ def tversky_loss(
         gamma=float(gamma),
         class_weights=weights,
         sync_across_ranks=sync_across_ranks,
+        ce_weight=ce_weight,
+        ce_class_weights=ce_w,
+        activation=activation,
     )
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
     return loss.to(out_dtype)

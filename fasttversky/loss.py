@@ -16,6 +16,7 @@ class TverskyLoss(nn.Module):
     ``forward(logits, target)``: logits (B, C, *spatial) float, target an integer label
     map (B, *spatial) / (B, 1, *spatial) or a float (B, C, *spatial) soft target.
     alpha weighs false positives, beta false negatives (paper's best: 0.3, 0.7).
+    ``ce_weight > 0`` adds that multiple of the cross-entropy in the same fused pass.
     """
 
     def __init__(
@@ -34,6 +35,8 @@ class TverskyLoss(nn.Module):
         class_weights: Sequence[float] | None = None,
         backend: str = "auto",
         sync_across_ranks: bool = False,
+        ce_weight: float = 0.0,
+        ce_class_weights: Sequence[float] | None = None,
     ):
         super().__init__()
         self.kwargs = dict(
@@ -50,12 +53,19 @@ class TverskyLoss(nn.Module):
             class_weights=class_weights,
             backend=backend,
             sync_across_ranks=sync_across_ranks,
+            ce_weight=ce_weight,
+            ce_class_weights=ce_class_weights,
         )
         # Fail at construction, not at the first step: scalar arguments through a tiny
         # probe call, per-class sequences on their own (C is only known at forward).
         seqs = {
             name: value
-            for name, value in (("alpha", alpha), ("beta", beta), ("class_weights", class_weights))
+            for name, value in (
+                ("alpha", alpha),
+                ("beta", beta),
+                ("class_weights", class_weights),
+                ("ce_class_weights", ce_class_weights),
+            )
             if value is not None and not isinstance(value, (int, float))
         }
         for name, value in seqs.items():
@@ -77,6 +87,7 @@ class TverskyLoss(nn.Module):
                 "alpha": 0.5 if "alpha" in seqs else alpha,
                 "beta": 0.5 if "beta" in seqs else beta,
                 "class_weights": None,
+                "ce_class_weights": None,
                 "ignore_index": None,
                 "sync_across_ranks": False,
             },

@@ -35,12 +35,42 @@ def reference_tversky_loss(
     gamma: float = 1.0,
     ignore_index: int | None = None,
     class_weights: Sequence[float] | None = None,
+    ce_weight: float = 0.0,
+    ce_class_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Reference Tversky loss; same meaning of every argument as ``fasttversky.tversky_loss``.
 
     logits: (B, C, *spatial) float. target: integer label map (B, *spatial) or
-    (B, 1, *spatial), or float (B, C, *spatial) soft/one-hot target.
+    (B, 1, *spatial), or float (B, C, *spatial) soft/one-hot target. With
+    ``ce_weight > 0`` the result is the Tversky loss + ``ce_weight`` ×
+    :func:`reference_cross_entropy`.
     """
+    if ce_weight:
+        if reduction == "none":
+            raise ValueError("reduction='none' is not defined with ce_weight > 0")
+        tv = reference_tversky_loss(
+            logits,
+            target,
+            alpha,
+            beta,
+            activation=activation,
+            include_background=include_background,
+            batch=batch,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            gamma=gamma,
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+        )
+        ce = reference_cross_entropy(
+            logits,
+            target,
+            activation=activation,
+            ignore_index=ignore_index,
+            class_weights=ce_class_weights,
+        )
+        return tv + ce_weight * ce
     B, C = logits.shape[:2]
     x = logits
 
@@ -111,3 +141,53 @@ def reference_tversky_loss(
         n = 1 if batch else B
         return weighted.sum() / (w.sum() * n)
     raise ValueError(reduction)
+
+
+def reference_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    activation: str = "softmax",
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """The cross-entropy term of the compound loss, from torch's own functions.
+
+    softmax: ``F.cross_entropy(logits, labels, weight=class_weights,
+    ignore_index=ignore_index)`` (weighted mean Σ w_y·(−log p_y) / Σ w_y over the
+    non-ignored voxels), except that it is 0 instead of NaN when no voxel counts.
+    sigmoid: ``F.binary_cross_entropy_with_logits`` against the one-hot of the labels
+    (label == 1 for C = 1), per-channel ``weight = class_weights``, mean over the
+    C × (non-ignored voxels) elements. Integer label maps only.
+    """
+    B, C = logits.shape[:2]
+    labels = target.long()
+    if labels.dim() == logits.dim():
+        labels = labels[:, 0]
+    if activation == "softmax":
+        w = None if class_weights is None else _per_class(class_weights, C, logits)
+        ii = -100 if ignore_index is None else ignore_index
+        kept = labels != ii
+        wsum = (w[labels.clamp(0, C - 1)] * kept).sum() if w is not None else kept.sum()
+        if wsum == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels, weight=w, ignore_index=ii)
+    if activation == "sigmoid":
+        keep = torch.ones_like(labels, dtype=torch.bool)
+        if ignore_index is not None:
+            keep = labels != ignore_index
+        safe = torch.where(keep, labels, torch.zeros_like(labels))
+        if C == 1:
+            g = (safe == 1).unsqueeze(1).to(logits.dtype)
+        else:
+            g = F.one_hot(safe, C).movedim(-1, 1).to(logits.dtype)
+        shape = (1, C) + (1,) * (logits.dim() - 2)
+        w = keep.unsqueeze(1).to(logits.dtype)
+        if class_weights is not None:
+            w = w * _per_class(class_weights, C, logits).view(shape)
+        n = keep.sum() * C
+        if n == 0:
+            return logits.sum() * 0.0
+        bce = F.binary_cross_entropy_with_logits(logits, g, weight=w, reduction="sum")
+        return bce / n
+    raise ValueError(f"no cross-entropy for activation={activation!r}")

@@ -139,6 +139,8 @@ class _CpuBackend:
 
     def reasons(self, logits, target, spec: KernelSpec):
         why = []
+        if spec.with_ce:
+            why.append("no cross-entropy term (ce_weight > 0) in this backend yet")
         if logits.device.type != "cpu":
             why.append(f"logits are on {logits.device}, the cpu backend needs CPU tensors")
         if logits.shape[1] > MAX_CLASSES:

@@ -288,6 +288,8 @@ class _CudaBackend:
 
     def reasons(self, logits, target, spec: KernelSpec):
         why = []
+        if spec.with_ce:
+            why.append("no cross-entropy term (ce_weight > 0) in this backend yet")
         want = "cpu" if emulating() else "cuda"
         if logits.device.type != want:
             need = "CPU tensors under FASTTVERSKY_CUDA_EMULATE=1" if emulating() else "CUDA tensors"

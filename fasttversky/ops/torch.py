@@ -40,6 +40,19 @@ def _onehot_and_mask(target, spec: KernelSpec, C: int, dtype):
     return g.to(dtype) * w, w, bad
 
 
+def _ce_sums(x, g, w, spec: KernelSpec) -> torch.Tensor:
+    """sum_ce (B, C) float64 (see _spec.py); g is the masked one-hot, w the voxel mask."""
+    if spec.activation == 0:
+        # -log p_c on the voxels labelled c (g = 0 elsewhere, ignored voxels included)
+        ce = -(torch.log_softmax(x, dim=1) * g)
+    else:
+        # max(x, 0) - x g + log1p(exp(-|x|)): finite for any finite x
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(x, g, reduction="none")
+        if w is not None:
+            ce = ce * w
+    return ce.sum(-1, dtype=torch.float64)
+
+
 class _TorchBackend:
     name = "torch"
 
@@ -58,18 +71,18 @@ class _TorchBackend:
         g, w, n_bad = _onehot_and_mask(target, spec, C, cdtype)
         if w is not None:
             p = p * w
-        stats = torch.stack(
-            [
-                (p * g).sum(-1, dtype=torch.float64),
-                p.sum(-1, dtype=torch.float64),
-                g.sum(-1, dtype=torch.float64),
-            ],
-            dim=-1,
-        )
+        sums = [
+            (p * g).sum(-1, dtype=torch.float64),
+            p.sum(-1, dtype=torch.float64),
+            g.sum(-1, dtype=torch.float64),
+        ]
+        if spec.with_ce:
+            sums.append(_ce_sums(x, g, w, spec))
+        stats = torch.stack(sums, dim=-1)
         flags = torch.stack([n_nonfinite, n_bad]).to(torch.int64)
         return stats, flags
 
-    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec):
+    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
         B, C, N = logits.shape
         cdtype = coef_a.dtype
         p = _probs(logits.to(cdtype), spec.activation)
@@ -83,6 +96,13 @@ class _TorchBackend:
             dx = dldp * p * (1 - p)
         else:
             dx = dldp
+        if coef_ce is not None:
+            e = coef_ce.unsqueeze(-1)
+            if spec.activation == 0:
+                # g is the masked one-hot, so (e g).sum(1) is e of the voxel's label (0 if ignored)
+                dx = dx + p * (e * g).sum(1, keepdim=True) - e * g
+            else:
+                dx = dx + e * (p - g) * (w if w is not None else 1.0)
         grad = torch.empty_like(logits)
         grad.copy_(dx)
         return grad

@@ -235,6 +235,8 @@ class _TritonBackend:
 
     def reasons(self, logits, target, spec: KernelSpec):
         why = []
+        if spec.with_ce:
+            why.append("no cross-entropy term (ce_weight > 0) in this backend yet")
         want = "cpu" if _state.get("interpret") else "cuda"
         if logits.device.type != want:
             if want == "cuda":
