@@ -14,10 +14,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import check_against_reference
+from _helpers import TOLERANCES, check_against_reference
 
 import fasttversky
-from fasttversky import TverskyLoss, tversky_loss
+from fasttversky import TverskyLoss, deep_supervision_loss, tversky_loss
+from fasttversky.deep_supervision import default_weights, downsample_labels
 from reference import reference_cross_entropy, reference_tversky_loss
 
 BACKENDS = ["torch"]  # cpu, triton, cuda join as their kernels gain the CE term
@@ -296,3 +297,86 @@ def test_nonfinite_logits_raise(backend):
     x[0, 1, 2, 2, 2] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         tversky_loss(x, t, backend=backend, ce_weight=1.0)
+
+
+# ------------------------------------------------------------------------------------
+# deep supervision
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shape_in, shape_out",
+    [((8, 10, 6), (4, 5, 3)), ((9, 10, 7), (5, 5, 4)), ((9, 10, 7), (3, 2, 2)), ((7, 6), (7, 3))],
+)
+def test_downsample_labels_is_nearest_exact(shape_in, shape_out):
+    """Voxel for voxel what nnU-Net v2's DownsampleSegForDSTransform produces."""
+    gen = torch.Generator().manual_seed(20)
+    t = torch.randint(0, 5, (2, *shape_in), generator=gen, dtype=torch.uint8)
+    want = F.interpolate(t[:, None].float(), shape_out, mode="nearest-exact")[:, 0].to(t.dtype)
+    got = downsample_labels(t, shape_out)
+    assert got.dtype == t.dtype and torch.equal(got, want)
+    assert torch.equal(downsample_labels(t[:, None], shape_out), want)
+
+
+def test_default_weights_are_nnunets():
+    w = [1.0, 0.5, 0.25, 0.0]
+    assert default_weights(4) == pytest.approx([v / sum(w) for v in w])
+    assert default_weights(1) == [1.0]
+
+
+def _scales(seed, B=2, C=3, shape=(8, 8, 6)):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [shape, tuple(s // 2 for s in shape), tuple(s // 4 for s in shape)]
+    xs = [torch.randn(B, C, *s, generator=gen, dtype=torch.float64) for s in sizes]
+    t = torch.randint(0, C, (B, *shape), generator=gen, dtype=torch.uint8)
+    return xs, t, sizes
+
+
+def test_deep_supervision_matches_reference(backend):
+    xs, t, sizes = _scales(21)
+    kw = dict(alpha=0.3, beta=0.7, ce_weight=1.0, ignore_index=None)
+    weights = [0.5, 0.3, 0.2]
+    dtype = _dtypes(backend)[-1]
+    xk = [x.to(dtype).requires_grad_(True) for x in xs]
+    loss = deep_supervision_loss(xk, t, weights, backend=backend, **kw)
+    loss.backward()
+    xr = [x.to(dtype).double().requires_grad_(True) for x in xs]
+    ref = 0.0
+    for x, w, s in zip(xr, weights, sizes, strict=True):
+        ts = F.interpolate(t[:, None].float(), s, mode="nearest-exact")[:, 0].long()
+        ref = ref + w * reference_tversky_loss(x, ts, **kw)
+    ref.backward()
+    loss_rtol, grad_rtol = TOLERANCES[dtype]
+    assert abs(loss.item() - ref.item()) <= loss_rtol * abs(ref.item())
+    for a, b in zip(xk, xr, strict=True):
+        scale = b.grad.abs().max().item()
+        assert (a.grad.double() - b.grad).abs().max().item() <= grad_rtol * scale
+
+
+def test_deep_supervision_default_weights_and_target_list():
+    xs, t, sizes = _scales(22)
+    ts = [downsample_labels(t, s) for s in sizes]
+    got = deep_supervision_loss(xs, ts, ce_weight=0.5, batch=True)
+    w = default_weights(3)
+    want = sum(w[i] * tversky_loss(xs[i], ts[i], ce_weight=0.5, batch=True) for i in range(2))
+    assert torch.equal(got, want)
+    # the lowest scale has weight 0 and is never computed: a bad target there is unseen
+    ts[2] = torch.full_like(ts[2], 99)
+    assert torch.equal(deep_supervision_loss(xs, ts, ce_weight=0.5, batch=True), want)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (dict(weights=[1.0, 0.5]), "weights has 2 entries"),
+        (dict(weights=[0.0, 0.0, 0.0]), "not all zero"),
+        (dict(weights=[1.0, -1.0, 0.0]), "weights must be finite"),
+        (dict(target="list2"), "target has 2 scales"),
+        (dict(target="float"), "single float target"),
+    ],
+)
+def test_deep_supervision_bad_arguments(args, match):
+    xs, t, sizes = _scales(23)
+    target = {"list2": [t, t], "float": torch.rand(2, 3, *sizes[0])}.get(
+        args.pop("target", None), t
+    )
+    with pytest.raises(ValueError, match=match):
+        deep_supervision_loss(xs, target, **args)
