@@ -58,18 +58,30 @@ def _why_not(name: str, logits: torch.Tensor, target: torch.Tensor, spec) -> lis
     return list(backend.reasons(logits, target, spec))
 
 
-@torch._dynamo.assume_constant_result
+def check_backend_name(backend) -> None:
+    """Raise ValueError unless ``backend`` is "auto" or a known backend name."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _MODULES):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
 def select_backend(requested: str, logits: torch.Tensor, target: torch.Tensor, spec) -> str:
     """Return the name of the backend that will run these inputs.
 
-    Only metadata (device, dtypes, shapes, strides) decides, so under ``torch.compile``
-    the choice is made once at trace time and baked in as a constant.
+    Only metadata (device, dtypes, shapes, strides) decides. It is called inside the
+    custom ops (functional.py), which ``torch.compile`` treats as opaque, so tracing never
+    runs it: no ``torch._dynamo`` marking (whose import alone costs ~1.5 s and 150 MiB at
+    ``import fasttversky``) is needed to keep the loss free of graph breaks.
     """
     if requested == "auto":
-        requested = os.environ.get("FASTTVERSKY_BACKEND", "auto") or "auto"
+        env = os.environ.get("FASTTVERSKY_BACKEND", "auto") or "auto"
+        if env != "auto" and env not in _MODULES:
+            raise ValueError(
+                f"environment variable FASTTVERSKY_BACKEND must be 'auto' or one of "
+                f"{BACKENDS}, got {env!r}"
+            )
+        requested = env
     if requested != "auto":
-        if requested not in _MODULES:
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}")
+        check_backend_name(requested)
         why = _why_not(requested, logits, target, spec)
         if why:
             raise BackendUnavailableError(

@@ -17,7 +17,8 @@ The loss is computed in two stages.
 
 Because stage 1 is an opaque custom op with a registered autograd formula and a fake
 (meta) implementation, ``torch.compile(fullgraph=True)`` traces the whole loss without a
-graph break.
+graph break. The backend is chosen inside the ops (``select_backend``, from the inputs'
+metadata, microseconds), so tracing never has to run the selection.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._dispatch import _load, select_backend
+from ._dispatch import _load, check_backend_name, select_backend
 from ._spec import ACTIVATIONS, KernelSpec
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -89,7 +90,7 @@ def _tversky_stats_op(
 ) -> torch.Tensor:
     B, C, _ = logits.shape
     spec = _spec_from(C, target.is_floating_point(), activation, ignore_index, with_ce)
-    impl = _load(backend)[0]
+    impl = _load(select_backend(backend, logits, target, spec))[0]
     stats, flags = impl.forward_stats(logits, target, spec)
     if _check_inputs():
         msg = _input_error(flags, spec, ignore_index)
@@ -121,7 +122,8 @@ def _tversky_grad_op(
     B, C, _ = logits.shape
     with_ce = coef_ce is not None
     spec = _spec_from(C, target.is_floating_point(), activation, ignore_index, with_ce)
-    impl = _load(backend)[0]
+    # Same metadata as the forward, so the same backend (see _tversky_stats_op).
+    impl = _load(select_backend(backend, logits, target, spec))[0]
     if with_ce:
         return impl.backward(logits, target, coef_a, coef_b, spec, coef_ce=coef_ce)
     return impl.backward(logits, target, coef_a, coef_b, spec)
@@ -444,6 +446,7 @@ def tversky_loss(
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_backend_name(backend)
     for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
         if not math.isfinite(float(v)) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {v}")
@@ -486,18 +489,17 @@ def tversky_loss(
 
     act = ACTIVATIONS[activation]
     spec = _spec_from(C, target3.is_floating_point(), act, ignore_index, with_ce)
-    name = select_backend(backend, logits3, target3, spec)
     defer = False
     if sync_across_ranks:
         from .distributed import is_distributed
 
         defer = is_distributed()
     if with_ce:
-        stats = _tversky_stats_op(logits3, target3, act, ignore_index, name, defer, True)
+        stats = _tversky_stats_op(logits3, target3, act, ignore_index, backend, defer, True)
         if activation == "sigmoid":
             stats = torch.cat([stats, _kept_voxels(stats, target3, spec, N)], dim=-1)
     else:
-        stats = _tversky_stats_op(logits3, target3, act, ignore_index, name, defer)
+        stats = _tversky_stats_op(logits3, target3, act, ignore_index, backend, defer)
     loss = _finalize(
         stats,
         alpha_c,

@@ -304,19 +304,30 @@ def test_forward_saves_nothing_voxel_sized():
     loss.backward()
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_torch_compile_fullgraph(backend, monkeypatch):
+    # The backend is chosen inside the custom ops, so tracing never runs the selection
+    # (no torch._dynamo marking at import); "auto" resolves to the C++ kernels here.
+    from fasttversky.ops import cpu as cpu_ops
+
+    calls = []
+    impl = cpu_ops.BACKEND
+    real_fwd, real_bwd = impl.forward_stats, impl.backward
+    monkeypatch.setattr(impl, "forward_stats", lambda *a: calls.append("fwd") or real_fwd(*a))
+    monkeypatch.setattr(impl, "backward", lambda *a: calls.append("bwd") or real_bwd(*a))
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 3, 6, 7, 8, generator=gen)
     t = torch.randint(0, 3, (2, 6, 7, 8), generator=gen, dtype=torch.uint8)
 
     def step(z):
-        return tversky_loss(z * 2.0, t, 0.3, 0.7, gamma=0.75, backend="cpu")
+        return tversky_loss(z * 2.0, t, 0.3, 0.7, gamma=0.75, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
     l1 = compiled(x1)
     l1.backward()
+    assert calls == ["fwd", "bwd"]  # the compiled graph ran the C++ kernels
     l2 = step(x2)
     l2.backward()
     torch.testing.assert_close(l1, l2)
