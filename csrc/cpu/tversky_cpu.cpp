@@ -56,10 +56,11 @@ inline void store_val(float* p, float v) { *p = v; }
 inline void store_val(double* p, double v) { *p = v; }
 inline void store_val(f16* p, float v) { *p = (f16)v; }
 inline void store_val(bf16* p, float v) {
-  // round to nearest even; NaN cannot occur here (non-finite logits are rejected)
-  uint32_t u = __builtin_bit_cast(uint32_t, v);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  p->bits = (uint16_t)(u >> 16);
+  // round to nearest even; a NaN (FASTTVERSKY_CHECK_INPUTS=0 lets them through) is
+  // truncated and kept quiet instead, since rounding could carry its payload into inf/0
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  p->bits = (uint16_t)(v == v ? rounded >> 16 : (u >> 16) | 0x40u);
 }
 
 // Row copies between storage and the tile arrays. The __restrict qualifiers tell gcc the
@@ -101,9 +102,11 @@ struct compute_of<double> {
 // |r| <= ln2/2, degree-6 polynomial, 2^n built in the exponent bits): ~2 ulp, far
 // below the float32 tolerance of a loss summed over millions of voxels.
 inline float fast_exp(float x) {
-  // written as selects (not std::min/max) so they compile to single vmaxps/vminps
-  x = x > -87.0f ? x : -87.0f;
-  x = x < 88.0f ? x : 88.0f;
+  // Written as selects (not std::min/max) so they compile to single vmaxps/vminps, in
+  // the order that lets a NaN through (x86 max/min return their second operand when
+  // either is NaN): exp(NaN) must be NaN, or NaN logits become a finite loss.
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float n = __builtin_rintf(x * 1.44269504088896341f);
   float r = __builtin_fmaf(n, -0.693359375f, x);
   r = __builtin_fmaf(n, 2.12194440e-4f, r);
@@ -156,6 +159,20 @@ __attribute__((always_inline)) inline void softmax2(F x0, F x1, F& p0, F& p1, F&
   const F lo = e * r;
   p1 = d >= (F)0 ? r : lo;
   p0 = d >= (F)0 ? lo : r;
+}
+
+// A +inf logit makes a two-class softmax NaN (inf - inf, as in torch), but the one-exp
+// form above sees only x1 - x0 and would give finite probabilities. This happens only
+// with the input check off, and the tile's non-finite count already says so, so the
+// per-voxel loop pays nothing: the tile is patched afterwards, setting sum_p of both
+// classes to NaN. (NaN logits need no patch: fast_exp keeps them NaN.) x(c, i) reads
+// class c of lane i; backward needs none of this, its coefficients are NaN by then.
+template <typename F, typename X>
+void poison_softmax2_inf(int n, X x, F (*__restrict acc_p)[TILE]) {
+  constexpr F inf = std::numeric_limits<F>::infinity();
+  constexpr F nan = std::numeric_limits<F>::quiet_NaN();
+  for (int i = 0; i < n; ++i)
+    if (!(x(0, i) < inf && x(1, i) < inf)) acc_p[0][i] = acc_p[1][i] = nan;
 }
 
 template <typename F, typename LT>
@@ -375,11 +392,16 @@ void forward_impl(const TverskyParams& P) {
           else
             run(std::false_type{}, One{});
         }
+        if (nf)
+          poison_softmax2_inf(TILE, [&](int c, int i) {
+            return (F)load_val(r0 + c * P.logits_stride_c + i * P.logits_stride_n);
+          }, acc_p);
         nonfinite += nf;
         bad += nb;
       } else if (two_class_softmax) {
         // Fused two-class path on a tail or strided tile: one exp per voxel.
-        nonfinite += load_logits<F, LT>(P, b, n0, n, x);
+        const int64_t nf = load_logits<F, LT>(P, b, n0, n, x);
+        nonfinite += nf;
         bad += load_labels<TT>(P, b, n0, n, y, w);
         for (int i = 0; i < TILE; ++i) {
           F p0, p1, e, r;
@@ -394,6 +416,7 @@ void forward_impl(const TverskyParams& P) {
           acc_g[0][i] += g0;
           acc_g[1][i] += g1;
         }
+        if (nf) poison_softmax2_inf(n, [&](int c, int i) { return x[c][i]; }, acc_p);
       } else {
         nonfinite += load_probs<F, LT>(P, b, n0, n, x);
         bad += load_labels<TT>(P, b, n0, n, y, w);
