@@ -86,11 +86,10 @@ def _check_like_reference(backend, C, activation, bad, pos, opts, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize(
-    "case_id, C, activation, bad, pos, opts", CASES, ids=[c[0] for c in CASES]
-)
-def test_nonfinite_logits_like_reference(backend, case_id, C, activation, bad, pos, opts,
-                                         monkeypatch):
+@pytest.mark.parametrize("case_id, C, activation, bad, pos, opts", CASES, ids=[c[0] for c in CASES])
+def test_nonfinite_logits_like_reference(
+    backend, case_id, C, activation, bad, pos, opts, monkeypatch
+):
     _check_like_reference(backend, C, activation, bad, pos, opts, monkeypatch)
 
 
@@ -101,16 +100,21 @@ def test_cpu_float64_nan(monkeypatch):
 
 # A few cases on the GPU backends' real kernel code, run on the CPU: Triton in its
 # interpreter, CUDA through its host emulation (tests/test_cuda_build.py).
-GPU_CASES = [c for c in CASES if c[0] in ("2cls-nan-tile", "2cls-posinf-tail", "3cls-nan",
-                                          "3cls-neginf", "sigmoid-nan", "soft-nan")]
+GPU_CASES = [
+    c
+    for c in CASES
+    if c[0]
+    in ("2cls-nan-tile", "2cls-posinf-tail", "3cls-nan", "3cls-neginf", "sigmoid-nan", "soft-nan")
+]
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize(
     "case_id, C, activation, bad, pos, opts", GPU_CASES, ids=[c[0] for c in GPU_CASES]
 )
-def test_triton_nonfinite_logits_like_reference(case_id, C, activation, bad, pos, opts,
-                                                monkeypatch):
+def test_triton_nonfinite_logits_like_reference(
+    case_id, C, activation, bad, pos, opts, monkeypatch
+):
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the Triton interpreter on CPU tensors; tests/test_gpu.py covers a GPU")
     why = tri.BACKEND.unavailable()
@@ -123,8 +127,9 @@ def test_triton_nonfinite_logits_like_reference(case_id, C, activation, bad, pos
 @pytest.mark.parametrize(
     "case_id, C, activation, bad, pos, opts", GPU_CASES, ids=[c[0] for c in GPU_CASES]
 )
-def test_cuda_emulated_nonfinite_logits_like_reference(case_id, C, activation, bad, pos, opts,
-                                                       monkeypatch):
+def test_cuda_emulated_nonfinite_logits_like_reference(
+    case_id, C, activation, bad, pos, opts, monkeypatch
+):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: tests/test_gpu.py runs the compiled kernels")
     if cu.find_nvcc() is None and not Path("/usr/local/cuda/include/cuda_fp16.h").exists():
