@@ -88,11 +88,17 @@ def _patch_start(center: np.ndarray, size: Sequence[int], shape: Sequence[int]) 
 def extract_patch(
     image: np.ndarray, mask: np.ndarray, start: Sequence[int], size: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Patch of ``size`` at ``start``; zero-padded where the volume is smaller than it."""
+    """Patch of ``size`` at ``start``; zero-padded where it reaches outside the volume
+    (``start`` may be negative)."""
     out_i = np.zeros((image.shape[0], *size), dtype=image.dtype)
     out_m = np.zeros(tuple(size), dtype=mask.dtype)
-    src = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, size, mask.shape, strict=False))
-    dst = tuple(slice(0, sl.stop - sl.start) for sl in src)
+    lo = [max(int(s), 0) for s in start]
+    hi = [min(int(s) + p, n) for s, p, n in zip(start, size, mask.shape, strict=False)]
+    src = tuple(slice(a, max(a, b)) for a, b in zip(lo, hi, strict=False))
+    dst = tuple(
+        slice(a - int(s), a - int(s) + (sl.stop - sl.start))
+        for a, s, sl in zip(lo, start, src, strict=False)
+    )
     out_i[(slice(None),) + dst] = image[(slice(None),) + src]
     out_m[dst] = mask[src]
     return out_i, out_m
@@ -115,6 +121,9 @@ class LesionDataset(torch.utils.data.Dataset):
         seed: patches depend only on (seed, epoch, index), so a run is reproducible
             with any number of DataLoader workers; call :meth:`set_epoch` each epoch.
         cache: keep prepared volumes in memory (loading + z-scoring dominates otherwise).
+        augment: an :class:`fasttversky.app.data.augment.Augmenter` for patch mode: the
+            patch is cut with its margin around the same centre and augmented with a
+            seed drawn from the item's generator (so items stay reproducible).
     """
 
     def __init__(
@@ -126,6 +135,7 @@ class LesionDataset(torch.utils.data.Dataset):
         lesion_prob: float = 0.5,
         seed: int = 0,
         cache: bool = True,
+        augment=None,
     ):
         if not subjects:
             raise ValueError("LesionDataset needs at least one subject")
@@ -143,6 +153,13 @@ class LesionDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.cache = cache
+        if augment is not None and self.patch_size is None:
+            raise ValueError("augment needs patch mode (a patch_size)")
+        if augment is not None and tuple(augment.patch_size) != self.patch_size:
+            raise ValueError(
+                f"augment was built for patches {augment.patch_size}, not {self.patch_size}"
+            )
+        self.augment = augment
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -171,6 +188,13 @@ class LesionDataset(torch.utils.data.Dataset):
         # Pick the k-th set voxel without materialising argwhere of the whole volume.
         flat = np.flatnonzero(pool)
         center = np.unravel_index(flat[rng.integers(len(flat))], pool.shape)
+        if self.augment is not None:
+            # The same patch plus a margin on every side (zero beyond the volume, like
+            # the background), then rotated/zoomed/cropped to patch_size.
+            start = _patch_start(np.asarray(center), self.patch_size, pool.shape)
+            start = [s - m for s, m in zip(start, self.augment.margin, strict=True)]
+            img, msk = extract_patch(p.image, p.mask, start, self.augment.input_size())
+            return self.augment(img, msk, int(rng.integers(2**31)))
         start = _patch_start(np.asarray(center), self.patch_size, pool.shape)
         img, msk = extract_patch(p.image, p.mask, start, self.patch_size)
         return torch.from_numpy(img), torch.from_numpy(msk)

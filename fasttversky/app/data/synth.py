@@ -52,6 +52,14 @@ _TISSUE_MEANS = {
 # match the measured ratios FLAIR 1.35, T2 1.5–1.8, T1 0.8.
 _LESION_FACTOR = {"T1": (0.9, 0.65), "T2": (1.45, 1.85), "FLAIR": (1.25, 1.45)}
 
+# Wider factors for training data: real lesions are not all "typical". Measured and
+# published FLAIR lesion/NAWM ratios run from barely visible (~1.1, small or old
+# lesions, partial volume) to ~2 (acute, confluent); T2 likewise up to ~2.2 and T1 from
+# isointense to black holes (~0.55). With a severity drawn per lesion over [0, 1] a
+# network trained on transplants sees faint and bright lesions, not one narrow band
+# (the default factors give FLAIR 1.31–1.39× for the severities transplant draws).
+WIDE_LESION_FACTOR = {"T1": (1.0, 0.55), "T2": (1.2, 2.2), "FLAIR": (1.1, 1.9)}
+
 LESION_FRACTION_RANGE = (1.2e-4, 6.5e-3)  # inside the 0.01–0.7 % of the README
 
 
@@ -292,8 +300,17 @@ def transplant(
     own_mask: np.ndarray | None,
     lesion_mask: np.ndarray,
     rng: np.random.Generator | int | None = None,
+    *,
+    factors: dict[str, tuple[float, float]] | None = None,
+    severity: tuple[float, float] = (0.3, 0.8),
+    per_lesion: bool = False,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Write ``lesion_mask`` into a real brain by changing contrast inside it.
+
+    factors: modality -> (factor at severity 0, at severity 1) relative to normal WM
+    (default ``_LESION_FACTOR``; :data:`WIDE_LESION_FACTOR` spans faint to bright
+    lesions); severity: the uniform range a severity is drawn from; per_lesion: draw
+    one severity per connected lesion (26-connectivity) instead of one per subject.
 
     images: modality -> (X, Y, Z) float32 (needs T1 for the WM estimate); own_mask the
     brain's own lesions (kept: the label is their union); lesion_mask (X, Y, Z) on the
@@ -316,11 +333,26 @@ def transplant(
     w = np.clip(ndi.gaussian_filter(new.astype(np.float32), 0.6) * 1.6, 0, 1)
     w *= new | (w > 0.3)
     w *= brain
-    u = rng.uniform(0.3, 0.8)
+    table = _LESION_FACTOR if factors is None else factors
+    if per_lesion:
+        # Severity field: each lesion's own draw, carried into its blurred border by
+        # the nearest lesion voxel (so a border blends towards its own lesion's value).
+        labels, n = ndi.label(new, structure=np.ones((3, 3, 3), bool))
+        draws = rng.uniform(*severity, size=n + 1)
+        u = np.full(new.shape, draws[0], np.float32)
+        if n:
+            bb = ndi.find_objects((w > 0).astype(np.uint8))[0]
+            sub = labels[bb]
+            near = ndi.distance_transform_edt(
+                sub == 0, return_distances=False, return_indices=True
+            )
+            u[bb] = draws[sub[tuple(near)]]
+    else:
+        u = rng.uniform(*severity)
     out = {}
     for m, img in images.items():
-        if m in _LESION_FACTOR:
-            f0, f1 = _LESION_FACTOR[m]
+        if m in table:
+            f0, f1 = table[m]
             factor = f0 + (f1 - f0) * u
         else:  # an unknown extra modality keeps its contrast
             factor = 1.0

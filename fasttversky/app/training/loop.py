@@ -36,6 +36,8 @@ __all__ = [
 
 CHECKPOINT_NAME = "last.pt"
 PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("step", "poly")
+POLY_POWER = 0.9
 _CHECKPOINT_VERSION = 1
 
 
@@ -78,6 +80,12 @@ class TrainConfig:
         seed before constructing it for a reproducible initialisation.
     checkpoint_dir: where ``last.pt`` is written (atomically); None = no checkpoints.
     checkpoint_every: write a checkpoint every this many steps (and after the last).
+    lr_schedule: "step" (StepLR with lr_decay / lr_decay_every, the paper's) or "poly"
+        (lr · (1 - step/steps)^0.9, nnU-Net's: a short CPU run ends annealed instead of
+        at full lr, where the weights still jump between steps).
+    keep_every: also keep a copy of the checkpoint every this many steps as
+        ``step_<N>.pt`` beside ``last.pt`` (to evaluate or pick a training length
+        afterwards); None = only ``last.pt``.
     log_path: JSONL metrics file, one object per step (appended on resume); None = none.
     log_every: write a log line every this many steps.
     progress: show a tqdm progress bar with loss and voxels/s.
@@ -99,6 +107,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_dir: str | os.PathLike | None = None
     checkpoint_every: int = 500
+    lr_schedule: str = "step"
+    keep_every: int | None = None
     log_path: str | os.PathLike | None = None
     log_every: int = 1
     progress: bool = True
@@ -113,6 +123,12 @@ class TrainConfig:
         for name in ("grad_accum", "lr_decay_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1 or None, got {self.keep_every}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be finite and > 0, got {self.lr}")
 
@@ -246,6 +262,20 @@ def _atomic_save(obj, path: Path) -> None:
         raise
 
 
+def _atomic_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`train` (a file, or a directory holding
     ``last.pt``). Keys: "model", "optimizer", "scheduler", "scaler", "rng", "step",
@@ -310,9 +340,15 @@ def train(
     model.train()
     dtype = _param_dtype(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=config.lr_decay_every, gamma=config.lr_decay
-    )
+    if config.lr_schedule == "poly":
+        total = max(config.steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: max(0.0, 1.0 - k / total) ** POLY_POWER
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=config.lr_decay_every, gamma=config.lr_decay
+        )
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
 
@@ -447,10 +483,13 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", vox_s=f"{vps:.3g}")
+            keep = config.keep_every is not None and step % config.keep_every == 0
             if ckpt_path is not None and (
-                step % config.checkpoint_every == 0 or step == config.steps
+                keep or step % config.checkpoint_every == 0 or step == config.steps
             ):
                 save()
+                if keep:
+                    _atomic_copy(ckpt_path, ckpt_path.with_name(f"step_{step:06d}.pt"))
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,222 @@
+"""The ``lesion-cpu`` recipe: a real-data MS-lesion model in ~30 min on a 2-core CPU.
+
+What it trains (issue 11; the measurements are in ``bench/results/lesion_cpu.md``):
+
+* data: the training patients, z-scored per modality inside the brain and cropped to
+  144×176×144 around it, plus every real lesion mask of ``transplant_masks``
+  transplanted into the training brains (:func:`transplanted_subjects`) with a
+  severity drawn *per lesion* over faint to bright contrast
+  (:data:`~fasttversky.app.data.synth.WIDE_LESION_FACTOR`). Masks named like any
+  patient of the fold (test or training) are left out: the test patient's lesions
+  must not reach training, the training patients' own are already there.
+* sampling: batch 2 × 64³ patches, 70 % centred on a lesion voxel, each augmented on
+  the fly (:mod:`fasttversky.app.data.augment`: flips, rotation/scaling,
+  per-modality gamma/contrast/brightness/noise).
+* model and optimiser: 3-level U-Net, 8 base features, instance norm (patch
+  statistics, robust to the intensity shifts between patients), Adam lr 3e-3 with a
+  poly decay to 0 over the run, fused Tversky loss α = 0.3, β = 0.7; a checkpoint is
+  kept every ``keep_every`` steps to evaluate training length.
+* inference (:mod:`fasttversky.app.training.inference`): 64³ Gaussian-weighted
+  sliding windows, restricted to the brain.
+
+The functions here are the library; the CLI's ``--preset lesion-cpu`` calls them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["LesionCpuRecipe", "train_recipe", "transplanted_subjects"]
+
+
+@dataclass
+class LesionCpuRecipe:
+    """All settings of the recipe (saved as ``recipe.json`` in the run folder)."""
+
+    target_shape: tuple[int, int, int] = (144, 176, 144)
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    batch_size: int = 2
+    lesion_prob: float = 0.7
+    base_features: int = 8
+    levels: int = 3
+    norm: str = "instance"
+    steps: int = 1500
+    lr: float = 3e-3
+    lr_schedule: str = "poly"
+    alpha: float = 0.3
+    beta: float = 0.7
+    seed: int = 0
+    keep_every: int = 250
+    augment: dict = field(default_factory=dict)  # AugmentConfig fields; {} = defaults
+    transplant_severity: tuple[float, float] = (0.0, 1.0)
+    transplant_per_lesion: bool = True
+    window: tuple[int, int, int] = (64, 64, 64)
+    threads: int | None = None
+
+
+def _mask_files(mask_dir: str | Path) -> list[Path]:
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise ValueError(f"transplant masks folder {mask_dir} does not exist")
+    files = sorted(
+        p for p in mask_dir.iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
+    )
+    if not files:
+        raise ValueError(f"{mask_dir}: no .nii/.nii.gz lesion masks found")
+    return files
+
+
+def transplanted_subjects(
+    brains: Sequence,
+    mask_dir: str | Path,
+    exclude: Sequence[str] = (),
+    *,
+    target_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    severity: tuple[float, float] = (0.0, 1.0),
+    per_lesion: bool = True,
+    progress: Callable | None = None,
+) -> list:
+    """Every mask of ``mask_dir`` transplanted into ``brains`` (cycling), in memory.
+
+    brains: :class:`fasttversky.app.data.Subject` s (read from disk, one at a time);
+    exclude: subject names whose mask file (``<name>.nii(.gz)``) must not be used —
+    pass every patient of the fold. Returns PreparedSubjects named ``<brain>+<mask>``,
+    z-scored and cropped like the real ones. Mask i depends only on (seed, i).
+    """
+    from .data import load_subject, load_volume, prepare_arrays
+    from .data.synth import WIDE_LESION_FACTOR, transplant
+
+    if not brains:
+        raise ValueError("transplanted_subjects needs at least one brain")
+    banned = {n.lower() for n in exclude} | {b.name.lower() for b in brains}
+    files = [f for f in _mask_files(mask_dir) if f.name.split(".")[0].lower() not in banned]
+    out = []
+    cache: dict = {}
+    it = list(enumerate(files))
+    for i, path in progress(it) if progress else it:
+        brain = brains[i % len(brains)]
+        if brain.name not in cache:
+            cache = {brain.name: load_subject(brain)}  # one brain in memory at a time
+        img, own, aff = cache[brain.name]
+        lm, _ = load_volume(path, kind="mask")
+        if lm.shape != img.shape[1:]:
+            raise ValueError(
+                f"{path}: shape {lm.shape} differs from brain {brain.name} {img.shape[1:]}; "
+                "masks must be on the brains' grid"
+            )
+        imgs, mask = transplant(
+            dict(zip(brain.modalities, img, strict=False)),
+            own,
+            lm,
+            np.random.default_rng((seed, i)),
+            factors=WIDE_LESION_FACTOR,
+            severity=severity,
+            per_lesion=per_lesion,
+        )
+        name = f"{brain.name}+{path.name.split('.')[0]}"
+        out.append(prepare_arrays(name, np.stack(list(imgs.values())), mask, aff, target_shape))
+    return out
+
+
+def train_recipe(
+    train_subjects: Sequence,
+    out: str | Path,
+    recipe: LesionCpuRecipe | None = None,
+    *,
+    transplant_masks: str | Path | None = None,
+    exclude: Sequence[str] = (),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+):
+    """Train the recipe's model on ``train_subjects`` (+ transplants) -> (model, TrainResult).
+
+    Writes ``out/recipe.json`` (this recipe, the subjects, the transplants),
+    ``out/last.pt`` + ``out/step_<N>.pt`` every ``keep_every`` steps and
+    ``out/metrics.jsonl``. ``exclude``: names of held-out patients whose masks must
+    not be transplanted.
+    """
+    import torch
+
+    from .data import LesionDataset, RandomBatches, prepare_subject
+    from .data.augment import AugmentConfig, Augmenter
+    from .models import UNet3D
+    from .training import TrainConfig, train
+
+    recipe = recipe or LesionCpuRecipe()
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    aug_cfg = AugmentConfig.from_dict(recipe.augment) if recipe.augment else AugmentConfig()
+    prepared = [prepare_subject(s, recipe.target_shape) for s in train_subjects]
+    extra = []
+    if transplant_masks is not None:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            def bar(it):
+                return tqdm(it, desc="transplant", dynamic_ncols=True)
+
+        extra = transplanted_subjects(
+            train_subjects,
+            transplant_masks,
+            exclude,
+            target_shape=recipe.target_shape,
+            seed=recipe.seed,
+            severity=recipe.transplant_severity,
+            per_lesion=recipe.transplant_per_lesion,
+            progress=bar,
+        )
+    subjects = prepared + extra
+    (out / "recipe.json").write_text(
+        json.dumps(
+            {
+                "recipe": asdict(recipe),
+                "augment": aug_cfg.to_dict(),
+                "train_subjects": [p.name for p in prepared],
+                "transplanted": [p.name for p in extra],
+                "excluded_masks_of": sorted(exclude),
+            },
+            indent=1,
+        )
+    )
+    log(f"training on {len(prepared)} patients + {len(extra)} transplanted masks")
+    augmenter = Augmenter(aug_cfg, recipe.patch_size)
+    ds = LesionDataset(
+        subjects,
+        patch_size=recipe.patch_size,
+        lesion_prob=recipe.lesion_prob,
+        seed=recipe.seed,
+        augment=augmenter,
+    )
+    batches = RandomBatches(ds, recipe.batch_size, recipe.seed)
+    torch.manual_seed(recipe.seed)
+    model = UNet3D(
+        in_channels=subjects[0].image.shape[0],
+        num_classes=2,
+        base_features=recipe.base_features,
+        levels=recipe.levels,
+        checkpoint="none",
+        norm=recipe.norm,
+    )
+    config = TrainConfig(
+        steps=recipe.steps,
+        lr=recipe.lr,
+        lr_schedule=recipe.lr_schedule,
+        alpha=recipe.alpha,
+        beta=recipe.beta,
+        seed=recipe.seed,
+        checkpoint_dir=out,
+        checkpoint_every=min(recipe.keep_every, recipe.steps) or 1,
+        keep_every=recipe.keep_every,
+        log_path=out / "metrics.jsonl",
+        progress=progress,
+    )
+    return model, train(model, batches, config)
