@@ -63,9 +63,7 @@ def _mask_files(mask_dir: str | Path) -> list[Path]:
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise ValueError(f"transplant masks folder {mask_dir} does not exist")
-    files = sorted(
-        p for p in mask_dir.iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
-    )
+    files = sorted(p for p in mask_dir.iterdir() if p.name.lower().endswith((".nii", ".nii.gz")))
     if not files:
         raise ValueError(f"{mask_dir}: no .nii/.nii.gz lesion masks found")
     return files

@@ -176,9 +176,9 @@ class Augmenter:
         brain = (img != 0).any(axis=0)
         out = np.stack([self._intensity(ch, brain, draw, g) for ch in img])
         out *= brain  # the background stays exactly 0
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)), (
-            msk >= 0.5
-        ).to(torch.uint8).contiguous()
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)), (msk >= 0.5).to(
+            torch.uint8
+        ).contiguous()
 
     def _affine(self, image, mask, rot, zoom):
         # affine_grid works in (x, y, z) = (W, H, D) normalised coordinates of the
@@ -193,8 +193,12 @@ class Augmenter:
         theta = torch.diag(1 / in_sz) @ rot @ torch.diag(out_sz / z)
         theta = torch.cat([theta, torch.zeros(3, 1, dtype=torch.float64)], dim=1)
         both = torch.cat([image, mask[None].to(image.dtype)], dim=0)[None]
-        grid = F.affine_grid(theta[None].float(), (1, both.shape[1], *self.patch_size), align_corners=False)
-        res = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        grid = F.affine_grid(
+            theta[None].float(), (1, both.shape[1], *self.patch_size), align_corners=False
+        )
+        res = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
+            0
+        ]
         return res[:-1], res[-1]
 
     def _intensity(self, ch, brain, draw, g):

@@ -343,9 +343,7 @@ def transplant(
         if n:
             bb = ndi.find_objects((w > 0).astype(np.uint8))[0]
             sub = labels[bb]
-            near = ndi.distance_transform_edt(
-                sub == 0, return_distances=False, return_indices=True
-            )
+            near = ndi.distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
             u[bb] = draws[sub[tuple(near)]]
     else:
         u = rng.uniform(*severity)

@@ -124,9 +124,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
-            )
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.keep_every is not None and self.keep_every < 1:
             raise ValueError(f"keep_every must be >= 1 or None, got {self.keep_every}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -1,0 +1,150 @@
+"""On-the-fly patch augmentation: identity settings, flips, the affine resampling
+against scipy.ndimage.affine_transform, shared image/mask geometry, intensity rules,
+determinism, and the dataset integration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from fasttversky.app.data import LesionDataset, PreparedSubject
+from fasttversky.app.data.augment import AugmentConfig, Augmenter, _rotation
+
+OFF = dict(p_flip=0, p_affine=0, p_gamma=0, p_contrast=0, p_brightness=0, p_noise=0)
+PATCH = (8, 10, 6)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _inputs(aug, seed, c=2):
+    rng = np.random.default_rng(seed)
+    size = aug.input_size()
+    img = rng.normal(size=(c, *size)).astype(np.float32)
+    mask = (rng.random(size) < 0.2).astype(np.uint8)
+    return img, mask
+
+
+def _centre(aug, x):
+    return x[(..., *(slice(m, m + p) for m, p in zip(aug.margin, aug.patch_size, strict=True)))]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_everything_off_is_the_centre_crop(seed):
+    aug = Augmenter(AugmentConfig(**{**OFF, "p_affine": 0.0}), PATCH)
+    img, mask = _inputs(Augmenter(AugmentConfig(**OFF), PATCH), seed)
+    x, y = aug(img, mask, seed)
+    np.testing.assert_array_equal(x.numpy(), _centre(aug, img))
+    np.testing.assert_array_equal(y.numpy(), _centre(aug, mask))
+    assert x.dtype == torch.float32 and y.dtype == torch.uint8 and x.shape[1:] == PATCH
+
+
+def test_flips_mirror_image_and_mask_together():
+    aug = Augmenter(AugmentConfig(**{**OFF, "p_flip": 1.0, "flip_axes": (0, 2)}), PATCH)
+    img, mask = _inputs(aug, 1)
+    x, y = aug(img, mask, 0)
+    np.testing.assert_array_equal(x.numpy(), np.flip(_centre(aug, img), (1, 3)))
+    np.testing.assert_array_equal(y.numpy(), np.flip(_centre(aug, mask), (0, 2)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_affine_matches_scipy_affine_transform(seed):
+    aug = Augmenter(AugmentConfig(**{**OFF, "p_affine": 1.0, "rotate_deg": 30}), PATCH)
+    rng = np.random.default_rng(seed)
+    img, mask = _inputs(aug, seed, c=1)
+    angles = torch.tensor(rng.uniform(-0.5, 0.5, 3))
+    zoom = torch.tensor(rng.uniform(0.8, 1.25, 3))
+    out, _ = aug._affine(torch.from_numpy(img), torch.from_numpy(mask), _rotation(angles), zoom)
+    # Reference in (D, H, W) index order: u_in = P R P diag(1/zoom) u_out about the
+    # centres, P reversing the axes (the rotation is defined on (x, y, z) = (W, H, D)).
+    p = np.eye(3)[::-1]
+    m = p @ _rotation(angles).numpy() @ p @ np.diag(1 / zoom.numpy())
+    c_in = (np.array(aug.input_size()) - 1) / 2
+    c_out = (np.array(PATCH) - 1) / 2
+    ref = ndi.affine_transform(
+        img[0].astype(np.float64),
+        m,
+        offset=c_in - m @ c_out,
+        output_shape=PATCH,
+        order=1,
+        mode="grid-constant",
+        cval=0.0,
+    )
+    np.testing.assert_allclose(out[0].numpy(), ref, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_image_and_mask_share_the_geometry(seed):
+    # The mask copied into an image channel must come out where the mask comes out.
+    cfg = AugmentConfig(**{**OFF, "p_affine": 1.0, "p_flip": 0.5, "flip_axes": (0, 1, 2)})
+    aug = Augmenter(cfg, PATCH)
+    size = aug.input_size()
+    mask = np.zeros(size, np.uint8)
+    mask[tuple(slice(n // 2 - 2, n // 2 + 2) for n in size)] = 1  # a central block
+    x, y = aug(mask[None].astype(np.float32) + 0.0, mask, seed)
+    np.testing.assert_array_equal((x[0] >= 0.5).numpy(), y.numpy().astype(bool))
+    assert y.any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_intensity_keeps_background_zero_and_is_deterministic(seed):
+    cfg = AugmentConfig(**{**OFF, "p_gamma": 1, "p_contrast": 1, "p_brightness": 1, "p_noise": 1})
+    aug = Augmenter(cfg, PATCH)
+    img, mask = _inputs(aug, seed)
+    img[:, :, :3] = 0  # background (0 in every modality)
+    x, y = aug(img, mask, seed)
+    brain = _centre(aug, (img != 0).any(axis=0))
+    assert (x.numpy()[:, ~brain] == 0).all()
+    assert not np.allclose(x.numpy()[:, brain], _centre(aug, img)[:, brain])
+    x2, y2 = aug(img, mask, seed)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = aug(img, mask, seed + 1)
+    assert not torch.equal(x, x3)
+
+
+def test_contrast_keeps_the_brain_mean():
+    aug = Augmenter(AugmentConfig(**{**OFF, "p_contrast": 1.0}), PATCH)
+    img, mask = _inputs(aug, 3)
+    x, _ = aug(img, mask, 5)
+    src = _centre(aug, img)
+    np.testing.assert_allclose(x.numpy().mean(axis=(1, 2, 3)), src.mean(axis=(1, 2, 3)), atol=1e-5)
+    assert not np.allclose(x.numpy(), src)
+
+
+def test_dataset_patches_are_augmented_reproducibly():
+    rng = np.random.default_rng(0)
+    shape = (20, 24, 18)
+    image = rng.normal(size=(2, *shape)).astype(np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[2:5, 3:6, 1:4] = 1  # near the border: the margin patch reaches outside
+    sub = PreparedSubject("s", image, mask, np.ones(shape, bool), np.eye(4), None, mask)
+    aug = Augmenter(AugmentConfig(p_affine=1.0), PATCH)
+    ds = LesionDataset([sub], patch_size=PATCH, lesion_prob=1.0, seed=3, augment=aug)
+    a, b = ds[0], ds[0]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape == (2, *PATCH) and a[1].shape == PATCH
+    with pytest.raises(ValueError, match="patch"):
+        LesionDataset([sub], patch_size=(8, 8, 8), augment=aug)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(p_flip=1.5), "p_flip"),
+        (dict(flip_axes=(3,)), "flip_axes"),
+        (dict(scale=(1.2, 0.9)), "scale"),
+        (dict(gamma=(0, 1)), "gamma"),
+        (dict(rotate_deg=90), "rotate_deg"),
+        (dict(noise_std=-1), "noise_std"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AugmentConfig(**kwargs)

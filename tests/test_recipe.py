@@ -1,0 +1,137 @@
+"""Pieces of the lesion-cpu recipe: the poly schedule and kept checkpoints of the loop,
+per-lesion transplant contrast, and which masks are transplanted for a fold."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from fasttversky.app.data import save_volume
+from fasttversky.app.data.synth import WIDE_LESION_FACTOR, WM, make_phantom, transplant
+from fasttversky.app.models import UNet3D
+from fasttversky.app.recipe import transplanted_subjects
+from fasttversky.app.training import TrainConfig, load_checkpoint, train
+from fasttversky.app.training.loop import POLY_POWER
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _batch(i):
+    g = torch.Generator().manual_seed(50 + i)
+    image = torch.randn((1, 3, 8, 8, 8), generator=g)
+    return image, (image[:, 2] > 1.0).to(torch.uint8)
+
+
+def test_poly_schedule_and_kept_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    model = UNet3D(3, 2, 2, 2)
+    steps, lr = 5, 2e-3
+    res = train(
+        model,
+        _batch,
+        TrainConfig(
+            steps=steps,
+            lr=lr,
+            lr_schedule="poly",
+            keep_every=2,
+            checkpoint_every=100,
+            checkpoint_dir=tmp_path,
+            log_path=tmp_path / "m.jsonl",
+            progress=False,
+            backend="torch",
+        ),
+    )
+    rows = [json.loads(s) for s in (tmp_path / "m.jsonl").read_text().splitlines()]
+    expect = [lr * (1 - k / steps) ** POLY_POWER for k in range(steps)]
+    assert [r["lr"] for r in rows] == pytest.approx(expect, rel=1e-12)
+    kept = sorted(p.name for p in tmp_path.glob("step_*.pt"))
+    assert kept == ["step_000002.pt", "step_000004.pt"]
+    assert load_checkpoint(tmp_path / "step_000004.pt")["step"] == 4
+    assert load_checkpoint(tmp_path)["step"] == res.step == steps
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(steps=1, lr_schedule="cosine-ish")
+    with pytest.raises(ValueError, match="keep_every"):
+        TrainConfig(steps=1, keep_every=0)
+
+
+SHAPE = (64, 80, 64)
+
+
+def _deep_wm_blocks(p):
+    """Two separate blocks of deep white matter (no partial volume), as one mask."""
+    deep = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
+        p.mask.astype(bool), iterations=2
+    )
+    extra = np.zeros(SHAPE, bool)
+    extra[16:30, 20:60, 30:50] = True
+    extra[36:50, 20:60, 30:50] = True
+    return extra & deep
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_per_lesion_severity_gives_each_lesion_its_own_contrast(seed):
+    p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
+    extra = _deep_wm_blocks(p)
+    labels, n = ndi.label(extra, structure=np.ones((3, 3, 3), bool))
+    assert n >= 2
+    imgs, mask = transplant(
+        p.images,
+        p.mask,
+        extra.astype(np.uint8),
+        np.random.default_rng(seed),
+        factors=WIDE_LESION_FACTOR,
+        severity=(0.0, 1.0),
+        per_lesion=True,
+    )
+    new = mask.astype(bool) & ~p.mask.astype(bool)
+    lo, hi = WIDE_LESION_FACTOR["FLAIR"]
+    ratios = []
+    for k in range(1, n + 1):
+        core = ndi.binary_erosion(labels == k, iterations=2) & new
+        if core.sum() < 20:
+            continue
+        r = imgs["FLAIR"][core].mean() / p.images["FLAIR"][core].mean()
+        assert lo - 0.15 < r < hi + 0.15
+        ratios.append(r)
+    assert len(ratios) >= 2 and max(ratios) - min(ratios) > 1e-3  # not one shared draw
+    # The default (one severity per subject) is unchanged by the new options' defaults.
+    a, _ = transplant(p.images, p.mask, extra.astype(np.uint8), np.random.default_rng(seed))
+    b, _ = transplant(
+        p.images,
+        p.mask,
+        extra.astype(np.uint8),
+        np.random.default_rng(seed),
+        severity=(0.3, 0.8),
+        per_lesion=False,
+    )
+    for m in a:
+        np.testing.assert_array_equal(a[m], b[m])
+
+
+def test_transplanted_subjects_leave_out_the_folds_patients(tmp_path):
+    from fasttversky.app.data import find_subjects
+
+    p = make_phantom(SHAPE, 1, lesion_fraction=1e-3)
+    for m, img in p.images.items():
+        save_volume(tmp_path / "data" / "patient07" / f"{m}.nii.gz", img, p.affine)
+    save_volume(tmp_path / "data" / "patient07" / "mask.nii.gz", p.mask, p.affine)
+    extra = _deep_wm_blocks(p).astype(np.uint8)
+    for name in ("patient01", "patient07", "patient19", "patient20"):
+        save_volume(tmp_path / "masks" / f"{name}.nii.gz", extra, p.affine)
+    brains = find_subjects(tmp_path / "data")
+    out = transplanted_subjects(brains, tmp_path / "masks", exclude=["patient19"], seed=1)
+    # patient19 = the test patient (left out); patient07 = the training brain's own mask.
+    assert [s.name for s in out] == ["patient07+patient01", "patient07+patient20"]
+    assert out[0].image.shape == (3, *SHAPE) and out[0].mask.sum() > p.mask.sum()
+    with pytest.raises(ValueError, match="does not exist"):
+        transplanted_subjects(brains, tmp_path / "nope")
