@@ -42,6 +42,22 @@ enum TverskyDType {
 
 enum TverskyActivation { TV_SOFTMAX = 0, TV_SIGMOID = 1, TV_NONE = 2 };
 
+// What every kernel entry point (CPU and CUDA) returns: 0, or a negative TverskyError for
+// arguments the kernels do not cover. CUDA entry points may also return a positive
+// cudaError_t. fasttversky/ops/_base.py decodes both the same way for every backend.
+enum TverskyError {
+  TV_OK = 0,
+  TV_ERR_LOGITS_DTYPE = -1,
+  TV_ERR_NUM_CLASSES = -2,
+  TV_ERR_ACTIVATION = -3,
+  TV_ERR_TARGET_DTYPE = -4,
+  TV_ERR_SIZE = -5,  // batch or volume size out of range
+  TV_ERR_WORKSPACE = -6,
+};
+
+// CUDA's limit on grid axis 1, which carries the batch (ops/_base.py MAX_GRID_BATCH).
+#define TV_MAX_BATCH 65535
+
 typedef struct TverskyParams {
   // logits (B, C, N), strides in elements
   const void* logits_ptr;

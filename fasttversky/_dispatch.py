@@ -1,14 +1,10 @@
 """Backend registry.
 
-A backend is a module-level object with
-
-* ``name``: str
-* ``unavailable() -> str | None``: why the backend cannot run at all on this machine
-  (missing compiler, no GPU, import error); ``None`` when it can.
-* ``reasons(logits, target, spec) -> list[str]``: why it cannot run *these* inputs;
-  empty when it can.
-* ``forward_stats(logits, target, spec) -> (stats, flags)`` and
-  ``backward(logits, target, coef_a, coef_b, spec) -> grad`` (see ``_spec.py``).
+A backend is an ``ops._base.Backend`` instance, ``BACKEND`` in its module under
+``fasttversky/ops/``: ``unavailable()`` says why it cannot run on this machine at all
+(missing compiler, no GPU, import error), ``reasons(logits, target, spec)`` why it
+cannot run *these* inputs (declared limits, devices, dtypes), and ``forward_stats`` /
+``backward`` do the work (contract: ``_spec.py``).
 
 ``"auto"`` takes the first backend, in the priority order for the device, that can run
 the inputs; an explicitly requested backend that cannot raises with its reasons

@@ -32,6 +32,7 @@ import torch
 
 from ._dispatch import _load, check_backend_name, select_backend
 from ._spec import ACTIVATIONS, KernelSpec
+from .ops._base import compute_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
@@ -143,7 +144,7 @@ def _stats_setup_context(ctx, inputs, output):
 
 def _stats_backward(ctx, grad_stats):
     logits, target = ctx.saved_tensors
-    coef_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    coef_dtype = compute_dtype(logits.dtype)
     # dL/dp = w * (dL/dsum_p + dL/dsum_pg * g); sum_g does not depend on the logits.
     coef_a = grad_stats[..., 1].to(coef_dtype).contiguous()
     coef_b = grad_stats[..., 0].to(coef_dtype).contiguous()

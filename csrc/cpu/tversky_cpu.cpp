@@ -599,19 +599,19 @@ int dispatch_target(const TverskyParams& P) {
       case TV_INT64: return Op<LT, int64_t, false>::run(P);
     }
   }
-  return 2;  // unsupported target dtype
+  return TV_ERR_TARGET_DTYPE;
 }
 
 template <template <typename, typename, bool> class Op>
 int dispatch(const TverskyParams& P) {
-  if (P.C < 1 || P.C > MAX_C) return 3;
+  if (P.C < 1 || P.C > MAX_C) return TV_ERR_NUM_CLASSES;
   switch (P.logits_dtype) {
     case TV_FLOAT32: return dispatch_target<Op, float>(P);
     case TV_FLOAT16: return dispatch_target<Op, f16>(P);
     case TV_BFLOAT16: return dispatch_target<Op, bf16>(P);
     case TV_FLOAT64: return dispatch_target<Op, double>(P);
   }
-  return 1;  // unsupported logits dtype
+  return TV_ERR_LOGITS_DTYPE;
 }
 
 template <typename LT, typename TT, bool SOFT>
@@ -632,8 +632,10 @@ struct BackwardOp {
 }  // namespace
 
 extern "C" {
-// Return 0 on success, else an error code (1 logits dtype, 2 target dtype, 3 C range).
+// Return 0 (TV_OK) or a negative TverskyError (csrc/tversky.h).
 int tversky_cpu_forward(const TverskyParams* params) { return dispatch<ForwardOp>(*params); }
 int tversky_cpu_backward(const TverskyParams* params) { return dispatch<BackwardOp>(*params); }
 int tversky_cpu_max_classes() { return MAX_C; }
+// sizeof(TverskyParams) as compiled: the loader checks it against its ctypes mirror.
+int64_t tversky_cpu_params_size() { return (int64_t)sizeof(TverskyParams); }
 }

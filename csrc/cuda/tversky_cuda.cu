@@ -445,14 +445,14 @@ struct IntTag {
 template <typename F>
 int dispatch(const TverskyParams& p, F&& f) {
   if (p.soft_target) {
-    if (p.target_dtype > TV_FLOAT64) return -4;
+    if (p.target_dtype > TV_FLOAT64) return TV_ERR_TARGET_DTYPE;
   } else if (p.target_dtype < TV_UINT8 || p.target_dtype > TV_INT64) {
-    return -4;
+    return TV_ERR_TARGET_DTYPE;
   }
   auto with_maxc = [&](auto t, auto act) -> int {
     if (p.C <= 4) return f(t, act, IntTag<4>{});
     if (p.C <= 8) return f(t, act, IntTag<8>{});
-    return -2;
+    return TV_ERR_NUM_CLASSES;
   };
   auto with_act = [&](auto t) -> int {
     switch (p.activation) {
@@ -460,14 +460,14 @@ int dispatch(const TverskyParams& p, F&& f) {
       case TV_SIGMOID: return with_maxc(t, IntTag<TV_SIGMOID>{});
       case TV_NONE: return with_maxc(t, IntTag<TV_SIGMOID>{});  // see the header comment
     }
-    return -3;
+    return TV_ERR_ACTIVATION;
   };
   switch (p.logits_dtype) {
     case TV_FLOAT32: return with_act(Tag<float>{});
     case TV_FLOAT16: return with_act(Tag<__half>{});
     case TV_BFLOAT16: return with_act(Tag<__nv_bfloat16>{});
   }
-  return -1;
+  return TV_ERR_LOGITS_DTYPE;
 }
 
 inline bool aligned(const void* ptr, int64_t bytes) {
@@ -554,14 +554,14 @@ int64_t tversky_cuda_forward_workspace(const TverskyParams* p, int num_sms) {
 int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t workspace_bytes,
                          int device, int num_sms, cudaStream_t stream) {
   const TverskyParams& p = *pp;
-  if (p.B < 1 || p.B > 65535 || p.N < 1) return -5;
+  if (p.B < 1 || p.B > TV_MAX_BATCH || p.N < 1) return TV_ERR_SIZE;
   if (const int err = TV_SET_DEVICE(device)) return err;
   return dispatch(p, [&](auto t, auto act, auto maxc) -> int {
     using T = typename decltype(t)::type;
     constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
     constexpr int VEC = vec_width<T, MAXC>();
     const int64_t G = blocks_per_sample(p, VEC, num_sms);
-    if (workspace_bytes < workspace_bytes_for(p, G)) return -6;
+    if (workspace_bytes < workspace_bytes_for(p, G)) return TV_ERR_WORKSPACE;
     float* partials = static_cast<float*>(workspace);
     int* counts = reinterpret_cast<int*>(partials + p.B * G * 3 * p.C);
     const int vec_x = rows_vectorisable(p.logits_ptr, sizeof(T), VEC, p.logits_stride_b,
@@ -583,7 +583,7 @@ int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t works
 int tversky_cuda_backward(const TverskyParams* pp, int device, int num_sms,
                           cudaStream_t stream) {
   const TverskyParams& p = *pp;
-  if (p.B < 1 || p.B > 65535 || p.N < 1) return -5;
+  if (p.B < 1 || p.B > TV_MAX_BATCH || p.N < 1) return TV_ERR_SIZE;
   if (const int err = TV_SET_DEVICE(device)) return err;
   return dispatch(p, [&](auto t, auto act, auto maxc) -> int {
     using T = typename decltype(t)::type;

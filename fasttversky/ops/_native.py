@@ -34,8 +34,9 @@ DTYPE_CODES = {
 class TverskyParams(ctypes.Structure):
     """Mirror of ``struct TverskyParams`` in csrc/tversky.h (same order, same types).
 
-    The CUDA loader compares ``ctypes.sizeof`` with the size the .cu was compiled with,
-    so a header change this mirror misses fails at load time instead of corrupting memory.
+    ``load_library`` compares ``ctypes.sizeof`` with the size each native library was
+    compiled with, so a header change this mirror misses fails at load time instead of
+    corrupting memory.
     """
 
     _fields_ = [
@@ -68,6 +69,26 @@ class TverskyParams(ctypes.Structure):
         ("num_labels", ctypes.c_int64),
         ("num_threads", ctypes.c_int32),
     ]
+
+
+def load_library(path, prefix: str, what: str) -> ctypes.CDLL:
+    """Load a compiled backend and check its ``<prefix>_params_size()`` against the mirror.
+
+    ``prefix`` is ``tversky_cpu`` or ``tversky_cuda``. The entry points' argument types
+    are set by the caller (they differ); this is the check every native backend shares.
+    """
+    dll = ctypes.CDLL(str(path))
+    size_fn = getattr(dll, f"{prefix}_params_size")
+    size_fn.argtypes = []
+    size_fn.restype = ctypes.c_int64
+    size = size_fn()
+    if size != ctypes.sizeof(TverskyParams):
+        raise RuntimeError(
+            f"the {what} kernels were compiled with a {size}-byte TverskyParams but "
+            f"fasttversky/ops/_native.py's mirror is {ctypes.sizeof(TverskyParams)} bytes: "
+            "csrc/tversky.h and the mirror disagree"
+        )
+    return dll
 
 
 def make_params(logits, target, spec: KernelSpec, num_threads: int = 1) -> TverskyParams:

@@ -138,7 +138,7 @@ def _tversky_fwd_partials_kernel(
     CDTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
 ):
     # grid = (T, B): program (t, b) reduces voxels [t*iters*BLOCK_N, (t+1)*iters*BLOCK_N)
-    # of sample b. Batch on axis 1 (limit 65535), tiles on axis 0 (limit 2**31 - 1).
+    # of sample b. Batch on axis 1 (limit _base.MAX_GRID_BATCH), tiles on axis 0 (limit 2**31 - 1).
     pid_t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     cls = tl.arange(0, C_PAD)

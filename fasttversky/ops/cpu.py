@@ -19,7 +19,15 @@ import sys
 import torch
 
 from .._spec import KernelSpec
-from ._native import DTYPE_CODES, LazyLibrary, TverskyParams, build_cached, make_params
+from ._base import Backend, check_kernel_code, kernel_coefs, new_grad
+from ._native import (
+    DTYPE_CODES,
+    LazyLibrary,
+    TverskyParams,
+    build_cached,
+    load_library,
+    make_params,
+)
 from ._sources import csrc_dir
 
 # -fno-trapping-math lets gcc if-convert and vectorise the tile loops (4x here); no
@@ -34,7 +42,7 @@ _FLAGS = [
     "-fPIC",
     "-pthread",
 ]
-MAX_CLASSES = 32
+MAX_CLASSES = 32  # MAX_C in csrc/cpu/tversky_cpu.cpp (checked when the library loads)
 
 
 def _cpu_identity() -> bytes:
@@ -65,10 +73,16 @@ def _build() -> ctypes.CDLL:
         lambda out: [cxx, *_FLAGS, str(sources[1]), "-o", out],
         "CPU",
     )
-    dll = ctypes.CDLL(str(lib))
+    dll = load_library(lib, "tversky_cpu", "CPU")
     for fn in (dll.tversky_cpu_forward, dll.tversky_cpu_backward):
         fn.argtypes = [ctypes.POINTER(TverskyParams)]
         fn.restype = ctypes.c_int
+    dll.tversky_cpu_max_classes.restype = ctypes.c_int
+    if dll.tversky_cpu_max_classes() != MAX_CLASSES:
+        raise RuntimeError(
+            f"the CPU kernels take {dll.tversky_cpu_max_classes()} classes but "
+            f"fasttversky/ops/cpu.py declares MAX_CLASSES = {MAX_CLASSES}"
+        )
     return dll
 
 
@@ -122,13 +136,10 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         libc.madvise(start, stop - start, _MADV_HUGEPAGE)
 
 
-def _check(code: int):
-    if code != 0:
-        raise RuntimeError(f"CPU kernel rejected its arguments (error code {code})")
-
-
-class _CpuBackend:
+class _CpuBackend(Backend):
     name = "cpu"
+    max_classes = MAX_CLASSES
+    class_limit_why = "supported by the kernel"
 
     def unavailable(self):
         try:
@@ -137,14 +148,10 @@ class _CpuBackend:
             return f"C++ kernels unavailable: {exc}"
         return None
 
-    def reasons(self, logits, target, spec: KernelSpec):
+    def input_reasons(self, logits, target, spec: KernelSpec):
         why = []
-        if spec.with_ce:
-            why.append("no cross-entropy term (ce_weight > 0) in this backend yet")
         if logits.device.type != "cpu":
             why.append(f"logits are on {logits.device}, the cpu backend needs CPU tensors")
-        if logits.shape[1] > MAX_CLASSES:
-            why.append(f"C={logits.shape[1]} classes > {MAX_CLASSES} supported by the kernel")
         if target.dtype not in DTYPE_CODES:
             why.append(f"target dtype {target.dtype} not supported by the kernel")
         return why
@@ -156,22 +163,19 @@ class _CpuBackend:
         p = _params(logits, target, spec)
         p.stats_ptr = stats.data_ptr()
         p.flags_ptr = flags.data_ptr()
-        _check(_library().tversky_cpu_forward(ctypes.byref(p)))
+        check_kernel_code(_library().tversky_cpu_forward(ctypes.byref(p)), "CPU", "forward")
         return stats, flags
 
     def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec):
-        grad = torch.empty_like(logits)
-        if grad.stride() != logits.stride():  # non-dense views: write a fresh (B, C, N)
-            grad = torch.empty(logits.shape, dtype=logits.dtype)
+        grad = new_grad(logits)
         _advise_huge_pages(grad)
         p = _params(logits, target, spec)
         p.grad_ptr = grad.data_ptr()
         p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
-        coef_a = coef_a.contiguous()
-        coef_b = coef_b.contiguous()
+        coef_a, coef_b = kernel_coefs(logits, coef_a, coef_b)
         p.coef_a_ptr = coef_a.data_ptr()
         p.coef_b_ptr = coef_b.data_ptr()
-        _check(_library().tversky_cpu_backward(ctypes.byref(p)))
+        check_kernel_code(_library().tversky_cpu_backward(ctypes.byref(p)), "CPU", "backward")
         return grad
 
 

@@ -26,21 +26,20 @@ from pathlib import Path
 import torch
 
 from .._spec import KernelSpec
-from ._native import DTYPE_CODES, LazyLibrary, TverskyParams, build_cached, make_params
+from ._base import MAX_GRID_BATCH, Backend, check_kernel_code, kernel_coefs, new_grad
+from ._native import (
+    DTYPE_CODES,
+    LazyLibrary,
+    TverskyParams,
+    build_cached,
+    load_library,
+    make_params,
+)
 from ._sources import csrc_dir
 
 MAX_CLASSES = 8  # the kernels keep a voxel's classes in registers (MAXC = 4 or 8)
-_MAX_BATCH = 65535  # grid axis 1 carries the batch
 
 _LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ERRORS = {
-    -1: "unsupported logits dtype",
-    -2: f"more than {MAX_CLASSES} classes",
-    -3: "unknown activation",
-    -4: "unsupported target dtype",
-    -5: "batch or volume size out of range",
-    -6: "workspace too small",
-}
 
 
 def _csrc() -> Path:
@@ -139,10 +138,8 @@ def _build() -> ctypes.CDLL:
         lambda out: _build_command(src, Path(out))[0],
         "CUDA",
     )
-    dll = ctypes.CDLL(str(lib))
+    dll = load_library(lib, "tversky_cuda", "CUDA")
     P = ctypes.POINTER(TverskyParams)
-    dll.tversky_cuda_params_size.argtypes = []
-    dll.tversky_cuda_params_size.restype = ctypes.c_int64
     dll.tversky_cuda_forward_workspace.argtypes = [P, ctypes.c_int]
     dll.tversky_cuda_forward_workspace.restype = ctypes.c_int64
     dll.tversky_cuda_forward.argtypes = [
@@ -160,12 +157,6 @@ def _build() -> ctypes.CDLL:
     dll.tversky_cuda_check.restype = ctypes.c_int
     dll.tversky_cuda_error_string.argtypes = [ctypes.c_int]
     dll.tversky_cuda_error_string.restype = ctypes.c_char_p
-    size = dll.tversky_cuda_params_size()
-    if size != ctypes.sizeof(TverskyParams):
-        raise RuntimeError(
-            f"csrc/tversky.h's TverskyParams is {size} bytes but fasttversky/ops/cuda.py's "
-            f"mirror is {ctypes.sizeof(TverskyParams)}: update the mirror"
-        )
     if not emulating():
         # Fails here, with the runtime's words, when e.g. nvcc's CUDA is newer than the
         # driver: better one reason from unavailable() than an error at the first loss.
@@ -204,12 +195,9 @@ def _sm_count(idx: int) -> int:
 
 
 def _check(code: int, what: str):
-    if code != 0:
-        if code in _ERRORS:
-            why = _ERRORS[code]
-        else:
-            why = f"{_library().tversky_cuda_error_string(code).decode()} (cudaError {code})"
-        raise RuntimeError(f"CUDA {what} kernel failed: {why}")
+    check_kernel_code(
+        code, "CUDA", what, lambda c: _library().tversky_cuda_error_string(c).decode()
+    )
 
 
 def tversky_forward(logits, target, spec: KernelSpec):
@@ -241,14 +229,11 @@ def tversky_forward(logits, target, spec: KernelSpec):
 def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
     """dL/dlogits with the logits' shape, dtype and (when dense) strides."""
     lib = _library()
-    grad = torch.empty_like(logits)
-    if grad.stride() != logits.stride():  # non-dense views: write a fresh (B, C, N)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = new_grad(logits)
     p = _params(logits, target, spec)
     p.grad_ptr = grad.data_ptr()
     p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
-    coef_a = coef_a.to(torch.float32).contiguous()
-    coef_b = coef_b.to(torch.float32).contiguous()
+    coef_a, coef_b = kernel_coefs(logits, coef_a, coef_b)  # float32: no float64 logits here
     p.coef_a_ptr = coef_a.data_ptr()
     p.coef_b_ptr = coef_b.data_ptr()
     with _device(logits):
@@ -265,8 +250,11 @@ def _device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-class _CudaBackend:
+class _CudaBackend(Backend):
     name = "cuda"
+    max_classes = MAX_CLASSES
+    class_limit_why = "kept in registers by the CUDA kernels"
+    max_batch = MAX_GRID_BATCH
 
     def unavailable(self):
         if not emulating():
@@ -286,10 +274,8 @@ class _CudaBackend:
             return f"CUDA kernels unavailable: {exc}"
         return None
 
-    def reasons(self, logits, target, spec: KernelSpec):
+    def input_reasons(self, logits, target, spec: KernelSpec):
         why = []
-        if spec.with_ce:
-            why.append("no cross-entropy term (ce_weight > 0) in this backend yet")
         want = "cpu" if emulating() else "cuda"
         if logits.device.type != want:
             need = "CPU tensors under FASTTVERSKY_CUDA_EMULATE=1" if emulating() else "CUDA tensors"
@@ -299,11 +285,6 @@ class _CudaBackend:
                 f"{logits.dtype} logits: the CUDA kernels compute in fp32 "
                 "(float64 runs on the triton backend, in fp64)"
             )
-        B, C, _ = logits.shape
-        if C > MAX_CLASSES:
-            why.append(f"C={C} classes > {MAX_CLASSES} kept in registers by the CUDA kernels")
-        if B > _MAX_BATCH:
-            why.append(f"batch size {B} > {_MAX_BATCH} (the grid's batch axis)")
         if target.dtype not in DTYPE_CODES:
             why.append(f"target dtype {target.dtype} not supported by the kernels")
         return why

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._spec import KernelSpec
+from ._base import Backend, compute_dtype
 
 
 def _probs(x: torch.Tensor, activation: int) -> torch.Tensor:
@@ -53,18 +54,13 @@ def _ce_sums(x, g, w, spec: KernelSpec) -> torch.Tensor:
     return ce.sum(-1, dtype=torch.float64)
 
 
-class _TorchBackend:
+class _TorchBackend(Backend):
     name = "torch"
-
-    def unavailable(self):
-        return None
-
-    def reasons(self, logits, target, spec):
-        return []
+    supports_ce = True
 
     def forward_stats(self, logits, target, spec: KernelSpec):
         B, C, N = logits.shape
-        cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        cdtype = compute_dtype(logits.dtype)
         x = logits.to(cdtype)
         n_nonfinite = (~torch.isfinite(x)).sum()
         p = _probs(x, spec.activation)

@@ -25,9 +25,9 @@ import threading
 import torch
 
 from .._spec import KernelSpec
+from ._base import MAX_GRID_BATCH, Backend, compute_dtype, kernel_coefs, new_grad
 
 MAX_CLASSES = 128
-_MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, which carries the batch
 _GPU_ELEMS = 2048  # (C_PAD x BLOCK_N) elements per register block on a GPU
 _INTERP_ELEMS = 16384  # the interpreter runs whole blocks as numpy ops: bigger is faster
 
@@ -127,7 +127,7 @@ def tversky_forward(logits: torch.Tensor, target: torch.Tensor, spec: KernelSpec
     meta = _common(logits, target, spec)
     C_PAD = meta["C_PAD"]
     block_n, iters, T = _fwd_tiles(B, N, C_PAD, logits.device)
-    part_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    part_dtype = compute_dtype(logits.dtype)
     dev = logits.device
     # Every (b, t) slot is written by exactly one program, so no zero-fill is needed.
     partials = torch.empty((B, T, 3, C_PAD), dtype=part_dtype, device=dev)
@@ -177,9 +177,7 @@ def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
     """dL/dlogits with the logits' shape, dtype and (when dense) strides."""
     k = _kernels()
     B, C, N = logits.shape
-    grad = torch.empty_like(logits)
-    if grad.stride() != logits.stride():  # overlapping/non-dense views: fresh (B, C, N)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = new_grad(logits)
     meta = _common(logits, target, spec)
     C_PAD = meta["C_PAD"]
     if _TILE_OVERRIDE is not None:
@@ -188,9 +186,7 @@ def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
         block_n = max(16, min(_next_pow2(N), _INTERP_ELEMS // C_PAD))
     else:
         block_n = max(16, _GPU_ELEMS // C_PAD)
-    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    coef_a = coef_a.to(cdt).contiguous()
-    coef_b = coef_b.to(cdt).contiguous()
+    coef_a, coef_b = kernel_coefs(logits, coef_a, coef_b)
     tsb, tsc, tsn = _target_strides(target, spec)
     ignore = spec.ignore_index if spec.ignore_index is not None else 0
     with _device_guard(logits):
@@ -216,8 +212,11 @@ def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
     return grad
 
 
-class _TritonBackend:
+class _TritonBackend(Backend):
     name = "triton"
+    max_classes = MAX_CLASSES
+    class_limit_why = "(one voxel's classes must fit in one register block)"
+    max_batch = MAX_GRID_BATCH
 
     def unavailable(self):
         try:
@@ -233,10 +232,8 @@ class _TritonBackend:
             )
         return None
 
-    def reasons(self, logits, target, spec: KernelSpec):
+    def input_reasons(self, logits, target, spec: KernelSpec):
         why = []
-        if spec.with_ce:
-            why.append("no cross-entropy term (ce_weight > 0) in this backend yet")
         want = "cpu" if _state.get("interpret") else "cuda"
         if logits.device.type != want:
             if want == "cuda":
@@ -249,13 +246,6 @@ class _TritonBackend:
                     f"logits are on {logits.device}; under TRITON_INTERPRET=1 the "
                     "triton backend runs on CPU tensors"
                 )
-        B, C, _ = logits.shape
-        if C > MAX_CLASSES:
-            why.append(
-                f"C={C} classes > {MAX_CLASSES}: one voxel's classes must fit in one register block"
-            )
-        if B > _MAX_GRID_Y:
-            why.append(f"batch size {B} > {_MAX_GRID_Y} (the grid's batch axis)")
         return why
 
     def forward_stats(self, logits, target, spec: KernelSpec):
