@@ -29,10 +29,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "open_ms_data"
 
 
 # .ci/run sets FASTTVERSKY_CI=1: there, tests that read the shared MS data, run the
-# Triton interpreter or compile the CUDA sources with nvcc must have run, so a skip of
-# one of them fails the session instead of passing silently (a user's clone without
-# ../shared or nvcc still skips them, with reasons).
-_REQUIRED_MARKERS = ("data", "interpreter", "nvcc")
+# Triton interpreter, compile the CUDA sources with nvcc or need nnunetv2 (the [nnunet]
+# extra, part of [test]) must have run, so a skip of one of them fails the session
+# instead of passing silently (a user's clone without ../shared, nvcc or the extra still
+# skips them, with reasons).
+_REQUIRED_MARKERS = ("data", "interpreter", "nvcc", "nnunet")
 _skipped_required: list[str] = []
 
 

@@ -1,0 +1,261 @@
+"""``fasttversky.compat.nnunet.DC_and_CE_loss`` against nnU-Net v2's own ``DC_and_CE_loss``.
+
+The reference is nnunetv2's class built as ``nnUNetTrainer._build_loss`` builds it
+(``MemoryEfficientSoftDiceLoss``, do_bg=False, smooth=1e-5, weight_ce=weight_dice=1,
+batch_dice both ways, with and without ignore label, inside its DeepSupervisionWrapper),
+on fresh seeded inputs, value and gradient. nnU-Net accumulates its Dice sums in float32
+whatever the logits' dtype, so the comparison with it uses the float32 row of the shared
+tolerance table for both dtypes; float64 is additionally checked at float64 tolerance
+against nnU-Net's formula written out in float64 here.
+
+Marked ``nnunet``: CI installs the [nnunet] extra and a skip fails the run there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import TOLERANCES, describe_mismatch
+
+import fasttversky
+
+pytestmark = pytest.mark.nnunet
+_BACKENDS = [b for b in ("cpu", "torch") if fasttversky.available_backends()[b] is None]
+
+
+@pytest.fixture
+def nn_losses():
+    # Per test (not at module level) so that a missing nnunetv2 is a skip of each marked
+    # test, which conftest turns into a failure under FASTTVERSKY_CI=1.
+    pytest.importorskip("nnunetv2")
+    from nnunetv2.training.loss import compound_losses, deep_supervision, dice
+
+    return compound_losses, dice, deep_supervision
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _case(C=3, shape=(6, 7, 5), B=2, ignore_label=None, dtype=torch.float64, seed=0):
+    """(logits (B, C, *shape), labels (B, 1, *shape) float like nnU-Net's loader)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (2 * torch.randn((B, C, *shape), generator=gen, dtype=torch.float64)).to(dtype)
+    y = torch.randint(0, C, (B, 1, *shape), generator=gen)
+    if ignore_label is not None:
+        holes = torch.rand((B, 1, *shape), generator=gen) < 0.25
+        y = torch.where(holes, ignore_label, y)
+    return x, y.float()
+
+
+def _kwargs(batch_dice, ignore_label, ce_kwargs=None):
+    # nnUNetTrainer._build_loss's arguments (ddp=False: single process).
+    return dict(
+        soft_dice_kwargs={"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False},
+        ce_kwargs=dict(ce_kwargs or {}),
+        weight_ce=1,
+        weight_dice=1,
+        ignore_label=ignore_label,
+    )
+
+
+def _value_and_grad(loss_fn, x, *args):
+    xi = [t.detach().clone().requires_grad_(True) for t in x] if isinstance(x, list) else None
+    if xi is None:
+        xi = x.detach().clone().requires_grad_(True)
+    out = loss_fn(xi, *args)
+    # a zero-weighted deep-supervision scale is not in the graph: its gradient is 0
+    grads = torch.autograd.grad(out, xi, allow_unused=True, materialize_grads=True)
+    return out.detach(), grads
+
+
+def _assert_close(got, want, dtype, what):
+    loss_rtol, grad_rtol = TOLERANCES[dtype]
+    v, gs = got
+    rv, rgs = want
+    assert v.dtype == rv.dtype, f"{what}: dtype {v.dtype} vs nnU-Net's {rv.dtype}"
+    tol = loss_rtol * max(rv.abs().item(), 1e-3)
+    assert torch.allclose(v.double(), rv.double(), rtol=0, atol=tol), (
+        f"{what} value: {describe_mismatch(v, rv, tol)}"
+    )
+    for g, rg in zip(gs, rgs, strict=True):
+        gtol = grad_rtol * max(rg.abs().max().item(), 1e-30)
+        assert torch.allclose(g.double(), rg.double(), rtol=0, atol=gtol), (
+            f"{what} grad: {describe_mismatch(g, rg, gtol)}"
+        )
+
+
+def _pair(nn_losses, **kw):
+    """(nnU-Net's DC_and_CE_loss with MemoryEfficientSoftDiceLoss, ours)."""
+    from fasttversky.compat.nnunet import DC_and_CE_loss
+
+    compound, dice, _ = nn_losses
+    ref = compound.DC_and_CE_loss(dice_class=dice.MemoryEfficientSoftDiceLoss, **kw)
+    ours = DC_and_CE_loss(dice_class=dice.MemoryEfficientSoftDiceLoss, **kw)
+    return ref, ours
+
+
+def _no_slow_path(fn, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a SlowPathWarning would mean the fused path refused
+        return fn(*args)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("ignore_label", [None, 3])
+def test_matches_nnunet_default_loss(nn_losses, backend, dtype, batch_dice, ignore_label):
+    ref, ours = _pair(nn_losses, **_kwargs(batch_dice, ignore_label))
+    ours.backend = backend
+    x, y = _case(ignore_label=ignore_label, dtype=dtype)
+    assert ours.explain(x, y) == "fused"
+    got = _no_slow_path(_value_and_grad, ours, x, y)
+    want = _value_and_grad(ref, x, y)
+    # nnU-Net's Dice sums are float32 even for float64 logits: its float32 tolerance.
+    _assert_close(got, want, torch.float32, f"{dtype} batch_dice={batch_dice} ii={ignore_label}")
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("ignore_label", [None, 3])
+def test_float64_matches_nnunet_formula_exactly(nn_losses, batch_dice, ignore_label):
+    # nnU-Net's formula in float64: CE + (-mean dc), dc = (2I + s) / (Sg + Sp + s) over
+    # the kept classes (c >= 1) and the non-ignored voxels.
+    _, ours = _pair(nn_losses, **_kwargs(batch_dice, ignore_label))
+    x, y = _case(C=4, ignore_label=ignore_label)
+
+    def formula(xi, yi):
+        keep = torch.ones_like(yi) if ignore_label is None else (yi != ignore_label).double()
+        lab = torch.where(keep.bool(), yi, 0).long()
+        p = torch.softmax(xi, 1)[:, 1:] * keep
+        g = F.one_hot(lab[:, 0], 4).movedim(-1, 1)[:, 1:].double() * keep
+        axes = (0, 2, 3, 4) if batch_dice else (2, 3, 4)
+        inter, sp, sg = (p * g).sum(axes), p.sum(axes), g.sum(axes)
+        dc = (2 * inter + 1e-5) / (sg + sp + 1e-5)
+        ce = F.cross_entropy(xi, yi[:, 0].long(), ignore_index=-100 if ignore_label is None else 3)
+        return ce - dc.mean()
+
+    got = _no_slow_path(_value_and_grad, ours, x, y)
+    _assert_close(got, _value_and_grad(formula, x, y), torch.float64, "float64 formula")
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int64])
+def test_integer_label_maps_and_2d(nn_losses, label_dtype):
+    ref, ours = _pair(nn_losses, **_kwargs(False, 2))
+    x, y = _case(C=2, shape=(9, 11), B=3, ignore_label=2, seed=1)
+    got = _no_slow_path(_value_and_grad, ours, x, y.to(label_dtype))
+    _assert_close(got, _value_and_grad(ref, x, y), torch.float32, f"labels {label_dtype}")
+
+
+def test_class_weights_and_term_weights(nn_losses):
+    compound, dice, _ = nn_losses
+    from fasttversky.compat.nnunet import DC_and_CE_loss
+
+    w = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+    kw = _kwargs(True, 3, ce_kwargs={"weight": w})
+    kw.update(weight_ce=0.7, weight_dice=2.5)
+    x, y = _case(ignore_label=3, seed=2)
+    ref = compound.DC_and_CE_loss(dice_class=dice.MemoryEfficientSoftDiceLoss, **kw)
+    ours = DC_and_CE_loss(dice_class=dice.MemoryEfficientSoftDiceLoss, **kw)
+    got = _no_slow_path(_value_and_grad, ours, x, y)
+    _assert_close(got, _value_and_grad(ref, x, y), torch.float32, "weights")
+
+
+def test_default_dice_class_is_soft_dice(nn_losses):
+    # nnU-Net's constructor default is SoftDiceLoss (same value, unfused memory profile).
+    compound, _, _ = nn_losses
+    from fasttversky.compat.nnunet import DC_and_CE_loss
+
+    kw = _kwargs(False, None)
+    x, y = _case(seed=3)
+    got = _value_and_grad(DC_and_CE_loss(**kw), x, y)
+    _assert_close(got, _value_and_grad(compound.DC_and_CE_loss(**kw), x, y), torch.float32, "sd")
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_deep_supervision_wrapper(nn_losses, batch_dice):
+    # As nnUNetTrainer wraps it: weights 1, 1/2, 1/4 with the last zeroed, normalised;
+    # the lower-resolution targets come downsampled from the loader.
+    _, _, ds = nn_losses
+    ref, ours = _pair(nn_losses, **_kwargs(batch_dice, 3))
+    w = torch.tensor([1.0, 0.5, 0.25])
+    w[-1] = 0
+    w = (w / w.sum()).tolist()
+    xs, ys = [], []
+    for i, s in enumerate(((8, 8, 8), (4, 4, 4), (2, 2, 2))):
+        x, y = _case(shape=s, ignore_label=3, seed=10 + i)
+        xs.append(x)
+        ys.append(y)
+    got = _no_slow_path(_value_and_grad, ds.DeepSupervisionWrapper(ours, w), xs, ys)
+    want = _value_and_grad(ds.DeepSupervisionWrapper(ref, w), xs, ys)
+    _assert_close(got, want, torch.float32, "deep supervision")
+
+
+def test_all_voxels_ignored(nn_losses):
+    # nnU-Net skips CE when no voxel is labelled (num_fg == 0); Dice is then -1.
+    ref, ours = _pair(nn_losses, **_kwargs(False, 3))
+    x, _ = _case()
+    y = torch.full((2, 1, 6, 7, 5), 3.0)
+    got = _value_and_grad(ours, x, y)
+    want = _value_and_grad(ref, x, y)
+    assert want[0].item() == -1.0
+    _assert_close(got, want, torch.float32, "all ignored")
+
+
+def test_slow_paths_match_nnunet(nn_losses):
+    # Options outside the fused kernels: nnU-Net's own computation, same values.
+    compound, dice, _ = nn_losses
+    from fasttversky.compat.nnunet import DC_and_CE_loss
+
+    x, y = _case(ignore_label=3, seed=4)
+    for kw in (
+        _kwargs(False, 3, ce_kwargs={"label_smoothing": 0.1}),
+        {**_kwargs(True, 3), "weight_dice": 0},
+        {**_kwargs(False, None), "soft_dice_kwargs": {"smooth": 0.0, "do_bg": False}},
+    ):
+        ref = compound.DC_and_CE_loss(dice_class=dice.MemoryEfficientSoftDiceLoss, **kw)
+        ours = DC_and_CE_loss(dice_class=dice.MemoryEfficientSoftDiceLoss, **kw)
+        yy = y if kw["ignore_label"] is not None else y.clamp_max(2)
+        assert ours.explain(x, yy).startswith("fallback: ")
+        _assert_close(_value_and_grad(ours, x, yy), _value_and_grad(ref, x, yy), torch.float32, kw)
+    # another Dice class is used as nnU-Net would use it
+    kw = _kwargs(False, 3)
+    ref = compound.DC_and_CE_loss(dice_class=dice.SoftDiceLoss, **kw)
+    ours = DC_and_CE_loss(dice_class=dice.SoftDiceLoss, **kw)
+    _assert_close(_value_and_grad(ours, x, y), _value_and_grad(ref, x, y), torch.float32, "sd")
+
+
+def test_nan_logits_give_nan(nn_losses):
+    from fasttversky.compat.monai import SlowPathWarning
+
+    ref, ours = _pair(nn_losses, **_kwargs(False, None))
+    x, y = _case(seed=5)
+    x[0, 1, 2, 3, 4] = float("nan")
+    assert torch.isnan(ref(x, y))
+    with pytest.warns(SlowPathWarning):
+        assert torch.isnan(ours(x, y))
+
+
+def test_imports_stay_light():
+    # `import fasttversky` never imports the compat packages, and the nnU-Net loss
+    # itself needs no nnunetv2 (only the trainers module does).
+    code = (
+        "import sys, fasttversky; assert 'fasttversky.compat.nnunet' not in sys.modules;"
+        "import fasttversky.compat.nnunet; assert 'nnunetv2' not in sys.modules, 'nnunetv2'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(_root()))
+
+
+def _root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
