@@ -46,6 +46,7 @@ import warnings
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..._dispatch import BackendUnavailableError
@@ -293,4 +294,118 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
         return -dc.mean()
 
 
-__all__ = ["DC_and_CE_loss"]
+class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's compound losses
+    """Tversky loss + cross-entropy in nnU-Net's conventions, fused (one pass each way).
+
+    ``weight_tversky * mean(1 - T) + weight_ce * CE`` with, per class c (c >= 1 unless
+    ``do_bg``) and per sample (or over the batch with ``batch_dice``), over the voxels
+    whose label is not ``ignore_label``::
+
+        T = (TP + smooth) / (TP + alpha FP + beta FN + smooth)      p = softmax(logits)
+
+    CE is ``F.cross_entropy(..., ignore_index=ignore_label)`` and, like nnU-Net's
+    ``DC_and_CE_loss``, 0 when every voxel is ignored. ``forward(net_output, target)``
+    takes (B, C >= 2, *spatial) logits and a (B, 1, *spatial) label map (float holding
+    integers, or integer) and returns a scalar in ``promote(net_output.dtype, float32)``.
+    Inputs the kernels refuse (NaN/Inf logits, labels out of range) are computed in
+    plain torch with a :class:`~fasttversky.compat.monai.SlowPathWarning`.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.3,
+        beta: float = 0.7,
+        batch_dice: bool = False,
+        do_bg: bool = False,
+        smooth: float = 1e-5,
+        weight_ce: float = 1.0,
+        weight_tversky: float = 1.0,
+        ignore_label: int | None = None,
+        ddp: bool = True,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, v in (("alpha", alpha), ("beta", beta), ("smooth", smooth)):
+            if not (math.isfinite(float(v)) and v >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+        for name, v in (("weight_ce", weight_ce), ("weight_tversky", weight_tversky)):
+            if not (math.isfinite(float(v)) and v >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+        if not weight_tversky > 0:
+            raise ValueError("weight_tversky must be > 0 (use nn.CrossEntropyLoss for CE alone)")
+        self.alpha, self.beta, self.smooth = float(alpha), float(beta), float(smooth)
+        self.batch_dice, self.do_bg, self.ddp = bool(batch_dice), bool(do_bg), bool(ddp)
+        self.weight_ce, self.weight_tversky = float(weight_ce), float(weight_tversky)
+        self.ignore_label = ignore_label
+        self.backend = backend
+
+    def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = target
+        if target.is_floating_point():
+            labels = _float_labels_to_int(target, need_integral=True)
+            if labels is None:
+                raise ValueError("target: float labels must hold integers")
+        try:
+            loss = self._fused(net_output, labels, self.weight_ce)
+            if (
+                self.ignore_label is not None
+                and self.weight_ce != 0
+                and not bool(torch.isfinite(loss))
+                and not bool((labels != self.ignore_label).any())
+            ):
+                loss = self._fused(net_output, labels, 0.0)  # every voxel ignored: no CE
+        except (ValueError, TypeError, BackendUnavailableError) as exc:
+            warnings.warn(
+                f"fasttversky.compat.nnunet.Tversky_and_CE_loss: the fused path refused "
+                f"these inputs ({exc}); computing the loss with the slower torch path.",
+                SlowPathWarning,
+                stacklevel=2,
+            )
+            return self._torch_forward(net_output, labels)
+        return loss
+
+    def _fused(self, x, labels, weight_ce):
+        wt = self.weight_tversky
+        tv = tversky_ce_loss(
+            x,
+            labels,
+            self.alpha,
+            self.beta,
+            ce_weight=float(weight_ce) / wt,
+            activation="softmax",
+            ignore_index=self.ignore_label,
+            include_background=self.do_bg,
+            batch=self.batch_dice,
+            reduction="mean",
+            smooth_nr=self.smooth,
+            smooth_dr=self.smooth,
+            backend=self.backend,
+            sync_across_ranks=self.batch_dice and self.ddp and _is_distributed(),
+        )
+        return wt * tv
+
+    def _torch_forward(self, x, labels):
+        """The same loss in plain torch (NaN in, NaN out)."""
+        keep = None if self.ignore_label is None else labels != self.ignore_label
+        lab = labels if keep is None else torch.where(keep, labels, 0)
+        p = torch.softmax(x, 1)
+        g = torch.zeros_like(p).scatter_(1, lab.long(), 1)
+        if keep is not None:
+            p, g = p * keep, g * keep
+        if not self.do_bg:
+            p, g = p[:, 1:], g[:, 1:]
+        axes = tuple(range(2, x.ndim))
+        if self.batch_dice:
+            axes = (0, *axes)
+        tp = (p * g).sum(axes)
+        fp, fn = p.sum(axes) - tp, g.sum(axes) - tp
+        t = (tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)
+        loss = self.weight_tversky * (1 - t).mean()
+        if self.weight_ce != 0 and (keep is None or bool(keep.any())):
+            ii = -100 if self.ignore_label is None else self.ignore_label
+            loss = loss + self.weight_ce * F.cross_entropy(x, labels[:, 0].long(), ignore_index=ii)
+        return loss.to(torch.promote_types(x.dtype, torch.float32))
+
+
+__all__ = ["DC_and_CE_loss", "Tversky_and_CE_loss"]

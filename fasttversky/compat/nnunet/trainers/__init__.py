@@ -1,0 +1,1 @@
+"""The folder listed in ``nnUNet_extTrainer``; nnU-Net imports ``fasttversky_trainers`` from it."""
