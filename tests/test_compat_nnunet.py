@@ -259,3 +259,26 @@ def _root():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("ignore_label", [None, 3])
+def test_tversky_and_ce_matches_reference(batch_dice, ignore_label):
+    # The FastTverskyCE trainer's loss: float64 reference Tversky (c >= 1) + CE.
+    from fasttversky.compat.nnunet import Tversky_and_CE_loss
+    from reference import reference_tversky_loss
+
+    loss = Tversky_and_CE_loss(0.3, 0.7, batch_dice=batch_dice, ignore_label=ignore_label)
+    x, y = _case(ignore_label=ignore_label, seed=6)
+    ii = ignore_label
+
+    def ref(xi, yi):
+        lab = yi[:, 0].long()
+        tv = reference_tversky_loss(
+            xi, lab, 0.3, 0.7, include_background=False, batch=batch_dice, ignore_index=ii
+        )
+        return tv + F.cross_entropy(xi, lab, ignore_index=-100 if ii is None else ii)
+
+    want = _value_and_grad(ref, x, y)
+    _assert_close(_no_slow_path(_value_and_grad, loss, x, y), want, torch.float64, "fused")
+    _assert_close(_value_and_grad(loss._torch_forward, x, y), want, torch.float64, "torch path")

@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fasttversky
-from fasttversky.distributed import gather_stats
 from fasttversky.app.models import UNet3D
 from fasttversky.app.training import TrainConfig, train
+from fasttversky.distributed import gather_stats
 
 WORLD = 2
 LOCAL_B = (1, 2)  # uneven on purpose: the loss must not assume equal shards
