@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._dispatch import BackendUnavailableError
-from .._fused import tversky_ce_loss
+from ...functional import tversky_loss
 from ..monai import SlowPathWarning, _float_labels_to_int
 
 _FUSABLE_DICE = ("MemoryEfficientSoftDiceLoss", "SoftDiceLoss")
@@ -149,19 +149,9 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
             labels = _float_labels_to_int(target, need_integral=True)
             if labels is None:
                 return self._nnunet_forward(net_output, target)
-        no_ce = self.weight_ce == 0
         try:
+            # With every voxel ignored the fused CE is 0, as nnU-Net skips it (num_fg == 0).
             loss = self._fused(net_output, labels, self.weight_ce)
-            if (
-                self.ignore_label is not None
-                and self.weight_ce != 0
-                and not bool(torch.isfinite(loss))
-            ):
-                # Every voxel ignored: CE's mean is 0/0, which nnU-Net skips (num_fg == 0).
-                # TODO(perf): the host sync above; nnU-Net has one per call too.
-                if not bool((labels != self.ignore_label).any()):
-                    loss = self._fused(net_output, labels, 0.0)
-                    no_ce = True
         except (ValueError, TypeError, BackendUnavailableError) as exc:
             warnings.warn(
                 f"fasttversky.compat.nnunet.DC_and_CE_loss: the fused path refused these "
@@ -172,7 +162,7 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
             return self._nnunet_forward(net_output, target)
         # nnU-Net's Dice is float32 whatever the logits' dtype; without a CE term its
         # result stays float32.
-        return loss.to(torch.float32) if no_ce else loss
+        return loss.to(torch.float32) if self.weight_ce == 0 else loss
 
     def explain(self, net_output: torch.Tensor, target: torch.Tensor) -> str:
         """``"fused"`` or ``"fallback: <why>"`` for ``forward(net_output, target)``
@@ -207,7 +197,7 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
         # dc = (2TP + s) / (Σp + Σg + s) = (TP + s/2) / (TP + FP/2 + FN/2 + s/2)
         s = float(self.smooth) / 2
         wd = float(self.weight_dice)
-        tv = tversky_ce_loss(
+        tv = tversky_loss(
             x,
             labels,
             0.5,
@@ -348,13 +338,6 @@ class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's comp
                 raise ValueError("target: float labels must hold integers")
         try:
             loss = self._fused(net_output, labels, self.weight_ce)
-            if (
-                self.ignore_label is not None
-                and self.weight_ce != 0
-                and not bool(torch.isfinite(loss))
-                and not bool((labels != self.ignore_label).any())
-            ):
-                loss = self._fused(net_output, labels, 0.0)  # every voxel ignored: no CE
         except (ValueError, TypeError, BackendUnavailableError) as exc:
             warnings.warn(
                 f"fasttversky.compat.nnunet.Tversky_and_CE_loss: the fused path refused "
@@ -367,7 +350,7 @@ class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's comp
 
     def _fused(self, x, labels, weight_ce):
         wt = self.weight_tversky
-        tv = tversky_ce_loss(
+        tv = tversky_loss(
             x,
             labels,
             self.alpha,
