@@ -10,6 +10,7 @@ the compat module does not import MONAI.
 from __future__ import annotations
 
 import itertools
+import math
 import subprocess
 import sys
 import warnings
@@ -372,3 +373,187 @@ def test_import_does_not_import_monai():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ======================================================================================
+# DiceCELoss
+# ======================================================================================
+from _helpers import TOLERANCES  # noqa: E402
+
+from fasttversky.compat.monai import DiceCELoss  # noqa: E402
+
+# What the fused path needs the two terms to share: softmax over C >= 2 with a label map,
+# or sigmoid with C = 1. Everything else is MONAI's computation in torch.
+_DCE_FUSED = {("softmax", 3), ("sigmoid", 1)}
+
+
+def _dce_parity(kwargs, x, y, backend="auto", rtol=1e-9, atol=1e-12, expect_fused=None):
+    want = _run(monai_losses.DiceCELoss(**kwargs), x, y)
+    ours = DiceCELoss(**kwargs, backend=backend)
+    path = ours.explain(x, y) if want[2] is None else ""
+    got = _run(ours, x, y)
+    assert got[2] is want[2], f"{kwargs}: exception {got[2]} vs MONAI {want[2]}"
+    if want[2] is not None:
+        return
+    assert got[3] == want[3], f"{kwargs}: warnings {got[3]} vs MONAI {want[3]}"
+    assert not got[4], f"{kwargs}: unexpected slow path: {got[4]}"
+    if expect_fused is not None:
+        assert path.startswith("fused") == expect_fused, f"{kwargs}: {path}"
+    assert got[0].dtype == want[0].dtype, f"{kwargs}: dtype {got[0].dtype} vs {want[0].dtype}"
+    _assert_close(f"{kwargs} value", got[0], want[0], rtol, atol)
+    _assert_close(f"{kwargs} grad", got[1], want[1], rtol, atol)
+
+
+_DCE_GRID = [
+    (C, act, kind)
+    for C in (1, 3)
+    for act in ACTS
+    for kind in ("labels_float", "labels_uint8", "onehot_float")
+]
+
+
+@pytest.mark.parametrize("C,act,kind", _DCE_GRID, ids=[f"C{c}-{a}-{k}" for c, a, k in _DCE_GRID])
+def test_dice_ce_every_option_matches_monai_float64(C, act, kind):
+    x, y = _make_case(C, kind, None, seed=C)
+    if y.is_floating_point():  # a float32 target makes MONAI's BCE round to float32
+        y = y.double()
+    gen = torch.Generator().manual_seed(7)
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.1
+    for ib, batch, red, jaccard, weight, squared in itertools.product(
+        (True, False), (False, True), ("mean", "sum"), (False, True), (None, w), (False, True)
+    ):
+        kwargs = dict(
+            include_background=ib,
+            to_onehot_y=kind.startswith("labels"),
+            reduction=red,
+            batch=batch,
+            jaccard=jaccard,
+            weight=weight,
+            squared_pred=squared,
+            smooth_nr=1e-4,
+            smooth_dr=1e-3,
+            lambda_dice=1.3,
+            lambda_ce=0.7,
+            **ACTS[act],
+        )
+        fused = (
+            (act, C) in _DCE_FUSED
+            and (kind.startswith("labels") or C == 1)  # a C = 1 "one-hot" is a mask
+            and not squared
+            and (weight is None or (act == "softmax" and red == "mean"))
+        )
+        _dce_parity(kwargs, x, y, expect_fused=fused)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("spatial", [(17,), (6, 7), (3, 4, 5)])
+def test_dice_ce_backends_and_dims(backend, spatial):
+    x, y = _make_case(4, "labels_int64", None, shape=spatial, B=3)
+    _dce_parity(dict(softmax=True, to_onehot_y=True), x, y, backend, expect_fused=True)
+    x1, y1 = _make_case(1, "labels_uint8", None, shape=spatial, B=3)
+    _dce_parity(dict(sigmoid=True), x1, y1, backend, expect_fused=True)
+
+
+def test_dice_ce_float32_within_tolerance_of_monai():
+    loss_rtol, grad_rtol = TOLERANCES[torch.float32]
+    for kw, C, kind in (
+        (dict(softmax=True, to_onehot_y=True, include_background=False), 3, "labels_uint8"),
+        (dict(sigmoid=True, batch=True), 1, "labels_float"),
+    ):
+        x, y = _make_case(C, kind, None, dtype=torch.float32, shape=(16, 16, 8), seed=3)
+        got = _run(DiceCELoss(**kw), x, y)
+        want = _run(monai_losses.DiceCELoss(**kw), x.double(), y)
+        assert not got[4]
+        _assert_close(f"{kw} value", got[0], want[0], 0, loss_rtol * want[0].abs().item())
+        _assert_close(f"{kw} grad", got[1], want[1], 0, grad_rtol * want[1].abs().max().item())
+
+
+# MONAI's own DiceCELoss test cases (tests/losses/test_dice_ce_loss.py), re-expressed on
+# our own volumes: the input is a 0/1 map equal to the one-hot target, so with no
+# activation the Dice term is exactly 0 and CE of two logits (1, 0) on the right class
+# is log(1 + 1/e) (MONAI's "-1 + log(1 + e)").
+def _binary_case():
+    gen = torch.Generator().manual_seed(11)
+    lab = torch.randint(0, 2, (2, 1, 4, 3, 5), generator=gen)
+    onehot = torch.cat([1 - lab, lab], 1).double()
+    return onehot.clone(), lab, onehot
+
+
+@pytest.mark.parametrize("target_kind", ["labels", "onehot_float", "onehot_uint8"])
+def test_monai_case_zero_dice_plus_ce(target_kind):
+    x, lab, onehot = _binary_case()
+    target = {"labels": lab.double(), "onehot_float": onehot, "onehot_uint8": onehot.byte()}
+    want = math.log(1 + math.exp(-1))
+    for lam in (1.0, 2.5):
+        kw = dict(to_onehot_y=target_kind == "labels", lambda_ce=lam)
+        got = DiceCELoss(**kw)(x, target[target_kind])
+        assert abs(got.item() - lam * want) < 1e-12, (kw, got.item(), lam * want)
+        _dce_parity(kw, x, target[target_kind])
+
+
+def test_monai_case_weights_without_background():
+    # MONAI applies no Dice weight when one class is left (weight [w0, w1] -> [w1]) but
+    # weighs CE by class; logits saturated at 100 on some voxels.
+    x, lab, _ = _binary_case()
+    x = x.clone()
+    x[0, 0, 0] = 100.0
+    for w in ([1.0, 1.0], [0.0, 1.0], [0.3, 2.0]):
+        kw = dict(include_background=False, to_onehot_y=True, weight=torch.tensor(w).double())
+        _dce_parity(kw, x, lab.double())
+        _dce_parity({**kw, "softmax": True}, x, lab.double(), expect_fused=True)
+
+
+def test_monai_case_sigmoid_with_pos_weight():
+    # One channel: MONAI's weight is BCE's pos_weight (the slower path), checked against
+    # the formula written out: Dice of sigmoid + mean of -(w y log s + (1-y) log(1-s)).
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 1, 3, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (2, 1, 3, 4), generator=gen).double()
+    w = 0.5
+    got = DiceCELoss(sigmoid=True, weight=torch.tensor([w]).double())(x, y)
+    s = torch.sigmoid(x)
+    tp, sp, sg = (s * y).sum((2, 3)), s.sum((2, 3)), y.sum((2, 3))
+    dice = (1 - (2 * tp + 1e-5) / (sp + sg + 1e-5)).mean()
+    bce = -(w * y * torch.log(s) + (1 - y) * torch.log(1 - s)).mean()
+    assert abs(got.item() - (dice + bce).item()) < 1e-12
+
+
+def test_dice_ce_errors_match_monai():
+    for x, y in (
+        (torch.ones((1, 2, 3)), torch.ones((1, 2, 5))),  # AssertionError (Dice shapes)
+        (torch.ones((1, 2, 3)), torch.ones((1, 1, 2, 3))),  # ValueError (dims)
+        (torch.ones((1, 3, 4, 4)), torch.ones((1, 2, 4, 4))),  # ValueError (channels)
+    ):
+        with pytest.raises(Exception) as want:
+            monai_losses.DiceCELoss()(x, y)
+        with pytest.raises(want.type):
+            DiceCELoss()(x, y)
+    for kwargs in (
+        dict(reduction="none"),
+        dict(lambda_dice=-1.0),
+        dict(lambda_ce=-0.5),
+        dict(sigmoid=True, softmax=True),
+        dict(other_act=3),
+    ):
+        with pytest.raises(Exception) as want:
+            monai_losses.DiceCELoss(**kwargs)
+        with pytest.raises(want.type):
+            DiceCELoss(**kwargs)
+
+
+def test_dice_ce_same_signature_and_defaults_as_monai():
+    import inspect
+
+    ours = inspect.signature(DiceCELoss.__init__).parameters
+    theirs = inspect.signature(monai_losses.DiceCELoss.__init__).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    for name, p in theirs.items():
+        assert ours[name].default == getattr(p.default, "value", p.default), name
+
+
+def test_dice_ce_nan_logits_give_nan():
+    x, y = _make_case(3, "labels_int64", None)
+    x[0, 1, 0, 0, 0] = float("nan")
+    with pytest.warns(SlowPathWarning):
+        out = DiceCELoss(softmax=True, to_onehot_y=True)(x, y)
+    assert torch.isnan(out)

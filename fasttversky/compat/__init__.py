@@ -1,14 +1,16 @@
 """Drop-in replacements for other libraries' Tversky losses.
 
-``fasttversky.compat.monai.TverskyLoss`` takes the constructor and returns the values of
-``monai.losses.TverskyLoss`` (MONAI 1.6), so migrating is one import line::
+``fasttversky.compat.monai.TverskyLoss`` and ``DiceCELoss`` take the constructors and
+return the values of ``monai.losses.TverskyLoss`` / ``DiceCELoss`` (MONAI 1.6), so
+migrating is one import line::
 
     # from monai.losses import TverskyLoss
     from fasttversky.compat.monai import TverskyLoss
 
-Nothing here imports MONAI: it is a test dependency only.
+Nothing here imports MONAI: it is a test dependency only. ``fasttversky.compat.nnunet``
+(imported on its own) holds nnU-Net v2's ``DC_and_CE_loss`` and trainers.
 """
 
-from .monai import SlowPathWarning, TverskyLoss
+from .monai import DiceCELoss, SlowPathWarning, TverskyLoss
 
-__all__ = ["SlowPathWarning", "TverskyLoss"]
+__all__ = ["DiceCELoss", "SlowPathWarning", "TverskyLoss"]

@@ -1,4 +1,8 @@
-"""``TverskyLoss`` with the constructor, defaults and values of ``monai.losses.TverskyLoss``.
+"""``TverskyLoss`` and ``DiceCELoss`` with the constructors, defaults and values of MONAI's.
+
+``DiceCELoss`` (Dice + cross-entropy, ``monai.losses.DiceCELoss``) runs both terms in one
+fused pass when MONAI's options make them functions of the same probabilities; its
+docstring lists which. What follows describes ``TverskyLoss``.
 
 Migrating is one import line::
 
@@ -490,3 +494,339 @@ class TverskyLoss(_Loss):
         raise ValueError(
             f'Unsupported reduction: {self.reduction}, available options are ["mean", "sum", "none"].'
         )
+
+
+# ======================================================================================
+# DiceCELoss
+# ======================================================================================
+
+
+class DiceCELoss(_Loss):
+    """Dice + cross-entropy with ``monai.losses.DiceCELoss``'s interface (MONAI 1.6).
+
+    ``lambda_dice * Dice + lambda_ce * CE`` where, as in MONAI, the Dice term follows
+    ``include_background``, ``to_onehot_y``, the activation, ``squared_pred``/``jaccard``,
+    ``batch``, the smoothing and ``weight`` (without the background when it is left
+    out), and CE is ``nn.CrossEntropyLoss(weight, reduction, label_smoothing)`` on the raw
+    logits for C > 1 channels or ``nn.BCEWithLogitsLoss(pos_weight=weight)`` for C = 1.
+
+    **Fused** (one pass over logits and labels forward, one backward, the CE inside the
+    Tversky kernels' pass) when the two terms see the same probabilities:
+
+    * ``softmax=True``, C >= 2, ``to_onehot_y=True`` and a (B, 1, *spatial) label map
+      (integer, or float truncated like MONAI's ``.long()``); ``weight`` None or C
+      non-negative values of the input's dtype (reduction "sum" needs no weight);
+    * ``sigmoid=True``, C = 1 and a (B, 1, *spatial) {0, 1} mask (integer or float), no
+      ``weight`` (MONAI passes it to BCE as ``pos_weight``);
+    * and ``squared_pred=False``, ``other_act=None``, ``label_smoothing=0``,
+      ``lambda_dice > 0``. The Dice term is the Tversky index with alpha = beta = 1/2
+      (1 for ``jaccard``) and half of each smoothing constant.
+
+    **MONAI-equivalent slower path** (plain torch, MONAI's forward step by step, its
+    errors included) otherwise -- notably MONAI's default ``softmax=False`` (Dice on the
+    raw input, CE on it as logits: two different functions of the input), one-hot
+    targets, ``sigmoid=True`` with C > 1 (MONAI's CE is then a softmax CE) -- and, with a
+    :class:`SlowPathWarning`, whenever the kernels refuse the inputs while running (NaN,
+    labels out of range). ``explain(input, target)`` says which path a call takes.
+
+    ``forward(input, target)``: input (B, C, *spatial) float, 1-3 spatial dims; target
+    (B, 1, *spatial) or (B, C, *spatial). Returns a scalar in MONAI's dtype.
+    ``backend`` (keyword-only, not MONAI's) picks fasttversky's backend.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: torch.Tensor | None = None,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        label_smoothing: float = 0.0,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        red = getattr(reduction, "value", reduction)
+        if red not in ("mean", "sum"):
+            raise ValueError(
+                f"Unsupported option '{reduction}', available options are ['mean', 'sum']."
+            )
+        self.reduction = red
+        if other_act is not None and not callable(other_act):
+            raise TypeError(
+                f"other_act must be None or callable but is {type(other_act).__name__}."
+            )
+        if int(sigmoid) + int(softmax) + int(other_act is not None) > 1:
+            raise ValueError(
+                "Incompatible values: more than 1 of "
+                "[sigmoid=True, softmax=True, other_act is not None]."
+            )
+        self.include_background = include_background
+        self.to_onehot_y = to_onehot_y
+        self.sigmoid = sigmoid
+        self.softmax = softmax
+        self.other_act = other_act
+        self.squared_pred = squared_pred
+        self.jaccard = jaccard
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+        self.batch = batch
+        # MONAI's modules, same attribute names (their buffers move with .to()).
+        self.cross_entropy = torch.nn.CrossEntropyLoss(
+            weight=weight, reduction=red, label_smoothing=label_smoothing
+        )
+        self.binary_cross_entropy = torch.nn.BCEWithLogitsLoss(pos_weight=weight, reduction=red)
+        if lambda_dice < 0.0:
+            raise ValueError("lambda_dice should be no less than 0.0.")
+        if lambda_ce < 0.0:
+            raise ValueError("lambda_ce should be no less than 0.0.")
+        self.lambda_dice = lambda_dice
+        self.lambda_ce = lambda_ce
+        self.label_smoothing = label_smoothing
+        self.backend = backend
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.cross_entropy.weight
+
+    # ----------------------------------------------------------------------------------
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        input, target = _plain(input), _plain(target)
+        plan = self._plan(input, target)
+        if isinstance(plan, str):
+            return self._monai_forward(input, target)
+        labels, activation, out_dtype = plan
+        C = input.shape[1]
+        if C == 1:  # MONAI's DiceLoss warnings for a single channel
+            if self.to_onehot_y:
+                warnings.warn(
+                    "single channel prediction, `to_onehot_y=True` ignored.", stacklevel=2
+                )
+            if not self.include_background:
+                warnings.warn(
+                    "single channel prediction, `include_background=False` ignored.", stacklevel=2
+                )
+        try:
+            loss = self._fused(input, labels, activation)
+        except (ValueError, TypeError, BackendUnavailableError) as exc:
+            warnings.warn(
+                f"fasttversky.compat.monai.DiceCELoss: the fused path refused these inputs "
+                f"({exc}); computing MONAI's result with the slower torch path.",
+                SlowPathWarning,
+                stacklevel=2,
+            )
+            return self._monai_forward(input, target, warn=False)
+        return loss.to(out_dtype)
+
+    def explain(self, input: torch.Tensor, target: torch.Tensor) -> str:
+        """``"fused: ..."`` or ``"fallback: <why>"`` for ``forward(input, target)``
+        (data-dependent refusals such as NaN are only found while the kernels run)."""
+        plan = self._plan(_plain(input), _plain(target))
+        if isinstance(plan, str):
+            return f"fallback: {plan}"
+        return f"fused: activation={plan[1]!r}, labels {plan[0].dtype}"
+
+    # ----------------------------------------------------------------------------------
+    def _plan(self, input, target):
+        """(labels, activation, MONAI's result dtype) for the fused call, or why not."""
+        if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+            return "input and target must both be tensors"
+        if not 3 <= input.dim() <= 5 or input.numel() == 0 or target.numel() == 0:
+            return f"input of shape {tuple(input.shape)} (the kernels take 1-3 spatial dims)"
+        if not input.is_floating_point():
+            return f"input dtype {input.dtype}"
+        if target.requires_grad:
+            return "target requires grad"
+        if self.other_act is not None:
+            return "other_act (MONAI's CE sees the raw logits, the Dice the activated input)"
+        if self.squared_pred:
+            return "squared_pred=True (sums of squares are not the kernels' sums)"
+        if self.label_smoothing != 0:
+            return f"label_smoothing={self.label_smoothing}"
+        if not (_nonneg_real(self.lambda_dice) and self.lambda_dice > 0):
+            return f"lambda_dice={self.lambda_dice!r} (the Dice term carries the CE)"
+        if not _nonneg_real(self.lambda_ce):
+            return f"lambda_ce={self.lambda_ce!r}"
+        if not (_nonneg_real(self.smooth_nr) and _nonneg_real(self.smooth_dr)):
+            return "negative or non-finite smoothing"
+        B, C = input.shape[:2]
+        spatial = tuple(input.shape[2:])
+        if tuple(target.shape) != (B, 1, *spatial):
+            return f"target of shape {tuple(target.shape)} is not a (B, 1, *spatial) label map"
+        w = self.weight
+        if self.softmax and C > 1:
+            if not self.to_onehot_y:
+                return "to_onehot_y=False with a label map (MONAI raises)"
+            if w is not None:
+                if w.dim() != 1 or w.shape[0] != C or w.dtype != input.dtype:
+                    return f"weight of shape {tuple(w.shape)} / {w.dtype} for C={C}"
+                if self.reduction == "sum":
+                    return "weight with reduction='sum' (CE's sum of weights needs a histogram)"
+            if target.is_floating_point():
+                labels = _float_labels_to_int(target, need_integral=False)
+            elif target.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+                labels = target
+            else:
+                return f"label dtype {target.dtype}"
+            return labels, "softmax", torch.promote_types(input.dtype, torch.float32)
+        if self.sigmoid and C == 1:
+            if w is not None:
+                return "weight with sigmoid (MONAI's BCE pos_weight)"
+            if target.is_floating_point():
+                labels = _float_labels_to_int(target, need_integral=True)
+                if labels is None:
+                    return "soft (non-integer) float mask"
+                out = torch.promote_types(input.dtype, target.dtype)
+            elif target.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool):
+                labels, out = target, input.dtype
+            else:
+                return f"target dtype {target.dtype}"
+            return labels, "sigmoid", out
+        return (
+            "activation: the fused path needs softmax=True with C >= 2 or sigmoid=True with "
+            "C = 1 (otherwise MONAI's Dice and CE see different functions of the input)"
+        )
+
+    def _fused(self, x, labels, activation):
+        # MONAI: Dice = reduce_{b,c}(w_c · f_bc), f = 1 - (2TP + snr)/(2(TP + k FP + k FN) + sdr),
+        # k = 1/2 (1 for jaccard): the Tversky term with alpha = beta = k and halved smoothing.
+        # tversky_loss(reduction="sum") gives S = Σ w_c f_bc + ce_weight · CE_mean, so
+        #   mean: λd S / (B' C') + λce CE_mean   -> scale λd/(B'C'), ce_weight λce B'C'/λd
+        #   sum:  λd S + λce N CE_mean           -> scale λd,        ce_weight λce N/λd
+        # (CE's sum over N voxels is N times its mean when unweighted.)
+        B, C = x.shape[:2]
+        k = 1.0 if self.jaccard else 0.5
+        n_kept = C - 1 if (not self.include_background and C > 1) else C
+        class_weights = None
+        if self.weight is not None and n_kept != 1:  # MONAI skips weights for one class
+            class_weights = self.weight
+        if self.reduction == "mean":
+            scale = self.lambda_dice / ((1 if self.batch else B) * n_kept)
+        else:
+            scale = self.lambda_dice * 1.0
+        ce_mult = 1.0 if self.reduction == "mean" else float(labels.numel())
+        return scale * tversky_loss(
+            x,
+            labels,
+            k,
+            k,
+            activation=activation,
+            include_background=self.include_background,
+            batch=self.batch,
+            reduction="sum",
+            smooth_nr=self.smooth_nr / 2,
+            smooth_dr=self.smooth_dr / 2,
+            class_weights=class_weights,
+            ce_weight=self.lambda_ce * ce_mult / scale,
+            ce_class_weights=self.weight if activation == "softmax" else None,
+            backend=self.backend,
+        )
+
+    # ----------------------------------------------------------------------------------
+    def _monai_forward(self, input, target, warn: bool = True) -> torch.Tensor:
+        """MONAI 1.6's ``DiceCELoss.forward``, step by step, in plain torch."""
+        if input.dim() != target.dim():
+            raise ValueError(
+                "the number of dimensions for input and target should be the same, "
+                f"got shape {input.shape} (nb dims: {len(input.shape)}) and {target.shape} "
+                f"(nb dims: {len(target.shape)}). if target is not one-hot encoded, please "
+                "provide a tensor with shape B1H[WD]."
+            )
+        if target.shape[1] != 1 and target.shape[1] != input.shape[1]:
+            raise ValueError(
+                "number of channels for target is neither 1 (without one-hot encoding) nor "
+                f"the same as input, got shape {input.shape} and {target.shape}."
+            )
+        dice = self._monai_dice(input, target, warn)
+        if input.shape[1] != 1:
+            t = target
+            if input.shape[1] != target.shape[1] and target.shape[1] == 1:
+                t = torch.squeeze(target, dim=1).long()
+            elif not torch.is_floating_point(target):
+                t = target.to(dtype=input.dtype)
+            ce = self.cross_entropy(input, t)
+        else:
+            t = target if torch.is_floating_point(target) else target.to(dtype=input.dtype)
+            ce = self.binary_cross_entropy(input, t)
+        return self.lambda_dice * dice + self.lambda_ce * ce
+
+    def _monai_dice(self, input, target, warn):
+        """MONAI 1.6's ``DiceLoss.forward`` (no ignore_index: DiceCELoss passes none)."""
+        if self.sigmoid:
+            input = torch.sigmoid(input)
+        n_pred_ch = input.shape[1]
+        if self.softmax:
+            if n_pred_ch == 1:
+                if warn:
+                    warnings.warn(
+                        "single channel prediction, `softmax=True` ignored.", stacklevel=4
+                    )
+            else:
+                input = torch.softmax(input, 1)
+        if self.other_act is not None:
+            input = self.other_act(input)
+        if self.to_onehot_y:
+            if n_pred_ch == 1:
+                if warn:
+                    warnings.warn(
+                        "single channel prediction, `to_onehot_y=True` ignored.", stacklevel=4
+                    )
+            else:
+                target = _one_hot(target, n_pred_ch)
+        if not self.include_background:
+            if n_pred_ch == 1:
+                if warn:
+                    warnings.warn(
+                        "single channel prediction, `include_background=False` ignored.",
+                        stacklevel=4,
+                    )
+            else:
+                target = target[:, 1:]
+                input = input[:, 1:]
+        if target.shape != input.shape:
+            raise AssertionError(
+                f"ground truth has different shape ({target.shape}) from input ({input.shape})"
+            )
+        reduce_axis = list(range(2, len(input.shape)))
+        if self.batch:
+            reduce_axis = [0] + reduce_axis
+        if not self.squared_pred:
+            tp = torch.sum(input * target, dim=reduce_axis)
+            fp = torch.sum(input, dim=reduce_axis) - tp
+            fn = torch.sum(target, dim=reduce_axis) - tp
+        else:  # MONAI's L2 form: |p|², |g|², |p - g|²
+            pred_o = LA.vector_norm(input, ord=2, dim=reduce_axis) ** 2
+            ground_o = LA.vector_norm(target, ord=2, dim=reduce_axis) ** 2
+            difference = LA.vector_norm(input - target, ord=2, dim=reduce_axis) ** 2
+            tp = (pred_o + ground_o - difference) / 2
+            fp, fn = pred_o - tp, ground_o - tp
+        if not self.jaccard:
+            fp = fp * 0.5
+            fn = fn * 0.5
+        f = 1 - (2 * tp + self.smooth_nr) / (2 * (tp + fp + fn) + self.smooth_dr)
+        w = self.weight
+        if w is not None and not self.include_background:
+            w = w[1:]
+        num_of_classes = target.shape[1]
+        if w is not None and num_of_classes != 1:
+            if w.ndim == 0:
+                w = torch.as_tensor([w] * num_of_classes)
+            elif w.shape[0] != num_of_classes:
+                raise ValueError(
+                    "The length of the `weight` sequence should be the same as the number of "
+                    "classes. If `include_background=False`, the weight should not include the "
+                    "background category class 0."
+                )
+            if w.min() < 0:
+                raise ValueError("the value/values of the `weight` should be no less than 0.")
+            f = f * w.to(f)
+        return torch.mean(f) if self.reduction == "mean" else torch.sum(f)
