@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import check_against_reference, make_inputs
 
 import fasttversky
 from fasttversky.ops import cuda as cu
-from reference import reference_tversky_loss
 
 # .ci/run (FASTTVERSKY_CI=1) fails when these skip: CI must compile every .cu.
 pytestmark = pytest.mark.nvcc
@@ -89,51 +89,13 @@ def emulated():
         os.environ["FASTTVERSKY_CUDA_EMULATE"] = old
 
 
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-
-
-def _make(
-    B,
-    C,
-    spatial,
-    *,
-    dtype=torch.float32,
-    soft=False,
-    activation="softmax",
-    label_dtype=torch.uint8,
-    seed=0,
-):
-    g = torch.Generator().manual_seed(seed)
-    shape = (B, C, *spatial)
-    x = (
-        torch.rand(shape, generator=g, dtype=torch.float64)
-        if activation == "none"
-        else 2.0 * torch.randn(shape, generator=g, dtype=torch.float64)
-    )
-    if soft:
-        t = torch.rand(shape, generator=g, dtype=torch.float64)
-        t = torch.where(t < 0.3, torch.zeros_like(t), t).float()
-    else:
-        t = torch.randint(0, 2 if C == 1 else C, (B, *spatial), generator=g)
-        t = t.bool() if label_dtype == torch.bool else t.to(label_dtype)
-    return x.to(dtype), t
+def _make(B, C, spatial, *, label_dtype=torch.uint8, **kw):
+    return make_inputs(B, C, spatial, label_dtype=label_dtype, **kw)
 
 
 def _check(x, t, **kw):
-    tol = TOL[x.dtype]
-    xk = x.clone().requires_grad_()
-    loss = fasttversky.tversky_loss(xk, t, backend="cuda", **kw)
-    w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype)
-    (loss * w.view_as(loss)).sum().backward()
-    x64 = x.double().requires_grad_()
-    ref = reference_tversky_loss(x64, t.double() if t.is_floating_point() else t, **kw)
-    (ref * w.double().view_as(ref)).sum().backward()
-    scale = x64.grad.abs().max().item()
-    torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol * 1e-2)
-    err = (xk.grad.double() - x64.grad).abs().max().item()
-    assert err <= tol * scale + 1e-12, f"grad max error {err:.3e} (scale {scale:.3e})"
-    assert xk.grad.dtype == x.dtype
-    return loss, xk.grad
+    """backend='cuda' (emulated) vs the float64 reference (tests/_helpers)."""
+    return check_against_reference(x, t, "cuda", **kw)
 
 
 # Spatial shapes: N = 640 (a multiple of 8: 16-byte vector path, tail inside the last

@@ -13,10 +13,10 @@ import os
 
 import pytest
 import torch
+from _helpers import check_against_reference, make_inputs
 
 import fasttversky
 from fasttversky.ops import triton as tri
-from reference import reference_tversky_loss
 
 pytestmark = pytest.mark.interpreter
 
@@ -49,17 +49,6 @@ def _needs_working_interpreter(request):
     pytest.skip("triton < 3.8's interpreter cannot run runtime-bound loops with NumPy >= 2.3")
 
 
-# (loss rtol, grad atol relative to max |grad|) against float64, and for half types the
-# flash-attention rule: kernel error <= K x the error of plain torch in that dtype.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
-K_LOWP = 2.0
-
-
 def _report(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float):
     """assert_close with a message saying how many elements differ and where."""
     got = got.detach().double().cpu()
@@ -77,71 +66,13 @@ def _report(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol:
         )
 
 
-def _make(
-    B,
-    C,
-    spatial,
-    *,
-    dtype=torch.float32,
-    soft=False,
-    activation="softmax",
-    label_dtype=torch.int64,
-    seed=0,
-):
-    g = torch.Generator().manual_seed(seed)
-    shape = (B, C, *spatial)
-    if activation == "none":
-        x = torch.rand(shape, generator=g, dtype=torch.float64)
-    else:
-        x = 2.0 * torch.randn(shape, generator=g, dtype=torch.float64)
-    x = x.to(dtype)
-    if soft:
-        t = torch.rand(shape, generator=g, dtype=torch.float64)
-        t = torch.where(t < 0.3, torch.zeros_like(t), t).to(torch.float32)
-    else:
-        hi = 2 if C == 1 else C
-        t = torch.randint(0, hi, (B, *spatial), generator=g)
-        t = t.to(torch.bool) if label_dtype == torch.bool else t.to(label_dtype)
-    return x.to(DEVICE), t.to(DEVICE)
+def _make(B, C, spatial, **kw):
+    return make_inputs(B, C, spatial, device=DEVICE, **kw)
 
 
 def _check_against_reference(x, target, **kw):
-    """Loss and dL/dlogits of backend='triton' vs the float64 reference."""
-    rtol, gtol = TOL[x.dtype]
-    xk = x.detach().clone().requires_grad_()
-    loss = fasttversky.tversky_loss(xk, target, backend="triton", **kw)
-    w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
-    (loss * w.view_as(loss)).sum().backward()
-
-    x64 = x.detach().double().requires_grad_()
-    ref_target = target.double() if target.is_floating_point() else target
-    ref = reference_tversky_loss(x64, ref_target, **kw)
-    (ref * w.double().view_as(ref)).sum().backward()
-
-    assert loss.dtype == torch.promote_types(x.dtype, torch.float32)
-    assert xk.grad.dtype == x.dtype and xk.grad.shape == x.shape
-    gscale = x64.grad.abs().max().item() + 1e-30
-    if x.dtype in (torch.float16, torch.bfloat16):
-        # Plain torch in the same dtype sets the bar.
-        xl = x.detach().clone().requires_grad_()
-        low = reference_tversky_loss(
-            xl, target.to(x.dtype) if target.is_floating_point() else target, **kw
-        )
-        (low * w.to(low.dtype).view_as(low)).sum().backward()
-        err_loss = (loss.double() - ref).abs().max().item()
-        base_loss = (low.double() - ref).abs().max().item()
-        assert err_loss <= K_LOWP * base_loss + rtol * ref.abs().max().item(), (
-            f"loss error {err_loss:.3e} vs torch-in-{x.dtype} {base_loss:.3e}"
-        )
-        err_g = (xk.grad.double() - x64.grad).abs().max().item()
-        base_g = (xl.grad.double() - x64.grad).abs().max().item()
-        assert err_g <= K_LOWP * base_g + gtol * gscale, (
-            f"grad error {err_g:.3e} vs torch-in-{x.dtype} {base_g:.3e}"
-        )
-    else:
-        _report("loss", loss, ref, atol=rtol * 1e-3, rtol=rtol)
-        _report("grad", xk.grad, x64.grad, atol=gtol * gscale, rtol=gtol)
-    return loss, xk.grad
+    """Loss and dL/dlogits of backend='triton' vs the float64 reference (tests/_helpers)."""
+    return check_against_reference(x, target, "triton", **kw)
 
 
 # ------------------------------------------------------------------------------------
