@@ -21,6 +21,12 @@
 //              for a label map Σ_c p_c u_c = w (Σ_c p_c A_c + p_y B_y)
 //     sigmoid: dL/dz_c = u_c p_c (1 - p_c)
 //     none:    dL/dx_c = u_c
+//
+// Cross-entropy (with_ce): per voxel with label y (not ignored), softmax
+//     -log p_y = log Σ_c exp(x_c - m) - (x_y - m),  m = max_c x_c   (log-sum-exp)
+//   and sigmoid, per class, BCE(x, g) = max(x, 0) - x g + log1p(exp(-|x|)); summed per
+//   (b, c) into sum_ce. With e_c = dL/dsum_ce[b, c] (coef_ce), the extra gradient is
+//     softmax: dL/dz_k += e_y (p_k - [k = y]);   sigmoid: dL/dz_c += e_c (p_c - g_c).
 #pragma once
 #include <stdint.h>
 
@@ -53,6 +59,7 @@ enum TverskyError {
   TV_ERR_TARGET_DTYPE = -4,
   TV_ERR_SIZE = -5,  // batch or volume size out of range
   TV_ERR_WORKSPACE = -6,
+  TV_ERR_CE = -7,  // cross-entropy asked with a soft target or activation "none"
 };
 
 // CUDA's limit on grid axis 1, which carries the batch (ops/_base.py MAX_GRID_BATCH).
@@ -85,6 +92,13 @@ typedef struct TverskyParams {
   int32_t binary_labels;  // C == 1 label map: g = (label == 1)
   int64_t num_labels;     // valid labels: [0, num_labels)
   int32_t num_threads;    // CPU only
+  // Cross-entropy term (label maps, softmax or sigmoid only). with_ce = 0: everything
+  // above is exactly the Tversky-only contract. with_ce = 1: stats is (B, C, 4), column
+  // 3 = sum_ce (softmax: Σ over voxels labelled c of -log p_c; sigmoid: Σ_n BCE(x_c, g_c)),
+  // and the backward adds coef_ce (B, C) (the coef_a dtype) times the CE gradient:
+  // softmax coef_ce[y] (p_k - [k = y]); sigmoid coef_ce[c] (p_c - g_c).
+  int32_t with_ce;
+  const void* coef_ce_ptr;
 } TverskyParams;
 
 #ifdef __cplusplus

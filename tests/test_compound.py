@@ -21,8 +21,8 @@ from fasttversky import TverskyLoss, deep_supervision_loss, tversky_loss
 from fasttversky.deep_supervision import default_weights, downsample_labels
 from reference import reference_cross_entropy, reference_tversky_loss
 
-BACKENDS = ["torch"]  # cpu, triton, cuda join as their kernels gain the CE term
-FUSED = "torch"  # the backend of the CPU-only checks (thread count, saved tensors, compile)
+BACKENDS = ["torch", "cpu"]  # triton, cuda join as their kernels gain the CE term
+FUSED = "cpu"  # the backend of the CPU-only checks (thread count, saved tensors, compile)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -128,16 +128,17 @@ def test_channels_last_two_class(backend):
     check_against_reference(x, t, backend, ce_weight=1.0, ignore_index=255)
 
 
-@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
-def test_extreme_logits(backend, activation):
+@pytest.mark.parametrize(
+    "activation, C", [("softmax", 2), ("softmax", 3), ("sigmoid", 1), ("sigmoid", 3)]
+)
+def test_extreme_logits(backend, activation, C):
     """±1e4 logits (and ±65504 in float16): the same finite values as float64."""
     gen = torch.Generator().manual_seed(6)
-    C = 3
-    x = torch.randn(2, C, 6, 5, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, C, 8, 8, 3, generator=gen, dtype=torch.float64)
     pick = torch.rand(x.shape, generator=gen)
     x = torch.where(pick < 0.3, torch.full_like(x, 1e4), x)
     x = torch.where(pick > 0.7, torch.full_like(x, -1e4), x)
-    t = torch.randint(0, C, (2, 6, 5, 4), generator=gen)
+    t = torch.randint(0, max(C, 2), (2, 8, 8, 3), generator=gen).to(torch.uint8)
     kw = dict(activation=activation, ce_weight=1.0, ignore_index=None)
     for dtype in _dtypes(backend):
         check_against_reference(x.to(dtype), t, backend, **kw)

@@ -122,6 +122,48 @@ inline float fast_exp(float x) {
 }
 inline double fast_exp(double x) { return std::exp(x); }
 
+// log of a positive, normal float, vectorisable like fast_exp (libm's logf is not):
+// x = 2^k · m with m in [sqrt(1/2), sqrt(2)), log m = f - f²/2 + f³·P(f), f = m - 1,
+// P a degree-8 minimax polynomial (Cephes' logf coefficients), k·ln2 split in two
+// parts. ~1 ulp. Used for the cross-entropy's log-sum-exp, where x = Σ exp(x_c - m)
+// lies in [1, C].
+__attribute__((always_inline)) inline float fast_log(float x) {
+  const int32_t bits = __builtin_bit_cast(int32_t, x);
+  int32_t k = ((bits >> 23) & 0xff) - 126;                                      // m in [0.5, 1)
+  float m = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f000000);
+  const bool small = m < 0.70710678118654752f;
+  k = small ? k - 1 : k;
+  const float f = small ? m + m - 1.0f : m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = __builtin_fmaf(y, f, -1.1514610310e-1f);
+  y = __builtin_fmaf(y, f, 1.1676998740e-1f);
+  y = __builtin_fmaf(y, f, -1.2420140846e-1f);
+  y = __builtin_fmaf(y, f, 1.4249322787e-1f);
+  y = __builtin_fmaf(y, f, -1.6668057665e-1f);
+  y = __builtin_fmaf(y, f, 2.0000714765e-1f);
+  y = __builtin_fmaf(y, f, -2.4999993993e-1f);
+  y = __builtin_fmaf(y, f, 3.3333331174e-1f);
+  y = y * f * z;
+  const float kf = (float)k;
+  y = __builtin_fmaf(kf, -2.12194440e-4f, y);
+  y = __builtin_fmaf(z, -0.5f, y);
+  return __builtin_fmaf(kf, 0.693359375f, f + y);
+}
+inline double fast_log(double x) { return std::log(x); }
+
+// log(1 + e) for e in [0, 1] without losing e when 1 + e rounds (Goldberg's trick:
+// log(u) · e / (u - 1) with u = 1 + e is exact to a few ulp; u == 1 means log1p(e) = e).
+__attribute__((always_inline)) inline float log1p_small(float e) {
+  const float u = 1.0f + e;
+  const float d = u - 1.0f;
+  // both sides computed, then a select: a branch here would stop gcc vectorising
+  const bool exact = d == 0.0f;
+  const float q = fast_log(u) * (e / (exact ? 1.0f : d));
+  return exact ? e : q;
+}
+inline double log1p_small(double e) { return std::log1p(e); }
+
 template <typename F>
 inline bool not_finite(F x) {
   // x - x is 0 for finite x and NaN for NaN/inf; written without isfinite so that it
@@ -291,15 +333,68 @@ void parallel_items(int64_t n_items, int num_threads, Fn&& fn) {
   for (auto& th : threads) th.join();
 }
 
+// ---- cross-entropy of one tile (general path) --------------------------------------------
+// x[c][i]: logits on entry, probabilities on exit (as load_probs); y, w from load_labels.
+// Adds each lane's CE to acc_ce: softmax -log p_y = log s - (x_y - m) into class y's row
+// (from the same max m and exp sum s the softmax needs: one log per voxel); sigmoid
+// BCE(x_c, g_c) = max(x, 0) - x g + log1p(e), e = exp(-|x|), into every class's row, with
+// p = 1/(1+e) or e/(1+e) from the same exp. Ignored and padded lanes (w = 0, y = -1) add 0.
+template <typename F, typename LT>
+__attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams& P, int64_t b,
+                                                             int64_t n0, int n,
+                                                             F (*__restrict x)[TILE],
+                                                             const int32_t* __restrict y,
+                                                             const float* __restrict w,
+                                                             F (*__restrict acc_ce)[TILE]) {
+  const int64_t C = P.C;
+  const int64_t nonfinite = load_logits<F, LT>(P, b, n0, n, x);
+  if (P.activation == TV_SOFTMAX) {
+    F m[TILE], s[TILE], xy[TILE];
+    for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
+    for (int64_t c = 1; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) m[i] = std::max(m[i], x[c][i]);
+    for (int i = 0; i < TILE; ++i) s[i] = xy[i] = (F)0;
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        xy[i] += y[i] == (int32_t)c ? x[c][i] - m[i] : (F)0;
+        x[c][i] = fast_exp(x[c][i] - m[i]);
+        s[i] += x[c][i];
+      }
+    for (int i = 0; i < TILE; ++i) {
+      const F lce = w[i] != 0.f ? fast_log(s[i]) - xy[i] : (F)0;
+      xy[i] = lce;
+      s[i] = (F)1 / s[i];
+    }
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        x[c][i] *= s[i];
+        acc_ce[c][i] += y[i] == (int32_t)c ? xy[i] : (F)0;
+      }
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        const F v = x[c][i];
+        const F e = fast_exp(-std::abs(v));
+        const F r = (F)1 / ((F)1 + e);
+        const F g = y[i] == (int32_t)c ? (F)1 : (F)0;
+        const F bce = std::max(v, (F)0) - v * g + log1p_small(e);
+        acc_ce[c][i] += (F)w[i] * bce;
+        x[c][i] = v >= (F)0 ? r : e * r;
+      }
+  }
+  return nonfinite;
+}
+
 // ---- forward ------------------------------------------------------------------------------
-template <typename LT, typename TT, bool SOFT>
+template <typename LT, typename TT, bool SOFT, bool CE>
 void forward_impl(const TverskyParams& P) {
   using F = typename compute_of<LT>::type;
   const int64_t B = P.B, C = P.C, N = P.N;
   const int64_t n_chunks = (N + CHUNK - 1) / CHUNK;
   const int64_t n_items = B * n_chunks;
-  // partial[item][c][3] and per-item flag counts: written once per item, summed in order.
-  std::vector<double> partial((size_t)n_items * C * 3);
+  constexpr int S = CE ? 4 : 3;  // stats columns: [sum_pg, sum_p, sum_g(, sum_ce)]
+  // partial[item][c][S] and per-item flag counts: written once per item, summed in order.
+  std::vector<double> partial((size_t)n_items * C * S);
   std::vector<int64_t> flags((size_t)n_items * 2, 0);
   const bool two_class_softmax = C == 2 && P.activation == TV_SOFTMAX;
   const bool contiguous = P.logits_stride_n == 1 && P.target_stride_n == 1;
@@ -317,10 +412,33 @@ void forward_impl(const TverskyParams& P) {
     alignas(64) F x[MAX_C][TILE];
     alignas(64) F g[SOFT ? MAX_C : 1][TILE];
     alignas(64) F acc_pg[MAX_C][TILE], acc_p[MAX_C][TILE], acc_g[MAX_C][TILE];
+    alignas(64) F acc_ce[CE ? MAX_C : 1][TILE];
+    // Two-class CE: -log p_y = log(1 + e) + [y is the less likely class]·|x1 - x0|. The
+    // log(1 + e) parts are multiplied up per lane and class (each factor in [1, 2]) and
+    // their log is taken once per 64 tiles (2^64 cannot overflow): one multiply-add per
+    // voxel instead of a log. Rounding: one float32 rounding per factor, as torch's own
+    // float32 log-sum-exp rounds 1 + e.
+    alignas(64) F prod_ce[CE ? 2 : 1][TILE];
+    constexpr int FOLD_TILES = 64;
+    auto fold_products = [&]() {
+      if constexpr (CE)
+        for (int c = 0; c < 2; ++c)
+          for (int i = 0; i < TILE; ++i) {
+            acc_ce[c][i] += fast_log(prod_ce[c][i]);
+            prod_ce[c][i] = (F)1;
+          }
+    };
+    int tiles_since_fold = 0;
     alignas(64) int32_t y[TILE];
     alignas(64) float w[TILE];
     for (int64_t c = 0; c < C; ++c)
       for (int i = 0; i < TILE; ++i) acc_pg[c][i] = acc_p[c][i] = acc_g[c][i] = (F)0;
+    if constexpr (CE) {
+      for (int64_t c = 0; c < C; ++c)
+        for (int i = 0; i < TILE; ++i) acc_ce[c][i] = (F)0;
+      for (int c = 0; c < 2; ++c)
+        for (int i = 0; i < TILE; ++i) prod_ce[c][i] = (F)1;
+    }
     int64_t nonfinite = 0, bad = 0;
 
     for (int64_t n0 = start; n0 < stop; n0 += TILE) {
@@ -366,6 +484,16 @@ void forward_impl(const TverskyParams& P) {
             const F g1 = (keep & (v == 1)) ? (F)1 : (F)0;
             F p0, p1, e, r;
             softmax2(x0, x1, p0, p1, e, r);
+            if constexpr (CE) {
+              // -log p_hi = log(1 + e), -log p_lo = |d| + log(1 + e), d = x1 - x0 (p_hi
+              // is class 1 when d >= 0); g0, g1 are already 0 on ignored voxels.
+              const F d = x1 - x0;
+              const F ad = std::abs(d);
+              prod_ce[0][i] *= std::fma(g0, e, (F)1);
+              prod_ce[1][i] *= std::fma(g1, e, (F)1);
+              acc_ce[0][i] += d >= (F)0 ? g0 * ad : (F)0;
+              acc_ce[1][i] += d >= (F)0 ? (F)0 : g1 * ad;
+            }
             if constexpr (HAS_II) {
               const F wi = keep ? (F)1 : (F)0;
               p0 *= wi;
@@ -398,6 +526,11 @@ void forward_impl(const TverskyParams& P) {
           }, acc_p);
         nonfinite += nf;
         bad += nb;
+        if constexpr (CE)
+          if (++tiles_since_fold == FOLD_TILES) {
+            fold_products();
+            tiles_since_fold = 0;
+          }
       } else if (two_class_softmax) {
         // Fused two-class path on a tail or strided tile: one exp per voxel.
         const int64_t nf = load_logits<F, LT>(P, b, n0, n, x);
@@ -409,6 +542,12 @@ void forward_impl(const TverskyParams& P) {
           p0 *= (F)w[i];
           p1 *= (F)w[i];
           const F g0 = (F)(y[i] == 0), g1 = (F)(y[i] == 1);
+          if constexpr (CE) {
+            const F d = x[1][i] - x[0][i];
+            const F l1p = log1p_small(e), ad = std::abs(d);
+            acc_ce[0][i] += g0 * (d >= (F)0 ? l1p + ad : l1p);
+            acc_ce[1][i] += g1 * (d >= (F)0 ? l1p : l1p + ad);
+          }
           acc_p[0][i] += p0;
           acc_p[1][i] += p1;
           acc_pg[0][i] += p0 * g0;
@@ -418,8 +557,13 @@ void forward_impl(const TverskyParams& P) {
         }
         if (nf) poison_softmax2_inf(n, [&](int c, int i) { return x[c][i]; }, acc_p);
       } else {
-        nonfinite += load_probs<F, LT>(P, b, n0, n, x);
-        bad += load_labels<TT>(P, b, n0, n, y, w);
+        if constexpr (CE) {
+          bad += load_labels<TT>(P, b, n0, n, y, w);
+          nonfinite += load_probs_ce<F, LT>(P, b, n0, n, x, y, w, acc_ce);
+        } else {
+          nonfinite += load_probs<F, LT>(P, b, n0, n, x);
+          bad += load_labels<TT>(P, b, n0, n, y, w);
+        }
         for (int64_t c = 0; c < C; ++c)
           for (int i = 0; i < TILE; ++i) {
             const F p = x[c][i] * (F)w[i];
@@ -430,7 +574,8 @@ void forward_impl(const TverskyParams& P) {
           }
       }
     }
-    double* out = partial.data() + item * C * 3;
+    fold_products();
+    double* out = partial.data() + item * C * S;
     for (int64_t c = 0; c < C; ++c) {
       double s_pg = 0, s_p = 0, s_g = 0;
       for (int i = 0; i < TILE; ++i) {
@@ -438,9 +583,14 @@ void forward_impl(const TverskyParams& P) {
         s_p += (double)acc_p[c][i];
         s_g += (double)acc_g[c][i];
       }
-      out[c * 3 + 0] = s_pg;
-      out[c * 3 + 1] = s_p;
-      out[c * 3 + 2] = s_g;
+      out[c * S + 0] = s_pg;
+      out[c * S + 1] = s_p;
+      out[c * S + 2] = s_g;
+      if constexpr (CE) {
+        double s_ce = 0;
+        for (int i = 0; i < TILE; ++i) s_ce += (double)acc_ce[c][i];
+        out[c * S + 3] = s_ce;
+      }
     }
     flags[item * 2 + 0] = nonfinite;
     flags[item * 2 + 1] = bad;
@@ -448,10 +598,10 @@ void forward_impl(const TverskyParams& P) {
 
   // fixed-order final reduction
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < C * 3; ++j) {
+    for (int64_t j = 0; j < C * S; ++j) {
       double s = 0;
-      for (int64_t k = 0; k < n_chunks; ++k) s += partial[(b * n_chunks + k) * C * 3 + j];
-      P.stats_ptr[b * C * 3 + j] = s;
+      for (int64_t k = 0; k < n_chunks; ++k) s += partial[(b * n_chunks + k) * C * S + j];
+      P.stats_ptr[b * C * S + j] = s;
     }
   int64_t nf = 0, nb = 0;
   for (int64_t it = 0; it < n_items; ++it) {
@@ -463,7 +613,7 @@ void forward_impl(const TverskyParams& P) {
 }
 
 // ---- backward -----------------------------------------------------------------------------
-template <typename LT, typename TT, bool SOFT>
+template <typename LT, typename TT, bool SOFT, bool CE>
 void backward_impl(const TverskyParams& P) {
   using F = typename compute_of<LT>::type;
   const int64_t B = P.B, C = P.C, N = P.N;
@@ -488,10 +638,11 @@ void backward_impl(const TverskyParams& P) {
     alignas(64) int32_t y[TILE];
     alignas(64) float w[TILE];
     alignas(64) F s[TILE];
-    F A[MAX_C], Bc[MAX_C];
+    F A[MAX_C], Bc[MAX_C], E[MAX_C];
     for (int64_t c = 0; c < C; ++c) {
       A[c] = coef_a[b * C + c];
       Bc[c] = coef_b[b * C + c];
+      E[c] = CE ? ((const F*)P.coef_ce_ptr)[b * C + c] : (F)0;
     }
     LT* gbase = (LT*)P.grad_ptr + b * P.grad_stride_b;
 
@@ -507,7 +658,7 @@ void backward_impl(const TverskyParams& P) {
           const TT* lab = (const TT*)P.target_ptr + b * P.target_stride_b + n0;
           LT* o0 = gbase + n0 * P.grad_stride_n;
           LT* o1 = o0 + P.grad_stride_c;
-          const F dA = A[1] - A[0], B0 = Bc[0], B1 = Bc[1];
+          const F dA = A[1] - A[0], B0 = Bc[0], B1 = Bc[1], E0 = E[0], E1 = E[1];
           auto run = [&](auto stride_c) {
             constexpr int S = decltype(stride_c)::value;  // voxel stride: 1 or 2
 #pragma GCC ivdep
@@ -518,7 +669,13 @@ void backward_impl(const TverskyParams& P) {
               const L v = (L)lab[i];
               const bool keep = !(has_ii & (v == ii));
               const F du = dA + (v == 1 ? B1 : (F)0) - (v == 0 ? B0 : (F)0);
-              const F g1 = keep ? e * r * r * du : (F)0;
+              F t = e * r * r * du;
+              if constexpr (CE) {
+                // dz1 = -dz0 = e_y (p1 - [y = 1]); p1 - 1 = -p0 kept exact for y = 1
+                const F lo = e * r, p0 = d >= (F)0 ? lo : r, p1 = d >= (F)0 ? r : lo;
+                t += v == 1 ? -E1 * p0 : (v == 0 ? E0 * p1 : (F)0);
+              }
+              const F g1 = keep ? t : (F)0;
               store_val(o0 + i * S, -g1);
               store_val(S == 2 ? o0 + 2 * i + 1 : o1 + i, g1);
             }
@@ -538,7 +695,12 @@ void backward_impl(const TverskyParams& P) {
             const F e = fast_exp(-std::abs(d));
             const F r = (F)1 / ((F)1 + e);
             const F du = (A[1] - A[0]) + (y[i] == 1 ? Bc[1] : (F)0) - (y[i] == 0 ? Bc[0] : (F)0);
-            const F g1 = (F)w[i] * e * r * r * du;
+            F t = e * r * r * du;
+            if constexpr (CE) {
+              const F lo = e * r, p0 = d >= (F)0 ? lo : r, p1 = d >= (F)0 ? r : lo;
+              t += y[i] == 1 ? -E[1] * p0 : (y[i] == 0 ? E[0] * p1 : (F)0);
+            }
+            const F g1 = (F)w[i] * t;
             u[0][i] = -g1;
             u[1][i] = g1;
           }
@@ -561,7 +723,28 @@ void backward_impl(const TverskyParams& P) {
           for (int i = 0; i < TILE; ++i) u[c][i] = A[c] + (y[i] == (int32_t)c ? Bc[c] : (F)0);
       }
       // chain rule through the activation, written back into u as dL/dlogit
-      if (P.activation == TV_SOFTMAX) {
+      if (CE && P.activation == TV_SOFTMAX) {
+        // + e_y (p_k - [k = y]): fold e_y into the softmax's shift, subtract it at k = y
+        alignas(64) F ey[TILE];
+        for (int i = 0; i < TILE; ++i) s[i] = ey[i] = (F)0;
+        for (int64_t c = 0; c < C; ++c) {
+          const F ec = E[c];  // a scalar, not a masked load of E[c]: gcc vectorises this
+          for (int i = 0; i < TILE; ++i) {
+            s[i] += x[c][i] * u[c][i];
+            ey[i] += y[i] == (int32_t)c ? ec : (F)0;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c)
+          for (int i = 0; i < TILE; ++i)
+            u[c][i] = (F)w[i] * (x[c][i] * (u[c][i] - s[i] + ey[i]) -
+                                 (y[i] == (int32_t)c ? ey[i] : (F)0));
+      } else if (CE && P.activation == TV_SIGMOID) {
+        for (int64_t c = 0; c < C; ++c)
+          for (int i = 0; i < TILE; ++i) {
+            const F q = x[c][i], g = y[i] == (int32_t)c ? (F)1 : (F)0;
+            u[c][i] = (F)w[i] * (u[c][i] * q * ((F)1 - q) + E[c] * (q - g));
+          }
+      } else if (P.activation == TV_SOFTMAX) {
         for (int i = 0; i < TILE; ++i) s[i] = (F)0;
         for (int64_t c = 0; c < C; ++c)
           for (int i = 0; i < TILE; ++i) s[i] += x[c][i] * u[c][i];
@@ -582,29 +765,37 @@ void backward_impl(const TverskyParams& P) {
 }
 
 // ---- dtype dispatch -------------------------------------------------------------------------
-template <template <typename, typename, bool> class Op, typename LT>
-int dispatch_target(const TverskyParams& P) {
-  if (P.soft_target) {
-    switch (P.target_dtype) {
-      case TV_FLOAT32: return Op<LT, float, true>::run(P);
-      case TV_FLOAT16: return Op<LT, f16, true>::run(P);
-      case TV_BFLOAT16: return Op<LT, bf16, true>::run(P);
-      case TV_FLOAT64: return Op<LT, double, true>::run(P);
-    }
-  } else {
-    switch (P.target_dtype) {
-      case TV_UINT8: return Op<LT, uint8_t, false>::run(P);
-      case TV_INT16: return Op<LT, int16_t, false>::run(P);
-      case TV_INT32: return Op<LT, int32_t, false>::run(P);
-      case TV_INT64: return Op<LT, int64_t, false>::run(P);
-    }
+template <template <typename, typename, bool, bool> class Op, typename LT, bool CE>
+int dispatch_labels(const TverskyParams& P) {
+  switch (P.target_dtype) {
+    case TV_UINT8: return Op<LT, uint8_t, false, CE>::run(P);
+    case TV_INT16: return Op<LT, int16_t, false, CE>::run(P);
+    case TV_INT32: return Op<LT, int32_t, false, CE>::run(P);
+    case TV_INT64: return Op<LT, int64_t, false, CE>::run(P);
   }
   return TV_ERR_TARGET_DTYPE;
 }
 
-template <template <typename, typename, bool> class Op>
+template <template <typename, typename, bool, bool> class Op, typename LT>
+int dispatch_target(const TverskyParams& P) {
+  if (P.soft_target) {
+    switch (P.target_dtype) {
+      case TV_FLOAT32: return Op<LT, float, true, false>::run(P);
+      case TV_FLOAT16: return Op<LT, f16, true, false>::run(P);
+      case TV_BFLOAT16: return Op<LT, bf16, true, false>::run(P);
+      case TV_FLOAT64: return Op<LT, double, true, false>::run(P);
+    }
+    return TV_ERR_TARGET_DTYPE;
+  }
+  // The CE term is a separate instantiation, so the Tversky-only loops stay as they were.
+  return P.with_ce ? dispatch_labels<Op, LT, true>(P) : dispatch_labels<Op, LT, false>(P);
+}
+
+template <template <typename, typename, bool, bool> class Op>
 int dispatch(const TverskyParams& P) {
   if (P.C < 1 || P.C > MAX_C) return TV_ERR_NUM_CLASSES;
+  // cross-entropy: label maps and softmax/sigmoid only
+  if (P.with_ce && (P.soft_target || P.activation == TV_NONE)) return TV_ERR_CE;
   switch (P.logits_dtype) {
     case TV_FLOAT32: return dispatch_target<Op, float>(P);
     case TV_FLOAT16: return dispatch_target<Op, f16>(P);
@@ -614,17 +805,17 @@ int dispatch(const TverskyParams& P) {
   return TV_ERR_LOGITS_DTYPE;
 }
 
-template <typename LT, typename TT, bool SOFT>
+template <typename LT, typename TT, bool SOFT, bool CE>
 struct ForwardOp {
   static int run(const TverskyParams& P) {
-    forward_impl<LT, TT, SOFT>(P);
+    forward_impl<LT, TT, SOFT, CE>(P);
     return 0;
   }
 };
-template <typename LT, typename TT, bool SOFT>
+template <typename LT, typename TT, bool SOFT, bool CE>
 struct BackwardOp {
   static int run(const TverskyParams& P) {
-    backward_impl<LT, TT, SOFT>(P);
+    backward_impl<LT, TT, SOFT, CE>(P);
     return 0;
   }
 };

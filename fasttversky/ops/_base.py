@@ -29,6 +29,7 @@ KERNEL_ERRORS = {
     -4: "unsupported target dtype",
     -5: "batch or volume size out of range",
     -6: "workspace too small",
+    -7: "cross-entropy needs a label map and softmax or sigmoid",
 }
 
 

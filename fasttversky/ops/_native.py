@@ -68,6 +68,8 @@ class TverskyParams(ctypes.Structure):
         ("binary_labels", ctypes.c_int32),
         ("num_labels", ctypes.c_int64),
         ("num_threads", ctypes.c_int32),
+        ("with_ce", ctypes.c_int32),
+        ("coef_ce_ptr", ctypes.c_void_p),
     ]
 
 
@@ -112,6 +114,7 @@ def make_params(logits, target, spec: KernelSpec, num_threads: int = 1) -> Tvers
     p.binary_labels = int(spec.binary_labels)
     p.num_labels = spec.num_labels
     p.num_threads = num_threads
+    p.with_ce = int(spec.with_ce)
     return p
 
 

@@ -140,6 +140,7 @@ class _CpuBackend(Backend):
     name = "cpu"
     max_classes = MAX_CLASSES
     class_limit_why = "supported by the kernel"
+    supports_ce = True
 
     def unavailable(self):
         try:
@@ -158,7 +159,7 @@ class _CpuBackend(Backend):
 
     def forward_stats(self, logits, target, spec: KernelSpec):
         B, C, _ = logits.shape
-        stats = torch.empty((B, C, 3), dtype=torch.float64)
+        stats = torch.empty((B, C, 4 if spec.with_ce else 3), dtype=torch.float64)
         flags = torch.zeros(2, dtype=torch.int64)
         p = _params(logits, target, spec)
         p.stats_ptr = stats.data_ptr()
@@ -166,7 +167,7 @@ class _CpuBackend(Backend):
         check_kernel_code(_library().tversky_cpu_forward(ctypes.byref(p)), "CPU", "forward")
         return stats, flags
 
-    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec):
+    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
         grad = new_grad(logits)
         _advise_huge_pages(grad)
         p = _params(logits, target, spec)
@@ -175,6 +176,9 @@ class _CpuBackend(Backend):
         coef_a, coef_b = kernel_coefs(logits, coef_a, coef_b)
         p.coef_a_ptr = coef_a.data_ptr()
         p.coef_b_ptr = coef_b.data_ptr()
+        if coef_ce is not None:
+            (coef_ce,) = kernel_coefs(logits, coef_ce)
+            p.coef_ce_ptr = coef_ce.data_ptr()
         check_kernel_code(_library().tversky_cpu_backward(ctypes.byref(p)), "CPU", "backward")
         return grad
 
