@@ -179,9 +179,39 @@ def test_cli_reports_data_errors(tmp_path, capsys):
     d = _subject(tmp_path / "data", "s1")
     _write(d / "T2.nii.gz", np.zeros(SHAPE, np.float32))
     assert (
-        main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+        main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "1"]) == 1
     )
     assert "T2.nii.gz: volume is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[0, 2], [0, 1, 2], [0, 0.5], [0, -1], [0, 1, -1]],
+    ids=["0-2", "0-1-2", "half", "negative", "0-1-neg"],
+)
+def test_non_binary_mask_is_an_error_naming_the_file(tmp_path, values):
+    """A label map, soft or signed mask is refused, not silently binarised at 0.5."""
+    d = _subject(tmp_path, "s1")
+    mask = np.zeros(SHAPE, np.float32)
+    for k, v in enumerate(values[1:]):
+        mask[k, 0, 0] = v
+    _write(d / "mask.nii.gz", mask)
+    with pytest.raises(DataError, match=r"mask\.nii\.gz: lesion mask is not binary") as e:
+        _load_one(tmp_path)
+    for v in values:
+        if v not in (0, 1):
+            assert f"{v:g}" in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.float64])
+def test_binary_mask_of_any_dtype_loads(tmp_path, dtype):
+    d = _subject(tmp_path, "s1")
+    mask = np.zeros(SHAPE, dtype)
+    mask[1:3, 2:4, 1] = 1
+    _write(d / "mask.nii.gz", mask)
+    _, got, _ = _load_one(tmp_path)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, mask.astype(np.uint8))
 
 
 # --------------------------------------------------------------------------------------
@@ -250,11 +280,11 @@ def test_random_batches_never_repeat_a_patch_within_a_batch(tmp_path):
 
 
 def test_whole_volume_batches_are_padded_to_the_unet_multiple():
-    from fasttversky.app.cli import _PaddedBatches
+    from fasttversky.app.data import PaddedBatches
 
     image = torch.randn(1, 3, 13, 18, 9)
     label = torch.randint(0, 2, (1, 13, 18, 9), dtype=torch.uint8)
-    x, y = _PaddedBatches(lambda i: (image, label), 8)(0)
+    x, y = PaddedBatches(lambda i: (image, label), 8)(0)
     assert x.shape == (1, 3, 16, 24, 16) and y.shape == (1, 16, 24, 16)
     assert torch.equal(x[..., :13, :18, :9], image) and torch.equal(y[..., :13, :18, :9], label)
     assert x[..., 13:, :, :].abs().sum() == 0 and y[..., :, 18:, :].sum() == 0

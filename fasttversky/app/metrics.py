@@ -36,6 +36,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The paper's metrics (Salehi et al. 2017, Table 1): result key -> display name.
+METRIC_NAMES = {
+    "dsc": "DSC",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "f2": "F2",
+    "apr": "APR",
+}
+
 METRIC_KEYS = ("dsc", "sensitivity", "specificity", "f2", "apr")
 
 

@@ -22,22 +22,18 @@ def _figure(width: float, height: float):
     return fig
 
 
-def plot_pr_curves(curves: Mapping[str, object], path: str | Path, title: str = "") -> Path:
-    """One figure with a precision-recall curve per entry.
-
-    curves: label -> an object with ``precision``, ``recall`` (1-D arrays, recall
-    ascending) and optionally ``average_precision`` (shown in the legend), e.g.
-    :class:`fasttversky.app.metrics.PRCurve`. Drawn as steps, which is what AP integrates.
-    """
-    fig = _figure(5.2, 4.6)
+def pr_figure(curves: Mapping[str, object], title: str = ""):
+    """The figure of :func:`plot_pr_curves` (a ``matplotlib.figure.Figure``)."""
+    fig = _figure(7.4, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for label, c in curves.items():
         r = np.concatenate([[0.0], np.asarray(c.recall)])
         p = np.asarray(c.precision)
         p = np.concatenate([[p[0] if p.size else 1.0], p])
         ap = getattr(c, "average_precision", None)
-        name = f"{label} (APR {ap:.3f})" if ap is not None and np.isfinite(ap) else str(label)
-        ax.step(r, p, where="pre", label=name, linewidth=1.4)
+        # Percent, like every table the CLI writes: one unit for APR everywhere.
+        name = f"{label} (APR {100 * ap:.2f} %)" if ap is not None and np.isfinite(ap) else label
+        ax.step(r, p, where="pre", label=str(name), linewidth=1.4)
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
@@ -45,11 +41,27 @@ def plot_pr_curves(curves: Mapping[str, object], path: str | Path, title: str = 
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    # Outside the axes, right of them: inside, a legend hides part of the curves for
+    # some (alpha, beta) sets whichever corner it takes.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
+    return fig
+
+
+def plot_pr_curves(curves: Mapping[str, object], path: str | Path, title: str = "") -> Path:
+    """One figure with a precision-recall curve per entry, legend outside the axes.
+
+    curves: label -> an object with ``precision``, ``recall`` (1-D arrays, recall
+    ascending) and optionally ``average_precision`` (shown in the legend, in %), e.g.
+    :class:`fasttversky.app.metrics.PRCurve`. Drawn as steps, which is what AP integrates.
+    """
+    return _save(pr_figure(curves, title), path)
+
+
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # keeps a legend placed outside the axes
     return path
 
 
@@ -76,21 +88,16 @@ def _overlay_rgb(image2d: np.ndarray, target2d: np.ndarray, pred2d: np.ndarray) 
     return rgb
 
 
-def plot_overlays(
+def overlay_figure(
     image: np.ndarray,
     target: np.ndarray,
     preds: Mapping[str, np.ndarray],
-    path: str | Path,
+    channel: str,
     slice_index: int | None = None,
     axis: int = 2,
     title: str = "",
-) -> Path:
-    """One panel per prediction: the same slice of ``image`` with TP/FN/FP colours.
-
-    image, target and each pred: (X, Y, Z) arrays on one grid (pred binary). The slice
-    (along ``axis``, default the third = axial in MNI) defaults to the one with most
-    lesion voxels.
-    """
+):
+    """The figure of :func:`plot_overlays` (a ``matplotlib.figure.Figure``)."""
     if slice_index is None:
         slice_index = best_slice(target, axis)
     take = lambda a: np.take(a, slice_index, axis=axis).T  # noqa: E731 - rows = 2nd axis
@@ -106,14 +113,33 @@ def plot_overlays(
         ax.set_title(str(label), fontsize=9)
         ax.set_axis_off()
     fig.suptitle(
-        (title + "  " if title else "") + f"slice {slice_index}: TP green, FN blue, FP red",
+        (title + ": " if title else "")
+        + f"{channel}, slice {slice_index}; TP green, FN blue, FP red",
         fontsize=9,
     )
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return fig
+
+
+def plot_overlays(
+    image: np.ndarray,
+    target: np.ndarray,
+    preds: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    channel: str,
+    slice_index: int | None = None,
+    axis: int = 2,
+    title: str = "",
+) -> Path:
+    """One panel per prediction: the same slice of ``image`` with TP/FN/FP colours.
+
+    image, target and each pred: (X, Y, Z) arrays on one grid (pred binary); channel:
+    the name of the image shown (e.g. "FLAIR"), printed in the title. The slice (along
+    ``axis``, default the third = axial in MNI) defaults to the one with most lesion
+    voxels.
+    """
+    return _save(overlay_figure(image, target, preds, channel, slice_index, axis, title), path)
 
 
 def plot_loss_curves(losses: Mapping[str, Sequence[float]], path: str | Path) -> Path:
@@ -125,9 +151,6 @@ def plot_loss_curves(losses: Mapping[str, Sequence[float]], path: str | Path) ->
     ax.set_xlabel("step")
     ax.set_ylabel("Tversky loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)

@@ -6,6 +6,7 @@ Entry points: :func:`find_subjects`, :func:`load_subject`, :func:`prepare_subjec
 
 from .dataset import (
     LesionDataset,
+    PaddedBatches,
     PreparedSubject,
     RandomBatches,
     batch_iterator,
@@ -39,6 +40,7 @@ __all__ = [
     "CropInfo",
     "DataError",
     "LesionDataset",
+    "PaddedBatches",
     "PreparedSubject",
     "RandomBatches",
     "Subject",

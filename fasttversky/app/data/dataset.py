@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .io import Subject, load_subject
 from .transforms import (
@@ -243,3 +244,21 @@ class RandomBatches:
             self.dataset.set_epoch(int(i) * self.batch_size + slot)
             items.append(self.dataset[int(k)])
         return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+
+
+class PaddedBatches:
+    """Whole-volume batches zero-padded at the far end of each axis up to a multiple the
+    U-Net can pool (e.g. the 182×218×182 MNI grid for 4 levels). Zero is background
+    in both the z-scored image and the label, and predict() pads the same way."""
+
+    def __init__(self, batches, multiple: int):
+        self.batches, self.multiple = batches, multiple
+
+    def __call__(self, i: int):
+        image, label = self.batches(i)
+        pad = []
+        for s in reversed(label.shape[1:]):
+            pad += [0, -(-s // self.multiple) * self.multiple - s]
+        if any(pad):
+            image, label = F.pad(image, pad), F.pad(label, pad)
+        return image, label

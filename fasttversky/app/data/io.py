@@ -23,17 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODALITIES: dict[str, str] = {"T1": "t1", "T2": "t2", "FLAIR": "flair"}
-DEFAULT_MASK_PATTERN = "mask"
+from ..config import DEFAULT_MASK_PATTERN, DEFAULT_MODALITIES
+from ..errors import DataError
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 # Affines written by different tools differ in the last float32 digits; a real
 # mismatch (another space, flipped axis, other voxel size) is far above this.
 _AFFINE_ATOL = 1e-3
-
-
-class DataError(ValueError):
-    """A dataset, subject or file that cannot be used, with the reason."""
 
 
 def _stem(path: Path) -> str | None:
@@ -146,8 +143,9 @@ def load_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, n
 
     Images come back as float32 and must be finite and not all zero (``kind="prob"``:
     float32, finite, may be all zero — a probability map); masks
-    (``kind="mask"``) as uint8 {0, 1} (any value > 0.5 is lesion) and may be empty —
-    a subject without lesions is valid. A trailing axis of length 1 (X, Y, Z, 1), as
+    (``kind="mask"``) as uint8 {0, 1}: every voxel must be exactly 0 or 1 (any other
+    value is a DataError naming the file), and may be empty — a subject without
+    lesions is valid. A trailing axis of length 1 (X, Y, Z, 1), as
     some converters write, is dropped; any other 4-D volume is an error.
     """
     import nibabel as nib
@@ -169,7 +167,19 @@ def load_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, n
         data = np.asarray(data, dtype=np.float32)
         if not np.isfinite(data).all():
             raise DataError(f"{path}: mask contains non-finite values")
-        return (data > 0.5).astype(np.uint8), affine
+        # Exactly 0 and 1 only: a label map ({0, 1, 2}), a soft/resampled mask (0.5) or
+        # a signed one is not a lesion mask, and binarising it silently would train on
+        # (or score against) something other than what the user has.
+        binary = (data == 0) | (data == 1)
+        if not binary.all():
+            bad = np.unique(data[~binary])
+            shown = ", ".join(f"{v:g}" for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise DataError(
+                f"{path}: lesion mask is not binary: {int((~binary).sum())} voxel(s) hold "
+                f"values other than 0 and 1 ({shown}); write the mask as 0 = background, "
+                "1 = lesion"
+            )
+        return data.astype(np.uint8), affine
     data = np.asarray(data, dtype=np.float32)
     finite = np.isfinite(data)
     if not finite.all():

@@ -75,8 +75,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 __all__ = ["UNet3D", "CHECKPOINT_MODES", "NORMS"]
 
-CHECKPOINT_MODES = ("none", "top", "all")
-NORMS = ("none", "batch", "instance")
+from ..config import CHECKPOINT_MODES, NORMS  # declared with the rest of the run settings
 
 # Set while torch.utils.checkpoint recomputes a segment in backward; read by
 # _CheckpointSafeBatchNorm3d. Thread-local because autograd may run backward on a

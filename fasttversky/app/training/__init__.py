@@ -24,7 +24,8 @@ Public API (stable; the CLI builds on it)::
   Checkpoints (``<checkpoint_dir>/last.pt``) are written atomically (temp file +
   ``os.replace``) and hold model, optimiser, scheduler, GradScaler, RNG states, step
   and micro-batches consumed. The metrics log is JSONL, one line per step:
-  ``{"step", "loss", "lr", "seconds", "voxels_per_s", "time"}``.
+  ``{"step", "loss", "lr", "seconds", "voxels_per_s", "time"}``; a fresh run starts it
+  afresh, a resumed run keeps the lines up to the checkpoint's step and appends.
 * ``TrainResult``: ``losses`` (per-step floats of this call), ``step``,
   ``start_step``, ``checkpoint`` (Path or None), ``seconds``, ``voxels_per_s``.
 * ``NonFiniteLossError`` (RuntimeError): raised when the loss or logits become
@@ -37,10 +38,10 @@ Public API (stable; the CLI builds on it)::
   volume or by sliding windows.
 """
 
+from ..config import TrainConfig
 from .loop import (
     CHECKPOINT_NAME,
     NonFiniteLossError,
-    TrainConfig,
     TrainResult,
     load_checkpoint,
     train,

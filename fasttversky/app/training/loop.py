@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...functional import tversky_loss
+from ..config import LR_SCHEDULES, TrainConfig  # noqa: F401 - re-exported
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -35,9 +36,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "last.pt"
-PRECISIONS = ("fp32", "bf16", "fp16")
-LR_SCHEDULES = ("step", "poly")
-POLY_POWER = 0.9
+POLY_POWER = 0.9  # nnU-Net's poly learning-rate schedule: lr · (1 - step/steps)^0.9
 _CHECKPOINT_VERSION = 1
 
 
@@ -60,75 +59,6 @@ class NonFiniteLossError(RuntimeError):
             else "no checkpoint was written (set checkpoint_dir to keep one)"
         )
         super().__init__(f"non-finite loss at step {step} ({what}); training stopped, {where}")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of :func:`train`. Defaults are the paper's (Salehi et al. 2017).
-
-    steps: optimiser steps to reach (a resumed run continues up to the same total).
-    lr, lr_decay, lr_decay_every: Adam learning rate, multiplied by ``lr_decay`` every
-        ``lr_decay_every`` optimiser steps (torch.optim.lr_scheduler.StepLR).
-    alpha, beta, gamma: Tversky loss weights of false positives / false negatives and
-        the focal exponent (``fasttversky.tversky_loss``, softmax over the logits).
-    backend: loss backend ("auto", "cpu", "torch", "triton", "cuda").
-    precision: "fp32", "bf16" (autocast) or "fp16" (autocast + GradScaler).
-    grad_accum: micro-batches per optimiser step; the loss of each is divided by it,
-        so the gradient is the mean over micro-batches.
-    seed: seeds torch, numpy and ``random`` at the start of a fresh run (a resumed run
-        restores the saved RNG states instead). The model is built by the caller:
-        seed before constructing it for a reproducible initialisation.
-    checkpoint_dir: where ``last.pt`` is written (atomically); None = no checkpoints.
-    checkpoint_every: write a checkpoint every this many steps (and after the last).
-    lr_schedule: "step" (StepLR with lr_decay / lr_decay_every, the paper's) or "poly"
-        (lr · (1 - step/steps)^0.9, nnU-Net's: a short CPU run ends annealed instead of
-        at full lr, where the weights still jump between steps).
-    keep_every: also keep a copy of the checkpoint every this many steps as
-        ``step_<N>.pt`` beside ``last.pt`` (to evaluate or pick a training length
-        afterwards); None = only ``last.pt``.
-    log_path: JSONL metrics file, one object per step (appended on resume); None = none.
-    log_every: write a log line every this many steps.
-    progress: show a tqdm progress bar with loss and voxels/s.
-    device: where the model and batches are put ("cpu", "cuda", "cuda:1", ...).
-    sync_across_ranks: under torch.distributed, compute the loss on the batch
-        concatenated over ranks (see ``fasttversky.distributed``).
-    """
-
-    steps: int
-    lr: float = 1e-4
-    lr_decay: float = 0.9
-    lr_decay_every: int = 1000
-    alpha: float = 0.3
-    beta: float = 0.7
-    gamma: float = 1.0
-    backend: str = "auto"
-    precision: str = "fp32"
-    grad_accum: int = 1
-    seed: int = 0
-    checkpoint_dir: str | os.PathLike | None = None
-    checkpoint_every: int = 500
-    lr_schedule: str = "step"
-    keep_every: int | None = None
-    log_path: str | os.PathLike | None = None
-    log_every: int = 1
-    progress: bool = True
-    device: str = "cpu"
-    sync_across_ranks: bool = False
-
-    def __post_init__(self):
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("grad_accum", "lr_decay_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.keep_every is not None and self.keep_every < 1:
-            raise ValueError(f"keep_every must be >= 1 or None, got {self.keep_every}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
 
 
 @dataclass
@@ -274,6 +204,39 @@ def _atomic_copy(src: Path, dst: Path) -> None:
         raise
 
 
+def _remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files a killed :func:`_atomic_save` / :func:`_atomic_copy` left beside
+    ``path`` (kill -9 runs
+    no cleanup). Called when a run starts, before this process writes any; two runs
+    writing one checkpoint folder at once are not supported anyway."""
+    removed = []
+    # .last.pt.<random>.tmp from _atomic_save, .step_<N>.pt.<random>.tmp from _atomic_copy
+    for tmp in path.parent.glob(".*.pt.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only the log lines of steps <= ``step`` (the checkpoint's step on resume, 0
+    for a fresh run), so that steps re-run after a resume are not logged twice. A torn
+    last line (killed mid-write) is dropped too. Rewritten atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`train` (a file, or a directory holding
     ``last.pt``). Keys: "model", "optimizer", "scheduler", "scaler", "rng", "step",
@@ -381,9 +344,12 @@ def train(
     if not main:
         ckpt_path = None
     result = TrainResult(step=step, start_step=step, checkpoint=None)
+    if ckpt_path is not None:
+        _remove_stale_temps(ckpt_path)
     log = None
     if config.log_path and main:
         Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
+        _truncate_log(Path(config.log_path), step)
         log = open(config.log_path, "a")  # noqa: SIM115
     bar = None
     if config.progress and main:

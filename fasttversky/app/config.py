@@ -1,0 +1,375 @@
+"""Configuration of a training run: one dataclass per concern, composed into RunSettings.
+
+* :class:`ModelConfig`   -> ``UNet3D`` (width, depth, checkpointing, normalisation)
+* :class:`DataConfig`    -> which files, crop, patches and batches
+* :class:`TrainConfig`   -> ``fasttversky.app.training.train`` (optimiser, loss, precision)
+* :class:`PredictConfig` -> ``fasttversky.app.training.predict`` (sliding window, threshold)
+* :class:`RunSettings`   -> the four together; saved as ``run.json`` beside the checkpoint
+
+Every setting is declared exactly once, here, with its default and a one-line help in
+the field's metadata; the command line builds its options from these fields (see
+:func:`cli_fields`) and the constants below give the choices. The module imports no
+torch, so ``fasttversky --help`` stays fast; checks that need torch (the loss backend
+name) run in :meth:`RunSettings.validate`.
+
+Every check raises :class:`ConfigError` (a ``ValueError``) naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "CHECKPOINT_MODES",
+    "DEFAULT_MASK_PATTERN",
+    "DEFAULT_MODALITIES",
+    "LR_SCHEDULES",
+    "NORMS",
+    "PRECISIONS",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "PredictConfig",
+    "RunSettings",
+    "TrainConfig",
+    "cli_fields",
+]
+
+CHECKPOINT_MODES = ("none", "top", "all")  # UNet3D activation checkpointing
+NORMS = ("none", "batch", "instance")  # UNet3D normalisation after each conv
+PRECISIONS = ("fp32", "bf16", "fp16")  # training/inference compute precision
+LR_SCHEDULES = ("step", "poly")  # StepLR (the paper's) or nnU-Net's poly decay
+DEFAULT_MODALITIES: dict[str, str] = {"T1": "t1", "T2": "t2", "FLAIR": "flair"}
+DEFAULT_MASK_PATTERN = "mask"
+
+
+def _opt(default: Any = MISSING, help: str = "", *, factory=MISSING, **cli) -> Any:
+    """A dataclass field whose metadata carries its command-line help (and argparse
+    extras such as ``choices``, ``nargs``, ``metavar``). ``help=""`` = not an option."""
+    meta = {"help": help, **cli} if help else {}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def cli_fields(cls) -> Iterator[Any]:
+    """The fields of a config class that are command-line options, in declaration order."""
+    return (f for f in fields(cls) if f.metadata.get("help"))
+
+
+# -- checks ---------------------------------------------------------------------------
+def _finite(name: str, v: float) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise ConfigError(name, f"must be a finite number, got {v!r}")
+
+
+def _at_least(name: str, v, low) -> None:
+    if isinstance(v, float):
+        _finite(name, v)
+    if v < low:
+        raise ConfigError(name, f"must be >= {low}, got {v}")
+
+
+def _int_at_least(name: str, v, low: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(name, f"must be an integer, got {v!r}")
+    _at_least(name, v, low)
+
+
+def _choice(name: str, v, choices) -> None:
+    if v not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}; got {v!r}")
+
+
+def _shape(name: str, v) -> list | None:
+    """None or 3 positive ints, returned as a list (the form run.json round-trips)."""
+    if v is None:
+        return None
+    v = list(v)
+    if len(v) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in v):
+        raise ConfigError(name, f"must be 3 positive integers (D H W), got {v}")
+    return v
+
+
+# -- the configs -----------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The U-Net's own settings (``UNet3D(in_channels, num_classes, **asdict(self))``;
+    the channels come from the data, the classes are background + lesion)."""
+
+    base_features: int = _opt(32, "features of the top level (doubled per level)")
+    levels: int = _opt(4, "U-Net levels (resolutions); patch sizes divide by 2**(levels-1)")
+    checkpoint: str = _opt(
+        "all", "activation checkpointing: less memory, one extra forward", choices=CHECKPOINT_MODES
+    )
+    norm: str = _opt("none", "normalisation after each conv", choices=NORMS)
+
+    def __post_init__(self):
+        _int_at_least("base_features", self.base_features, 1)
+        _int_at_least("levels", self.levels, 1)
+        _choice("checkpoint", self.checkpoint, CHECKPOINT_MODES)
+        _choice("norm", self.norm, NORMS)
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes the U-Net takes are multiples of this (it pools levels-1 times)."""
+        return 2 ** (self.levels - 1)
+
+
+@dataclass
+class DataConfig:
+    """Which files make a subject, and how volumes become training batches."""
+
+    modalities: dict = _opt(
+        factory=lambda: dict(DEFAULT_MODALITIES),
+        help="image channel and its case-insensitive file-name pattern (shell style, without "
+        ".nii/.nii.gz); repeat per channel, in channel order",
+        metavar="NAME=PATTERN",
+        action="append",
+    )
+    mask_pattern: str = _opt(DEFAULT_MASK_PATTERN, "lesion-mask file-name pattern")
+    target_shape: list | None = _opt(
+        None,
+        "crop/pad every volume to D H W around the brain (paper: 128 224 256); "
+        "0 0 0 = keep the file grid",
+        nargs=3,
+        metavar=("D", "H", "W"),
+    )
+    patch_size: list | None = _opt(
+        None,
+        "train on random D H W patches; 0 0 0 = whole volumes",
+        nargs=3,
+        metavar=("D", "H", "W"),
+    )
+    lesion_prob: float = _opt(0.5, "fraction of patches centred on a lesion voxel")
+    batch_size: int = _opt(1, "volumes or patches per optimiser step")
+
+    def __post_init__(self):
+        if not self.modalities:
+            raise ConfigError("modalities", "needs at least one NAME=PATTERN")
+        if not self.mask_pattern:
+            raise ConfigError("mask_pattern", "must not be empty")
+        self.modalities = dict(self.modalities)
+        self.target_shape = _shape("target_shape", self.target_shape)
+        self.patch_size = _shape("patch_size", self.patch_size)
+        _finite("lesion_prob", self.lesion_prob)
+        if not 0 <= self.lesion_prob <= 1:
+            raise ConfigError("lesion_prob", f"must be in [0, 1], got {self.lesion_prob}")
+        _int_at_least("batch_size", self.batch_size, 1)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`fasttversky.app.training.train`. Defaults are the paper's
+    (Salehi et al. 2017).
+
+    steps: optimiser steps to reach (a resumed run continues up to the same total).
+    lr, lr_decay, lr_decay_every: Adam learning rate, multiplied by ``lr_decay`` every
+        ``lr_decay_every`` optimiser steps (torch.optim.lr_scheduler.StepLR).
+    alpha, beta, gamma: Tversky loss weights of false positives / false negatives and
+        the focal exponent (``fasttversky.tversky_loss``, softmax over the logits);
+        alpha, beta >= 0 with alpha + beta > 0 (else the loss is constant), gamma > 0.
+    backend: loss backend ("auto" or a name of ``fasttversky.available_backends()``).
+    precision: "fp32", "bf16" (autocast) or "fp16" (autocast + GradScaler).
+    grad_accum: micro-batches per optimiser step; the loss of each is divided by it,
+        so the gradient is the mean over micro-batches.
+    seed: seeds torch, numpy and ``random`` at the start of a fresh run (a resumed run
+        restores the saved RNG states instead). The model is built by the caller:
+        seed before constructing it for a reproducible initialisation.
+    checkpoint_dir: where ``last.pt`` is written (atomically); None = no checkpoints.
+    checkpoint_every: write a checkpoint every this many steps (and after the last).
+    lr_schedule: "step" (StepLR with lr_decay / lr_decay_every, the paper's) or "poly"
+        (lr · (1 - step/steps)^0.9, nnU-Net's: a short CPU run ends annealed instead of
+        at full lr, where the weights still jump between steps).
+    keep_every: also keep a copy of the checkpoint every this many steps as
+        ``step_<N>.pt`` beside ``last.pt`` (to evaluate or pick a training length
+        afterwards); None = only ``last.pt``.
+    log_path: JSONL metrics file, one object per step; None = none. On resume, lines
+        after the checkpoint's step are dropped before appending.
+    log_every: write a log line every this many steps.
+    progress: show a tqdm progress bar with loss and voxels/s.
+    device: where the model and batches are put ("cpu", "cuda", "cuda:1", ...).
+    sync_across_ranks: under torch.distributed, compute the loss on the batch
+        concatenated over ranks (see ``fasttversky.distributed``).
+    """
+
+    steps: int = _opt(help="optimiser steps (a resumed run continues up to this total)")
+    lr: float = _opt(1e-4, "Adam learning rate")
+    lr_decay: float = _opt(0.9, "learning-rate factor applied every --lr-decay-every steps")
+    lr_decay_every: int = _opt(1000, "steps between learning-rate decays")
+    alpha: float = _opt(0.3, "Tversky weight of false positives (>= 0)")
+    beta: float = _opt(0.7, "Tversky weight of false negatives (>= 0; alpha + beta > 0)")
+    gamma: float = _opt(1.0, "focal exponent (> 0); 1 = plain Tversky loss")
+    backend: str = _opt("auto", "loss backend: auto, or a name in fasttversky.available_backends()")
+    precision: str = _opt("fp32", "compute precision (fp16 adds a GradScaler)", choices=PRECISIONS)
+    grad_accum: int = _opt(1, "micro-batches per optimiser step")
+    seed: int = _opt(0, "seed of the initialisation, patches and batches (>= 0)")
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int = _opt(500, "write the checkpoint every this many steps")
+    lr_schedule: str = _opt(
+        "step",
+        "learning-rate schedule: step (the paper's) or poly (nnU-Net's)",
+        choices=LR_SCHEDULES,
+    )
+    keep_every: int | None = _opt(
+        None, "also keep step_<N>.pt every this many steps; none = only last.pt"
+    )
+    log_path: str | os.PathLike | None = None
+    log_every: int = 1
+    progress: bool = True
+    device: str = _opt("cpu", "where to train: cpu, cuda, cuda:1, ...")
+    sync_across_ranks: bool = False
+
+    def __post_init__(self):
+        _int_at_least("steps", self.steps, 0)
+        for name in ("grad_accum", "lr_decay_every", "checkpoint_every", "log_every"):
+            _int_at_least(name, getattr(self, name), 1)
+        _int_at_least("seed", self.seed, 0)
+        _finite("lr", self.lr)
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        _finite("lr_decay", self.lr_decay)
+        if self.lr_decay <= 0:
+            raise ConfigError("lr_decay", f"must be > 0, got {self.lr_decay}")
+        _at_least("alpha", self.alpha, 0)
+        _at_least("beta", self.beta, 0)
+        if self.alpha + self.beta <= 0:
+            raise ConfigError(
+                "alpha + beta", "must be > 0 (with both 0 the loss is constant: nothing is learned)"
+            )
+        _finite("gamma", self.gamma)
+        if self.gamma <= 0:
+            raise ConfigError("gamma", f"must be > 0, got {self.gamma}")
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.keep_every is not None:
+            _int_at_least("keep_every", self.keep_every, 1)
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError(
+                "device", f"must be a device name such as cpu or cuda, got {self.device!r}"
+            )
+
+
+@dataclass
+class PredictConfig:
+    """Inference settings (``fasttversky.app.training.predict``) and the mask threshold."""
+
+    window: list | None = _opt(
+        None,
+        "sliding-window size D H W for prediction; 0 0 0 = the whole volume at once",
+        nargs=3,
+        metavar=("D", "H", "W"),
+    )
+    overlap: float = _opt(0.5, "fraction by which neighbouring sliding windows overlap, in [0, 1)")
+    threshold: float = _opt(0.5, "probability at or above which a voxel is lesion, in (0, 1)")
+
+    def __post_init__(self):
+        self.window = _shape("window", self.window)
+        _finite("overlap", self.overlap)
+        if not 0 <= self.overlap < 1:
+            raise ConfigError("overlap", f"must be in [0, 1), got {self.overlap}")
+        check_threshold(self.threshold)
+
+
+def check_threshold(threshold: float, name: str = "threshold") -> None:
+    """A probability threshold must lie strictly inside (0, 1): 0 marks every voxel, and
+    nothing reaches a threshold above 1."""
+    _finite(name, threshold)
+    if not 0 < threshold < 1:
+        raise ConfigError(name, f"must be in (0, 1), got {threshold}")
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "predict": PredictConfig,
+}
+
+
+@dataclass
+class RunSettings:
+    """One training run: the model's, the data's, the loop's and inference's settings.
+
+    ``run.json`` is ``{"model": {...}, "data": {...}, "train": {...}, "predict": {...}}``
+    (:meth:`to_dict`); :meth:`from_dict` reads it back to an equal object. The per-run
+    paths of ``train`` (checkpoint_dir, log_path) are not part of it: the run folder is.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000))
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def validate(self) -> RunSettings:
+        """Cross-field checks (each section checked itself on construction) and the
+        loss backend name, which needs torch. Returns self."""
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(name, f"must be a {cls.__name__}")
+        m = self.model.multiple
+        for name in ("patch_size", "target_shape"):
+            shape = getattr(self.data, name)
+            if shape is not None and any(s % m for s in shape):
+                raise ConfigError(
+                    name,
+                    f"{' '.join(map(str, shape))} must be divisible by 2**(levels-1) = {m} "
+                    "on every axis",
+                )
+        if self.train.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.train.steps}")
+        from .._dispatch import BACKENDS
+
+        _choice("backend", self.train.backend, ("auto", *BACKENDS))
+        return self
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in _SECTIONS:
+            d = asdict(getattr(self, name))
+            if name == "train":
+                for k in ("checkpoint_dir", "log_path", "progress"):
+                    d.pop(k)
+            out[name] = d
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSettings:
+        """Inverse of :meth:`to_dict`; an unknown section or key is a ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError("run.json", f"must hold an object, got {type(d).__name__}")
+        unknown = set(d) - set(_SECTIONS)
+        if unknown:
+            raise ConfigError("run.json", f"has unknown section(s) {sorted(unknown)}")
+        parts = {}
+        for name, sub in _SECTIONS.items():
+            values = d.get(name, {})
+            known = {f.name for f in fields(sub)}
+            bad = set(values) - known
+            if bad:
+                raise ConfigError(f"run.json {name}", f"has unknown key(s) {sorted(bad)}")
+            if name == "train" and "steps" not in values:
+                values = {**values, "steps": 2000}
+            parts[name] = sub(**values)
+        return cls(**parts)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunSettings:
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(str(path), f"cannot be read as JSON ({e})") from e
+        return cls.from_dict(d)

@@ -1,0 +1,508 @@
+"""The application's steps as library functions: synthesise, train, load, predict,
+evaluate, and the demo that chains them. The CLI (``fasttversky.app.cli``) only parses
+arguments, calls these and prints; they raise exceptions and never exit the process:
+
+* :class:`~fasttversky.app.config.ConfigError` — a setting out of range (CLI exit 2),
+* :class:`~fasttversky.app.data.DataError` — a dataset, file or run folder that cannot
+  be used, naming it (CLI exit 1),
+* :class:`~fasttversky.app.training.NonFiniteLossError` — training diverged (exit 1).
+
+Every input is checked before expensive work starts: settings first, then every
+subject is read in full (readable, 3-D, one grid, finite, binary mask) before a model
+is built.
+
+Folders:
+
+* dataset: ``DATA/<subject>/{T1,T2,FLAIR,mask}.nii(.gz)`` (see fasttversky.app.data)
+* run (:func:`train_run`): ``RUN/last.pt`` (checkpoint), ``RUN/run.json``
+  (:class:`~fasttversky.app.config.RunSettings`), ``RUN/metrics.jsonl`` (loss per step)
+* predictions (:func:`predict_dataset`): ``PRED/<subject>/{prob,mask}.nii.gz`` with the
+  input's affine
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig, RunSettings, check_threshold
+from .data.io import Subject, find_subjects, load_volume
+from .errors import ConfigError, DataError
+from .metrics import METRIC_NAMES
+
+__all__ = [
+    "build_model",
+    "demo",
+    "evaluate_folder",
+    "evaluate_volumes",
+    "find_dataset",
+    "load_run",
+    "metric_table",
+    "predict_dataset",
+    "predict_prepared",
+    "prepare_all",
+    "synth",
+    "train_run",
+    "write_metrics_csv",
+]
+
+RUN_SETTINGS = "run.json"
+METRICS_LOG = "metrics.jsonl"
+
+
+def progress_bar(iterable, desc: str, enable: bool = True, **kw):
+    """tqdm over ``iterable`` (on stderr), or the iterable itself when disabled."""
+    if not enable:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------
+def pct(v: float | None) -> str:
+    """A fraction as a percentage with two decimals ("n/a" when undefined)."""
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.2f}"
+
+
+def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:
+    """A Markdown table (also readable in a terminal)."""
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    for r in rows:
+        cells = (str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metric_table(rows: list[dict]) -> str:
+    """Per-subject (+ pooled) metric rows from :func:`evaluate_volumes` as a Markdown
+    table, values in %."""
+    printable = [
+        {
+            "subject": r["subject"],
+            **{METRIC_NAMES[k]: pct(r[k]) for k in METRIC_NAMES},
+            "lesion voxels": r["tp"] + r["fn"],
+        }
+        for r in rows
+    ]
+    return markdown_table(printable, ["subject", *METRIC_NAMES.values(), "lesion voxels"])
+
+
+def write_metrics_csv(rows: list[dict], path: str | Path) -> Path:
+    """Metric rows as CSV (fractions in [0, 1], not %, plus the voxel counts)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = ["subject", *METRIC_NAMES, "tp", "fp", "fn", "tn"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------
+def find_dataset(data: str | Path, config: DataConfig, require_mask: bool = True) -> list[Subject]:
+    """The subjects of a dataset folder (DataError if there is none)."""
+    return find_subjects(
+        data, config.modalities, config.mask_pattern if require_mask else None, require_mask
+    )
+
+
+def prepare_all(subjects, target_shape=None, progress: bool = False) -> list:
+    """Read, check and prepare every subject now (Subjects -> PreparedSubjects; already
+    prepared ones pass through), so a broken file fails before any training."""
+    from .data import PreparedSubject, prepare_subject
+
+    return [
+        s if isinstance(s, PreparedSubject) else prepare_subject(s, target_shape)
+        for s in progress_bar(subjects, "load", progress)
+    ]
+
+
+def synth(
+    out: str | Path,
+    *,
+    n: int | None = None,
+    shape: Sequence[int] = (96, 112, 96),
+    seed: int = 0,
+    lesion_fraction: Sequence[float] | None = None,
+    noise: float = 0.03,
+    bias: float = 0.12,
+    keep_skull: bool = False,
+    brains: str | Path | None = None,
+    lesion_masks: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Write a phantom dataset (or, with ``brains`` and ``lesion_masks``, real lesion
+    masks transplanted into real brains) -> per-subject stats (``lesion_fraction``...)."""
+    from .data import synth as synth_mod
+
+    if n is not None and n < 1:
+        raise ConfigError("n", f"must be >= 1, got {n}")
+    if seed < 0:
+        raise ConfigError("seed", f"must be >= 0, got {seed}")
+    if brains or lesion_masks:
+        if not (brains and lesion_masks):
+            raise ConfigError("brains", "and --lesion-masks go together (transplant mode)")
+        return synth_mod.write_transplant_dataset(
+            out,
+            brains,
+            lesion_masks,
+            n_subjects=n,
+            seed=seed,
+            progress=lambda it: progress_bar(it, "transplant", progress),
+        )
+    if len(shape) != 3 or min(shape) < 8:
+        raise ConfigError("shape", f"must be 3 sizes >= 8, got {list(shape)}")
+    if noise < 0 or not math.isfinite(noise):
+        raise ConfigError("noise", f"must be >= 0, got {noise}")
+    if not math.isfinite(bias):
+        raise ConfigError("bias", f"must be finite, got {bias}")
+    lf = None
+    if lesion_fraction:
+        if len(lesion_fraction) > 2 or not all(0 < f < 1 for f in lesion_fraction):
+            raise ConfigError(
+                "lesion_fraction", f"must be F or LOW HIGH in (0, 1), got {list(lesion_fraction)}"
+            )
+        lf = lesion_fraction[0] if len(lesion_fraction) == 1 else tuple(lesion_fraction)
+        if isinstance(lf, tuple) and lf[0] > lf[1]:
+            raise ConfigError("lesion_fraction", f"LOW must be <= HIGH, got {list(lf)}")
+    return synth_mod.write_phantom_dataset(
+        out,
+        n_subjects=n or 4,
+        shape=tuple(shape),
+        seed=seed,
+        progress=lambda it: progress_bar(it, "synth", progress),
+        lesion_fraction=lf,
+        skull_strip=not keep_skull,
+        noise=noise,
+        bias=bias,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# training and inference
+# --------------------------------------------------------------------------------------
+def build_model(settings: RunSettings):
+    """The UNet3D of a run: channels from the data's modalities, background + lesion."""
+    from dataclasses import asdict
+
+    from .models import UNet3D
+
+    return UNet3D(
+        in_channels=len(settings.data.modalities), num_classes=2, **asdict(settings.model)
+    )
+
+
+def train_run(
+    subjects, settings: RunSettings, out: str | Path, *, resume: bool = False, progress=True
+):
+    """Train a U-Net on ``subjects`` (Subjects or PreparedSubjects) -> (model, TrainResult).
+
+    Checks the settings, then reads every subject, before building the model. Writes
+    ``out/run.json``, ``out/last.pt`` and ``out/metrics.jsonl``. ``resume=True``
+    continues from ``out/last.pt`` (DataError if there is none).
+    """
+    settings.validate()
+    if not subjects:
+        raise DataError("no subjects to train on")
+    out = Path(out)
+    if resume and not (out / "last.pt").is_file():
+        raise DataError(f"{out}/last.pt missing: nothing to resume (train without --resume)")
+    prepared = prepare_all(subjects, settings.data.target_shape, progress=False)
+    missing = [p.name for p in prepared if p.mask is None]
+    if missing:
+        raise DataError(f"subjects without a lesion mask cannot be trained on: {missing}")
+
+    import torch
+
+    from .data import LesionDataset, PaddedBatches, RandomBatches
+    from .training import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    settings.save(out / RUN_SETTINGS)
+    d = settings.data
+    ds = LesionDataset(
+        prepared, d.target_shape, d.patch_size, lesion_prob=d.lesion_prob, seed=settings.train.seed
+    )
+    batches = RandomBatches(ds, d.batch_size, settings.train.seed)
+    if d.patch_size is None:
+        batches = PaddedBatches(batches, settings.model.multiple)
+    torch.manual_seed(settings.train.seed)  # reproducible initialisation
+    model = build_model(settings)
+    config = replace(
+        settings.train,
+        checkpoint_dir=out,
+        checkpoint_every=min(settings.train.checkpoint_every, settings.train.steps),
+        log_path=out / METRICS_LOG,
+        progress=progress,
+    )
+    result = train(model, batches, config, resume=True if resume else None)
+    return model, result
+
+
+def load_run(run: str | Path):
+    """A trained run folder -> (model on CPU in eval mode, RunSettings)."""
+    from .training import load_checkpoint
+
+    run = Path(run)
+    if not (run / RUN_SETTINGS).is_file():
+        raise DataError(
+            f"{run} is not a run folder (no {RUN_SETTINGS}); train one with `fasttversky train`"
+        )
+    try:
+        settings = RunSettings.load(run / RUN_SETTINGS)
+    except ConfigError as e:
+        raise DataError(f"{run / RUN_SETTINGS}: {e}") from e
+    if not (run / "last.pt").is_file():
+        raise DataError(f"{run}/last.pt missing; the run has not written a checkpoint")
+    model = build_model(settings)
+    try:
+        model.load_state_dict(load_checkpoint(run)["model"])
+    except Exception as e:  # torch raises RuntimeError/pickle errors/EOFError for bad files
+        raise DataError(f"{run}/last.pt: cannot load ({type(e).__name__}: {e})") from e
+    model.eval()
+    return model, settings
+
+
+def predict_prepared(model, prepared, settings: RunSettings, device: str | None = None):
+    """Foreground probability of a PreparedSubject on the file's grid, (X, Y, Z) float32.
+
+    Voxels outside the brain are set to 0: lesions are inside the brain by definition,
+    and the background is not something the network was trained to judge.
+    """
+    import torch
+
+    from .training import predict
+
+    device = device or settings.train.device
+    prob = predict(
+        model,
+        torch.from_numpy(prepared.image),
+        window=settings.predict.window,
+        overlap=settings.predict.overlap,
+        precision=settings.train.precision if device != "cpu" else "fp32",
+        device=device,
+    )
+    prob = prob.cpu().numpy().astype(np.float32) * prepared.brain
+    return prepared.to_file_grid(prob)
+
+
+def predict_dataset(
+    data: str | Path,
+    run: str | Path,
+    out: str | Path,
+    *,
+    window: Sequence[int] | None = None,
+    threshold: float | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Write ``out/<subject>/{prob,mask}.nii.gz`` for every subject of ``data`` with the
+    model of ``run`` -> the number of subjects. ``window``: None = the run's setting,
+    (0, 0, 0) = whole volume. Masks in ``data`` are not needed (nor read)."""
+    from .data import save_volume
+
+    model, settings = load_run(run)
+    upd = {}
+    if window is not None:
+        upd["window"] = None if not any(window) else list(window)
+    if threshold is not None:
+        upd["threshold"] = threshold
+    settings = replace(settings, predict=replace(settings.predict, **upd))
+    subjects = find_dataset(data, settings.data, require_mask=False)
+    prepared = prepare_all(subjects, settings.data.target_shape)  # all checked up front
+    out = Path(out)
+    for p in progress_bar(prepared, "predict", progress):
+        prob = predict_prepared(model, p, settings, device=device)
+        save_volume(out / p.name / "prob.nii.gz", prob, p.affine)
+        mask = (prob >= settings.predict.threshold).astype(np.uint8)
+        save_volume(out / p.name / "mask.nii.gz", mask, p.affine)
+    return len(prepared)
+
+
+# --------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------
+def evaluate_volumes(probs: dict, targets: dict, threshold: float = 0.5):
+    """Per-subject and pooled metrics -> (rows, curves) with curves[name] = PRCurve;
+    the last row is ``"pooled"``."""
+    from .metrics import pooled_metrics, segmentation_metrics
+
+    check_threshold(threshold)
+    rows, curves = [], {}
+    for name in probs:
+        m, c = segmentation_metrics(probs[name], targets[name], threshold, return_curve=True)
+        rows.append({"subject": name, **m})
+        curves[name] = c
+    m, c = pooled_metrics(
+        list(probs.values()), [targets[k] for k in probs], threshold, return_curve=True
+    )
+    rows.append({"subject": "pooled", **m})
+    curves["pooled"] = c
+    return rows, curves
+
+
+def evaluate_folder(
+    pred: str | Path,
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    config: DataConfig | None = None,
+    threshold: float = 0.5,
+) -> tuple[list[dict], dict[str, Path]]:
+    """Score ``pred/<subject>/prob.nii.gz`` against the masks of ``data`` -> (rows,
+    files): writes ``out/metrics.{md,csv}`` and ``out/pr_curve.png`` (out defaults to
+    ``pred``)."""
+    from .plots import plot_pr_curves
+
+    check_threshold(threshold)
+    config = config or DataConfig()
+    pred_dir = Path(pred)
+    if not pred_dir.is_dir():
+        raise DataError(f"predictions folder {pred_dir} does not exist or is not a folder")
+    truth = find_dataset(data, config)
+    probs, targets = {}, {}
+    for s in truth:
+        f = pred_dir / s.name / "prob.nii.gz"
+        if not f.exists():
+            continue
+        prob, _ = load_volume(f, kind="prob")
+        tgt, _ = load_volume(s.mask, kind="mask")
+        if prob.shape != tgt.shape:
+            raise DataError(f"{f} has shape {prob.shape} but the mask {s.mask} has {tgt.shape}")
+        probs[s.name], targets[s.name] = prob, tgt
+    if not probs:
+        raise DataError(f"no <subject>/prob.nii.gz in {pred_dir} matches a subject of {data}")
+    rows, curves = evaluate_volumes(probs, targets, threshold)
+    out = Path(out or pred_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = metric_table(rows)
+    (out / "metrics.md").write_text(f"threshold {threshold}; values in %\n\n{text}\n")
+    files = {
+        "md": out / "metrics.md",
+        "csv": write_metrics_csv(rows, out / "metrics.csv"),
+        "png": plot_pr_curves(curves, out / "pr_curve.png", title="precision-recall, per subject"),
+    }
+    return rows, files
+
+
+# --------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------
+DEMO_FILES = ("data", "run", "metrics.md", "metrics.csv", "pr_curve.png", "overlay.png")
+
+
+def check_fresh_folder(out: str | Path, force: bool, names: Sequence[str]) -> None:
+    """ConfigError (option ``out``) when ``out`` holds anything, unless ``force``; with
+    ``force``, removes only the entries in ``names`` (what the command writes)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ConfigError(
+                "out", f"{out} already exists and is not empty; pass --force to overwrite it"
+            )
+        for name in names:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def demo(
+    out: str | Path,
+    *,
+    n: int = 6,
+    steps: int | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Synthesise phantoms, train with the fused loss (α=0.3, β=0.7), predict the held-out
+    third, evaluate and plot -> {"rows", "files", "seconds"}. ``out`` must be new or
+    empty unless ``force``."""
+    from .data import synth as synth_mod
+    from .plots import plot_overlays, plot_pr_curves
+    from .presets import PRESETS
+
+    preset = PRESETS["quick"]
+    if n < 2:
+        raise ConfigError("n", f"must be >= 2 (one subject is held out), got {n}")
+    train_cfg = replace(
+        preset.run.train,
+        alpha=0.3,
+        beta=0.7,
+        steps=preset.run.train.steps if steps is None else steps,
+        seed=seed,
+    )
+    settings = replace(preset.run, train=train_cfg).validate()
+    check_fresh_folder(out, force, DEMO_FILES)
+    t0 = time.perf_counter()
+    out = Path(out)
+    data = out / "data"
+    log(f"1/4 synthesising {n} lesion phantoms {preset.shape} in {data}")
+    synth_mod.write_phantom_dataset(
+        data,
+        n_subjects=n,
+        shape=preset.shape,
+        seed=seed,
+        lesion_fraction=preset.lesion_fraction,
+        progress=lambda it: progress_bar(it, "synth", progress),
+    )
+    subjects = find_dataset(data, settings.data)
+    n_test = max(1, len(subjects) // 3)
+    train_s, test_s = subjects[:-n_test], subjects[-n_test:]
+    log(
+        f"2/4 training a 3D U-Net on {len(train_s)} subjects with the fused Tversky loss "
+        f"(α=0.3, β=0.7), {settings.train.steps} steps"
+    )
+    model, _ = train_run(train_s, settings, out / "run", progress=progress)
+    log(f"3/4 predicting {len(test_s)} held-out subjects")
+    prepared = prepare_all(test_s, settings.data.target_shape)
+    probs = {p.name: predict_prepared(model, p, settings) for p in prepared}
+    targets = {p.name: p.full_mask for p in prepared}
+    log("4/4 evaluating (threshold 0.5, values in %)")
+    rows, curves = evaluate_volumes(probs, targets, settings.predict.threshold)
+    text = metric_table(rows)
+    log(text)
+    (out / "metrics.md").write_text(text + "\n")
+    files = {"md": out / "metrics.md", "csv": write_metrics_csv(rows, out / "metrics.csv")}
+    files["pr"] = plot_pr_curves(curves, out / "pr_curve.png", title="demo: held-out phantoms")
+    show = max(prepared, key=lambda p: int(p.full_mask.sum()))
+    channel, k = overlay_channel(settings.data.modalities)
+    files["overlay"] = plot_overlays(
+        show.to_file_grid(show.image[k]),
+        show.full_mask,
+        {"α=0.3, β=0.7": probs[show.name] >= settings.predict.threshold},
+        out / "overlay.png",
+        channel=channel,
+        title=show.name,
+    )
+    return {"rows": rows, "files": files, "seconds": time.perf_counter() - t0}
+
+
+def overlay_channel(modalities) -> tuple[str, int]:
+    """The channel overlays show -> (name, index): FLAIR, where lesions are brightest,
+    if there is one, else the first."""
+    names = list(modalities)
+    name = "FLAIR" if "FLAIR" in names else names[0]
+    return name, names.index(name)

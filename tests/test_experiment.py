@@ -1,0 +1,126 @@
+"""The paper experiment (fasttversky.app.experiment) on the tiny preset: a two-setting,
+two-fold sweep through the CLI, then Table 1 and Fig. 2's data checked against metrics
+computed here independently (hand-counted confusion matrix, sklearn's average
+precision) from each fold's saved model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from fasttversky.app.cli import main
+from fasttversky.app.experiment import folds_of, setting_label, setting_slug
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+SETTINGS = [(0.5, 0.5), (0.3, 0.7)]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "rep"
+    argv = ["reproduce", "--preset", "tiny", "--out", str(out), "--quiet", "--settings"]
+    assert main(argv + [f"{a},{b}" for a, b in SETTINGS]) == 0
+    return out
+
+
+def _independent_metrics(out, a, b):
+    """Pooled metrics of one setting recomputed from the saved fold models."""
+    import torch
+
+    from fasttversky.app.data import find_subjects, prepare_subject
+    from fasttversky.app.pipeline import load_run, predict_prepared
+
+    subjects = find_subjects(out / "data")
+    fold = folds_of([s.name for s in subjects], 2)
+    probs, targets = {}, {}
+    for k in range(2):
+        model, settings = load_run(out / "runs" / f"{setting_slug(a, b)}_fold{k}")
+        assert (settings.train.alpha, settings.train.beta) == (a, b)
+        for s in subjects:
+            if fold[s.name] == k:  # predicted by the model that did not see it
+                p = prepare_subject(s, settings.data.target_shape)
+                with torch.no_grad():
+                    probs[s.name] = predict_prepared(model, p, settings)
+                targets[s.name] = p.full_mask.astype(bool)
+    prob = np.concatenate([probs[n].ravel() for n in sorted(probs)])
+    true = np.concatenate([targets[n].ravel() for n in sorted(probs)])
+    pred = prob >= 0.5
+    tp, fp = int((pred & true).sum()), int((pred & ~true).sum())
+    fn, tn = int((~pred & true).sum()), int((~pred & ~true).sum())
+    P = tp / (tp + fp) if tp + fp else float("nan")
+    R = tp / (tp + fn)
+    per_subject = []
+    for n in sorted(probs):
+        pp, tt = probs[n].ravel() >= 0.5, targets[n].ravel()
+        denom = 2 * (pp & tt).sum() + (pp & ~tt).sum() + (~pp & tt).sum()
+        per_subject.append(2 * (pp & tt).sum() / denom if denom else 1.0)
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "dsc": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0,
+        "sensitivity": R,
+        "specificity": tn / (tn + fp),
+        "f2": 5 * P * R / (4 * P + R) if tp else 0.0,
+        "apr": sklearn_metrics.average_precision_score(true, prob),
+        "dsc_mean": float(np.mean(per_subject)),
+        "dsc_sd": float(np.std(per_subject)),
+    }
+
+
+def test_sweep_writes_table_and_figures(sweep):
+    for name in ("table.md", "table.csv", "results.json", "pr_curves.npz"):
+        assert (sweep / name).is_file(), name
+    for name in ["pr_curves.png", "overlays.png", "loss_curves.png"] + [
+        f"overlay_{setting_slug(a, b)}.png" for a, b in SETTINGS
+    ]:
+        assert (sweep / name).read_bytes()[:8] == PNG_MAGIC, name
+    res = json.loads((sweep / "results.json").read_text())
+    assert res["folds"] == 2 and len(res["subjects"]) == 4
+    assert [(r["alpha"], r["beta"]) for r in res["results"]] == SETTINGS
+    table = (sweep / "table.md").read_text()
+    assert "α=0.5, β=0.5 (Dice)" in table and "α=0.3, β=0.7" in table
+    for col in ("DSC", "Sensitivity", "Specificity", "F2", "APR", "DSC per subject"):
+        assert col in table
+
+
+@pytest.mark.parametrize("a, b", SETTINGS)
+def test_table_matches_independent_metrics(sweep, a, b):
+    want = _independent_metrics(sweep, a, b)
+    rows = {
+        (float(r["alpha"]), float(r["beta"])): r for r in csv.DictReader(open(sweep / "table.csv"))
+    }
+    row = rows[(a, b)]
+    for k in ("tp", "fp", "fn", "tn"):
+        assert int(row[k]) == want[k], k
+    for k in ("dsc", "sensitivity", "specificity", "f2", "apr", "dsc_mean", "dsc_sd"):
+        assert float(row[k]) == pytest.approx(want[k], rel=1e-9, abs=1e-12, nan_ok=True), k
+    # table.md shows the same numbers in percent, two decimals.
+    line = next(
+        s for s in (sweep / "table.md").read_text().splitlines() if setting_label(a, b) in s
+    )
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    for k, cell in zip(("dsc", "sensitivity", "specificity", "f2", "apr"), cells[1:6], strict=True):
+        assert cell == (f"{100 * want[k]:.2f}" if np.isfinite(want[k]) else "n/a"), k
+    assert cells[6] == f"{100 * want['dsc_mean']:.2f} ± {100 * want['dsc_sd']:.2f}"
+
+
+def test_pr_curve_data_matches_sklearn(sweep):
+    """Fig. 2's saved curve of each setting ends at recall 1 and integrates to the APR
+    of the table (step-wise, as average precision is defined)."""
+    curves = np.load(sweep / "pr_curves.npz")
+    rows = {
+        (float(r["alpha"]), float(r["beta"])): r for r in csv.DictReader(open(sweep / "table.csv"))
+    }
+    for a, b in SETTINGS:
+        p = curves[f"{setting_slug(a, b)}_precision"]
+        r = curves[f"{setting_slug(a, b)}_recall"]
+        assert r[-1] == pytest.approx(1.0) and np.all(np.diff(r) > 0)
+        ap = float(np.sum(np.diff(np.concatenate([[0.0], r])) * p))
+        assert ap == pytest.approx(float(rows[(a, b)]["apr"]), rel=1e-9)
