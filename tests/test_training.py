@@ -8,6 +8,7 @@ lr 1e-3 and the schedule decaying every 5 steps so that it is exercised.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -254,15 +255,47 @@ def test_metrics_log_and_schedule(tmp_path):
     assert result.voxels_per_s > 0
 
 
-def test_fp16_with_grad_scaler_trains():
+def _param_error(state, ref_state) -> float:
+    """Largest parameter error relative to the tensor's largest magnitude."""
+    return max(
+        float((state[k].double() - v).abs().max() / (v.abs().max() + 1e-12))
+        for k, v in ref_state.items()
+        if v.is_floating_point()
+    )
+
+
+def test_fp16_training_against_the_reference():
+    """fp16 (autocast + GradScaler) against the float64 reference loop: its error must
+    be at most that of the plain reference run the same way in fp16 autocast (the
+    flash-attention rule: low precision may not be worse than PyTorch's own)."""
+    steps = 6
+
+    def reference(dtype, autocast):
+        torch.manual_seed(0)
+        init = UNet3D(3, 2, BASE, LEVELS)
+        ref = ReferenceUNet3D(3, 2, BASE, LEVELS).to(dtype)
+        ref.load_state_dict(init.state_dict())
+        ctx = torch.autocast("cpu", dtype=torch.float16) if autocast else contextlib.nullcontext()
+        with ctx:
+            losses = reference_train(ref, make_batch(SMALL), steps=steps, **HYPER)
+        return losses, {k: v.double() for k, v in ref.state_dict().items()}
+
+    exact_losses, exact_state = reference(torch.float64, autocast=False)
+    plain16_losses, plain16_state = reference(torch.float32, autocast=True)
     torch.manual_seed(0)
     model = UNet3D(3, 2, BASE, LEVELS)
     result = train(
         model,
         make_batch(SMALL),
-        TrainConfig(steps=3, precision="fp16", progress=False, backend="torch", **HYPER),
+        TrainConfig(steps=steps, precision="fp16", progress=False, backend="torch", **HYPER),
     )
-    assert all(math.isfinite(v) for v in result.losses)
+    assert len(result.losses) == steps
+    err = max(abs(a - b) for a, b in zip(result.losses, exact_losses, strict=True))
+    plain_err = max(abs(a - b) for a, b in zip(plain16_losses, exact_losses, strict=True))
+    assert plain_err > 0  # the baseline really ran in half precision
+    assert err <= plain_err and err < 1e-3, (err, plain_err)
+    p_err = _param_error(model.state_dict(), exact_state)
+    assert p_err <= _param_error(plain16_state, exact_state) and p_err < 0.05, p_err
 
 
 def test_config_validation():
@@ -272,19 +305,96 @@ def test_config_validation():
         TrainConfig(steps=1, grad_accum=0)
 
 
+def _windowed_reference(model, image, window, overlap):
+    """Uniformly averaged sliding windows written out plainly: every window start on a
+    regular grid plus one flush with the end, each window zero-padded at its far end to
+    the U-Net's multiple, softmax foreground, mean where windows overlap. float64."""
+    m = 2 ** (LEVELS - 1)
+    size = image.shape[1:]
+    total = torch.zeros(size, dtype=torch.float64)
+    count = torch.zeros(size, dtype=torch.float64)
+
+    def starts(n, w):
+        step = max(1, int(w * (1 - overlap)))
+        out = list(range(0, n - w + 1, step))
+        return out if out[-1] == n - w else [*out, n - w]
+
+    with torch.no_grad():
+        for z in starts(size[0], window[0]):
+            for y in starts(size[1], window[1]):
+                for x in starts(size[2], window[2]):
+                    sl = (slice(z, z + window[0]), slice(y, y + window[1]), slice(x, x + window[2]))
+                    patch = image[(slice(None), *sl)].double()[None]
+                    pad = [(-s) % m for s in patch.shape[2:]]
+                    patch = torch.nn.functional.pad(patch, (0, pad[2], 0, pad[1], 0, pad[0]))
+                    p = torch.softmax(model(patch), 1)[0, 1]
+                    total[sl] += p[: window[0], : window[1], : window[2]]
+                    count[sl] += 1
+    return (total / count).float()
+
+
 def test_predict_whole_volume_and_sliding_window():
     torch.manual_seed(0)
     model = UNet3D(3, 2, BASE, LEVELS).double()
     image = make_batch(SMALL)(0)[0]
     whole = predict(model, image)
     assert whole.shape == (1, *SMALL[2:]) and whole.dtype == torch.float32
-    assert 0 <= whole.min() and whole.max() <= 1
     with torch.no_grad():
         expect = torch.softmax(model(image.double()), 1)[:, 1].float()
     torch.testing.assert_close(whole, expect)
     # One window covering the volume = whole-volume prediction.
     torch.testing.assert_close(predict(model, image, window=SMALL[2:]), whole)
-    # Overlapping windows (padded to the model's multiple) give valid probabilities.
-    tiled = predict(model, image[0], window=(8, 12, 12), overlap=0.5)
-    assert tiled.shape == SMALL[2:] and 0 <= tiled.min() and tiled.max() <= 1
+    # Overlapping windows (the last one flush with the end, odd sizes padded to the
+    # model's multiple) against the plain loop above.
+    for window, overlap in (((8, 12, 12), 0.5), ((12, 16, 10), 0.25), ((6, 10, 7), 0.0)):
+        tiled = predict(model, image[0], window=window, overlap=overlap, weighting="uniform")
+        assert tiled.shape == SMALL[2:]
+        torch.testing.assert_close(tiled, _windowed_reference(model, image[0], window, overlap))
     assert model.training
+
+
+@needs_cpu
+def test_resume_after_a_kill_logs_each_step_once(tmp_path):
+    """A run killed after step 3 (last checkpoint at step 2) and resumed: metrics.jsonl
+    holds steps 1..5 once each, with the losses of an uninterrupted run."""
+    batch = make_batch(SMALL)
+
+    class Killed(Exception):
+        pass
+
+    def dying(i):
+        if i == 3:  # the 4th step's batch: the process dies here
+            raise Killed
+        return batch(i)
+
+    def model():
+        torch.manual_seed(0)
+        return UNet3D(3, 2, BASE, LEVELS)
+
+    d, log = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
+    common = dict(progress=False, backend="cpu", checkpoint_dir=d, log_path=log, **HYPER)
+    with pytest.raises(Killed):
+        train(model(), dying, TrainConfig(steps=5, checkpoint_every=2, **common))
+    assert [json.loads(s)["step"] for s in log.read_text().splitlines()] == [1, 2, 3]
+    assert load_checkpoint(d)["step"] == 2
+    # kill -9 during a checkpoint write leaves a temp file behind (no cleanup runs)
+    stale = d / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"partial")
+    (d / ".step_000004.pt.x1.tmp").write_bytes(b"partial")
+    train(model(), batch, TrainConfig(steps=5, checkpoint_every=2, **common), resume=True)
+    rows = [json.loads(s) for s in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert not list(d.glob(".*.tmp"))
+    full = train(model(), batch, TrainConfig(steps=5, progress=False, backend="cpu", **HYPER))
+    assert [r["loss"] for r in rows] == full.losses  # bitwise, as Python floats
+
+
+def test_fresh_run_starts_a_fresh_log(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 9}\n{"step": 7, "loss": 9}\n')
+    torch.manual_seed(0)
+    model = UNet3D(3, 2, BASE, LEVELS)
+    cfg = TrainConfig(steps=2, progress=False, backend="torch", log_path=log, **HYPER)
+    result = train(model, make_batch(SMALL), cfg)
+    rows = [json.loads(s) for s in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and [r["loss"] for r in rows] == result.losses
