@@ -163,6 +163,10 @@ def test_missing_app_dependencies_one_line(monkeypatch, capsys, tmp_path):
     assert code == EXIT_ERROR
     _assert_one_line_error(err, r"missing: nibabel.*pip install 'fasttversky\[app\]'")
     assert not (tmp_path / "d").exists()
+    # bench needs only the loss (torch): it runs, here up to its own error
+    code, _, err = _run(["bench", "--from-json", str(tmp_path / "none.json")], capsys)
+    assert code == EXIT_ERROR
+    _assert_one_line_error(err, r"none\.json: no such file")
 
 
 # --------------------------------------------------------------------------------------
