@@ -72,6 +72,51 @@ def test_run_json_round_trips(tmp_path):
     }
 
 
+def test_flat_run_json_of_earlier_versions_loads():
+    """run.json as the CLI wrote it before the split (one flat object)."""
+    old = {
+        "modalities": {"T1": "t1", "T2": "t2", "FLAIR": "flair"},
+        "mask_pattern": "mask",
+        "target_shape": None,
+        "patch_size": [32, 32, 32],
+        "lesion_prob": 0.7,
+        "batch_size": 2,
+        "base_features": 8,
+        "levels": 3,
+        "checkpoint": "none",
+        "norm": "instance",
+        "steps": 100,
+        "lr": 0.003,
+        "lr_decay": 0.9,
+        "lr_decay_every": 1000,
+        "alpha": 0.3,
+        "beta": 0.7,
+        "gamma": 1.0,
+        "backend": "auto",
+        "precision": "fp32",
+        "device": "cpu",
+        "seed": 0,
+        "window": None,
+    }
+    s = RunSettings.from_dict(old)
+    assert s.model == ModelConfig(base_features=8, levels=3, checkpoint="none", norm="instance")
+    assert s.data.patch_size == [32, 32, 32] and s.train.lr == 0.003 and s.train.steps == 100
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['width'\]"):
+        RunSettings.from_dict({**old, "width": 3})
+
+
+def test_bad_run_json_file_is_a_data_error(tmp_path):
+    from fasttversky.app.errors import DataError
+
+    f = tmp_path / "run.json"
+    f.write_text("{not json")
+    with pytest.raises(DataError, match=r"run\.json: cannot be read as JSON"):
+        RunSettings.load(f)
+    f.write_text('{"model": {"levels": 0}}')
+    with pytest.raises(DataError, match=r"run\.json: levels must be >= 1"):
+        RunSettings.load(f)
+
+
 @pytest.mark.parametrize(
     "d, match",
     [

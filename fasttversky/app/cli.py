@@ -26,6 +26,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -123,7 +124,7 @@ def _add_fields(p, section: str, defaults, only: Sequence[str] | None = None, gr
         else:
             value = getattr(getattr(defaults, section), f.name)
             shown = _show(value) if value is not None or not meta.get("nargs") else "0 0 0"
-        if "metavar" not in meta:
+        if "metavar" not in meta and "choices" not in meta:  # choices show as {a,b}
             meta["metavar"] = f.name.upper()
         g.add_argument(
             _flag(f.name),
@@ -326,13 +327,21 @@ def cmd_demo(args) -> int:
 # --------------------------------------------------------------------------------------
 # argument parsing
 # --------------------------------------------------------------------------------------
+def _wrap(text: str, width: int = 88) -> str:
+    """Fill each paragraph (the raw formatter keeps the epilog's table and the preset
+    list as written; prose paragraphs are filled here)."""
+    return "\n\n".join(
+        par if "\n" in par else textwrap.fill(par, width) for par in text.split("\n\n")
+    )
+
+
 def _sub(sub, name, common, help, description, func):
     p = sub.add_parser(
         name,
         parents=common,
         formatter_class=_Formatter,
         help=help,
-        description=description,
+        description=_wrap(description),
         epilog=EPILOG,
     )
     p.set_defaults(func=func)
@@ -343,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fasttversky",
         formatter_class=_Formatter,
-        description="Tversky-loss 3D lesion segmentation (Salehi et al. 2017): synthesise "
-        "data, train, predict, evaluate, benchmark and reproduce the paper.",
+        description=_wrap(
+            "Tversky-loss 3D lesion segmentation (Salehi et al. 2017): synthesise "
+            "data, train, predict, evaluate, benchmark and reproduce the paper."
+        ),
         epilog="Start with `fasttversky demo` (a few minutes on a CPU, no download).\n\n" + EPILOG,
     )
     sub = parser.add_subparsers(

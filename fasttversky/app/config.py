@@ -25,7 +25,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 __all__ = [
     "CHECKPOINT_MODES",
@@ -346,6 +346,8 @@ class RunSettings:
         """Inverse of :meth:`to_dict`; an unknown section or key is a ConfigError."""
         if not isinstance(d, dict):
             raise ConfigError("run.json", f"must hold an object, got {type(d).__name__}")
+        if d and not set(d) & set(_SECTIONS):
+            d = _from_flat(d)
         unknown = set(d) - set(_SECTIONS)
         if unknown:
             raise ConfigError("run.json", f"has unknown section(s) {sorted(unknown)}")
@@ -362,14 +364,34 @@ class RunSettings:
         return cls(**parts)
 
     def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON (``run.json``)."""
         path = Path(path)
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> RunSettings:
+        """Read a ``run.json``; a missing, unreadable or invalid file is a DataError (a
+        bad file, exit status 1 at the CLI) naming it."""
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(str(path), f"cannot be read as JSON ({e})") from e
-        return cls.from_dict(d)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: cannot be read as JSON ({e})") from e
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise DataError(f"{path}: {e}") from e
+
+
+def _from_flat(d: dict) -> dict:
+    """The flat ``run.json`` written before the settings were split by concern (one
+    object with every field) -> the sectioned form; field names are unique across
+    sections, so each goes to its own."""
+    flat, parts = dict(d), {name: {} for name in _SECTIONS}
+    for name, sub in _SECTIONS.items():
+        for f in fields(sub):
+            if f.name in flat:
+                parts[name][f.name] = flat.pop(f.name)
+    if flat:
+        raise ConfigError("run.json", f"has unknown key(s) {sorted(flat)}")
+    return parts

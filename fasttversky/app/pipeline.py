@@ -265,10 +265,7 @@ def load_run(run: str | Path):
         raise DataError(
             f"{run} is not a run folder (no {RUN_SETTINGS}); train one with `fasttversky train`"
         )
-    try:
-        settings = RunSettings.load(run / RUN_SETTINGS)
-    except ConfigError as e:
-        raise DataError(f"{run / RUN_SETTINGS}: {e}") from e
+    settings = RunSettings.load(run / RUN_SETTINGS)
     if not (run / "last.pt").is_file():
         raise DataError(f"{run}/last.pt missing; the run has not written a checkpoint")
     model = build_model(settings)
