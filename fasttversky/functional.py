@@ -24,6 +24,7 @@ metadata, microseconds), so tracing never has to run the selection.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from collections.abc import Sequence
@@ -160,10 +161,18 @@ _tversky_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_
 # --------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------
+def _is_scalar(value) -> bool:
+    """A plain number or a 0-d tensor (``torch.tensor(0.3)``): one value for every class."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _per_class(name: str, value, C: int) -> list[float]:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().flatten().tolist()
-    if isinstance(value, (int, float)):
+        value = value.detach().cpu()
+        value = value.item() if value.dim() == 0 else value.flatten().tolist()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         vals = [float(value)] * C
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         vals = [float(v) for v in value]
@@ -175,6 +184,17 @@ def _per_class(name: str, value, C: int) -> list[float]:
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return vals
+
+
+def _in_functorch_transform() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _check_ignore_index(ignore_index) -> None:
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
+    ):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
 
 
 def _flatten(x: torch.Tensor, lead: int) -> torch.Tensor:
@@ -240,14 +260,28 @@ def _prepare(logits, target, activation, ignore_index):
         if target.dtype == torch.bool:
             target = target.view(torch.uint8)
         target3 = _flatten(target, 1)
-        if ignore_index is not None and not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index)}")
     return _flatten(logits, 2), target3
 
 
 # --------------------------------------------------------------------------------------
 # the (B, C) part
 # --------------------------------------------------------------------------------------
+def _focal(d: torch.Tensor, gamma: float) -> torch.Tensor:
+    """max(d, 0) ** gamma, continuous in gamma, with a finite gradient everywhere.
+
+    d = 1 - T is below 0 only when smooth_nr > smooth_dr and the prediction is (nearly)
+    perfect (or activation="none" gets values outside [0, 1]): clamping it makes a perfect class cost 0 for every gamma, instead of a
+    negative term at gamma = 1 and a positive floor otherwise. Where d <= 0 the gradient
+    is 0; for 0 < gamma < 1 the true derivative gamma·d**(gamma-1) grows without bound
+    as d -> 0+ and is finite for every d > 0. The inner where keeps pow's backward away
+    from 0**(gamma-1) = inf (whose product with a zero upstream gradient would be NaN).
+    """
+    if gamma == 1.0:
+        return d.clamp_min(0.0)
+    pos = d > 0
+    return torch.where(pos, torch.where(pos, d, torch.ones_like(d)) ** gamma, torch.zeros_like(d))
+
+
 def _finalize(
     stats,
     alpha,
@@ -264,6 +298,7 @@ def _finalize(
     ce_weight=0.0,
     ce_class_weights=None,
     activation="softmax",
+    clamp_terms=True,
 ):
     """stats (B, C, 3) float64 -> the loss, differentiably.
 
@@ -292,12 +327,7 @@ def _finalize(
     b = stats.new_tensor(beta)
     tp, fp, fn = spg, sp - spg, sg - spg
     t = (tp + smooth_nr) / (tp + a * fp + b * fn + smooth_dr)
-    if gamma == 1.0:
-        terms = 1.0 - t
-    else:
-        # Focal Tversky (Abraham & Khan 2019). The clamp keeps (1-T)^(gamma-1) finite in
-        # the gradient when a class is predicted perfectly.
-        terms = (1.0 - t).clamp_min(1e-12) ** gamma
+    terms = _focal(1.0 - t, gamma) if clamp_terms else (1.0 - t) ** gamma
     w = stats.new_tensor(class_weights) if class_weights is not None else None
     if not include_background and C > 1:
         terms = terms[..., 1:]
@@ -391,7 +421,7 @@ def tversky_loss(
 
         TP = Σ p·g,  FP = Σ p·(1-g),  FN = Σ (1-p)·g
         T  = (TP + smooth_nr) / (TP + alpha·FP + beta·FN + smooth_dr)
-        term = (1 - T) ** gamma
+        term = max(1 - T, 0) ** gamma
 
     ``alpha`` weighs false positives and ``beta`` false negatives, as in the paper:
     raising ``beta`` trades precision for recall, which is what small lesions need
@@ -416,7 +446,11 @@ def tversky_loss(
             or "none", which returns the (B, C') terms (times ``class_weights`` when
             given), or (C',) with ``batch=True``; C' = classes kept.
         smooth_nr, smooth_dr: >= 0, added to numerator and denominator.
-        gamma: > 0, exponent of each term.
+        gamma: > 0, exponent of each term. The term is ``max(1 - T, 0) ** gamma``
+            for every gamma (1 - T < 0 only when smooth_nr > smooth_dr, or for
+            activation="none" inputs outside [0, 1]): continuous in
+            gamma, exactly 0 for a perfectly predicted class, with a finite gradient
+            (0 where 1 - T <= 0). ``compat.monai`` keeps MONAI's unclamped 1 - T.
         ignore_index: label value whose voxels add nothing and get zero gradient.
         class_weights: C non-negative weights of the terms.
         backend: "auto", "cpu", "torch", "triton" or "cuda" (env FASTTVERSKY_BACKEND
@@ -445,9 +479,62 @@ def tversky_loss(
         A scalar (or the (B, C') / (C',) terms), float32 for half-precision logits,
         else the logits' dtype. The gradient w.r.t. ``target`` is not computed.
     """
+    return _tversky_loss(
+        logits,
+        target,
+        alpha,
+        beta,
+        clamp_terms=True,
+        activation=activation,
+        include_background=include_background,
+        batch=batch,
+        reduction=reduction,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        gamma=gamma,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        backend=backend,
+        sync_across_ranks=sync_across_ranks,
+        ce_weight=ce_weight,
+        ce_class_weights=ce_class_weights,
+    )
+
+
+def _tversky_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float | Sequence[float] = 0.3,
+    beta: float | Sequence[float] = 0.7,
+    *,
+    clamp_terms: bool,
+    activation: str = "softmax",
+    include_background: bool = True,
+    batch: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    gamma: float = 1.0,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
+    backend: str = "auto",
+    sync_across_ranks: bool = False,
+    ce_weight: float = 0.0,
+    ce_class_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """``tversky_loss`` with a choice of term: ``clamp_terms=False`` keeps the unclamped
+    ``(1 - T) ** gamma`` of MONAI (gamma = 1 there), for ``compat.monai``'s parity."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_backend_name(backend)
+    _check_ignore_index(ignore_index)
+    if not torch.compiler.is_compiling() and _in_functorch_transform():
+        # The fused ops carry an autograd formula (torch.library.register_autograd), which
+        # torch.func's transforms cannot use: say so instead of torch's internal message.
+        raise RuntimeError(
+            "fasttversky.tversky_loss does not support torch.func transforms (grad, vmap, "
+            "jacrev, ...); use loss.backward() or torch.autograd.grad instead"
+        )
     for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
         if not math.isfinite(float(v)) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {v}")
@@ -516,6 +603,7 @@ def tversky_loss(
         ce_weight=ce_weight,
         ce_class_weights=ce_w,
         activation=activation,
+        clamp_terms=clamp_terms,
     )
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
     return loss.to(out_dtype)

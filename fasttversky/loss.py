@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .functional import _per_class, tversky_loss
+from ._dispatch import check_backend_name
+from .functional import _check_ignore_index, _is_scalar, _per_class, tversky_loss
 
 
 class TverskyLoss(nn.Module):
@@ -66,13 +67,15 @@ class TverskyLoss(nn.Module):
                 ("class_weights", class_weights),
                 ("ce_class_weights", ce_class_weights),
             )
-            if value is not None and not isinstance(value, (int, float))
+            if value is not None and not _is_scalar(value)
         }
         for name, value in seqs.items():
             _per_class(name, value, len(value) if hasattr(value, "__len__") else 1)
         lengths = {len(v) for v in seqs.values() if hasattr(v, "__len__")}
         if len(lengths) > 1:
             raise ValueError(f"per-class arguments have different lengths: {seqs}")
+        check_backend_name(backend)
+        _check_ignore_index(ignore_index)
         if not isinstance(activation, str) or activation not in ("softmax", "sigmoid", "none"):
             raise ValueError(
                 f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}"

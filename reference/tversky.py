@@ -118,10 +118,9 @@ def reference_tversky_loss(
     a = _per_class(alpha, C, p)
     b = _per_class(beta, C, p)
     t = (tp + smooth_nr) / (tp + a * fp + b * fn + smooth_dr)
-    if gamma == 1.0:
-        terms = 1 - t
-    else:
-        terms = (1 - t).clamp_min(1e-12) ** gamma
+    # max(1 - T, 0) ** gamma for every gamma (fasttversky's stated semantics; 1 - T < 0
+    # only when smooth_nr > smooth_dr). Plain pow: its gradient at exactly 0 is not used.
+    terms = torch.clamp(1 - t, min=0) ** gamma
 
     w = (
         _per_class(class_weights, C, p)

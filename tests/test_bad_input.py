@@ -138,6 +138,45 @@ def test_module_rejects_bad_arguments_at_construction():
         TverskyLoss(class_weights=[1.0, float("nan")])
 
 
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"backend": "nope"}, ValueError, "backend must be 'auto' or one of"),
+        ({"backend": None}, ValueError, "backend must be"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int or None, got 1.5"),
+        ({"ignore_index": "255"}, TypeError, "ignore_index must be an int"),
+        ({"ignore_index": True}, TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_module_rejects_backend_and_ignore_index_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TverskyLoss(**kwargs)
+
+
+def test_function_rejects_float_ignore_index_before_work():
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        tversky_loss(torch.randn(1, 2, 4), torch.zeros(1, 4, dtype=torch.long), ignore_index=1.5)
+
+
+def test_backend_env_typo_names_the_variable(monkeypatch):
+    monkeypatch.setenv("FASTTVERSKY_BACKEND", "cpuu")
+    x, t = torch.randn(1, 2, 4), torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="FASTTVERSKY_BACKEND must be .* got 'cpuu'"):
+        tversky_loss(x, t)
+    # an explicit backend argument does not read the variable
+    assert torch.isfinite(tversky_loss(x, t, backend="torch"))
+
+
+def test_torch_func_transforms_get_a_clear_error():
+    x, t = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    with pytest.raises(RuntimeError, match="fasttversky.tversky_loss does not support torch.func"):
+        torch.func.grad(lambda z: tversky_loss(z, t))(x)
+    with pytest.raises(RuntimeError, match="does not support torch.func"):
+        torch.func.vmap(lambda z: tversky_loss(z[None], t[:1]))(x)
+    with pytest.raises(RuntimeError, match="does not support torch.func"):
+        torch.func.grad(lambda z: TverskyLoss()(z, t))(x)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_finite_logits_are_not_called_non_finite(backend):
     # |x1 - x0| overflows float32 here, the logits themselves are finite

@@ -262,6 +262,21 @@ def test_fallbacks_match_monai(backend):
     torch.testing.assert_close(gg, gw, rtol=1e-12, atol=0)
 
 
+def test_negative_monai_term_keeps_monai_formula(backend):
+    # fasttversky clamps 1 - T at 0; MONAI does not (1 - T < 0 when smooth_nr > smooth_dr
+    # and the prediction is near-perfect): the compat class keeps MONAI's formula, fused.
+    y = torch.nn.functional.one_hot(torch.arange(24).remainder(3).view(2, 3, 4), 3)
+    y = y.movedim(-1, 1).double()
+    x = 20.0 * (2 * y - 1)
+    kw = dict(softmax=True, smooth_nr=1e-2, smooth_dr=1e-5)
+    want = monai_losses.TverskyLoss(**kw)(x, y)
+    assert want < 0
+    loss = TverskyLoss(**kw, backend=backend)
+    assert loss.explain(x, y).startswith("fused")
+    torch.testing.assert_close(loss(x, y), want, rtol=1e-12, atol=0)
+    assert fasttversky.tversky_loss(x, y, smooth_nr=1e-2, smooth_dr=1e-5) == 0
+
+
 # ------------------------------------------------------------------------------------
 # what the kernels refuse: MONAI's result or MONAI's error
 # ------------------------------------------------------------------------------------

@@ -248,19 +248,155 @@ def test_deterministic(backend):
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
-def test_cpu_result_independent_of_thread_count():
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(1, 3, 50, 50, 50, generator=gen)
-    t = torch.randint(0, 3, (1, 50, 50, 50), generator=gen, dtype=torch.uint8)
+def _loss_and_grad_with_threads(threads, x, t, **kw):
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        xr = x.clone().requires_grad_(True)
+        loss = tversky_loss(xr, t, **kw)
+        loss.sum().backward()
+    finally:
+        torch.set_num_threads(n)
+    return loss.detach(), xr.grad
+
+
+# (id, C, spatial, activation, logits dtype). B = C = 1 with >= 32768 voxels is the
+# single-output reduction ATen splits across threads; C = 40 is what "auto" sends to the
+# torch backend on CPU.
+THREAD_CASES = {
+    "softmax-c3": (3, (50, 50, 50), "softmax", torch.float32),
+    "sigmoid-c1-f64": (1, (64, 64, 33), "sigmoid", torch.float64),
+    "probs-c1-f64": (1, (64, 64, 33), "none", torch.float64),
+    "probs-c40-f32": (40, (24, 24, 24), "none", torch.float32),
+}
+# The torch backend's sums are fixed-order (ops/torch.py _sum_n), but ATen's own softmax
+# and sigmoid kernels may round an element differently with another thread count (see
+# README, Determinism): its thread-count check is on activation="none".
+THREAD_PARAMS = [
+    ("cpu", "softmax-c3"),
+    ("cpu", "sigmoid-c1-f64"),
+    ("cpu", "probs-c1-f64"),
+    ("torch", "probs-c1-f64"),
+    ("torch", "probs-c40-f32"),
+]
+
+
+@pytest.mark.parametrize("backend,case", THREAD_PARAMS)
+def test_result_independent_of_thread_count(backend, case):
+    """Bitwise equal loss and gradient with 1 and 2 threads (README: determinism)."""
+    C, spatial, activation, dtype = THREAD_CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    if activation == "none":
+        x = torch.rand(1, C, *spatial, generator=gen, dtype=torch.float64).to(dtype)
+    else:
+        x = torch.randn(1, C, *spatial, generator=gen, dtype=torch.float64).to(dtype)
+    t = torch.randint(0, max(C, 2), (1, *spatial), generator=gen, dtype=torch.uint8)
+    kw = dict(backend=backend, activation=activation, reduction="none")
+    one = _loss_and_grad_with_threads(1, x, t, **kw)
+    two = _loss_and_grad_with_threads(2, x, t, **kw)
+    assert torch.equal(one[0], two[0])
+    assert torch.equal(one[1], two[1]), (one[1] - two[1]).abs().max()
+
+
+def test_torch_backend_sums_are_fixed_order():
+    """One (B, C) group of 135168 voxels: ATen's plain sum splits it across threads."""
+    from fasttversky.ops.torch import _sum_n
+
+    gen = torch.Generator().manual_seed(34)
+    v = torch.randn(1, 1, 135168, generator=gen, dtype=torch.float64)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = tversky_loss(x, t, backend="cpu", reduction="none")
-        torch.set_num_threads(max(2, n))
-        many = tversky_loss(x, t, backend="cpu", reduction="none")
+        one = _sum_n(v)
+        torch.set_num_threads(2)
+        two = _sum_n(v)
     finally:
         torch.set_num_threads(n)
-    assert torch.equal(one, many)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(one, v.sum(-1), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------------
+# gamma: term = max(1 - T, 0) ** gamma, continuous in gamma
+# ------------------------------------------------------------------------------------
+def _perfect(C=3, spatial=(4, 5, 6), seed=30):
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, C, (2, *spatial), generator=gen)
+    p = torch.nn.functional.one_hot(t, C).movedim(-1, 1).double()
+    return p, t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("smooth", [(1e-5, 1e-5), (1e-3, 1e-5)], ids=["equal", "nr>dr"])
+@pytest.mark.parametrize("gamma", [0.5, 0.75, 1.0, 1.0001, 2.0])
+def test_perfect_prediction_costs_zero_for_every_gamma(backend, smooth, gamma):
+    # Before: gamma = 1 with smooth_nr > smooth_dr gave a negative term (1 - T < 0) and
+    # gamma != 1 a floor of 1e-12 ** gamma (1e-6 at gamma = 0.5): a jump at gamma = 1.
+    p, t = _perfect()
+    x = p.clone().requires_grad_(True)
+    loss = tversky_loss(
+        x,
+        t,
+        activation="none",
+        gamma=gamma,
+        smooth_nr=smooth[0],
+        smooth_dr=smooth[1],
+        backend=backend,
+    )
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_is_continuous_in_gamma(backend):
+    """Near-perfect softmax predictions, smooth_nr > smooth_dr: 1 - T is around 0."""
+    p, t = _perfect(seed=31)
+    x = 12.0 * (2 * p - 1)
+    x[0, :, 0, 0, :2] = 0.0  # a few uncertain voxels: some terms positive, some clamped
+    kw = dict(smooth_nr=1e-2, smooth_dr=1e-5, reduction="none", backend=backend)
+    at_one = tversky_loss(x, t, gamma=1.0, **kw)
+    assert (at_one >= 0).all()
+    for g in (1.0 - 1e-6, 1.0 + 1e-6):
+        torch.testing.assert_close(tversky_loss(x, t, gamma=g, **kw), at_one, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.5, 0.75])
+def test_gamma_below_one_gradient_is_finite_near_zero(gamma):
+    """d/dd d**gamma = gamma d**(gamma-1) is unbounded at 0+: finite at every d > 0 and
+    at d = 0 (where the gradient is 0), never inf or NaN, and equal to float64 autograd."""
+    p, t = _perfect(seed=32)
+    for eps in (1e-3, 1e-9, 0.0):
+        x = ((1 - eps) * p + eps / 3).requires_grad_(True)
+        loss = tversky_loss(x, t, activation="none", gamma=gamma, backend="torch")
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), eps
+        xr = x.detach().clone().requires_grad_(True)
+        ref = reference_tversky_loss(xr, t, activation="none", gamma=gamma)
+        if eps == 1e-3:
+            # (smaller eps: 1 - T cancels to a few digits, so summation order shows)
+            ref.backward()
+            torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=0)
+            torch.testing.assert_close(loss, ref, rtol=1e-9, atol=0)
+        elif eps == 0.0:
+            assert loss.item() == 0.0 and (x.grad == 0).all()
+
+
+# ------------------------------------------------------------------------------------
+# a 0-d tensor is a scalar
+# ------------------------------------------------------------------------------------
+def test_zero_dim_tensor_alpha_beta_are_scalars():
+    gen = torch.Generator().manual_seed(33)
+    x = torch.randn(2, 3, 4, 5, generator=gen)
+    t = torch.randint(0, 3, (2, 4, 5), generator=gen)
+    want = tversky_loss(x, t, 0.3, 0.7, class_weights=None)
+    got = tversky_loss(x, t, torch.tensor(0.3), torch.tensor(0.7))
+    assert torch.equal(got, want)
+    mod = TverskyLoss(alpha=torch.tensor(0.3), beta=torch.tensor(0.7, dtype=torch.float64))
+    assert torch.equal(mod(x, t), want)
+    # a 1-element sequence is still per-class: one entry for C = 3 is an error
+    with pytest.raises(ValueError, match="alpha has 1 entries"):
+        tversky_loss(x, t, torch.tensor([0.3]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -77,7 +77,7 @@ import torch.linalg as LA
 from torch.nn.modules.loss import _Loss
 
 from .._dispatch import BackendUnavailableError
-from ..functional import tversky_loss
+from ..functional import _tversky_loss
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -261,11 +261,12 @@ class TverskyLoss(_Loss):
             return self._monai_forward(input, target)
         self._single_channel_warnings(input.shape[1])
         try:
-            loss = tversky_loss(
+            loss = _tversky_loss(
                 plan.input,
                 plan.target,
                 float(self.alpha),
                 float(self.beta),
+                clamp_terms=False,  # MONAI's unclamped 1 - T
                 activation=plan.activation,
                 include_background=self.include_background,
                 batch=self.batch,
@@ -714,11 +715,12 @@ class DiceCELoss(_Loss):
         else:
             scale = self.lambda_dice * 1.0
         ce_mult = 1.0 if self.reduction == "mean" else float(labels.numel())
-        return scale * tversky_loss(
+        return scale * _tversky_loss(
             x,
             labels,
             k,
             k,
+            clamp_terms=False,  # MONAI's unclamped Dice term
             activation=activation,
             include_background=self.include_background,
             batch=self.batch,

@@ -12,6 +12,29 @@ import torch
 from .._spec import KernelSpec
 from ._base import Backend, compute_dtype
 
+# Voxels per first-level partial sum; below ATen's GRAIN_SIZE (32768), see _sum_n.
+_CHUNK = 8192
+
+
+def _sum_n(v: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dim in float64, in an order that does not depend on the thread count.
+
+    ATen reduces every output element on one thread, in the same order whatever the
+    number of threads, except a reduction to a single element (B = C = 1) of 32768
+    elements or more, which it splits across the threads (its "two-pass" reduction):
+    that made this backend differ between 1 and 2 threads. Summing fixed chunks of
+    ``_CHUNK`` voxels first, then the chunk sums the same way, never leaves ATen a
+    large single-output reduction, so results are bitwise equal for any thread count.
+    """
+    n = v.shape[-1]
+    if n <= _CHUNK:
+        return v.sum(-1, dtype=torch.float64)
+    m = n // _CHUNK
+    parts = [v[..., : m * _CHUNK].unflatten(-1, (m, _CHUNK)).sum(-1, dtype=torch.float64)]
+    if n > m * _CHUNK:
+        parts.append(v[..., m * _CHUNK :].sum(-1, dtype=torch.float64, keepdim=True))
+    return _sum_n(torch.cat(parts, dim=-1))
+
 
 def _probs(x: torch.Tensor, activation: int) -> torch.Tensor:
     if activation == 0:
@@ -51,7 +74,7 @@ def _ce_sums(x, g, w, spec: KernelSpec) -> torch.Tensor:
         ce = torch.nn.functional.binary_cross_entropy_with_logits(x, g, reduction="none")
         if w is not None:
             ce = ce * w
-    return ce.sum(-1, dtype=torch.float64)
+    return _sum_n(ce)
 
 
 class _TorchBackend(Backend):
@@ -68,9 +91,9 @@ class _TorchBackend(Backend):
         if w is not None:
             p = p * w
         sums = [
-            (p * g).sum(-1, dtype=torch.float64),
-            p.sum(-1, dtype=torch.float64),
-            g.sum(-1, dtype=torch.float64),
+            _sum_n(p * g),
+            _sum_n(p),
+            _sum_n(g),
         ]
         if spec.with_ce:
             sums.append(_ce_sums(x, g, w, spec))
