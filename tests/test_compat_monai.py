@@ -423,7 +423,7 @@ _DCE_GRID = [
     (C, act, kind)
     for C in (1, 3)
     for act in ACTS
-    for kind in ("labels_float", "labels_uint8", "onehot_float")
+    for kind in ("labels_float", "labels_uint8", "onehot_float", "onehot_uint8", "soft_float")
 ]
 
 
@@ -434,9 +434,11 @@ def test_dice_ce_every_option_matches_monai_float64(C, act, kind):
         y = y.double()
     gen = torch.Generator().manual_seed(7)
     w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.1
-    for ib, batch, red, jaccard, weight, squared in itertools.product(
-        (True, False), (False, True), ("mean", "sum"), (False, True), (None, w), (False, True)
-    ):
+    combos = itertools.product(
+        (True, False), (False, True), ("mean", "sum"), (False, True), (None, w), (False,)
+    )
+    # squared_pred (always the slower path) once per case rather than on the whole grid
+    for ib, batch, red, jaccard, weight, squared in [*combos, (False, True, "sum", True, w, True)]:
         kwargs = dict(
             include_background=ib,
             to_onehot_y=kind.startswith("labels"),
@@ -453,9 +455,9 @@ def test_dice_ce_every_option_matches_monai_float64(C, act, kind):
         )
         fused = (
             (act, C) in _DCE_FUSED
-            and (kind.startswith("labels") or C == 1)  # a C = 1 "one-hot" is a mask
+            and (kind != "soft_float")
             and not squared
-            and (weight is None or (act == "softmax" and red == "mean"))
+            and (weight is None or (act == "softmax" and red == "mean" and kind[0] == "l"))
         )
         _dce_parity(kwargs, x, y, expect_fused=fused)
 

@@ -149,6 +149,21 @@ def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return out.scatter_(dim=1, index=labels.long(), value=1)
 
 
+def _onehot_to_labels(target: torch.Tensor) -> torch.Tensor | None:
+    """An exactly one-hot (B, C, *spatial) target as a (B, 1, *spatial) label map.
+
+    Returns uint8 labels (int64 for C > 256), or ``None`` when a value is not 0/1 or a
+    voxel does not have exactly one 1 (soft labels, NaN, empty voxels).
+    """
+    # TODO(perf): three passes over the one-hot target (two checks, argmax) and two host
+    # syncs; the label map it gives is C times smaller than the target.
+    t = target.to(torch.uint8) if target.dtype == torch.bool else target
+    if not bool(((t == 0) | (t == 1)).all()) or not bool((t.sum(1) == 1).all()):
+        return None
+    labels = t.argmax(1, keepdim=True)
+    return labels.to(torch.uint8) if target.shape[1] <= 256 else labels
+
+
 def _ignore_mask(y: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """``monai.metrics.utils.create_ignore_mask``: (B, 1, *spatial), 1 = keep.
 
@@ -517,6 +532,9 @@ class DiceCELoss(_Loss):
     * ``softmax=True``, C >= 2, ``to_onehot_y=True`` and a (B, 1, *spatial) label map
       (integer, or float truncated like MONAI's ``.long()``); ``weight`` None or C
       non-negative values of the input's dtype (reduction "sum" needs no weight);
+    * ``softmax=True``, C >= 2, ``to_onehot_y=False`` and an exactly one-hot
+      (B, C, *spatial) target (float/integer/bool; turned into a label map after two
+      checking passes), no ``weight``;
     * ``sigmoid=True``, C = 1 and a (B, 1, *spatial) {0, 1} mask (integer or float), no
       ``weight`` (MONAI passes it to BCE as ``pos_weight``);
     * and ``squared_pred=False``, ``other_act=None``, ``label_smoothing=0``,
@@ -525,7 +543,7 @@ class DiceCELoss(_Loss):
 
     **MONAI-equivalent slower path** (plain torch, MONAI's forward step by step, its
     errors included) otherwise -- notably MONAI's default ``softmax=False`` (Dice on the
-    raw input, CE on it as logits: two different functions of the input), one-hot
+    raw input, CE on it as logits: two different functions of the input), soft
     targets, ``sigmoid=True`` with C > 1 (MONAI's CE is then a softmax CE) -- and, with a
     :class:`SlowPathWarning`, whenever the kernels refuse the inputs while running (NaN,
     labels out of range). ``explain(input, target)`` says which path a call takes.
@@ -661,9 +679,24 @@ class DiceCELoss(_Loss):
             return "negative or non-finite smoothing"
         B, C = input.shape[:2]
         spatial = tuple(input.shape[2:])
+        w = self.weight
+        if (
+            self.softmax
+            and C > 1
+            and not self.to_onehot_y
+            and tuple(target.shape) == tuple(input.shape)
+        ):
+            # A one-hot target: MONAI's CE is then torch's probability-target CE, equal to
+            # the label-map CE when the target is exactly one-hot and unweighted.
+            if w is not None:
+                return "weight with a one-hot target (MONAI's CE then divides by N, not Σw)"
+            labels = _onehot_to_labels(target)
+            if labels is None:
+                return "target is not exactly one-hot (soft or invalid labels)"
+            tdt = target.dtype if target.is_floating_point() else input.dtype
+            return labels, "softmax", torch.promote_types(input.dtype, tdt)
         if tuple(target.shape) != (B, 1, *spatial):
             return f"target of shape {tuple(target.shape)} is not a (B, 1, *spatial) label map"
-        w = self.weight
         if self.softmax and C > 1:
             if not self.to_onehot_y:
                 return "to_onehot_y=False with a label map (MONAI raises)"
