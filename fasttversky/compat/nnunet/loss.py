@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._dispatch import BackendUnavailableError
-from ...functional import tversky_loss
+from ...functional import _tversky_loss, tversky_loss
 from ..monai import SlowPathWarning, _float_labels_to_int
 
 _FUSABLE_DICE = ("MemoryEfficientSoftDiceLoss", "SoftDiceLoss")
@@ -197,11 +197,12 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
         # dc = (2TP + s) / (Σp + Σg + s) = (TP + s/2) / (TP + FP/2 + FN/2 + s/2)
         s = float(self.smooth) / 2
         wd = float(self.weight_dice)
-        tv = tversky_loss(
+        tv = _tversky_loss(
             x,
             labels,
             0.5,
             0.5,
+            clamp_terms=False,  # nnU-Net's -dc is unclamped (1 - T may round below 0)
             ce_weight=float(weight_ce) / wd,
             ce_class_weights=self.ce.weight,
             activation="softmax",
