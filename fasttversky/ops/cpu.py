@@ -1,11 +1,20 @@
-"""Loader for the C++ CPU kernels (csrc/cpu/tversky_cpu.cpp): build, cache, call.
+"""Loader for the C++ CPU kernels (csrc/cpu/tversky_cpu.cpp): pick, load, call.
 
 The kernels include no torch headers (only csrc/tversky.h's plain parameter struct), so
-they build with one g++ call and are called through ctypes; this file is the only one
-that knows about both torch and the kernels. The shared library is built on first use
-into a cache folder keyed by the sources' hash, the compiler flags and the CPU
-(``FASTTVERSKY_CACHE``, default ``~/.cache/fasttversky``) and reused afterwards;
-``-march=native`` is safe because the build happens on the machine that runs it.
+they are plain shared libraries called through ctypes; this file is the only one that
+knows about both torch and the kernels.
+
+Installing the package compiles them once per instruction-set variant (setup.py,
+ops/_cpu_build.py: ``_tversky_cpu_{avx512,avx2,baseline}.so`` beside this file), and
+the first call loads the best variant the CPU supports, asking the baseline library
+(which runs anywhere) for the CPU's features. Without an installed library, or when the
+kernel sources changed since it was built (an edited checkout), the kernels are
+compiled on first use for this machine (``-march=native``) into a cache folder keyed by
+the sources' hash, the flags and the CPU (``FASTTVERSKY_CACHE``, default
+``~/.cache/fasttversky``), with a one-line message on stderr while it builds.
+
+``FASTTVERSKY_CPU_ISA`` = ``avx512`` | ``avx2`` | ``baseline`` forces an installed
+variant, ``native`` forces the first-use build; unset or ``auto`` picks.
 """
 
 from __future__ import annotations
@@ -13,12 +22,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import shutil
 import sys
+from pathlib import Path
 
 import torch
 
 from .._spec import KernelSpec
+from . import _cpu_build as recipe
 from ._base import Backend, check_kernel_code, kernel_coefs, new_grad
 from ._native import (
     DTYPE_CODES,
@@ -30,19 +40,9 @@ from ._native import (
 )
 from ._sources import csrc_dir
 
-# -fno-trapping-math lets gcc if-convert and vectorise the tile loops (4x here); no
-# -ffast-math: the non-finite check must see NaN and inf.
-_FLAGS = [
-    "-O3",
-    "-march=native",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-    "-std=c++20",
-    "-shared",
-    "-fPIC",
-    "-pthread",
-]
 MAX_CLASSES = 32  # MAX_C in csrc/cpu/tversky_cpu.cpp (checked when the library loads)
+ISA_CHOICES = ("auto", *(v.name for v in recipe.variants()), recipe.NATIVE.name)
+_HERE = Path(__file__).resolve().parent
 
 
 def _cpu_identity() -> bytes:
@@ -58,25 +58,16 @@ def _cpu_identity() -> bytes:
         return platform.processor().encode()
 
 
-def _build() -> ctypes.CDLL:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
-    csrc = csrc_dir()
-    sources = (csrc / "tversky.h", csrc / "cpu" / "tversky_cpu.cpp")
-    key = b"".join(src.read_bytes() for src in sources)
-    key += " ".join([cxx, *_FLAGS]).encode() + _cpu_identity()
-    lib = build_cached(
-        "cpu",
-        key,
-        "libtversky_cpu.so",
-        lambda out: [cxx, *_FLAGS, str(sources[1]), "-o", out],
-        "CPU",
-    )
-    dll = load_library(lib, "tversky_cpu", "CPU")
+def _open(path: Path) -> ctypes.CDLL:
+    dll = load_library(path, "tversky_cpu", "CPU")
     for fn in (dll.tversky_cpu_forward, dll.tversky_cpu_backward):
         fn.argtypes = [ctypes.POINTER(TverskyParams)]
         fn.restype = ctypes.c_int
+    for fn in (dll.tversky_cpu_build_key, dll.tversky_cpu_variant):
+        fn.argtypes = []
+        fn.restype = ctypes.c_char_p
+    dll.tversky_cpu_has.argtypes = [ctypes.c_char_p]
+    dll.tversky_cpu_has.restype = ctypes.c_int
     dll.tversky_cpu_max_classes.restype = ctypes.c_int
     if dll.tversky_cpu_max_classes() != MAX_CLASSES:
         raise RuntimeError(
@@ -86,11 +77,94 @@ def _build() -> ctypes.CDLL:
     return dll
 
 
+def variant_name(dll: ctypes.CDLL) -> str:
+    """Which build a loaded library is: avx512, avx2, baseline or native."""
+    return dll.tversky_cpu_variant().decode()
+
+
+def _build_native(why: str) -> ctypes.CDLL:
+    """Compile the kernels for this machine into the cache (once), telling the user."""
+    cxx = recipe.find_compiler()
+    if cxx is None:
+        raise RuntimeError(f"{why}, and no C++ compiler was found (install g++ or set CXX)")
+    csrc = csrc_dir()
+    variant = recipe.NATIVE
+    key = (
+        recipe.build_key(csrc).encode() + " ".join([cxx, *variant.flags]).encode() + _cpu_identity()
+    )
+
+    def command(out):
+        # Only when it really compiles (not on a cache hit): the one visible line.
+        print(
+            f"fasttversky: compiling the CPU kernels for this machine ({why}; once, ~25 s)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        return recipe.command(cxx, csrc, variant, out)
+
+    lib = build_cached("cpu", key, recipe.library_name(variant.name), command, "CPU")
+    return _open(lib)
+
+
+def _installed(name: str) -> Path | None:
+    path = _HERE / recipe.library_name(name)
+    return path if path.exists() else None
+
+
+def _stale(dll: ctypes.CDLL) -> bool:
+    """True when the kernel sources on disk differ from those the library was built
+    from (an editable install whose csrc/ was edited). No sources: trust the library."""
+    try:
+        csrc = csrc_dir()
+    except RuntimeError:
+        return False
+    return dll.tversky_cpu_build_key().decode() != recipe.build_key(csrc)
+
+
+def _supports(probe: ctypes.CDLL, variant) -> bool:
+    return all(probe.tversky_cpu_has(f.encode()) == 1 for f in variant.needs)
+
+
+def _build() -> ctypes.CDLL:
+    choice = (os.environ.get("FASTTVERSKY_CPU_ISA") or "auto").strip().lower()
+    if choice not in ISA_CHOICES:
+        raise RuntimeError(f"FASTTVERSKY_CPU_ISA={choice!r} is not one of {', '.join(ISA_CHOICES)}")
+    if choice == recipe.NATIVE.name:
+        return _build_native("FASTTVERSKY_CPU_ISA=native")
+    base_path = _installed(recipe.BASELINE)
+    if base_path is None:
+        if choice != "auto":
+            raise RuntimeError(
+                f"FASTTVERSKY_CPU_ISA={choice}: no installed CPU kernels (pip install the package)"
+            )
+        return _build_native("no installed library")
+    try:
+        probe = _open(base_path)
+    except (OSError, AttributeError, RuntimeError) as exc:  # damaged, foreign or stale
+        return _build_native(f"the installed library does not load: {exc}")
+    if _stale(probe):
+        return _build_native("the kernel sources changed since the package was installed")
+    for variant in recipe.variants():
+        if choice not in ("auto", variant.name):
+            continue
+        if not _supports(probe, variant):
+            if choice == "auto":
+                continue
+            raise RuntimeError(f"FASTTVERSKY_CPU_ISA={choice}: this CPU lacks {variant.name}")
+        path = _installed(variant.name)
+        if path is None:  # that variant failed to build at install: take the next one
+            if choice == "auto":
+                continue
+            raise RuntimeError(f"FASTTVERSKY_CPU_ISA={choice}: {variant.name} was not built")
+        return probe if variant.name == recipe.BASELINE else _open(path)
+    raise AssertionError("unreachable: the baseline variant runs everywhere")
+
+
 _LIB = LazyLibrary(_build)
 
 
 def _library() -> ctypes.CDLL:
-    """The loaded kernels, or raise the (remembered) reason they cannot be built."""
+    """The loaded kernels, or raise the (remembered) reason they cannot be loaded."""
     return _LIB.get()
 
 
