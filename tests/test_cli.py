@@ -348,6 +348,22 @@ def test_train_bad_subject_fails_before_training(tmp_path, capsys, case):
     assert not (run / "last.pt").exists() and not (run / "metrics.jsonl").exists()
 
 
+def test_predict_checks_every_subject_before_writing(dataset, tmp_path, capsys):
+    run, data = tmp_path / "run", tmp_path / "data"
+    assert main(["train", str(dataset), "--out", str(run), *TINY_TRAIN]) == 0
+    import shutil
+
+    shutil.copytree(dataset, data)
+    (data / "subject03" / "T2.nii.gz").write_bytes(b"broken" * 20)  # the last subject
+    pred = tmp_path / "pred"
+    code, _, err = _run(
+        ["predict", str(data), "--model", str(run), "--out", str(pred), "--quiet"], capsys
+    )
+    assert code == EXIT_ERROR
+    _assert_one_line_error(err, r"subject03/T2\.nii\.gz: cannot read as NIfTI")
+    assert not pred.exists()
+
+
 def test_other_bad_inputs(dataset, tmp_path, capsys):
     missing = str(tmp_path / "missing")
     cases = [

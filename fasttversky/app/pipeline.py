@@ -322,15 +322,21 @@ def predict_dataset(
     if threshold is not None:
         upd["threshold"] = threshold
     settings = replace(settings, predict=replace(settings.predict, **upd))
+    from .data import load_subject, prepare_subject
+
     subjects = find_dataset(data, settings.data, require_mask=False)
-    prepared = prepare_all(subjects, settings.data.target_shape)  # all checked up front
+    # Every subject is read and checked before the first prediction is written; they
+    # are read again one at a time below, so memory holds one volume, not the dataset.
+    for s in subjects:
+        load_subject(s)
     out = Path(out)
-    for p in progress_bar(prepared, "predict", progress):
+    for s in progress_bar(subjects, "predict", progress):
+        p = prepare_subject(s, settings.data.target_shape)
         prob = predict_prepared(model, p, settings, device=device)
         save_volume(out / p.name / "prob.nii.gz", prob, p.affine)
         mask = (prob >= settings.predict.threshold).astype(np.uint8)
         save_volume(out / p.name / "mask.nii.gz", mask, p.affine)
-    return len(prepared)
+    return len(subjects)
 
 
 # --------------------------------------------------------------------------------------
