@@ -192,7 +192,7 @@ def render(report: dict) -> str:
         )
         base = {r["mode"]: r["median_s"] for r in rows if r["provider"] == "plain torch"}
         lines = [
-            "| provider | mode | median ms | speed-up vs plain | |loss − plain| |",
+            "| provider | mode | median ms | speed-up vs plain | loss difference vs plain |",
             "|---|---|---|---|---|",
         ]
         for r in rows:
