@@ -9,35 +9,30 @@ there is no GPU; a backend that cannot run here is skipped with its reason.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TOLERANCES, check_against_reference
+from _helpers import TOLERANCES, backend_device, check_against_reference, use_backend
 
-import fasttversky
 from fasttversky import TverskyLoss, deep_supervision_loss, tversky_loss
 from fasttversky.deep_supervision import default_weights, downsample_labels
 from reference import reference_cross_entropy, reference_tversky_loss
 
-BACKENDS = ["torch", "cpu"]  # triton, cuda join as their kernels gain the CE term
+BACKENDS = ["torch", "cpu", "triton", "cuda"]
 FUSED = "cpu"  # the backend of the CPU-only checks (thread count, saved tensors, compile)
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    name = request.param
-    if name == "cuda" and not torch.cuda.is_available():
-        from fasttversky.ops import cuda as cu
+    use_backend(request.param, monkeypatch)
+    return request.param
 
-        monkeypatch.setenv("FASTTVERSKY_CUDA_EMULATE", "1")
-        if cu.find_nvcc() is None and not os.path.exists("/usr/local/cuda/include/cuda_fp16.h"):
-            pytest.skip("the CUDA headers are absent: cannot build the emulation")
-    why = fasttversky.available_backends()[name]
-    if why is not None:
-        pytest.skip(f"{name} backend unavailable: {why}")
-    return name
+
+def _on(backend, *tensors):
+    """The tensors on the backend's device (CPU for the interpreter / emulation)."""
+    dev = backend_device(backend)
+    out = tuple(t.to(dev) for t in tensors)
+    return out if len(out) > 1 else out[0]
 
 
 def _dtypes(backend):
@@ -108,7 +103,7 @@ def test_matches_reference(case, backend):
     _, B, C, spatial, kw, label_dtype, ignore = case
     x, t = _data(B, C, spatial, seed=len(case[0]), label_dtype=label_dtype, ignore=ignore)
     for dtype in _dtypes(backend):
-        check_against_reference(x.to(dtype), t, backend, ce_weight=0.8, **kw)
+        check_against_reference(*_on(backend, x.to(dtype), t), backend, ce_weight=0.8, **kw)
 
 
 def test_reference_cross_entropy_is_torch():
@@ -125,7 +120,7 @@ def test_channels_last_two_class(backend):
     """UNet3D's CPU output layout (the CPU kernel's interleaved two-class loop)."""
     x, t = _data(2, 2, (8, 8, 4), seed=5, label_dtype=torch.uint8, ignore=255)
     x = x.float().contiguous(memory_format=torch.channels_last_3d)
-    check_against_reference(x, t, backend, ce_weight=1.0, ignore_index=255)
+    check_against_reference(*_on(backend, x, t), backend, ce_weight=1.0, ignore_index=255)
 
 
 @pytest.mark.parametrize(
@@ -141,15 +136,15 @@ def test_extreme_logits(backend, activation, C):
     t = torch.randint(0, max(C, 2), (2, 8, 8, 3), generator=gen).to(torch.uint8)
     kw = dict(activation=activation, ce_weight=1.0, ignore_index=None)
     for dtype in _dtypes(backend):
-        check_against_reference(x.to(dtype), t, backend, **kw)
+        check_against_reference(*_on(backend, x.to(dtype), t), backend, **kw)
     if backend != "torch":  # torch's CPU softmax in float16 is the only non-kernel path
         big = torch.where(x > 0, 65504.0, torch.where(x < 0, -65504.0, x)).to(torch.float16)
-        check_against_reference(big, t, backend, **kw)
+        check_against_reference(*_on(backend, big, t), backend, **kw)
 
 
 def test_deterministic(backend):
     x, t = _data(2, 3, (16, 16, 12), seed=7, label_dtype=torch.uint8, ignore=255)
-    x = x.float()
+    x, t = _on(backend, x.float(), t)
     out = []
     for _ in range(3):
         xr = x.clone().requires_grad_(True)
@@ -180,7 +175,7 @@ def test_cpu_independent_of_thread_count():
 def test_zero_weight_is_todays_loss(backend):
     """ce_weight=0 runs the Tversky-only kernels: bitwise today's value and gradient."""
     x, t = _data(2, 3, (6, 5, 4), seed=9)
-    x = x.float()
+    x, t = _on(backend, x.float(), t)
     res = []
     for kw in ({}, {"ce_weight": 0.0, "ce_class_weights": [1.0, 2.0, 3.0]}):
         xr = x.clone().requires_grad_(True)
@@ -193,10 +188,11 @@ def test_zero_weight_is_todays_loss(backend):
 def test_all_voxels_ignored_is_zero_ce(backend):
     x, t = _data(1, 3, (4, 4, 4), seed=10)
     t = torch.full_like(t, 5)
+    ref = reference_tversky_loss(x, t, ignore_index=5)
+    x, t = _on(backend, x, t)
     xr = x.float().requires_grad_(True)
     loss = tversky_loss(xr, t, backend=backend, ce_weight=1.0, ignore_index=5)
     loss.backward()
-    ref = reference_tversky_loss(x, t, ignore_index=5)
     assert abs(loss.item() - ref.item()) < 1e-5
     assert torch.all(xr.grad == 0)
 
@@ -296,6 +292,7 @@ def test_nonfinite_logits_raise(backend):
     x, t = _data(1, 3, (4, 4, 4), seed=14)
     x = x.float()
     x[0, 1, 2, 2, 2] = float("nan")
+    x, t = _on(backend, x, t)
     with pytest.raises(ValueError, match="non-finite"):
         tversky_loss(x, t, backend=backend, ce_weight=1.0)
 
@@ -336,8 +333,8 @@ def test_deep_supervision_matches_reference(backend):
     kw = dict(alpha=0.3, beta=0.7, ce_weight=1.0, ignore_index=None)
     weights = [0.5, 0.3, 0.2]
     dtype = _dtypes(backend)[-1]
-    xk = [x.to(dtype).requires_grad_(True) for x in xs]
-    loss = deep_supervision_loss(xk, t, weights, backend=backend, **kw)
+    xk = [_on(backend, x.to(dtype)).requires_grad_(True) for x in xs]
+    loss = deep_supervision_loss(xk, _on(backend, t), weights, backend=backend, **kw)
     loss.backward()
     xr = [x.to(dtype).double().requires_grad_(True) for x in xs]
     ref = 0.0
@@ -349,7 +346,7 @@ def test_deep_supervision_matches_reference(backend):
     assert abs(loss.item() - ref.item()) <= loss_rtol * abs(ref.item())
     for a, b in zip(xk, xr, strict=True):
         scale = b.grad.abs().max().item()
-        assert (a.grad.double() - b.grad).abs().max().item() <= grad_rtol * scale
+        assert (a.grad.cpu().double() - b.grad).abs().max().item() <= grad_rtol * scale
 
 
 def test_deep_supervision_default_weights_and_target_list():
@@ -381,3 +378,16 @@ def test_deep_supervision_bad_arguments(args, match):
     )
     with pytest.raises(ValueError, match=match):
         deep_supervision_loss(xs, target, **args)
+
+
+def test_triton_many_tiles_and_tails(monkeypatch):
+    """Several forward tiles per sample, masked tails, and the fixed-order finalize."""
+    use_backend("triton", monkeypatch)
+    from fasttversky.ops import triton as tri
+
+    monkeypatch.setattr(tri, "_TILE_OVERRIDE", (16, 3))
+    for C, kw in ((3, {}), (1, {"activation": "sigmoid", "ignore_index": 255})):
+        x, t = _data(2, C, (7, 6, 5), seed=30 + C, label_dtype=torch.uint8, ignore=255)
+        if C > 1:
+            kw = {"ignore_index": 255, "ce_class_weights": [1.0, 0.5, 2.0]}
+        check_against_reference(*_on("triton", x.float(), t), "triton", ce_weight=1.0, **kw)

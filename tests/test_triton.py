@@ -303,22 +303,27 @@ for arch in (80, 90):
     for xdt, cdt in (("fp32", tl.float32), ("bf16", tl.float32), ("fp16", tl.float32),
                      ("fp64", tl.float64)):
         part = "*fp64" if xdt == "fp64" else "*fp32"
-        for act, soft, ign, binary, cpad in ((0, False, True, False, 4), (1, True, False, False, 8),
-                                              (2, False, False, True, 2)):
+        cases = [(0, False, True, False, 4, False), (1, True, False, False, 8, False),
+                 (2, False, False, True, 2, False)]
+        if xdt in ("fp32", "fp64"):  # the cross-entropy variants (label maps only)
+            cases += [(0, False, True, False, 4, True), (1, False, True, True, 2, True)]
+        for act, soft, ign, binary, cpad, ce in cases:
             tdt = PTR[xdt] if soft else "*u8"
             consts = dict(ACTIVATION=act, HAS_SOFT_TARGET=soft, HAS_IGNORE_INDEX=ign,
-                          BINARY_LABELS=binary, C_PAD=cpad, BLOCK_N=2048 // cpad, CDTYPE=cdt)
+                          BINARY_LABELS=binary, C_PAD=cpad, BLOCK_N=2048 // cpad, CDTYPE=cdt,
+                          HAS_CE=ce)
             compile_one(K._tversky_fwd_partials_kernel,
                         dict(logits_ptr=PTR[xdt], target_ptr=tdt, partials_ptr=part,
                              counts_ptr="*i32"), consts, arch)
             compile_one(K._tversky_bwd_kernel,
                         dict(logits_ptr=PTR[xdt], target_ptr=tdt, coef_a_ptr=part,
-                             coef_b_ptr=part, grad_ptr=PTR[xdt]), consts, arch)
+                             coef_b_ptr=part, coef_ce_ptr=part, grad_ptr=PTR[xdt]), consts, arch)
             n += 2
-        compile_one(K._tversky_finalize_kernel,
-                    dict(partials_ptr=part, counts_ptr="*i32", stats_ptr="*fp64",
-                         flag_sums_ptr="*i64"), dict(C_PAD=4, BLOCK_T=256), arch)
-        n += 1
+        for ce in ((False, True) if xdt in ("fp32", "fp64") else (False,)):
+            compile_one(K._tversky_finalize_kernel,
+                        dict(partials_ptr=part, counts_ptr="*i32", stats_ptr="*fp64",
+                             flag_sums_ptr="*i64"), dict(C_PAD=4, BLOCK_T=256, HAS_CE=ce), arch)
+            n += 1
 print(f"compiled {n} kernels")
 """
 
@@ -346,4 +351,4 @@ def test_kernels_compile_for_sm80_and_sm90():
     if proc.returncode == 4:
         pytest.skip(f"this triton's compiler API differs: {proc.stdout.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 56 kernels" in proc.stdout, proc.stdout
+    assert "compiled 76 kernels" in proc.stdout, proc.stdout

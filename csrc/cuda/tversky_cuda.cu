@@ -6,6 +6,11 @@
 // The math is derived once, in csrc/tversky.h. In short, per (sample b, class c) over the
 // non-ignored voxels (mask w):
 //   forward:  sum_pg = Σ w p g,  sum_p = Σ w p,  sum_g = Σ w g
+//   cross-entropy (template CE, label maps only): one more sum per (b, c), sum_ce, from
+//             the softmax's own max and exp sum (-log p_y = log s - (x_y - m), into the
+//             label's class) or the sigmoid's exp (BCE = max(x,0) - x g + log1p(e),
+//             e = exp(-|x|)); its backward adds e_y (p_k - [k = y]) (softmax) or
+//             e_c (p_c - g_c) (sigmoid), e = coef_ce. CE = false compiles as before.
 //   backward: u_c = dL/dp_c = w (A_c + B_c g_c)  (affine in g: A = dL/dsum_p,
 //             B = dL/dsum_pg come from the host's O(B·C) autograd), then
 //             softmax dz_k = p_k (u_k - Σ_c p_c u_c); sigmoid dz_c = u_c p_c (1 - p_c);
@@ -215,6 +220,55 @@ __device__ __forceinline__ void activate(float (&x)[MAXC][VEC], int C, int activ
   // TV_NONE: the inputs already are probabilities.
 }
 
+// activate() plus the cross-entropy of each voxel, added to acc_ce (CE kernels only).
+// hit[i]: the voxel's class (-1: none), keep[i]: the voxel counts. softmax: -log p_y =
+// log s - (x_y - m) into row y, one logf per voxel next to the C expf; sigmoid: BCE into
+// every row, with p = 1/(1+e) or e/(1+e) from the same e = exp(-|x|).
+template <int ACT, int MAXC, int VEC>
+__device__ __forceinline__ void activate_ce(float (&x)[MAXC][VEC], int C,
+                                            const int64_t (&hit)[VEC], const bool (&keep)[VEC],
+                                            float (&acc_ce)[MAXC]) {
+  if (ACT == TV_SOFTMAX) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      float m = x[0][i];
+#pragma unroll
+      for (int c = 1; c < MAXC; ++c)
+        if (c < C) m = fmaxf(m, x[c][i]);
+      float s = 0.f, xy = 0.f;
+#pragma unroll
+      for (int c = 0; c < MAXC; ++c)
+        if (c < C) {
+          xy = (hit[i] == c) ? x[c][i] : xy;
+          x[c][i] = expf(x[c][i] - m);
+          s += x[c][i];
+        }
+      const float l = keep[i] ? logf(s) - (xy - m) : 0.f;
+      const float inv = 1.f / s;
+#pragma unroll
+      for (int c = 0; c < MAXC; ++c)
+        if (c < C) {
+          x[c][i] *= inv;
+          acc_ce[c] += (hit[i] == c) ? l : 0.f;
+        }
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float v = x[c][i];
+          const float e = expf(-fabsf(v));
+          const float r = 1.f / (1.f + e);
+          const float g = (hit[i] == c) ? 1.f : 0.f;
+          acc_ce[c] += keep[i] ? fmaxf(v, 0.f) - v * g + log1pf(e) : 0.f;
+          x[c][i] = v >= 0.f ? r : e * r;
+        }
+      }
+  }
+}
+
 // Butterfly over the 32 lanes: every lane ends with the same, order-fixed sum.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -227,10 +281,10 @@ __device__ __forceinline__ int warp_sum(int v) {
   return v;
 }
 
-template <typename T, int ACT, int MAXC>
+template <typename T, int ACT, int MAXC, bool CE>
 __global__ void __launch_bounds__(kThreads)
     _tversky_fwd_partials_kernel(const TverskyParams p,
-                                 float* __restrict__ partials,  // (B, G, 3, C) fp32
+                                 float* __restrict__ partials,  // (B, G, S, C) fp32, S = 3 (+1 CE)
                                  int* __restrict__ counts,      // (B, G, 2) int32
                                  int vec_x, int vec_t) {
   constexpr int VEC = vec_width<T, MAXC>();
@@ -239,9 +293,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.y;
   const T* xb = static_cast<const T*>(p.logits_ptr) + b * p.logits_stride_b;
 
+  constexpr int S = CE ? 4 : 3;
   float acc_pg[MAXC], acc_p[MAXC], acc_g[MAXC];
+  float acc_ce[CE ? MAXC : 1];
 #pragma unroll
   for (int c = 0; c < MAXC; ++c) acc_pg[c] = acc_p[c] = acc_g[c] = 0.f;
+#pragma unroll
+  for (int c = 0; c < (CE ? MAXC : 1); ++c) acc_ce[c] = 0.f;
   int n_nonfinite = 0, n_bad = 0;
 
   const int64_t step = (int64_t)gridDim.x * kThreads * VEC;
@@ -256,9 +314,23 @@ __global__ void __launch_bounds__(kThreads)
       if (c < C)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) n_nonfinite += (n0 + i < N) && !isfinite(x[c][i]);
-    activate<ACT, MAXC, VEC>(x, C, p.activation);
+    int64_t lab[VEC];
+    if constexpr (CE) {
+      // labels first: the CE term needs them next to the log-sum-exp (never soft here)
+      load_labels_any<VEC>(p, b, n0, vec_t, lab);
+      int64_t hit[VEC];
+      bool keep[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        keep[i] = (n0 + i < N) && !(p.has_ignore_index && lab[i] == p.ignore_index);
+        hit[i] = p.binary_labels ? (lab[i] == 1 ? 0 : -1) : lab[i];
+      }
+      activate_ce<ACT, MAXC, VEC>(x, C, hit, keep, acc_ce);
+    } else {
+      activate<ACT, MAXC, VEC>(x, C, p.activation);
+    }
 
-    if (p.soft_target) {
+    if (!CE && p.soft_target) {
 #pragma unroll
       for (int c = 0; c < MAXC; ++c)
         if (c < C)
@@ -274,8 +346,7 @@ __global__ void __launch_bounds__(kThreads)
             acc_g[c] += g;
           }
     } else {
-      int64_t lab[VEC];
-      load_labels_any<VEC>(p, b, n0, vec_t, lab);
+      if (!CE) load_labels_any<VEC>(p, b, n0, vec_t, lab);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const bool keep = (n0 + i < N) && !(p.has_ignore_index && lab[i] == p.ignore_index);
@@ -296,7 +367,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // Block reduction in a fixed order: lanes by butterfly, then warps 0..kWarps-1.
-  __shared__ float s_acc[kWarps][3 * MAXC];
+  __shared__ float s_acc[kWarps][S * MAXC];
   __shared__ int s_cnt[kWarps][2];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -308,6 +379,10 @@ __global__ void __launch_bounds__(kThreads)
       s_acc[warp][MAXC + c] = q;
       s_acc[warp][2 * MAXC + c] = g;
     }
+    if constexpr (CE) {
+      const float e = warp_sum(acc_ce[c]);
+      if (lane == 0) s_acc[warp][3 * MAXC + c] = e;
+    }
   }
   n_nonfinite = warp_sum(n_nonfinite);
   n_bad = warp_sum(n_bad);
@@ -317,12 +392,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int64_t blk = b * gridDim.x + blockIdx.x;
-  for (int j = threadIdx.x; j < 3 * C; j += kThreads) {
+  for (int j = threadIdx.x; j < S * C; j += kThreads) {
     const int k = j / C, c = j % C;
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += s_acc[w][k * MAXC + c];
-    partials[blk * 3 * C + j] = s;  // layout (B, G, 3, C): j = k*C + c
+    partials[blk * S * C + j] = s;  // layout (B, G, S, C): j = k*C + c
   }
   if (threadIdx.x < 2) {
     int s = 0;
@@ -333,16 +408,17 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One block: stats[b, c, k] = Σ_g partials[b, g, k, c] in float64, g ascending.
+// S: stats per (b, c), 3, or 4 with the cross-entropy sum.
 __global__ void __launch_bounds__(kThreads)
     _tversky_finalize_kernel(const float* __restrict__ partials, const int* __restrict__ counts,
                              double* __restrict__ stats, int64_t* __restrict__ flags, int64_t B,
-                             int64_t C, int64_t G) {
-  for (int64_t j = threadIdx.x; j < B * C * 3; j += kThreads) {
-    const int64_t b = j / (3 * C), c = (j / 3) % C, k = j % 3;
-    const float* src = partials + b * G * 3 * C + k * C + c;
+                             int64_t C, int64_t G, int64_t S) {
+  for (int64_t j = threadIdx.x; j < B * C * S; j += kThreads) {
+    const int64_t b = j / (S * C), c = (j / S) % C, k = j % S;
+    const float* src = partials + b * G * S * C + k * C + c;
     double s = 0.0;
-    for (int64_t g = 0; g < G; ++g) s += (double)src[g * 3 * C];
-    stats[j] = s;  // layout (B, C, 3): j = (b*C + c)*3 + k
+    for (int64_t g = 0; g < G; ++g) s += (double)src[g * S * C];
+    stats[j] = s;  // layout (B, C, S): j = (b*C + c)*S + k
   }
   if (threadIdx.x < 2) {
     int64_t s = 0;  // integers: exact in any order
@@ -351,7 +427,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int ACT, int MAXC>
+template <typename T, int ACT, int MAXC, bool CE>
 __global__ void __launch_bounds__(kThreads)
     _tversky_bwd_kernel(const TverskyParams p, int vec_x, int vec_t, int vec_g) {
   constexpr int VEC = vec_width<T, MAXC>();
@@ -363,10 +439,11 @@ __global__ void __launch_bounds__(kThreads)
   T* gb = static_cast<T*>(p.grad_ptr) + b * p.grad_stride_b;
 
   // coef_a/coef_b (B, C) fp32: this sample's row, once per block.
-  __shared__ float s_a[MAXC], s_b[MAXC];
+  __shared__ float s_a[MAXC], s_b[MAXC], s_e[CE ? MAXC : 1];
   for (int c = threadIdx.x; c < C; c += kThreads) {
     s_a[c] = static_cast<const float*>(p.coef_a_ptr)[b * C + c];
     s_b[c] = static_cast<const float*>(p.coef_b_ptr)[b * C + c];
+    if constexpr (CE) s_e[c] = static_cast<const float*>(p.coef_ce_ptr)[b * C + c];
   }
   __syncthreads();
 
@@ -413,6 +490,20 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < VEC; ++i) dot[i] += x[c][i] * u_of(c, i);
     }
+    // Cross-entropy, softmax: e_y (p_k - [k = y]) = p_k e_y - [k = y] e_y; e_y folds into
+    // the softmax's shift (dot - e_y), e_y = 0 on ignored voxels (w = 0).
+    float ey[CE ? VEC : 1];
+    if constexpr (CE) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        float e = 0.f;
+#pragma unroll
+        for (int c = 0; c < MAXC; ++c)
+          if (c < C) e = (lab[i] == c) ? s_e[c] : e;
+        ey[i] = w[i] * e;
+        if (ACT == TV_SOFTMAX) dot[i] -= ey[i];
+      }
+    }
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) {
       if (c >= C) break;
@@ -423,6 +514,12 @@ __global__ void __launch_bounds__(kThreads)
         d[i] = ACT == TV_SOFTMAX         ? q * (u - dot[i])
                : p.activation == TV_SIGMOID ? u * q * (1.f - q)
                                             : u;
+        if constexpr (CE) {
+          if (ACT == TV_SOFTMAX)
+            d[i] -= (lab[i] == c) ? ey[i] : 0.f;
+          else  // sigmoid: e_c (p_c - g_c) on kept voxels
+            d[i] += w[i] * s_e[c] * (q - ((lab[i] == c) ? 1.f : 0.f));
+        }
       }
       store_row<T, VEC>(gb + c * p.grad_stride_c, p.grad_stride_n, n0, N, vec_g, d);
     }
@@ -441,17 +538,24 @@ struct IntTag {
   static constexpr int value = V;
 };
 
-// Calls f(Tag<T>, IntTag<ACT>, IntTag<MAXC>) for p's logits dtype, activation and C.
+// Calls f(Tag<T>, IntTag<ACT>, IntTag<MAXC>, IntTag<CE>) for p's logits dtype,
+// activation, C and cross-entropy switch.
 template <typename F>
 int dispatch(const TverskyParams& p, F&& f) {
+  // cross-entropy: label maps and softmax/sigmoid only
+  if (p.with_ce && (p.soft_target || p.activation == TV_NONE)) return TV_ERR_CE;
   if (p.soft_target) {
     if (p.target_dtype > TV_FLOAT64) return TV_ERR_TARGET_DTYPE;
   } else if (p.target_dtype < TV_UINT8 || p.target_dtype > TV_INT64) {
     return TV_ERR_TARGET_DTYPE;
   }
+  auto with_ce = [&](auto t, auto act, auto maxc) -> int {
+    if (p.with_ce) return f(t, act, maxc, IntTag<1>{});
+    return f(t, act, maxc, IntTag<0>{});
+  };
   auto with_maxc = [&](auto t, auto act) -> int {
-    if (p.C <= 4) return f(t, act, IntTag<4>{});
-    if (p.C <= 8) return f(t, act, IntTag<8>{});
+    if (p.C <= 4) return with_ce(t, act, IntTag<4>{});
+    if (p.C <= 8) return with_ce(t, act, IntTag<8>{});
     return TV_ERR_NUM_CLASSES;
   };
   auto with_act = [&](auto t) -> int {
@@ -500,14 +604,15 @@ inline int64_t blocks_per_sample(const TverskyParams& p, int vec, int num_sms) {
 
 // Blocks per sample of the forward for p, or a negative code from dispatch().
 inline int64_t forward_grid(const TverskyParams& p, int num_sms) {
-  return dispatch(p, [&](auto t, auto, auto maxc) -> int {
+  return dispatch(p, [&](auto t, auto, auto maxc, auto) -> int {
     using T = typename decltype(t)::type;
     return (int)blocks_per_sample(p, vec_width<T, decltype(maxc)::value>(), num_sms);
   });
 }
 
 inline int64_t workspace_bytes_for(const TverskyParams& p, int64_t G) {
-  return p.B * G * (3 * p.C * (int64_t)sizeof(float) + 2 * (int64_t)sizeof(int));
+  const int64_t S = p.with_ce ? 4 : 3;
+  return p.B * G * (S * p.C * (int64_t)sizeof(float) + 2 * (int64_t)sizeof(int));
 }
 
 }  // namespace
@@ -556,24 +661,26 @@ int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t works
   const TverskyParams& p = *pp;
   if (p.B < 1 || p.B > TV_MAX_BATCH || p.N < 1) return TV_ERR_SIZE;
   if (const int err = TV_SET_DEVICE(device)) return err;
-  return dispatch(p, [&](auto t, auto act, auto maxc) -> int {
+  return dispatch(p, [&](auto t, auto act, auto maxc, auto ce) -> int {
     using T = typename decltype(t)::type;
     constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
+    constexpr bool CE = decltype(ce)::value != 0;
     constexpr int VEC = vec_width<T, MAXC>();
     const int64_t G = blocks_per_sample(p, VEC, num_sms);
     if (workspace_bytes < workspace_bytes_for(p, G)) return TV_ERR_WORKSPACE;
     float* partials = static_cast<float*>(workspace);
-    int* counts = reinterpret_cast<int*>(partials + p.B * G * 3 * p.C);
+    constexpr int S = CE ? 4 : 3;
+    int* counts = reinterpret_cast<int*>(partials + p.B * G * S * p.C);
     const int vec_x = rows_vectorisable(p.logits_ptr, sizeof(T), VEC, p.logits_stride_b,
                                         p.logits_stride_c, p.logits_stride_n, true);
     const int vec_t = !p.soft_target &&
                       rows_vectorisable(p.target_ptr, label_size(p.target_dtype), VEC,
                                         p.target_stride_b, 0, p.target_stride_n, false);
-    auto* fwd = _tversky_fwd_partials_kernel<T, ACT, MAXC>;
+    auto* fwd = _tversky_fwd_partials_kernel<T, ACT, MAXC, CE>;
     TV_LAUNCH(fwd, dim3((unsigned)G, (unsigned)p.B), kThreads, stream, p, partials, counts,
               vec_x, vec_t);
     TV_LAUNCH(_tversky_finalize_kernel, dim3(1), kThreads, stream, partials, counts,
-              p.stats_ptr, p.flags_ptr, p.B, p.C, G);
+              p.stats_ptr, p.flags_ptr, p.B, p.C, G, (int64_t)S);
     return TV_LAST_ERROR();
   });
 }
@@ -585,9 +692,10 @@ int tversky_cuda_backward(const TverskyParams* pp, int device, int num_sms,
   const TverskyParams& p = *pp;
   if (p.B < 1 || p.B > TV_MAX_BATCH || p.N < 1) return TV_ERR_SIZE;
   if (const int err = TV_SET_DEVICE(device)) return err;
-  return dispatch(p, [&](auto t, auto act, auto maxc) -> int {
+  return dispatch(p, [&](auto t, auto act, auto maxc, auto ce) -> int {
     using T = typename decltype(t)::type;
     constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
+    constexpr bool CE = decltype(ce)::value != 0;
     constexpr int VEC = vec_width<T, MAXC>();
     // Elementwise: size the grid like the forward; a grid-stride loop covers the rest.
     const int64_t G = blocks_per_sample(p, VEC, num_sms) * 2;
@@ -598,7 +706,7 @@ int tversky_cuda_backward(const TverskyParams* pp, int device, int num_sms,
     const int vec_t = !p.soft_target &&
                       rows_vectorisable(p.target_ptr, label_size(p.target_dtype), VEC,
                                         p.target_stride_b, 0, p.target_stride_n, false);
-    auto* bwd = _tversky_bwd_kernel<T, ACT, MAXC>;
+    auto* bwd = _tversky_bwd_kernel<T, ACT, MAXC, CE>;
     TV_LAUNCH(bwd, dim3((unsigned)G, (unsigned)p.B), kThreads, stream, p, vec_x, vec_t, vec_g);
     return TV_LAST_ERROR();
   });

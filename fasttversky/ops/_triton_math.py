@@ -14,6 +14,13 @@
 #     sigmoid: dL/dz_c = u_c p_c (1 - p_c)
 #     none:    dL/dx_c = u_c
 #
+# Cross-entropy (HAS_CE, label maps only): one more per-(b, c) sum, sum_ce, in the same
+# pass — softmax: -log p_y = log Σ_c exp(x_c - m) - (x_y - m) from the max and exp sum
+# the softmax takes anyway, added to the row of the voxel's label; sigmoid: BCE(x, g) =
+# max(x, 0) - x g + log(1 + exp(-|x|)) in every row. Its backward is one more term in the
+# same elementwise pass, with e = dL/dsum_ce (coef_ce): softmax e_y (p_k - [k = y]),
+# sigmoid e_c (p_c - g_c). With HAS_CE False the kernels compile exactly as before.
+#
 # Shape of the work: the forward is a reduction over a whole volume, so each program
 # reduces one tile of one sample (all C classes at once, a (C_PAD, BLOCK_N) register
 # block per step) into a per-tile partial [sum_pg, sum_p, sum_g] and a fixed-order
@@ -48,6 +55,57 @@ def _probs(x, cmask2, ACTIVATION: tl.constexpr):
     else:
         p = tl.where(cmask2, x, 0.0)
     return p
+
+
+@triton.jit
+def _probs_ce(
+    x,
+    cls,
+    cmask2,
+    target_ptr,
+    b,
+    n,
+    nmask,
+    target_stride_b,
+    target_stride_n,
+    ignore_index,
+    ACTIVATION: tl.constexpr,
+    HAS_IGNORE_INDEX: tl.constexpr,
+    BINARY_LABELS: tl.constexpr,
+):
+    """(p, ce) from a (C_PAD, BLOCK_N) block of logits and the labels (HAS_CE).
+
+    ce: (C_PAD, BLOCK_N), per element the voxel's cross-entropy in its label's row
+    (softmax) or BCE(x_c, g_c) in every real row (sigmoid); 0 on ignored voxels, tail
+    voxels and padded rows. The labels are re-read here (an L1 hit: _target_block reads
+    the same bytes) so that the Tversky-only path keeps its exact shape.
+    """
+    lab = tl.load(target_ptr + b * target_stride_b + n * target_stride_n, mask=nmask, other=0).to(
+        tl.int64
+    )
+    if HAS_IGNORE_INDEX:
+        keep1 = nmask & (lab != ignore_index)
+    else:
+        keep1 = nmask
+    if BINARY_LABELS:
+        hit = (lab == 1)[None, :] & cmask2
+    else:
+        hit = lab[None, :] == cls[:, None].to(tl.int64)
+    keep = cmask2 & keep1[None, :]
+    if ACTIVATION == 0:
+        xm = tl.where(cmask2, x, float("-inf"))
+        mx = tl.max(xm, axis=0)
+        e = tl.exp(xm - mx[None, :])
+        s = tl.sum(e, axis=0)
+        p = e / s[None, :]
+        # -log p_y = log s - (x_y - m): finite for any finite logits (s in [1, C])
+        ce = tl.where(keep & hit, tl.log(s)[None, :] - (x - mx[None, :]), 0.0)
+    else:
+        p = tl.where(cmask2, tl.sigmoid(x), 0.0)
+        gy = tl.where(hit, 1.0, 0.0)
+        bce = tl.maximum(x, 0.0) - x * gy + tl.log(1.0 + tl.exp(-tl.abs(x)))
+        ce = tl.where(keep, bce, 0.0)
+    return p, ce
 
 
 @triton.jit
@@ -136,6 +194,7 @@ def _tversky_fwd_partials_kernel(
     C_PAD: tl.constexpr,  # next power of 2 >= C (>= 2)
     BLOCK_N: tl.constexpr,  # voxels per step, power of 2
     CDTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
+    HAS_CE: tl.constexpr = False,  # also sum_ce; partials are then (B, T, 4, C_PAD)
 ):
     # grid = (T, B): program (t, b) reduces voxels [t*iters*BLOCK_N, (t+1)*iters*BLOCK_N)
     # of sample b. Batch on axis 1 (limit _base.MAX_GRID_BATCH), tiles on axis 0 (limit 2**31 - 1).
@@ -151,6 +210,8 @@ def _tversky_fwd_partials_kernel(
     acc_pg = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
     acc_p = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
     acc_g = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
+    if HAS_CE:
+        acc_ce = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
     n_nonfinite = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
     n_bad = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
     for i in range(iters):
@@ -160,7 +221,25 @@ def _tversky_fwd_partials_kernel(
         # Tail voxels load 0 (a harmless finite value) and are masked out of every sum.
         x = tl.load(x_base + n[None, :] * logits_stride_n, mask=m2, other=0.0).to(CDTYPE)
         n_nonfinite += (m2 & ~((x == x) & (tl.abs(x) != float("inf")))).to(tl.int32)
-        p = _probs(x, cmask2, ACTIVATION)
+        if HAS_CE:
+            p, ce = _probs_ce(
+                x,
+                cls,
+                cmask2,
+                target_ptr,
+                b,
+                n,
+                nmask,
+                target_stride_b,
+                target_stride_n,
+                ignore_index,
+                ACTIVATION,
+                HAS_IGNORE_INDEX,
+                BINARY_LABELS,
+            )
+            acc_ce += ce
+        else:
+            p = _probs(x, cmask2, ACTIVATION)
         g, keep, bad = _target_block(
             target_ptr,
             b,
@@ -186,10 +265,13 @@ def _tversky_fwd_partials_kernel(
         acc_g += g
 
     tile = b * T + pid_t
-    out = partials_ptr + tile * (3 * C_PAD) + cls
+    NSTATS: tl.constexpr = 4 if HAS_CE else 3
+    out = partials_ptr + tile * (NSTATS * C_PAD) + cls
     tl.store(out, tl.sum(acc_pg, axis=1))
     tl.store(out + C_PAD, tl.sum(acc_p, axis=1))
     tl.store(out + 2 * C_PAD, tl.sum(acc_g, axis=1))
+    if HAS_CE:
+        tl.store(out + 3 * C_PAD, tl.sum(acc_ce, axis=1))
     tl.store(counts_ptr + tile * 2, tl.sum(tl.sum(n_nonfinite, axis=1), axis=0))
     tl.store(counts_ptr + tile * 2 + 1, tl.sum(tl.sum(n_bad, axis=1), axis=0))
 
@@ -204,6 +286,7 @@ def _tversky_finalize_kernel(
     T,
     C_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,  # tiles summed per step, power of 2
+    HAS_CE: tl.constexpr = False,  # partials (B, T, 4, C_PAD) -> stats (B, C, 4)
 ):
     # grid = (B,). One program adds the T tile partials of one sample in float64, in a
     # fixed order (fixed chunks of BLOCK_T, each reduced by the same tree): deterministic.
@@ -213,6 +296,9 @@ def _tversky_finalize_kernel(
     acc_pg = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
     acc_p = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
     acc_g = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
+    if HAS_CE:
+        acc_ce = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
+    NSTATS: tl.constexpr = 4 if HAS_CE else 3
     cnt_nf = tl.zeros((BLOCK_T,), dtype=tl.int64)
     cnt_bad = tl.zeros((BLOCK_T,), dtype=tl.int64)
     for t0 in range(0, T, BLOCK_T):
@@ -220,17 +306,21 @@ def _tversky_finalize_kernel(
         tmask = t < T
         tile = b * T + t.to(tl.int64)
         m2 = tmask[:, None] & (cls < C_PAD)[None, :]
-        base = partials_ptr + tile[:, None] * (3 * C_PAD) + cls[None, :]
+        base = partials_ptr + tile[:, None] * (NSTATS * C_PAD) + cls[None, :]
         acc_pg += tl.load(base, mask=m2, other=0.0).to(tl.float64)
         acc_p += tl.load(base + C_PAD, mask=m2, other=0.0).to(tl.float64)
         acc_g += tl.load(base + 2 * C_PAD, mask=m2, other=0.0).to(tl.float64)
+        if HAS_CE:
+            acc_ce += tl.load(base + 3 * C_PAD, mask=m2, other=0.0).to(tl.float64)
         cnt_nf += tl.load(counts_ptr + tile * 2, mask=tmask, other=0).to(tl.int64)
         cnt_bad += tl.load(counts_ptr + tile * 2 + 1, mask=tmask, other=0).to(tl.int64)
     cmask = cls < C
-    out = stats_ptr + (b * C + cls) * 3
+    out = stats_ptr + (b * C + cls) * NSTATS
     tl.store(out, tl.sum(acc_pg, axis=0), mask=cmask)
     tl.store(out + 1, tl.sum(acc_p, axis=0), mask=cmask)
     tl.store(out + 2, tl.sum(acc_g, axis=0), mask=cmask)
+    if HAS_CE:
+        tl.store(out + 3, tl.sum(acc_ce, axis=0), mask=cmask)
     tl.store(flag_sums_ptr + b * 2, tl.sum(cnt_nf, axis=0))
     tl.store(flag_sums_ptr + b * 2 + 1, tl.sum(cnt_bad, axis=0))
 
@@ -241,6 +331,7 @@ def _tversky_bwd_kernel(
     target_ptr,  # (B, N) integer labels, or (B, C, N) float soft target
     coef_a_ptr,  # (B, C) contiguous CDTYPE: A = dL/dsum_p
     coef_b_ptr,  # (B, C) contiguous CDTYPE: B = dL/dsum_pg
+    coef_ce_ptr,  # (B, C) contiguous CDTYPE: dL/dsum_ce, read only when HAS_CE
     grad_ptr,  # (B, C, N) out, the logits' dtype, any (non-overlapping) strides
     N,
     C,
@@ -262,6 +353,7 @@ def _tversky_bwd_kernel(
     C_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CDTYPE: tl.constexpr,
+    HAS_CE: tl.constexpr = False,
 ):
     # grid = (cdiv(N, BLOCK_N), B). Purely elementwise over voxels; the only reduction is
     # over the C_PAD classes of one voxel (softmax), inside the register block.
@@ -308,6 +400,14 @@ def _tversky_bwd_kernel(
         dx = u * p * (1.0 - p)
     else:
         dx = u
+    if HAS_CE:
+        ce_c = tl.load(coef_ce_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
+        if ACTIVATION == 0:
+            # e_y (p_k - [k = y]); g is the one-hot of the label, 0 on ignored voxels
+            ey = tl.sum(ce_c[:, None] * g, axis=0)
+            dx += p * ey[None, :] - ce_c[:, None] * g
+        else:
+            dx += tl.where(keep, ce_c[:, None] * (p - g), 0.0)
     tl.store(
         grad_ptr + b * grad_stride_b + c64 * grad_stride_c + n[None, :] * grad_stride_n,
         dx.to(grad_ptr.dtype.element_ty),

@@ -201,11 +201,12 @@ def _check(code: int, what: str):
 
 
 def tversky_forward(logits, target, spec: KernelSpec):
-    """stats (B, C, 3) float64 and flags (2,) int64 (see ``_spec.py``)."""
+    """stats (B, C, 3) ((B, C, 4) with spec.with_ce) float64 and flags (2,) int64
+    (see ``_spec.py``)."""
     lib = _library()
     B, C, _ = logits.shape
     dev = logits.device
-    stats = torch.empty((B, C, 3), dtype=torch.float64, device=dev)
+    stats = torch.empty((B, C, 4 if spec.with_ce else 3), dtype=torch.float64, device=dev)
     flags = torch.empty(2, dtype=torch.int64, device=dev)
     p = _params(logits, target, spec)
     p.stats_ptr = stats.data_ptr()
@@ -226,16 +227,19 @@ def tversky_forward(logits, target, spec: KernelSpec):
     return stats, flags
 
 
-def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
+def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
     """dL/dlogits with the logits' shape, dtype and (when dense) strides."""
     lib = _library()
     grad = new_grad(logits)
     p = _params(logits, target, spec)
     p.grad_ptr = grad.data_ptr()
     p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
-    coef_a, coef_b = kernel_coefs(logits, coef_a, coef_b)  # float32: no float64 logits here
+    # float32: no float64 logits here
+    coef_a, coef_b, coef_ce = kernel_coefs(logits, coef_a, coef_b, coef_ce)
     p.coef_a_ptr = coef_a.data_ptr()
     p.coef_b_ptr = coef_b.data_ptr()
+    if coef_ce is not None:
+        p.coef_ce_ptr = coef_ce.data_ptr()
     with _device(logits):
         idx, sms, stream = _launch_env(logits)
         _check(lib.tversky_cuda_backward(ctypes.byref(p), idx, sms, stream), "backward")
@@ -255,6 +259,7 @@ class _CudaBackend(Backend):
     max_classes = MAX_CLASSES
     class_limit_why = "kept in registers by the CUDA kernels"
     max_batch = MAX_GRID_BATCH
+    supports_ce = True
 
     def unavailable(self):
         if not emulating():
@@ -292,8 +297,8 @@ class _CudaBackend(Backend):
     def forward_stats(self, logits, target, spec: KernelSpec):
         return tversky_forward(logits, target, spec)
 
-    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec):
-        return tversky_backward(logits, target, coef_a, coef_b, spec)
+    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
+        return tversky_backward(logits, target, coef_a, coef_b, spec, coef_ce)
 
 
 BACKEND = _CudaBackend()

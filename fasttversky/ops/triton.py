@@ -109,6 +109,7 @@ def _common(logits, target, spec: KernelSpec) -> dict:
         BINARY_LABELS=spec.binary_labels,
         C_PAD=max(2, _next_pow2(C)),
         CDTYPE=_cdtype(logits),
+        HAS_CE=spec.with_ce,
     )
 
 
@@ -121,7 +122,8 @@ def _device_guard(t: torch.Tensor):
 
 
 def tversky_forward(logits: torch.Tensor, target: torch.Tensor, spec: KernelSpec):
-    """stats (B, C, 3) float64 and flags (2,) int64 (see ``_spec.py``)."""
+    """stats (B, C, 3) float64 ((B, C, 4) with spec.with_ce) and flags (2,) int64
+    (see ``_spec.py``)."""
     k = _kernels()
     B, C, N = logits.shape
     meta = _common(logits, target, spec)
@@ -130,9 +132,10 @@ def tversky_forward(logits: torch.Tensor, target: torch.Tensor, spec: KernelSpec
     part_dtype = compute_dtype(logits.dtype)
     dev = logits.device
     # Every (b, t) slot is written by exactly one program, so no zero-fill is needed.
-    partials = torch.empty((B, T, 3, C_PAD), dtype=part_dtype, device=dev)
+    nstats = 4 if spec.with_ce else 3
+    partials = torch.empty((B, T, nstats, C_PAD), dtype=part_dtype, device=dev)
     counts = torch.empty((B, T, 2), dtype=torch.int32, device=dev)
-    stats = torch.empty((B, C, 3), dtype=torch.float64, device=dev)
+    stats = torch.empty((B, C, nstats), dtype=torch.float64, device=dev)
     flag_sums = torch.empty((B, 2), dtype=torch.int64, device=dev)
     tsb, tsc, tsn = _target_strides(target, spec)
     ignore = spec.ignore_index if spec.ignore_index is not None else 0
@@ -166,6 +169,7 @@ def tversky_forward(logits: torch.Tensor, target: torch.Tensor, spec: KernelSpec
             T,
             C_PAD=C_PAD,
             BLOCK_T=block_t,
+            HAS_CE=spec.with_ce,
             num_warps=4,
         )
     # Integer sums are exact, so torch's reduction order cannot matter here.
@@ -173,7 +177,7 @@ def tversky_forward(logits: torch.Tensor, target: torch.Tensor, spec: KernelSpec
     return stats, flags
 
 
-def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
+def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
     """dL/dlogits with the logits' shape, dtype and (when dense) strides."""
     k = _kernels()
     B, C, N = logits.shape
@@ -186,7 +190,7 @@ def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
         block_n = max(16, min(_next_pow2(N), _INTERP_ELEMS // C_PAD))
     else:
         block_n = max(16, _GPU_ELEMS // C_PAD)
-    coef_a, coef_b = kernel_coefs(logits, coef_a, coef_b)
+    coef_a, coef_b, coef_ce = kernel_coefs(logits, coef_a, coef_b, coef_ce)
     tsb, tsc, tsn = _target_strides(target, spec)
     ignore = spec.ignore_index if spec.ignore_index is not None else 0
     with _device_guard(logits):
@@ -195,6 +199,7 @@ def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec):
             target,
             coef_a,
             coef_b,
+            coef_ce if coef_ce is not None else coef_a,  # not read without HAS_CE
             grad,
             N,
             C,
@@ -217,6 +222,7 @@ class _TritonBackend(Backend):
     max_classes = MAX_CLASSES
     class_limit_why = "(one voxel's classes must fit in one register block)"
     max_batch = MAX_GRID_BATCH
+    supports_ce = True
 
     def unavailable(self):
         try:
@@ -251,8 +257,8 @@ class _TritonBackend(Backend):
     def forward_stats(self, logits, target, spec: KernelSpec):
         return tversky_forward(logits, target, spec)
 
-    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec):
-        return tversky_backward(logits, target, coef_a, coef_b, spec)
+    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
+        return tversky_backward(logits, target, coef_a, coef_b, spec, coef_ce)
 
 
 BACKEND = _TritonBackend()

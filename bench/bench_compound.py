@@ -1,0 +1,165 @@
+"""Compound loss (Dice/Tversky + cross-entropy) fwd+bwd, side by side in one run.
+
+    python -m pytest bench/bench_compound.py --benchmark-only [--quick] [--device cpu]
+    FASTTVERSKY_BENCH_BIG=1 ...   # also 2x4x128x128x128 (slow providers take minutes)
+
+Providers, all computing nnU-Net's default loss (soft Dice without background + CE, the
+Dice as Tversky alpha = beta = 1/2) on the same logits and int16 label map (B, 1, ...)
+as nnU-Net's dataloader delivers it:
+
+* ``fasttversky-compound``: ``tversky_loss(..., ce_weight=1)``, one fused pass each way;
+* ``fasttversky-tversky``: the same call without the CE term (what the CE costs);
+* ``nnunet-eager``: nnunetv2's ``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss`` as
+  ``nnUNetTrainer._build_loss`` builds it; ``nnunet-compiled``: the same with
+  ``loss.dc = torch.compile(loss.dc)``, as nnU-Net does (both skipped, with the reason,
+  when nnunetv2 is not importable);
+* ``monai-dicece``: ``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True,
+  include_background=False)`` (skipped without monai).
+
+Each round times loss + ``backward()`` on a leaf tensor whose ``.grad`` is reset before
+the round (untimed), as in a training step; warm-up rounds run first (compilation, the
+CPU kernels' first build). ``extra_info``: peak extra memory of one more call
+(bench/conftest.py ``peak_memory``) and the loss value (the providers must agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+
+import pytest
+import torch
+from conftest import peak_memory, sync
+
+import fasttversky
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: tuple  # (B, C, *spatial)
+    dtype: torch.dtype
+
+    @property
+    def id(self) -> str:
+        return "x".join(map(str, self.shape)) + "-" + str(self.dtype).removeprefix("torch.")
+
+    def make(self, device, quick):
+        B, C, *sp = self.shape
+        if quick:
+            sp = [max(4, s // 4) for s in sp]
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((B, C, *sp), generator=gen).to(self.dtype).to(device)
+        # small lesions: ~1 % foreground, spread over the foreground classes
+        fg = torch.rand((B, 1, *sp), generator=gen) < 0.01
+        lab = torch.randint(1, C, (B, 1, *sp), generator=gen) * fg
+        return x.requires_grad_(True), lab.to(torch.int16).to(device)
+
+
+CASES = [Case((1, 2, 128, 224, 256), torch.float32), Case((1, 2, 128, 224, 256), torch.bfloat16)]
+if os.environ.get("FASTTVERSKY_BENCH_BIG") == "1":
+    CASES.append(Case((2, 4, 128, 128, 128), torch.float32))
+
+PROVIDERS = (
+    "fasttversky-compound",
+    "fasttversky-tversky",
+    "nnunet-eager",
+    "nnunet-compiled",
+    "monai-dicece",
+)
+SLOW = {"nnunet-eager", "nnunet-compiled", "monai-dicece"}
+
+
+def _nnunet(compiled: bool):
+    try:
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    except Exception as exc:  # not installed, or a broken install
+        pytest.skip(f"nnunetv2 not importable ({type(exc).__name__}: {exc})")
+    loss = DC_and_CE_loss(
+        {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
+        {},
+        weight_ce=1,
+        weight_dice=1,
+        ignore_label=None,
+        dice_class=MemoryEfficientSoftDiceLoss,
+    )
+    if compiled:
+        loss.dc = torch.compile(loss.dc)
+    return loss
+
+
+def _provider(name: str):
+    if name == "fasttversky-compound":
+        return lambda x, t: fasttversky.tversky_loss(
+            x, t, 0.5, 0.5, include_background=False, ce_weight=1.0
+        )
+    if name == "fasttversky-tversky":
+        return lambda x, t: fasttversky.tversky_loss(x, t, 0.5, 0.5, include_background=False)
+    if name in ("nnunet-eager", "nnunet-compiled"):
+        return _nnunet(name == "nnunet-compiled")
+    if name == "monai-dicece":
+        try:
+            from monai.losses import DiceCELoss
+        except Exception as exc:
+            pytest.skip(f"monai not importable ({type(exc).__name__}: {exc})")
+        loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+        # MonAI's CE wants int64 class indices; its one-hot accepts any integer dtype.
+        return lambda x, t: loss(x, t.long())
+    raise ValueError(name)
+
+
+_CURRENT: dict = {}
+
+
+def _inputs(case, device, quick):
+    """One case's tensors, kept for the next benchmark of the same case only (RAM)."""
+    key = (case, device, quick)
+    if _CURRENT.get("key") != key:
+        _CURRENT.clear()
+        gc.collect()
+        _CURRENT["key"] = key
+        _CURRENT["tensors"] = case.make(device, quick)
+    return _CURRENT["tensors"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_compound(benchmark, case, provider, device, request):
+    quick = request.config.getoption("--quick")
+    benchmark.group = f"compound-{case.id}{'-quick' if quick else ''}"
+    fn = _provider(provider)
+    x, t = _inputs(case, device, quick)
+
+    def setup():
+        x.grad = None
+
+    def run():
+        fn(x, t).backward()
+        sync(device)
+
+    slow = provider in SLOW
+    rounds = (3 if quick else 5) if slow else 15
+    warmup = 2 if provider == "nnunet-compiled" else 1
+    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    x.grad = None
+    peak = peak_memory(run, device)
+    x.grad = None
+    value = float(fn(x, t).detach())
+    benchmark.extra_info.update(
+        provider=provider,
+        case=case.id,
+        shape=list(x.shape),
+        dtype=str(case.dtype).removeprefix("torch."),
+        device=device,
+        threads=torch.get_num_threads(),
+        peak_extra_bytes=peak,
+        grad_bytes=x.numel() * x.element_size(),
+        loss=value,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _free_after(request):
+    yield
+    gc.collect()
