@@ -10,7 +10,9 @@ bandwidth, issue 2's targets with met/missed and by how much, and per case the m
 GB/s, fraction of copy bandwidth, peak extra memory and speedups vs MONAI and vs
 ``torch.compile(reference)``.
 
-``main(argv)`` is the entry point ``fasttversky bench`` calls; it returns the exit code.
+``main(argv)`` returns the exit code. It needs this source tree (pytest-benchmark over
+bench/bench_loss.py, reference/); ``fasttversky bench`` (fasttversky/app/bench.py) is the
+smaller fused-vs-plain timing that runs from an installed package.
 """
 
 from __future__ import annotations
