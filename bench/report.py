@@ -415,7 +415,11 @@ def main(argv=None) -> int:
     out = args.out.resolve()  # the benchmark child runs in the repository root
     json_path = out.with_suffix(".json")
     if args.from_json:
-        data = json.loads(args.from_json.read_text())
+        try:
+            data = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: --from-json {args.from_json}: {e}", file=sys.stderr)
+            return 1
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render(data))
         print(f"wrote {out}")
