@@ -574,3 +574,24 @@ def test_dice_ce_nan_logits_give_nan():
     with pytest.warns(SlowPathWarning):
         out = DiceCELoss(softmax=True, to_onehot_y=True)(x, y)
     assert torch.isnan(out)
+
+
+def test_dice_ce_torch_export_round_trip():
+    # MONAI's export case (default options: MONAI's path) and the fused path with an
+    # integer label map: torch.export, save, load, same value. (Float label maps are
+    # range-checked on the host, which export cannot trace.)
+    import io
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 2, 8, 8, generator=gen)
+    labels = torch.randint(0, 2, (2, 1, 8, 8), generator=gen)
+    for kw, y in (
+        ({}, torch.ones(2, 2, 8, 8)),
+        (dict(softmax=True, to_onehot_y=True), labels.to(torch.uint8)),
+    ):
+        buf = io.BytesIO()
+        torch.export.save(torch.export.export(DiceCELoss(**kw), (x, y)), buf)
+        buf.seek(0)
+        got = torch.export.load(buf).module()(x, y)
+        want = monai_losses.DiceCELoss(**kw)(x, y.float())
+        _assert_close(f"export {kw}", got, want, TOLERANCES[torch.float32][0], 0)
