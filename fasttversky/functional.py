@@ -186,8 +186,12 @@ def _per_class(name: str, value, C: int) -> list[float]:
     return vals
 
 
+# torch's private hook for "inside a torch.func transform"; absent -> never detected.
+_peek_functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
 def _in_functorch_transform() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    return _peek_functorch is not None and _peek_functorch() is not None
 
 
 def _check_ignore_index(ignore_index) -> None:
@@ -270,8 +274,9 @@ def _focal(d: torch.Tensor, gamma: float) -> torch.Tensor:
     """max(d, 0) ** gamma, continuous in gamma, with a finite gradient everywhere.
 
     d = 1 - T is below 0 only when smooth_nr > smooth_dr and the prediction is (nearly)
-    perfect (or activation="none" gets values outside [0, 1]): clamping it makes a perfect class cost 0 for every gamma, instead of a
-    negative term at gamma = 1 and a positive floor otherwise. Where d <= 0 the gradient
+    perfect, or when activation="none" gets values outside [0, 1]. Clamping makes a
+    perfect class cost 0 for every gamma, instead of a negative term at gamma = 1 and a
+    positive floor otherwise. Where d <= 0 the gradient
     is 0; for 0 < gamma < 1 the true derivative gamma·d**(gamma-1) grows without bound
     as d -> 0+ and is finite for every d > 0. The inner where keeps pow's backward away
     from 0**(gamma-1) = inf (whose product with a zero upstream gradient would be NaN).
