@@ -260,6 +260,8 @@ BAD_TRAIN_OPTIONS = [
     (["--modality", "T1"], r"--modality expects NAME=PATTERN, got 'T1'"),
     (["--window", "8", "0", "8"], r"--window must be 3 positive integers"),
     (["--bogus"], r"unrecognized arguments: --bogus"),
+    (["--device", "cuda:99"], r"--device cuda:99: (only \d+ CUDA device|torch sees no CUDA)"),
+    (["--device", "banana"], r"--device 'banana' is not a device name"),
 ]
 
 
@@ -383,6 +385,11 @@ def test_other_bad_inputs(dataset, tmp_path, capsys):
             ["predict", str(dataset), "--model", missing, "--out", missing, "--threshold", "0"],
             2,
             r"--threshold must be in \(0, 1\)",
+        ),
+        (
+            ["predict", str(dataset), "--model", missing, "--out", missing, "--device", "gpu0"],
+            2,
+            r"--device 'gpu0' is not a device name",
         ),
         (["evaluate", missing, "--data", str(dataset)], 1, "predictions folder .* does not exist"),
         (["evaluate", str(dataset), "--data", missing], 1, "dataset folder .* does not exist"),

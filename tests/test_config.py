@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 
@@ -198,9 +198,21 @@ def test_range_checks_name_the_field(make, field):
     assert e.value.field == field
 
 
+def test_gpu_preset_on_a_machine_without_one_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        return  # nothing to refuse here; the CPU CI machine checks it
+    with pytest.raises(ConfigError, match="torch sees no CUDA device") as e:
+        PRESETS["gpu"].run.validate()
+    assert e.value.field == "device"
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_are_valid_settings(name):
     preset = PRESETS[name]
-    preset.run.validate()
+    # Everything but the device, which needs the machine the preset is meant for (gpu).
+    on_cpu = RunSettings(**{**vars(preset.run), "train": replace(preset.run.train, device="cpu")})
+    on_cpu.validate()
     assert RunSettings.from_dict(preset.run.to_dict()) == preset.run
     assert preset.n_subjects >= 2 and len(preset.shape) == 3 and preset.description

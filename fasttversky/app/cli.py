@@ -38,6 +38,7 @@ from .config import (
     PredictConfig,
     RunSettings,
     TrainConfig,
+    check_device,
     check_threshold,
     cli_fields,
 )
@@ -211,6 +212,8 @@ def cmd_train(args) -> int:
 
 def cmd_predict(args) -> int:
     window, threshold = getattr(args, "predict.window"), getattr(args, "predict.threshold")
+    if args.device is not None:
+        check_device(args.device)
     if threshold is not None:
         check_threshold(threshold)
     if window is not None and any(window):

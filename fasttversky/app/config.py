@@ -287,6 +287,24 @@ def check_threshold(threshold: float, name: str = "threshold") -> None:
         raise ConfigError(name, f"must be in (0, 1), got {threshold}")
 
 
+def check_device(device: str, name: str = "device") -> None:
+    """A torch device that exists here (before data is loaded, not at the first .to())."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(name, f"{device!r} is not a device name (cpu, cuda, cuda:1, ...)") from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(name, f"{device}: torch sees no CUDA device here")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(name, f"{device}: only {n} CUDA device(s) here")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ConfigError(name, f"{device}: unsupported device type {dev.type!r}")
+
+
 _SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -329,6 +347,7 @@ class RunSettings:
         from .._dispatch import BACKENDS
 
         _choice("backend", self.train.backend, ("auto", *BACKENDS))
+        check_device(self.train.device)
         return self
 
     def to_dict(self) -> dict:
