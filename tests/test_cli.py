@@ -426,6 +426,31 @@ def test_other_bad_inputs(dataset, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, status, pattern",
+    [
+        (["train", "DATA", "--out", "RUN", "--alpha", "-1"], 2, r"^error: --alpha must be >= 0"),
+        (["bench", "--from-json", "missing.json"], 1, r"^error: missing\.json: no such file"),
+        (["train", "DATA"], 2, r"^error: the following arguments are required: --out"),
+    ],
+)
+def test_process_exit_status_and_stderr(tmp_path, argv, status, pattern):
+    """As a user's shell sees it: the process's status and its whole stderr."""
+    import re
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "fasttversky.app.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == status
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(pattern, lines[0]), proc.stderr
+    assert not (tmp_path / "RUN").exists()
+
+
 def test_error_without_traceback_for_unexpected_exceptions(monkeypatch, capsys, tmp_path):
     def boom(args):
         raise RuntimeError("something\nbroke")
