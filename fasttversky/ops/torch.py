@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._spec import KernelSpec
-from ._base import Backend, compute_dtype
+from ._base import Backend, compute_dtype, new_grad
 
 # Voxels per first-level partial sum; below ATen's GRAIN_SIZE (32768), see _sum_n.
 _CHUNK = 8192
@@ -122,7 +122,7 @@ class _TorchBackend(Backend):
                 dx = dx + p * (e * g).sum(1, keepdim=True) - e * g
             else:
                 dx = dx + e * (p - g) * (w if w is not None else 1.0)
-        grad = torch.empty_like(logits)
+        grad = new_grad(logits)
         grad.copy_(dx)
         return grad
 
