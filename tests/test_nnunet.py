@@ -199,10 +199,16 @@ def nnunet_env(tmp_path_factory):
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     _write_dataset(base / "nnUNet_raw")
-    bindir = Path(sys.executable).parent
+    # The console script's entry function, run by this interpreter (its bin/ may not be
+    # on PATH or next to sys.executable).
+    plan_entry = (
+        "import sys; sys.argv[0] = 'nnUNetv2_plan_and_preprocess'; from nnunetv2."
+        "experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry"
+        " as main; main()"
+    )
     _run(
         [
-            str(bindir / "nnUNetv2_plan_and_preprocess"),
+            sys.executable, "-c", plan_entry,
             "-d", str(DATASET_ID),
             "-c", "3d_fullres",
             "-np", "1",
@@ -218,11 +224,11 @@ def nnunet_env(tmp_path_factory):
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     arch["features_per_stage"] = [min(8 * 2**i, 64) for i in range(arch["n_stages"])]
     plans_path.write_text(json.dumps(plans))
-    return base, env, bindir
+    return base, env
 
 
 def _train(nnunet_env, trainer: str) -> Path:
-    base, env, _ = nnunet_env
+    base, env = nnunet_env
     env = dict(env, nnUNet_n_proc_DA="0")  # single-threaded augmentation, no workers
     _run(
         [
