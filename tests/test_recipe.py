@@ -135,3 +135,52 @@ def test_transplanted_subjects_leave_out_the_folds_patients(tmp_path):
     assert out[0].image.shape == (3, *SHAPE) and out[0].mask.sum() > p.mask.sum()
     with pytest.raises(ValueError, match="does not exist"):
         transplanted_subjects(brains, tmp_path / "nope")
+
+
+def test_reproduce_lopo_end_to_end_on_tiny_phantoms(tmp_path):
+    from fasttversky.app.data import find_subjects
+    from fasttversky.app.data.synth import write_phantom_dataset
+    from fasttversky.app.recipe import LesionCpuRecipe, load_recipe_run, reproduce_lopo
+
+    shape = (32, 40, 32)
+    write_phantom_dataset(
+        tmp_path / "data", n_subjects=2, shape=shape, seed=0, lesion_fraction=(3e-3, 6e-3)
+    )
+    subs = find_subjects(tmp_path / "data")
+    p = make_phantom(shape, 9, lesion_fraction=3e-3)
+    for name in ("patient01", subs[0].name):  # the second one must be left out
+        save_volume(tmp_path / "masks" / f"{name}.nii.gz", p.mask, p.affine)
+    recipe = LesionCpuRecipe(
+        target_shape=None,
+        patch_size=(16, 16, 16),
+        window=(16, 16, 16),
+        batch_size=1,
+        base_features=2,
+        levels=2,
+        steps=2,
+        keep_every=1,
+    )
+    res = reproduce_lopo(
+        subs,
+        tmp_path / "out",
+        recipe,
+        transplant_masks=tmp_path / "masks",
+        progress=False,
+        log=lambda s: None,
+    )
+    assert [r["subject"] for r in res["rows"]] == [s.name for s in subs]
+    run = tmp_path / "out" / "a0.3_b0.7" / "seed0" / f"test_{subs[0].name}"
+    meta = json.loads((run / "recipe.json").read_text())
+    assert meta["transplanted"] == [f"{subs[1].name}+patient01"]  # test's own mask left out
+    assert sorted(x.name for x in run.glob("step_*.pt")) == ["step_000001.pt", "step_000002.pt"]
+    s = res["summary"]["a0.3_b0.7"]
+    assert s["dsc"]["n"] == 1 and 0 <= s["dsc"]["mean"] <= 1
+    for r in res["rows"]:
+        assert 0 <= r["dsc"] <= 1 and r["n_true"] >= 1
+    model, rec = load_recipe_run(run)
+    assert rec.patch_size == (16, 16, 16) and not model.training
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["inference"]["window"] == [
+        16,
+        16,
+        16,
+    ]
