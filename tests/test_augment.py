@@ -148,3 +148,13 @@ def test_dataset_patches_are_augmented_reproducibly():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AugmentConfig(**kwargs)
+
+
+def test_same_result_with_one_or_two_threads():
+    cfg = AugmentConfig(p_affine=1.0, p_gamma=1, p_contrast=1, p_brightness=1, p_noise=1)
+    aug = Augmenter(cfg, (16, 16, 16))
+    img, mask = _inputs(aug, 7, c=3)
+    x1, y1 = aug(img, mask, 11)
+    torch.set_num_threads(2)  # the fixture restores the count afterwards
+    x2, y2 = aug(img, mask, 11)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
