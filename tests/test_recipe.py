@@ -184,3 +184,40 @@ def test_reproduce_lopo_end_to_end_on_tiny_phantoms(tmp_path):
         16,
         16,
     ]
+
+
+def test_cli_train_preset_with_transplants_then_predict_and_evaluate(tmp_path, capsys):
+    """`train --preset lesion-cpu --transplant-masks`, `predict` with mirroring and the
+    minimum lesion size, `evaluate` with lesion-wise columns (tiny sizes overridden)."""
+    from fasttversky.app.cli import main
+    from fasttversky.app.data.synth import write_phantom_dataset
+
+    shape = (32, 40, 32)
+    write_phantom_dataset(
+        tmp_path / "data", n_subjects=1, shape=shape, seed=2, lesion_fraction=(4e-3, 6e-3)
+    )
+    p = make_phantom(shape, 9, lesion_fraction=3e-3)
+    save_volume(tmp_path / "masks" / "patient01.nii.gz", p.mask, p.affine)
+    save_volume(tmp_path / "masks" / "subject01.nii.gz", p.mask, p.affine)  # own: skipped
+    run, pred = tmp_path / "run", tmp_path / "pred"
+    tiny = ["--target-shape", "0", "0", "0", "--patch-size", "16", "16", "16"]
+    tiny += ["--base-features", "2", "--levels", "2", "--steps", "2", "--keep-every", "1"]
+    args = ["train", str(tmp_path / "data"), "--preset", "lesion-cpu", "--out", str(run)]
+    assert main([*args, "--transplant-masks", str(tmp_path / "masks"), *tiny, "--quiet"]) == 0
+    settings = json.loads((run / "run.json").read_text())
+    assert settings["data"]["augment"] == "default"
+    assert settings["train"]["lr_schedule"] == "poly"
+    # the preset's window is kept; min_lesion_size from the preset
+    assert settings["predict"]["window"] == [48, 48, 48]
+    assert settings["predict"]["min_lesion_size"] == 10
+    assert json.loads((run / "transplants.json").read_text())["subjects"] == ["subject01+patient01"]
+    assert sorted(x.name for x in run.glob("step_*.pt")) == ["step_000001.pt", "step_000002.pt"]
+    pargs = ["predict", str(tmp_path / "data"), "--model", str(run), "--out", str(pred)]
+    pargs += ["--window", "16", "16", "16", "--mirror", "lr", "--min-lesion-size", "3"]
+    assert main([*pargs, "--quiet"]) == 0
+    inf = json.loads((pred / "inference.json").read_text())
+    assert inf["mirror"] == "lr" and inf["min_lesion_size"] == 3 and inf["window"] == [16] * 3
+    assert inf["weighting"] == "gaussian" and inf["brain_only"] is True
+    capsys.readouterr()
+    assert main(["evaluate", str(pred), "--data", str(tmp_path / "data"), "--quiet"]) == 0
+    assert "lesion F1" in capsys.readouterr().out

@@ -189,7 +189,7 @@ def cmd_synth(args) -> int:
 
 def cmd_train(args) -> int:
     out = Path(args.out)
-    base = RunSettings()
+    base = PRESETS[args.preset].run if args.preset else RunSettings()
     if args.resume and (out / "run.json").is_file():
         base = RunSettings.load(out / "run.json")  # resume with the run's own settings
     settings = settings_from_args(args, base).validate()
@@ -201,7 +201,14 @@ def cmd_train(args) -> int:
         f"training on {len(subjects)} subjects from {args.data}: alpha={t.alpha} "
         f"beta={t.beta} gamma={t.gamma}, {t.steps} steps"
     )
-    _, result = train_run(subjects, settings, out, resume=args.resume, progress=not args.quiet)
+    _, result = train_run(
+        subjects,
+        settings,
+        out,
+        resume=args.resume,
+        progress=not args.quiet,
+        transplant_masks=args.transplant_masks,
+    )
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     print(
         f"done: step {result.step}, last loss {last}, {result.seconds:.1f} s, "
@@ -228,6 +235,9 @@ def cmd_predict(args) -> int:
         threshold=threshold,
         device=args.device,
         progress=not args.quiet,
+        weighting=getattr(args, "predict.weighting"),
+        mirror=getattr(args, "predict.mirror"),
+        min_lesion_size=getattr(args, "predict.min_lesion_size"),
     )
     print(f"wrote probability maps and masks of {n} subjects to {args.out}")
     return EXIT_OK
@@ -239,7 +249,12 @@ def cmd_evaluate(args) -> int:
     from .pipeline import evaluate_folder, metric_table
 
     rows, files = evaluate_folder(
-        args.pred, args.data, args.out, config=settings.data, threshold=threshold
+        args.pred,
+        args.data,
+        args.out,
+        config=settings.data,
+        threshold=threshold,
+        min_lesion_size=settings.predict.min_lesion_size,
     )
     print(f"threshold {threshold}; values in %\n")
     print(metric_table(rows))
@@ -430,8 +445,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from OUT/last.pt with OUT/run.json's settings (options given "
         "override them, e.g. more --steps)",
     )
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="start from a preset's run settings (options given override them); "
+        "lesion-cpu = the real-data CPU recipe (bench/results/lesion_cpu.md) "
+        "[default: none, the paper's settings]",
+    )
+    p.add_argument(
+        "--transplant-masks",
+        metavar="DIR",
+        help="also train on every real lesion mask in DIR transplanted into the training "
+        "brains (masks named like a training subject are skipped) [default: none]",
+    )
     for section in SECTIONS:
-        _add_fields(p, section, defaults, only=None if section != "predict" else ["window"])
+        _add_fields(
+            p,
+            section,
+            defaults,
+            only=None if section != "predict" else ["window", "min_lesion_size"],
+        )
 
     p = _sub(
         sub,
@@ -447,7 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run folder written by `train`")
     p.add_argument("--out", required=True, help="predictions folder")
     g = p.add_argument_group("prediction")
-    _add_fields(p, "predict", "the run's", only=["window", "threshold"], group=g)
+    _add_fields(
+        p,
+        "predict",
+        "the run's",
+        only=["window", "threshold", "weighting", "mirror", "min_lesion_size"],
+        group=g,
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, ... [default: the run's]")
 
     p = _sub(
@@ -463,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder with the true masks")
     p.add_argument("--out", default=None, help="output folder [default: PRED]")
     _add_fields(p, "data", defaults, only=["modalities", "mask_pattern"])
-    _add_fields(p, "predict", defaults, only=["threshold"])
+    _add_fields(p, "predict", defaults, only=["threshold", "min_lesion_size"])
 
     p = _sub(
         sub,

@@ -49,6 +49,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # training/inference compute precision
 LR_SCHEDULES = ("step", "poly")  # StepLR (the paper's) or nnU-Net's poly decay
 DEFAULT_MODALITIES: dict[str, str] = {"T1": "t1", "T2": "t2", "FLAIR": "flair"}
 DEFAULT_MASK_PATTERN = "mask"
+AUGMENTS = ("none", "default")  # DataConfig.augment
+TRANSPLANT_CONTRASTS = ("typical", "wide")  # DataConfig.transplant_contrast
+WEIGHTINGS = ("gaussian", "uniform")  # sliding-window combination
+MIRRORS = {"none": (), "lr": (0,), "all": (0, 1, 2)}  # test-time mirroring axes
 
 
 def _opt(default: Any = MISSING, help: str = "", *, factory=MISSING, **cli) -> Any:
@@ -151,6 +155,18 @@ class DataConfig:
     )
     lesion_prob: float = _opt(0.5, "fraction of patches centred on a lesion voxel")
     batch_size: int = _opt(1, "volumes or patches per optimiser step")
+    augment: str = _opt(
+        "none",
+        "on-the-fly patch augmentation: default = flips, rotation/scaling, per-modality "
+        "gamma/contrast/brightness/noise (fasttversky.app.data.augment)",
+        choices=AUGMENTS,
+    )
+    transplant_contrast: str = _opt(
+        "typical",
+        "contrast of transplanted lesions (--transplant-masks): typical = one severity per "
+        "subject around FLAIR 1.35x white matter; wide = one per lesion, FLAIR 1.1-1.9x",
+        choices=TRANSPLANT_CONTRASTS,
+    )
 
     def __post_init__(self):
         if not self.modalities:
@@ -164,6 +180,8 @@ class DataConfig:
         if not 0 <= self.lesion_prob <= 1:
             raise ConfigError("lesion_prob", f"must be in [0, 1], got {self.lesion_prob}")
         _int_at_least("batch_size", self.batch_size, 1)
+        _choice("augment", self.augment, AUGMENTS)
+        _choice("transplant_contrast", self.transplant_contrast, TRANSPLANT_CONTRASTS)
 
 
 @dataclass
@@ -270,6 +288,20 @@ class PredictConfig:
     )
     overlap: float = _opt(0.5, "fraction by which neighbouring sliding windows overlap, in [0, 1)")
     threshold: float = _opt(0.5, "probability at or above which a voxel is lesion, in (0, 1)")
+    weighting: str = _opt(
+        "gaussian",
+        "how overlapping windows combine: gaussian (centre counts most) or uniform",
+        choices=WEIGHTINGS,
+    )
+    mirror: str = _opt(
+        "none",
+        "mirroring test-time augmentation: lr = also the left-right mirror image (2 "
+        "passes), all = every axis (8 passes)",
+        choices=tuple(MIRRORS),
+    )
+    min_lesion_size: int = _opt(
+        0, "remove predicted lesions (26-connected) smaller than this many voxels; 0 = keep all"
+    )
 
     def __post_init__(self):
         self.window = _shape("window", self.window)
@@ -277,6 +309,9 @@ class PredictConfig:
         if not 0 <= self.overlap < 1:
             raise ConfigError("overlap", f"must be in [0, 1), got {self.overlap}")
         check_threshold(self.threshold)
+        _choice("weighting", self.weighting, WEIGHTINGS)
+        _choice("mirror", self.mirror, tuple(MIRRORS))
+        _int_at_least("min_lesion_size", self.min_lesion_size, 0)
 
 
 def check_threshold(threshold: float, name: str = "threshold") -> None:
@@ -344,6 +379,8 @@ class RunSettings:
                 )
         if self.train.steps < 1:
             raise ConfigError("steps", f"must be >= 1, got {self.train.steps}")
+        if self.data.augment != "none" and self.data.patch_size is None:
+            raise ConfigError("augment", "needs patch training (a --patch-size)")
         from .._dispatch import BACKENDS
 
         _choice("backend", self.train.backend, ("auto", *BACKENDS))

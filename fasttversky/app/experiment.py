@@ -64,17 +64,26 @@ def setting_slug(a: float, b: float) -> str:
 
 
 def transplant_augmenter(
-    subjects, mask_dir: str | Path, n_per_fold: int, seed: int, target_shape, progress=True
+    subjects,
+    mask_dir: str | Path,
+    n_per_fold: int,
+    seed: int,
+    target_shape,
+    progress=True,
+    contrast: str = "typical",
 ) -> Callable:
     """augment(fold, train_set, test_set) -> extra training subjects: real lesion masks
     from ``mask_dir`` transplanted into the fold's training brains (in memory).
 
     Masks named like a test subject (``masks/patient19.nii.gz`` when patient19 is
     tested) are never used, so no test lesion reaches training in another brain.
+    ``contrast``: "typical" (one severity per subject) or "wide" (one per lesion over
+    :data:`~fasttversky.app.data.synth.WIDE_LESION_FACTOR`).
     """
     from .data import load_subject, load_volume, prepare_arrays
-    from .data.synth import transplant
+    from .data.synth import WIDE_LESION_FACTOR, transplant
 
+    wide = {"factors": WIDE_LESION_FACTOR, "severity": (0.0, 1.0), "per_lesion": True}
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise DataError(f"transplant mask folder {mask_dir} does not exist or is not a folder")
@@ -98,6 +107,7 @@ def transplant_augmenter(
                 own,
                 lm,
                 np.random.default_rng((seed, fold, j)),
+                **(wide if contrast == "wide" else {}),
             )
             extra.append(
                 prepare_arrays(
@@ -179,7 +189,7 @@ def run_sweep(
             for p in test_set:
                 probs[p.name] = predict_prepared(model, p, s)
         targets = {p.name: p.full_mask for p in prepared}
-        rows, c = evaluate_volumes(probs, targets, threshold)
+        rows, c = evaluate_volumes(probs, targets, threshold, s.predict.min_lesion_size)
         pooled = rows[-1]
         dscs = np.array([r["dsc"] for r in rows[:-1]], dtype=float)
         results.append(
@@ -188,6 +198,7 @@ def run_sweep(
                 "beta": b,
                 "label": label,
                 **{k: pooled[k] for k in (*METRIC_NAMES, "tp", "fp", "fn", "tn")},
+                **{k: pooled[k] for k in ("lesion_tpr", "lesion_precision", "lesion_f1")},
                 "dsc_mean": float(np.nanmean(dscs)),
                 "dsc_sd": float(np.nanstd(dscs)),
                 "per_subject": rows[:-1],
@@ -366,6 +377,7 @@ def reproduce(
             base.train.seed,
             base.data.target_shape,
             progress,
+            contrast=base.data.transplant_contrast,
         )
         title += f"; training folds + {transplant_n} transplanted real lesion masks"
     title += f"; {environment_note(base)}"

@@ -23,16 +23,17 @@ Folders:
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig, RunSettings, check_threshold
+from .config import MIRRORS, DataConfig, PredictConfig, RunSettings, check_threshold
 from .data.io import Subject, find_subjects, load_volume
 from .errors import ConfigError, DataError
 from .metrics import METRIC_NAMES
@@ -95,10 +96,30 @@ def metric_table(rows: list[dict]) -> str:
             "subject": r["subject"],
             **{METRIC_NAMES[k]: pct(r[k]) for k in METRIC_NAMES},
             "lesion voxels": r["tp"] + r["fn"],
+            **(
+                {
+                    "lesion TPR": pct(r["lesion_tpr"]),
+                    "lesion precision": pct(r["lesion_precision"]),
+                    "lesion F1": pct(r["lesion_f1"]),
+                    "lesions (found / true / predicted)": (
+                        f"{r['n_detected']} / {r['n_true']} / {r['n_pred']}"
+                    ),
+                }
+                if "lesion_f1" in r
+                else {}
+            ),
         }
         for r in rows
     ]
-    return markdown_table(printable, ["subject", *METRIC_NAMES.values(), "lesion voxels"])
+    cols = ["subject", *METRIC_NAMES.values(), "lesion voxels"]
+    if rows and "lesion_f1" in rows[0]:
+        cols += [
+            "lesion TPR",
+            "lesion precision",
+            "lesion F1",
+            "lesions (found / true / predicted)",
+        ]
+    return markdown_table(printable, cols)
 
 
 def write_metrics_csv(rows: list[dict], path: str | Path) -> Path:
@@ -106,6 +127,9 @@ def write_metrics_csv(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = ["subject", *METRIC_NAMES, "tp", "fp", "fn", "tn"]
+    if rows and "lesion_f1" in rows[0]:
+        keys += ["lesion_tpr", "lesion_precision", "lesion_f1", "n_true", "n_detected", "n_pred"]
+        keys += ["n_pred_tp", "n_pred_fp"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -210,13 +234,28 @@ def build_model(settings: RunSettings):
 
 
 def train_run(
-    subjects, settings: RunSettings, out: str | Path, *, resume: bool = False, progress=True
+    subjects,
+    settings: RunSettings,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress=True,
+    transplant_masks: str | Path | None = None,
+    exclude: Sequence[str] = (),
 ):
     """Train a U-Net on ``subjects`` (Subjects or PreparedSubjects) -> (model, TrainResult).
 
     Checks the settings, then reads every subject, before building the model. Writes
     ``out/run.json``, ``out/last.pt`` and ``out/metrics.jsonl``. ``resume=True``
     continues from ``out/last.pt`` (DataError if there is none).
+
+    ``transplant_masks``: a folder of real lesion masks, each transplanted into the
+    training brains (cycling) as an extra training subject with
+    ``settings.data.transplant_contrast``; masks named like a training subject or like
+    a name in ``exclude`` (held-out patients) are left out. The names used are written
+    to ``out/transplants.json``. A patch-trained run records its patch size as the
+    prediction window unless one was set: a network trained on patches (with instance
+    norm in particular) predicts best on windows of that size.
     """
     settings.validate()
     if not subjects:
@@ -228,6 +267,29 @@ def train_run(
     missing = [p.name for p in prepared if p.mask is None]
     if missing:
         raise DataError(f"subjects without a lesion mask cannot be trained on: {missing}")
+    extra = []
+    if transplant_masks is not None:
+        from .recipe import transplanted_subjects
+
+        wide = settings.data.transplant_contrast == "wide"
+        try:
+            extra = transplanted_subjects(
+                [s for s in subjects if not hasattr(s, "image")],
+                transplant_masks,
+                exclude,
+                target_shape=settings.data.target_shape,
+                seed=settings.train.seed,
+                severity=(0.0, 1.0) if wide else (0.3, 0.8),
+                per_lesion=wide,
+                wide=wide,
+                progress=(lambda it: progress_bar(it, "transplant", True)) if progress else None,
+            )
+        except ValueError as e:
+            raise DataError(str(e)) from e
+    if settings.predict.window is None and settings.data.patch_size is not None:
+        settings = replace(
+            settings, predict=replace(settings.predict, window=list(settings.data.patch_size))
+        )
 
     import torch
 
@@ -236,9 +298,31 @@ def train_run(
 
     out.mkdir(parents=True, exist_ok=True)
     settings.save(out / RUN_SETTINGS)
+    if transplant_masks is not None:
+        (out / "transplants.json").write_text(
+            json.dumps(
+                {
+                    "masks": str(transplant_masks),
+                    "contrast": settings.data.transplant_contrast,
+                    "excluded": sorted(exclude),
+                    "subjects": [p.name for p in extra],
+                },
+                indent=1,
+            )
+        )
     d = settings.data
+    augmenter = None
+    if d.augment != "none":
+        from .data.augment import AugmentConfig, Augmenter
+
+        augmenter = Augmenter(AugmentConfig(), d.patch_size)
     ds = LesionDataset(
-        prepared, d.target_shape, d.patch_size, lesion_prob=d.lesion_prob, seed=settings.train.seed
+        prepared + extra,
+        d.target_shape,
+        d.patch_size,
+        lesion_prob=d.lesion_prob,
+        seed=settings.train.seed,
+        augment=augmenter,
     )
     batches = RandomBatches(ds, d.batch_size, settings.train.seed)
     if d.patch_size is None:
@@ -293,11 +377,24 @@ def predict_prepared(model, prepared, settings: RunSettings, device: str | None 
         torch.from_numpy(prepared.image),
         window=settings.predict.window,
         overlap=settings.predict.overlap,
+        weighting=settings.predict.weighting,
+        mirror_axes=MIRRORS[settings.predict.mirror],
         precision=settings.train.precision if device != "cpu" else "fp32",
         device=device,
     )
     prob = prob.cpu().numpy().astype(np.float32) * prepared.brain
     return prepared.to_file_grid(prob)
+
+
+def mask_from_prob(prob: np.ndarray, config: PredictConfig) -> np.ndarray:
+    """(X, Y, Z) probability -> uint8 lesion mask: ``prob >= threshold``, then 26-connected
+    components below ``min_lesion_size`` voxels removed."""
+    from .training.inference import remove_small_components
+
+    mask = prob >= config.threshold
+    if config.min_lesion_size > 1:
+        mask = remove_small_components(mask, config.min_lesion_size)
+    return mask.astype(np.uint8)
 
 
 def predict_dataset(
@@ -309,6 +406,7 @@ def predict_dataset(
     threshold: float | None = None,
     device: str | None = None,
     progress: bool = True,
+    **predict_options,
 ) -> int:
     """Write ``out/<subject>/{prob,mask}.nii.gz`` for every subject of ``data`` with the
     model of ``run`` -> the number of subjects. ``window``: None = the run's setting,
@@ -321,6 +419,8 @@ def predict_dataset(
         upd["window"] = None if not any(window) else list(window)
     if threshold is not None:
         upd["threshold"] = threshold
+    # weighting, mirror, min_lesion_size, overlap: None = the run's setting
+    upd.update({k: v for k, v in predict_options.items() if v is not None})
     settings = replace(settings, predict=replace(settings.predict, **upd))
     from .data import load_subject, prepare_subject
 
@@ -334,29 +434,47 @@ def predict_dataset(
         p = prepare_subject(s, settings.data.target_shape)
         prob = predict_prepared(model, p, settings, device=device)
         save_volume(out / p.name / "prob.nii.gz", prob, p.affine)
-        mask = (prob >= settings.predict.threshold).astype(np.uint8)
-        save_volume(out / p.name / "mask.nii.gz", mask, p.affine)
+        save_volume(out / p.name / "mask.nii.gz", mask_from_prob(prob, settings.predict), p.affine)
+    # Every setting that made these files, beside them.
+    (out / "inference.json").write_text(
+        json.dumps({"run": str(run), **asdict(settings.predict), "brain_only": True}, indent=1)
+    )
     return len(subjects)
 
 
 # --------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------
-def evaluate_volumes(probs: dict, targets: dict, threshold: float = 0.5):
+def evaluate_volumes(probs: dict, targets: dict, threshold: float = 0.5, min_lesion_size: int = 0):
     """Per-subject and pooled metrics -> (rows, curves) with curves[name] = PRCurve;
-    the last row is ``"pooled"``."""
+    the last row is ``"pooled"``.
+
+    Thresholded scores (DSC, sensitivity, specificity, F2) and the lesion-wise ones
+    (``fasttversky.app.lesion_metrics``: lesion TPR/precision/F1 and counts) are those
+    of the mask ``prob >= threshold`` with components below ``min_lesion_size`` voxels
+    removed; APR and the curves use the probabilities.
+    """
+    from .lesion_metrics import lesion_metrics, pool_lesion_counts
     from .metrics import pooled_metrics, segmentation_metrics
 
     check_threshold(threshold)
+    config = PredictConfig(threshold=threshold, min_lesion_size=min_lesion_size)
+    masks = {k: mask_from_prob(v, config) for k, v in probs.items()}
     rows, curves = [], {}
     for name in probs:
-        m, c = segmentation_metrics(probs[name], targets[name], threshold, return_curve=True)
-        rows.append({"subject": name, **m})
+        _, c = segmentation_metrics(probs[name], targets[name], threshold, return_curve=True)
+        m = segmentation_metrics(masks[name].astype(np.float32), targets[name], 0.5)
+        m["apr"] = c.average_precision
+        rows.append({"subject": name, **m, **lesion_metrics(masks[name], targets[name])})
         curves[name] = c
-    m, c = pooled_metrics(
+    _, c = pooled_metrics(
         list(probs.values()), [targets[k] for k in probs], threshold, return_curve=True
     )
-    rows.append({"subject": "pooled", **m})
+    m = pooled_metrics(
+        [masks[k].astype(np.float32) for k in probs], [targets[k] for k in probs], 0.5
+    )
+    m["apr"] = c.average_precision
+    rows.append({"subject": "pooled", **m, **pool_lesion_counts(rows)})
     curves["pooled"] = c
     return rows, curves
 
@@ -368,6 +486,7 @@ def evaluate_folder(
     *,
     config: DataConfig | None = None,
     threshold: float = 0.5,
+    min_lesion_size: int = 0,
 ) -> tuple[list[dict], dict[str, Path]]:
     """Score ``pred/<subject>/prob.nii.gz`` against the masks of ``data`` -> (rows,
     files): writes ``out/metrics.{md,csv}`` and ``out/pr_curve.png`` (out defaults to
@@ -392,7 +511,7 @@ def evaluate_folder(
         probs[s.name], targets[s.name] = prob, tgt
     if not probs:
         raise DataError(f"no <subject>/prob.nii.gz in {pred_dir} matches a subject of {data}")
-    rows, curves = evaluate_volumes(probs, targets, threshold)
+    rows, curves = evaluate_volumes(probs, targets, threshold, min_lesion_size)
     out = Path(out or pred_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = metric_table(rows)

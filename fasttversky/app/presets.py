@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DataConfig, ModelConfig, RunSettings, TrainConfig
+from .config import DataConfig, ModelConfig, PredictConfig, RunSettings, TrainConfig
 
 __all__ = ["PRESETS", "Preset"]
 
@@ -58,6 +58,35 @@ PRESETS: dict[str, Preset] = {
         ),
         "≤ 20 min on a 2-core CPU: 6 phantoms 64×80×64 (2.8 mm voxels), 3-level U-Net "
         "with 8 features + instance norm, 32³ patches, 100 Adam steps (lr 3e-3) per fold",
+    ),
+    # The real-data CPU recipe of issue 11 (bench/results/lesion_cpu.md): meant for
+    # `train DATA --preset lesion-cpu --transplant-masks MASKS` and `reproduce --preset
+    # lesion-cpu --data DATA --transplant-masks MASKS --transplant-n 28`. Patches of 48³
+    # (not 64³) and 600 steps: what fitted ~25 min of a shared 2-core CPU; poly decay so
+    # that the last weights are annealed; components < 10 voxels (10 mm³) removed.
+    "lesion-cpu": Preset(
+        6,
+        (64, 80, 64),
+        (1e-3, 6.5e-3),
+        RunSettings(
+            model=ModelConfig(base_features=8, levels=3, checkpoint="none", norm="instance"),
+            data=DataConfig(
+                target_shape=[144, 176, 144],
+                patch_size=[48, 48, 48],
+                batch_size=2,
+                lesion_prob=0.7,
+                augment="default",
+                transplant_contrast="wide",
+            ),
+            train=TrainConfig(
+                steps=600, lr=3e-3, lr_schedule="poly", keep_every=100, checkpoint_every=100
+            ),
+            predict=PredictConfig(window=[48, 48, 48], min_lesion_size=10),
+        ),
+        "real MS data on a 2-core CPU (~25-30 min per model): 144×176×144 crop, 3-level "
+        "U-Net with 8 features + instance norm, 2 × 48³ augmented patches (70 % on "
+        "lesions), 600 Adam steps at lr 3e-3 with poly decay, Gaussian 48³ windows, "
+        "components < 10 voxels removed; use with --transplant-masks",
     ),
     "gpu": Preset(
         20,

@@ -78,13 +78,16 @@ def transplanted_subjects(
     seed: int = 0,
     severity: tuple[float, float] = (0.0, 1.0),
     per_lesion: bool = True,
+    wide: bool = True,
     progress: Callable | None = None,
 ) -> list:
     """Every mask of ``mask_dir`` transplanted into ``brains`` (cycling), in memory.
 
     brains: :class:`fasttversky.app.data.Subject` s (read from disk, one at a time);
     exclude: subject names whose mask file (``<name>.nii(.gz)``) must not be used —
-    pass every patient of the fold. Returns PreparedSubjects named ``<brain>+<mask>``,
+    pass every patient of the fold. ``wide``: lesion contrast factors
+    :data:`~fasttversky.app.data.synth.WIDE_LESION_FACTOR` (else the typical ones).
+    Returns PreparedSubjects named ``<brain>+<mask>``,
     z-scored and cropped like the real ones. Mask i depends only on (seed, i).
     """
     from .data import load_subject, load_volume, prepare_arrays
@@ -113,7 +116,7 @@ def transplanted_subjects(
             own,
             lm,
             np.random.default_rng((seed, i)),
-            factors=WIDE_LESION_FACTOR,
+            factors=WIDE_LESION_FACTOR if wide else None,
             severity=severity,
             per_lesion=per_lesion,
         )
