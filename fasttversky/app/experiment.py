@@ -35,6 +35,7 @@ from .pipeline import (
     prepare_all,
     progress_bar,
     train_run,
+    with_default_window,
 )
 
 __all__ = [
@@ -156,7 +157,10 @@ def run_sweep(
     check_threshold(threshold)
     if not settings_list:
         raise ConfigError("settings", "needs at least one (alpha, beta) pair")
-    runs = [replace(base, train=replace(base.train, alpha=a, beta=b)) for a, b in settings_list]
+    runs = [
+        with_default_window(replace(base, train=replace(base.train, alpha=a, beta=b)))
+        for a, b in settings_list
+    ]
     for s in runs:
         s.validate()  # every setting before the first training starts
     out = Path(out)
