@@ -17,7 +17,9 @@ The loss is computed in two stages.
 
 Because stage 1 is an opaque custom op with a registered autograd formula and a fake
 (meta) implementation, ``torch.compile(fullgraph=True)`` traces the whole loss without a
-graph break. The backend is chosen inside the ops (``select_backend``, from the inputs'
+graph break. Eager calls run the same two implementations through a plain
+autograd.Function (``_TverskyStats``), because a custom op's first call imports
+torch._dynamo. The backend is chosen inside the ops (``select_backend``, from the inputs'
 metadata, microseconds), so tracing never has to run the selection.
 """
 
@@ -80,8 +82,7 @@ def _input_error(flags: torch.Tensor, spec: KernelSpec, ignore_index) -> str | N
 _deferred = threading.local()
 
 
-@torch.library.custom_op("fasttversky::tversky_stats", mutates_args=())
-def _tversky_stats_op(
+def _stats_impl(
     logits: torch.Tensor,
     target: torch.Tensor,
     activation: int,
@@ -104,14 +105,18 @@ def _tversky_stats_op(
     return stats
 
 
+_tversky_stats_op = torch.library.custom_op(
+    "fasttversky::tversky_stats", _stats_impl, mutates_args=()
+)
+
+
 @_tversky_stats_op.register_fake
 def _(logits, target, activation, ignore_index, backend, defer_checks=False, with_ce=False):
     B, C, _ = logits.shape
     return logits.new_empty((B, C, 4 if with_ce else 3), dtype=torch.float64)
 
 
-@torch.library.custom_op("fasttversky::tversky_grad", mutates_args=())
-def _tversky_grad_op(
+def _grad_impl(
     logits: torch.Tensor,
     target: torch.Tensor,
     coef_a: torch.Tensor,
@@ -131,6 +136,9 @@ def _tversky_grad_op(
     return impl.backward(logits, target, coef_a, coef_b, spec)
 
 
+_tversky_grad_op = torch.library.custom_op("fasttversky::tversky_grad", _grad_impl, mutates_args=())
+
+
 @_tversky_grad_op.register_fake
 def _(logits, target, coef_a, coef_b, coef_ce, activation, ignore_index, backend):
     return torch.empty_like(logits)
@@ -143,7 +151,7 @@ def _stats_setup_context(ctx, inputs, output):
     ctx.with_ce = with_ce
 
 
-def _stats_backward(ctx, grad_stats):
+def _stats_backward(ctx, grad_stats, grad_fn=None):
     logits, target = ctx.saved_tensors
     coef_dtype = compute_dtype(logits.dtype)
     # dL/dp = w * (dL/dsum_p + dL/dsum_pg * g); sum_g does not depend on the logits.
@@ -151,11 +159,42 @@ def _stats_backward(ctx, grad_stats):
     coef_b = grad_stats[..., 0].to(coef_dtype).contiguous()
     # The cross-entropy term: dL/dsum_ce, one more (B, C) coefficient (see _spec.py).
     coef_ce = grad_stats[..., 3].to(coef_dtype).contiguous() if ctx.with_ce else None
-    grad = _tversky_grad_op(logits, target, coef_a, coef_b, coef_ce, *ctx.args)
+    grad = (grad_fn or _tversky_grad_op)(logits, target, coef_a, coef_b, coef_ce, *ctx.args)
     return grad, None, None, None, None, None, None
 
 
 _tversky_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+
+class _TverskyStats(torch.autograd.Function):
+    """The eager twin of ``fasttversky::tversky_stats``: same work, same backward.
+
+    Calling a ``torch.library`` custom op imports ``torch._dynamo`` (and with it sympy,
+    ~1.5 s and 150 MiB) the first time, because torch wraps the op's implementation in
+    a lazily built ``dynamo.disable``. Eager calls take this plain autograd.Function
+    instead; only ``torch.compile`` tracing, which has loaded dynamo anyway, uses the ops.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, activation, ignore_index, backend, defer_checks, with_ce):
+        inputs = (logits, target, activation, ignore_index, backend, defer_checks, with_ce)
+        _stats_setup_context(ctx, inputs, None)
+        return _stats_impl(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        return _stats_backward(ctx, grad_stats, grad_fn=_grad_impl)
+
+
+def _tversky_stats(logits, target, activation, ignore_index, backend, defer_checks, with_ce):
+    """stats (B, C, 3 or 4) float64 through the custom op (compiling) or its eager twin."""
+    if torch.compiler.is_compiling():
+        return _tversky_stats_op(
+            logits, target, activation, ignore_index, backend, defer_checks, with_ce
+        )
+    return _TverskyStats.apply(
+        logits, target, activation, ignore_index, backend, defer_checks, with_ce
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -588,11 +627,11 @@ def _tversky_loss(
 
         defer = is_distributed()
     if with_ce:
-        stats = _tversky_stats_op(logits3, target3, act, ignore_index, backend, defer, True)
+        stats = _tversky_stats(logits3, target3, act, ignore_index, backend, defer, True)
         if activation == "sigmoid":
             stats = torch.cat([stats, _kept_voxels(stats, target3, spec, N)], dim=-1)
     else:
-        stats = _tversky_stats_op(logits3, target3, act, ignore_index, backend, defer)
+        stats = _tversky_stats(logits3, target3, act, ignore_index, backend, defer, False)
     loss = _finalize(
         stats,
         alpha_c,

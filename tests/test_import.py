@@ -28,11 +28,18 @@ FORBIDDEN = (
     "fasttversky.app",
 )
 
+# fasttversky's names load on first access (PEP 562): touch every public name and run
+# one tiny loss (forward and backward), so that what a loss user imports is checked.
 _PROBE = """
 import json, sys
 import torch
 before = set(sys.modules)
 import fasttversky
+for name in fasttversky.__all__:
+    getattr(fasttversky, name)
+x = torch.randn(1, 2, 8, requires_grad=True)
+fasttversky.tversky_loss(x, torch.zeros(1, 8, dtype=torch.long), backend="torch").backward()
+fasttversky.TverskyLoss(gamma=0.75)
 print(json.dumps({"added": sorted(set(sys.modules) - before), "all": sorted(sys.modules),
                   "file": fasttversky.__file__}))
 """
@@ -57,6 +64,8 @@ def test_probe_imports_this_checkout(imported):
 def test_import_adds_no_heavy_module(imported):
     added = [m for m in imported["added"] if _is_under(m, FORBIDDEN)]
     assert not added, f"import fasttversky imported {added[:10]}"
+    # the library itself was loaded, not only the lazy top-level module
+    assert {"fasttversky.functional", "fasttversky.loss"} <= set(imported["added"])
 
 
 def test_no_compiler_stack_or_app_module_loaded_at_all(imported):
