@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-_FUNC = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
+_FUNC = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _STACK = re.compile(r"(\d+) bytes stack frame")
@@ -91,6 +91,8 @@ def cuda_rows() -> list[dict]:
 def _triton_variants():
     import triton.language as tl
 
+    from fasttversky.ops.triton import fwd_block_elems
+
     ptr = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
     # (activation, soft, ignore, binary, C_PAD, CE): the shapes the backend launches;
     # CE only with label maps and softmax/sigmoid.
@@ -113,7 +115,7 @@ def _triton_variants():
                 HAS_IGNORE_INDEX=ign,
                 BINARY_LABELS=binary,
                 C_PAD=cpad,
-                BLOCK_N=2048 // cpad,
+                BLOCK_N=fwd_block_elems(ce, xdt == "fp64") // cpad,
                 CDTYPE=cdt,
                 HAS_CE=ce,
             )
@@ -135,7 +137,7 @@ def _triton_variants():
                     coef_ce_ptr=part,
                     grad_ptr=ptr[xdt],
                 ),
-                consts,
+                {**consts, "BLOCK_N": 2048 // cpad},  # the backward's block (triton.py)
             )
         for ce in (False, True):
             yield (
@@ -154,7 +156,9 @@ def triton_rows() -> list[dict]:
 
     from fasttversky.ops import _triton_math as K
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    # triton's PTX may be newer than its plain ptxas understands; its newest one reads it
+    assemblers = [bindir / "ptxas-blackwell", bindir / "ptxas"]
     rows = []
     for arch in (80, 90):
         for label, kname, ptrs, consts in _triton_variants():
@@ -172,14 +176,28 @@ def triton_rows() -> list[dict]:
             with tempfile.TemporaryDirectory() as tmp:
                 ptx = Path(tmp) / "k.ptx"
                 ptx.write_text(ck.asm["ptx"])
-                proc = subprocess.run(
-                    [str(ptxas), "-v", f"--gpu-name=sm_{arch}", str(ptx), "-o", f"{tmp}/k.cubin"],
-                    capture_output=True,
-                    text=True,
-                )
+                # triton targets sm_90a on Hopper: assemble for what the PTX says
+                gpu = re.search(r"\.target\s+(sm_\w+)", ck.asm["ptx"]).group(1)
+                errors = []
+                for ptxas in (a for a in assemblers if a.exists()):
+                    proc = subprocess.run(
+                        [
+                            str(ptxas),
+                            "-v",
+                            f"--gpu-name={gpu}",
+                            str(ptx),
+                            "-o",
+                            f"{tmp}/k.cubin",
+                        ],
+                        capture_output=True,
+                        text=True,
+                    )
+                    if proc.returncode == 0:
+                        break
+                    errors.append(f"{ptxas.name}: {proc.stderr[-500:]}")
             parsed = parse_ptxas(proc.stderr)
             if proc.returncode != 0 or not parsed:
-                raise SystemExit(f"ptxas failed for {label}: {proc.stderr[-2000:]}")
+                raise SystemExit(f"ptxas failed for {label}: {errors}")
             r = parsed[0]
             r["name"] = label
             rows.append(r)

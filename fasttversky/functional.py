@@ -4,7 +4,8 @@ The loss is computed in two stages.
 
 1. ``fasttversky::tversky_stats`` (a ``torch.library`` custom op, one fused pass of the
    selected backend) reads logits and target once and returns, per sample and class,
-   ``stats = [sum_pg, sum_p, sum_g]`` in float64. It is the only voxel-sized work in
+   ``stats = [sum_pg, sum_p, sum_g]`` in float64 (plus ``sum_ce``, the per-class
+   cross-entropy sum, when ``ce_weight > 0``). It is the only voxel-sized work in
    the forward, and it saves nothing voxel-sized: its backward is the elementwise
    ``fasttversky::tversky_grad`` op, which recomputes p from the logits.
 2. Everything after the sums acts on (B, C) numbers and is written as ordinary,

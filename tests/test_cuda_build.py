@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_nvcc_builds_for_sm80_and_sm90(src, tmp_path):
         pytest.skip("nvcc not found (PATH, CUDA_HOME): cannot check that the .cu compiles")
     # Both architectures in one nvcc call; --threads 2 builds them side by side.
     cmd = cu.nvcc_command("80", src, tmp_path / f"{src.stem}.o", shared=False)
-    cmd[-3:-3] = ["-gencode=arch=compute_90,code=sm_90", "--threads", "2"]
+    cmd[-3:-3] = ["-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v", "--threads", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
     # Warnings in our own source fail too (nvcc's notes about the toolkit do not).
@@ -47,6 +48,21 @@ def test_nvcc_builds_for_sm80_and_sm90(src, tmp_path):
     assert not ours, "\n".join(ours)
     if src.name != "tversky_cuda.cu":
         return
+    # The cross-entropy term must not make ptxas spill: every CE instantiation (template
+    # bool CE = true, mangled "Lb1E") and the finalize kernels have zero spill bytes.
+    # (bench/ptxas_report.py prints the whole register/spill table.)
+    spills, name = {}, None
+    for line in proc.stderr.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
+        if m:
+            name = f"{m.group(1)} ({m.group(2)})"
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name is not None:
+            spills[name] = int(m.group(1)) + int(m.group(2))
+            name = None
+    checked = {k: v for k, v in spills.items() if "Lb1E" in k or "finalize" in k}
+    assert checked, "no CE / finalize kernels found in ptxas -v output"
+    assert not {k: v for k, v in checked.items() if v}, checked
     # Link it as ops/cuda.py does and load it: the exported launchers exist and the
     # compiled struct has the size of the loader's ctypes mirror (csrc/tversky.h drift).
     lib_path = tmp_path / "libtversky_cuda.so"

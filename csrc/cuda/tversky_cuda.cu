@@ -408,11 +408,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One block: stats[b, c, k] = Σ_g partials[b, g, k, c] in float64, g ascending.
-// S: stats per (b, c), 3, or 4 with the cross-entropy sum.
+// S: stats per (b, c), 3, or 4 with the cross-entropy sum. A template parameter, not an
+// argument: divisions by a run-time S cost registers and made ptxas spill at sm_90.
+template <int S>
 __global__ void __launch_bounds__(kThreads)
     _tversky_finalize_kernel(const float* __restrict__ partials, const int* __restrict__ counts,
                              double* __restrict__ stats, int64_t* __restrict__ flags, int64_t B,
-                             int64_t C, int64_t G, int64_t S) {
+                             int64_t C, int64_t G) {
   for (int64_t j = threadIdx.x; j < B * C * S; j += kThreads) {
     const int64_t b = j / (S * C), c = (j / S) % C, k = j % S;
     const float* src = partials + b * G * S * C + k * C + c;
@@ -483,26 +485,19 @@ __global__ void __launch_bounds__(kThreads)
     float dot[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) dot[i] = 0.f;
+    // Cross-entropy, softmax: e_y (p_k - [k = y]) = p_k e_y - [k = y] e_y; e_y folds into
+    // the softmax's shift (dot - e_y), e_y = 0 on ignored voxels (w = 0). e_y is neither
+    // kept per voxel nor summed in a pass of its own (either made ptxas spill at
+    // MAXC = 8): it joins the dot product's loop, and the [k = y] term re-reads s_e[k].
     if (ACT == TV_SOFTMAX) {
 #pragma unroll
       for (int c = 0; c < MAXC; ++c)
         if (c < C)
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) dot[i] += x[c][i] * u_of(c, i);
-    }
-    // Cross-entropy, softmax: e_y (p_k - [k = y]) = p_k e_y - [k = y] e_y; e_y folds into
-    // the softmax's shift (dot - e_y), e_y = 0 on ignored voxels (w = 0).
-    float ey[CE ? VEC : 1];
-    if constexpr (CE) {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        float e = 0.f;
-#pragma unroll
-        for (int c = 0; c < MAXC; ++c)
-          if (c < C) e = (lab[i] == c) ? s_e[c] : e;
-        ey[i] = w[i] * e;
-        if (ACT == TV_SOFTMAX) dot[i] -= ey[i];
-      }
+          for (int i = 0; i < VEC; ++i) {
+            dot[i] += x[c][i] * u_of(c, i);
+            if constexpr (CE) dot[i] -= (lab[i] == c) ? w[i] * s_e[c] : 0.f;
+          }
     }
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) {
@@ -516,7 +511,7 @@ __global__ void __launch_bounds__(kThreads)
                                             : u;
         if constexpr (CE) {
           if (ACT == TV_SOFTMAX)
-            d[i] -= (lab[i] == c) ? ey[i] : 0.f;
+            d[i] -= (lab[i] == c) ? w[i] * s_e[c] : 0.f;
           else  // sigmoid: e_c (p_c - g_c) on kept voxels
             d[i] += w[i] * s_e[c] * (q - ((lab[i] == c) ? 1.f : 0.f));
         }
@@ -633,7 +628,7 @@ int tversky_cuda_check(int device) {
 #else
   if (const int err = TV_SET_DEVICE(device)) return err;
   cudaFuncAttributes attr;
-  return (int)cudaFuncGetAttributes(&attr, _tversky_finalize_kernel);
+  return (int)cudaFuncGetAttributes(&attr, _tversky_finalize_kernel<3>);
 #endif
 }
 
@@ -679,8 +674,8 @@ int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t works
     auto* fwd = _tversky_fwd_partials_kernel<T, ACT, MAXC, CE>;
     TV_LAUNCH(fwd, dim3((unsigned)G, (unsigned)p.B), kThreads, stream, p, partials, counts,
               vec_x, vec_t);
-    TV_LAUNCH(_tversky_finalize_kernel, dim3(1), kThreads, stream, partials, counts,
-              p.stats_ptr, p.flags_ptr, p.B, p.C, G, (int64_t)S);
+    TV_LAUNCH(_tversky_finalize_kernel<S>, dim3(1), kThreads, stream, partials, counts,
+              p.stats_ptr, p.flags_ptr, p.B, p.C, G);
     return TV_LAST_ERROR();
   });
 }

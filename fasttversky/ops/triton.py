@@ -70,7 +70,21 @@ def _cdtype(logits: torch.Tensor):
     return tl.float64 if logits.dtype == torch.float64 else tl.float32
 
 
-def _fwd_tiles(B: int, N: int, C_PAD: int, device: torch.device) -> tuple[int, int, int]:
+def fwd_block_elems(with_ce: bool, float64: bool) -> int:
+    """(C_PAD x BLOCK_N) elements of the forward's register block on a GPU.
+
+    The cross-entropy accumulator and its log-sum-exp temporaries made ptxas spill at
+    2048 elements (fp32 at sm_80; fp64 heavily), so the CE forward takes half (a quarter
+    in fp64); bench/ptxas_report.py shows the registers of each variant.
+    """
+    if not with_ce:
+        return _GPU_ELEMS
+    return _GPU_ELEMS // (4 if float64 else 2)
+
+
+def _fwd_tiles(
+    B: int, N: int, C_PAD: int, device: torch.device, elems: int = _GPU_ELEMS
+) -> tuple[int, int, int]:
     """(BLOCK_N, iters, T): each program covers iters * BLOCK_N voxels, T tiles/sample."""
     if _TILE_OVERRIDE is not None:
         block_n, iters = _TILE_OVERRIDE
@@ -78,7 +92,7 @@ def _fwd_tiles(B: int, N: int, C_PAD: int, device: torch.device) -> tuple[int, i
         block_n = max(16, min(_next_pow2(N), _INTERP_ELEMS // C_PAD))
         iters = 1
     else:
-        block_n = max(16, _GPU_ELEMS // C_PAD)
+        block_n = max(16, elems // C_PAD)
         steps = B * _cdiv(N, block_n)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         # Enough programs to fill every SM several times over, as few tiles as that
@@ -128,7 +142,8 @@ def tversky_forward(logits: torch.Tensor, target: torch.Tensor, spec: KernelSpec
     B, C, N = logits.shape
     meta = _common(logits, target, spec)
     C_PAD = meta["C_PAD"]
-    block_n, iters, T = _fwd_tiles(B, N, C_PAD, logits.device)
+    elems = fwd_block_elems(spec.with_ce, logits.dtype == torch.float64)
+    block_n, iters, T = _fwd_tiles(B, N, C_PAD, logits.device, elems)
     part_dtype = compute_dtype(logits.dtype)
     dev = logits.device
     # Every (b, t) slot is written by exactly one program, so no zero-fill is needed.
