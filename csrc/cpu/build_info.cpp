@@ -26,13 +26,21 @@ int tversky_cpu_has(const char* feature) {
   __builtin_cpu_init();
 #define TV_FEATURE(name) \
   if (std::strcmp(feature, name) == 0) return __builtin_cpu_supports(name) ? 1 : 0;
-  TV_FEATURE("avx512f")
-  TV_FEATURE("avx512bw")
-  TV_FEATURE("avx512dq")
-  TV_FEATURE("avx512vl")
-  TV_FEATURE("avx2")
-  TV_FEATURE("fma")
-  TV_FEATURE("f16c")
+#if defined(__clang__) ? __clang_major__ >= 18 : __GNUC__ >= 12
+  TV_FEATURE("x86-64-v4")
+  TV_FEATURE("x86-64-v3")
+  TV_FEATURE("x86-64-v2")
+#else  // older compilers know single features only: the ones the levels add
+  const bool v2 = __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("sse4.2");
+  const bool v3 = v2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") &&
+                  __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
+  if (std::strcmp(feature, "x86-64-v4") == 0) return v4;
+  if (std::strcmp(feature, "x86-64-v3") == 0) return v3;
+  if (std::strcmp(feature, "x86-64-v2") == 0) return v2;
+#endif
 #undef TV_FEATURE
 #else
   (void)feature;

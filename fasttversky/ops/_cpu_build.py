@@ -53,15 +53,13 @@ class Variant(NamedTuple):
     needs: tuple[str, ...] = ()
 
 
-# x86-64, best first. The flags name each feature the runtime check tests (rather than
-# -march=x86-64-v4, which also enables features the check would not look at).
+# x86-64, best first: the psABI's micro-architecture levels, which both the compiler
+# (-march) and the runtime check (__builtin_cpu_supports) know as a whole. v4 is AVX-512
+# F/BW/CD/DQ/VL; v3 is AVX2, FMA, F16C, BMI1/2, LZCNT, MOVBE; both also give the scalar
+# code POPCNT and the rest of v2. Tuning stays generic: the machine is unknown.
 _X86 = (
-    Variant(
-        "avx512",
-        ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"),
-        ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"),
-    ),
-    Variant("avx2", ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+    Variant("avx512", ("-march=x86-64-v4",), ("x86-64-v4",)),
+    Variant("avx2", ("-march=x86-64-v3",), ("x86-64-v3",)),
     Variant("baseline", ()),
 )
 _GENERIC = (Variant("baseline", ()),)
