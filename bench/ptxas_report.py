@@ -68,7 +68,7 @@ def _short_cuda(name: str) -> str:
     if not args:
         return kern
     parts = [a.strip() for a in args.split(",")]
-    labels = ["T", "ACT", "MAXC", "CE"]
+    labels = ["S"] if "finalize" in kern else ["T", "ACT", "MAXC", "CE"]
     return kern + " " + " ".join(f"{k}={v}" for k, v in zip(labels, parts, strict=False))
 
 
