@@ -70,7 +70,7 @@ class BuildCpuKernels(build_ext):
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             recipe.build(CSRC, ext.variant, out)
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             # optional=True turns this into a warning; the install goes on
             raise CompileError(
                 f"{exc}\nfasttversky: the CPU kernels will be compiled on first use instead"

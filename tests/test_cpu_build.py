@@ -170,3 +170,12 @@ def test_bad_isa_variable_is_named(value, match, monkeypatch):
     _use(monkeypatch, value)
     why = cpu.BACKEND.unavailable()
     assert "FASTTVERSKY_CPU_ISA" in why and match in why
+
+
+def test_missing_compiler_program_is_a_build_error_not_a_crash(tmp_path):
+    """setup.py turns RuntimeError into an optional-extension warning; a CXX naming a
+    missing program must land there too, or `pip install` would fail without g++."""
+    with pytest.raises(RuntimeError, match="cannot run the C.. compiler"):
+        recipe.build(
+            cpu.csrc_dir(), recipe.variants()[-1], tmp_path / "x.so", cxx=str(tmp_path / "nope")
+        )

@@ -123,7 +123,10 @@ def build(csrc: Path, variant: Variant, out: str | os.PathLike, cxx: str | None 
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     cmd = command(cxx, csrc, variant, out)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:  # CXX names a missing or unrunnable program
+        raise RuntimeError(f"cannot run the C++ compiler {cxx!r}: {exc}") from exc
     if proc.returncode != 0:
         raise RuntimeError(
             f"compiling the {variant.name} CPU kernels failed ({' '.join(cmd)}):\n"
