@@ -19,7 +19,9 @@ What it trains (issue 11; the measurements are in ``bench/results/lesion_cpu.md`
 * inference (:mod:`fasttversky.app.training.inference`): 64³ Gaussian-weighted
   sliding windows, restricted to the brain.
 
-The functions here are the library; the CLI's ``--preset lesion-cpu`` calls them.
+The CLI's ``--preset lesion-cpu`` runs the same settings through ``pipeline`` and
+``experiment``; the functions here are the leave-one-patient-out driver of the
+measurements in bench/results/lesion_cpu.md.
 """
 
 from __future__ import annotations
@@ -31,31 +33,39 @@ from pathlib import Path
 
 import numpy as np
 
+from .presets import PRESETS
+
 __all__ = ["LesionCpuRecipe", "train_recipe", "transplanted_subjects"]
+
+
+# The recipe's numbers are those of the `lesion-cpu` preset (presets.py), declared once
+# there; this flat record only adds what the LOPO driver below needs beside them.
+_PRESET = PRESETS["lesion-cpu"].run
 
 
 @dataclass
 class LesionCpuRecipe:
-    """All settings of the recipe (saved as ``recipe.json`` in the run folder)."""
+    """All settings of the recipe (saved as ``recipe.json`` in the run folder); the
+    defaults are the ``lesion-cpu`` preset's."""
 
-    target_shape: tuple[int, int, int] = (144, 176, 144)
-    patch_size: tuple[int, int, int] = (64, 64, 64)
-    batch_size: int = 2
-    lesion_prob: float = 0.7
-    base_features: int = 8
-    levels: int = 3
-    norm: str = "instance"
-    steps: int = 1500
-    lr: float = 3e-3
-    lr_schedule: str = "poly"
-    alpha: float = 0.3
-    beta: float = 0.7
-    seed: int = 0
-    keep_every: int = 250
+    target_shape: tuple[int, int, int] = tuple(_PRESET.data.target_shape)
+    patch_size: tuple[int, int, int] = tuple(_PRESET.data.patch_size)
+    batch_size: int = _PRESET.data.batch_size
+    lesion_prob: float = _PRESET.data.lesion_prob
+    base_features: int = _PRESET.model.base_features
+    levels: int = _PRESET.model.levels
+    norm: str = _PRESET.model.norm
+    steps: int = _PRESET.train.steps
+    lr: float = _PRESET.train.lr
+    lr_schedule: str = _PRESET.train.lr_schedule
+    alpha: float = _PRESET.train.alpha
+    beta: float = _PRESET.train.beta
+    seed: int = _PRESET.train.seed
+    keep_every: int = _PRESET.train.keep_every
     augment: dict = field(default_factory=dict)  # AugmentConfig fields; {} = defaults
-    transplant_severity: tuple[float, float] = (0.0, 1.0)
+    transplant_severity: tuple[float, float] = (0.0, 1.0)  # the preset's "wide" contrast
     transplant_per_lesion: bool = True
-    window: tuple[int, int, int] = (64, 64, 64)
+    window: tuple[int, int, int] = tuple(_PRESET.predict.window)
     threads: int | None = None
 
 
@@ -227,7 +237,7 @@ def train_recipe(
 # --------------------------------------------------------------------------------------
 # inference and evaluation of a recipe run
 # --------------------------------------------------------------------------------------
-MIN_LESION_SIZE = 10
+MIN_LESION_SIZE = _PRESET.predict.min_lesion_size
 """Default post-processing: components below 10 voxels (10 mm³ at 1 mm, a sphere of
 ~2.7 mm diameter) are removed. Fixed a priori from the lesion definition used in MS
 imaging (lesions are counted from ~3 mm across), never tuned on a test patient."""
