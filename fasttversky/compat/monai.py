@@ -197,6 +197,38 @@ def _tp_fp_fn(p, g, reduce_axis, soft_label):
     return tp, pred_o - tp, ground_o - tp
 
 
+def _monai_activation(loss, input, warn: bool, stacklevel: int) -> torch.Tensor:
+    """MONAI's activation step, as its TverskyLoss and DiceLoss both run it: sigmoid,
+    softmax over C > 1 channels (its warning for C = 1), then ``other_act``."""
+    if loss.sigmoid:
+        input = torch.sigmoid(input)
+    if loss.softmax:
+        if input.shape[1] == 1:
+            if warn:
+                warnings.warn(
+                    "single channel prediction, `softmax=True` ignored.", stacklevel=stacklevel + 1
+                )
+        else:
+            input = torch.softmax(input, 1)
+    if loss.other_act is not None:
+        input = loss.other_act(input)
+    return input
+
+
+def _monai_drop_background(loss, input, target, n_pred_ch: int, warn: bool, stacklevel: int):
+    """MONAI's ``include_background=False`` step (its warning for C = 1)."""
+    if not loss.include_background:
+        if n_pred_ch == 1:
+            if warn:
+                warnings.warn(
+                    "single channel prediction, `include_background=False` ignored.",
+                    stacklevel=stacklevel + 1,
+                )
+        else:
+            input, target = input[:, 1:], target[:, 1:]
+    return input, target
+
+
 class TverskyLoss(_Loss):
     """Tversky loss (Salehi et al. 2017) with ``monai.losses.TverskyLoss``'s interface.
 
@@ -447,19 +479,8 @@ class TverskyLoss(_Loss):
 
     def _monai_forward(self, input, target, warn: bool = True) -> torch.Tensor:
         """MONAI 1.6's ``TverskyLoss.forward``, step by step, in plain torch."""
-        if self.sigmoid:
-            input = torch.sigmoid(input)
         n_pred_ch = input.shape[1]
-        if self.softmax:
-            if n_pred_ch == 1:
-                if warn:
-                    warnings.warn(
-                        "single channel prediction, `softmax=True` ignored.", stacklevel=3
-                    )
-            else:
-                input = torch.softmax(input, 1)
-        if self.other_act is not None:
-            input = self.other_act(input)
+        input = _monai_activation(self, input, warn, stacklevel=3)
 
         original_target = target
         ii = self.ignore_index
@@ -479,16 +500,7 @@ class TverskyLoss(_Loss):
             mask = _ignore_mask(original_target, ii)
             input, target = input * mask, target * mask
 
-        if not self.include_background:
-            if n_pred_ch == 1:
-                if warn:
-                    warnings.warn(
-                        "single channel prediction, `include_background=False` ignored.",
-                        stacklevel=3,
-                    )
-            else:
-                target = target[:, 1:]
-                input = input[:, 1:]
+        input, target = _monai_drop_background(self, input, target, n_pred_ch, warn, stacklevel=3)
 
         if target.shape != input.shape:
             raise AssertionError(
@@ -796,19 +808,8 @@ class DiceCELoss(_Loss):
 
     def _monai_dice(self, input, target, warn):
         """MONAI 1.6's ``DiceLoss.forward`` (no ignore_index: DiceCELoss passes none)."""
-        if self.sigmoid:
-            input = torch.sigmoid(input)
         n_pred_ch = input.shape[1]
-        if self.softmax:
-            if n_pred_ch == 1:
-                if warn:
-                    warnings.warn(
-                        "single channel prediction, `softmax=True` ignored.", stacklevel=4
-                    )
-            else:
-                input = torch.softmax(input, 1)
-        if self.other_act is not None:
-            input = self.other_act(input)
+        input = _monai_activation(self, input, warn, stacklevel=4)
         if self.to_onehot_y:
             if n_pred_ch == 1:
                 if warn:
@@ -817,16 +818,7 @@ class DiceCELoss(_Loss):
                     )
             else:
                 target = _one_hot(target, n_pred_ch)
-        if not self.include_background:
-            if n_pred_ch == 1:
-                if warn:
-                    warnings.warn(
-                        "single channel prediction, `include_background=False` ignored.",
-                        stacklevel=4,
-                    )
-            else:
-                target = target[:, 1:]
-                input = input[:, 1:]
+        input, target = _monai_drop_background(self, input, target, n_pred_ch, warn, stacklevel=4)
         if target.shape != input.shape:
             raise AssertionError(
                 f"ground truth has different shape ({target.shape}) from input ({input.shape})"
