@@ -16,6 +16,12 @@ as nnU-Net's dataloader delivers it:
 * ``monai-dicece``: ``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True,
   include_background=False)`` (skipped without monai).
 
+``test_compound_overhead`` is the CE's price (issue 10's target: at most 1.15x): each
+round calls ``fasttversky-compound`` and ``fasttversky-tversky`` once each, in an order
+that alternates between rounds, so that the load of a shared machine hits both alike;
+``extra_info`` holds both medians and their ratio, at the default thread count and at one
+thread (CPU). The benchmark's own time is that of one round (both calls).
+
 Each round times loss + ``backward()`` on a leaf tensor whose ``.grad`` is reset before
 the round (untimed), as in a training step; warm-up rounds run first (compilation, the
 CPU kernels' first build). ``extra_info``: peak extra memory of one more call
@@ -27,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -156,6 +164,47 @@ def test_compound(benchmark, case, provider, device, request):
         peak_extra_bytes=peak,
         grad_bytes=x.numel() * x.element_size(),
         loss=value,
+    )
+
+
+@pytest.mark.parametrize("threads", ["default", "1"])
+@pytest.mark.parametrize("case", CASES[:2], ids=[c.id for c in CASES[:2]])
+def test_compound_overhead(benchmark, case, threads, device, request):
+    quick = request.config.getoption("--quick")
+    if threads == "1" and device != "cpu":
+        pytest.skip("the one-thread ratio is a CPU measurement")
+    benchmark.group = f"compound-overhead{'-quick' if quick else ''}"
+    x, t = _inputs(case, device, quick)
+    fns = {name: _provider(name) for name in ("fasttversky-compound", "fasttversky-tversky")}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+
+    def one_round():
+        order.reverse()
+        for name in order:
+            x.grad = None
+            t0 = time.perf_counter()
+            fns[name](x, t).backward()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+
+    n = torch.get_num_threads()
+    try:
+        if threads == "1":
+            torch.set_num_threads(1)
+        benchmark.pedantic(one_round, rounds=30, iterations=1, warmup_rounds=2)
+    finally:
+        torch.set_num_threads(n)
+    med = {k: statistics.median(v[2:]) for k, v in times.items()}  # minus warm-up
+    benchmark.extra_info.update(
+        case=case.id,
+        device=device,
+        threads=1 if threads == "1" else n,
+        median_ms={k: round(v * 1e3, 2) for k, v in med.items()},
+        ratio=round(med["fasttversky-compound"] / med["fasttversky-tversky"], 3),
+        ratio_of_minima=round(
+            min(times["fasttversky-compound"]) / min(times["fasttversky-tversky"]), 3
+        ),
     )
 
 

@@ -123,6 +123,30 @@ def test_channels_last_two_class(backend):
     check_against_reference(*_on(backend, x, t), backend, ce_weight=1.0, ignore_index=255)
 
 
+
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+@pytest.mark.parametrize("ignore", [None, 255])
+def test_two_class_many_blocks(layout, ignore, monkeypatch):
+    """The CPU's fused two-class forward walks the full tiles of a 16384-voxel chunk in
+    blocks of 16 tiles, folding the CE's products every 64: two samples of 35,409 voxels
+    give full chunks (16 blocks, 4 folds each), a chunk ending in a partial block (41
+    tiles) and a 17-voxel tail. Compared with the float64 reference in float32 and
+    float64, and an inf logit in the last block must still make the loss NaN."""
+    x, t = _data(2, 2, (33, 37, 29), seed=11, label_dtype=torch.uint8, ignore=ignore)
+    mf = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    kw = dict(ce_weight=1.0, ignore_index=ignore)
+    for dtype in (torch.float64, torch.float32):
+        xd = x.to(dtype).contiguous(memory_format=mf)
+        check_against_reference(xd, t, FUSED, **kw)
+    # equal logits and one label: every voxel's CE factor is 2, so products left
+    # unfolded for more than 128 tiles would overflow float32
+    check_against_reference(torch.zeros_like(xd), torch.zeros_like(t), FUSED, **kw)
+    bad = x.float().contiguous(memory_format=mf)
+    bad[1, 0, 32, 30, 0] = float("inf")  # voxel 35,206 of sample 1: the partial block
+    monkeypatch.setenv("FASTTVERSKY_CHECK_INPUTS", "0")
+    assert torch.isnan(tversky_loss(bad, t, backend=FUSED, **kw))
+
+
 @pytest.mark.parametrize(
     "activation, C", [("softmax", 2), ("softmax", 3), ("sigmoid", 1), ("sigmoid", 3)]
 )

@@ -31,6 +31,22 @@ constexpr int TILE = 64;        // voxels per inner tile (lanes)
 constexpr int64_t CHUNK = 16384;  // voxels per work item; fixed => deterministic sums
 constexpr int MAX_C = 32;       // larger C is routed to the torch backend (ops/cpu.py)
 
+// Lanes of a tile whose accumulators the fused two-class forward holds in registers at
+// once (see fused2_forward_blocks): two vectors of the target, so ten accumulators fit
+// the register file (32 zmm with AVX-512, 16 ymm/xmm otherwise) beside the exp's
+// temporaries. Only the loop order depends on it, not the result: each lane still sums
+// the same voxels in the same order.
+#if defined(__AVX512F__)
+constexpr int VEC_BYTES = 64;
+#elif defined(__AVX__)
+constexpr int VEC_BYTES = 32;
+#else
+constexpr int VEC_BYTES = 16;
+#endif
+template <typename F>
+constexpr int LANE_GROUP = (VEC_BYTES >= 64 ? 2 : 1) * VEC_BYTES / (int)sizeof(F);
+static_assert(TILE % LANE_GROUP<float> == 0 && TILE % LANE_GROUP<double> == 0);
+
 struct bf16 {
   uint16_t bits;
 };
@@ -453,7 +469,6 @@ void forward_impl(const TverskyParams& P) {
             prod_ce[c][i] = (F)1;
           }
     };
-    int tiles_since_fold = 0;
     alignas(64) int32_t y[TILE];
     alignas(64) float w[TILE];
     for (int64_t c = 0; c < C; ++c)
@@ -465,8 +480,138 @@ void forward_impl(const TverskyParams& P) {
         for (int i = 0; i < TILE; ++i) prod_ce[c][i] = (F)1;
     }
     int64_t nonfinite = 0, bad = 0;
+    int64_t first_tile_voxel = start;  // voxels before it were done by the blocked path
 
-    for (int64_t n0 = start; n0 < stop; n0 += TILE) {
+    if constexpr (!SOFT)
+      if (two_class_softmax && (contiguous || interleaved)) {
+        // Fused two-class path (the paper's setup) over the chunk's full tiles: logits and
+        // labels are read straight from memory, one exp per voxel, nothing stored per
+        // voxel. Blocks of KT tiles are walked one lane group at a time, so that the
+        // group's ten accumulators (six sums, four for the CE) stay in registers over
+        // the block instead of being loaded and stored once per tile: that store traffic
+        // was what the CE accumulators added. Each lane sums the same voxels in the same
+        // order as a tile-by-tile loop, so the result does not depend on LANE_GROUP.
+        using L = label_int_t<TT>;
+        using U = std::make_unsigned_t<L>;
+        constexpr int G = LANE_GROUP<F>;
+        constexpr int KT = 16;  // tiles per block (4 KiB of float32 logits per class): L1
+        static_assert(FOLD_TILES % KT == 0);
+        const LT* base = (const LT*)P.logits_ptr + b * P.logits_stride_b;
+        const TT* lbase = (const TT*)P.target_ptr + b * P.target_stride_b;
+        const int64_t sc = P.logits_stride_c, sn = P.logits_stride_n;
+        const int64_t n_full = (stop - start) / TILE;
+        // Compile-time variants: with/without ignore_index (without it, the common case,
+        // the mask work disappears), planar/interleaved classes (voxel stride 1 or 2).
+        auto block = [&](auto has_ii_c, auto stride_c, int64_t t0, int64_t kt) {
+          constexpr bool HAS_II = decltype(has_ii_c)::value;
+          constexpr int S = decltype(stride_c)::value;
+          int32_t nf = 0, nb = 0;
+          for (int g = 0; g < TILE; g += G) {
+            F p0a[G], p1a[G], pg0a[G], pg1a[G], g0a[G], g1a[G];
+            F pc0[G], pc1[G], ce0[G], ce1[G];
+            for (int i = 0; i < G; ++i) {
+              p0a[i] = acc_p[0][g + i];
+              p1a[i] = acc_p[1][g + i];
+              pg0a[i] = acc_pg[0][g + i];
+              pg1a[i] = acc_pg[1][g + i];
+              g0a[i] = acc_g[0][g + i];
+              g1a[i] = acc_g[1][g + i];
+              if constexpr (CE) {
+                pc0[i] = prod_ce[0][g + i];
+                pc1[i] = prod_ce[1][g + i];
+                ce0[i] = acc_ce[0][g + i];
+                ce1[i] = acc_ce[1][g + i];
+              }
+            }
+            for (int64_t t = t0; t < t0 + kt; ++t) {
+              const int64_t n0 = start + t * TILE + g;
+              // interleaved: both classes from one base pointer, so gcc sees one load
+              // group and de-interleaves with shuffles instead of gathers
+              const LT* r0 = base + n0 * sn;
+              const LT* r1 = r0 + sc;
+              const TT* lab = lbase + n0;
+              for (int i = 0; i < G; ++i) {
+                const F x0 = (F)load_val(r0 + i * S);
+                const F x1 = (F)load_val(S == 2 ? r0 + 2 * i + 1 : r1 + i);
+                nf += not_finite(x0) + not_finite(x1);
+                const L v = (L)lab[i];
+                const bool keep = HAS_II ? v != ii : true;
+                nb += keep & ((U)v > (U)1);  // unsigned: negative labels are bad too
+                const F g0 = (keep & (v == 0)) ? (F)1 : (F)0;
+                const F g1 = (keep & (v == 1)) ? (F)1 : (F)0;
+                F p0, p1, e, r;
+                softmax2(x0, x1, p0, p1, e, r);
+                if constexpr (CE) {
+                  // -log p_hi = log(1 + e), -log p_lo = |d| + log(1 + e), d = x1 - x0
+                  // (p_hi is class 1 when d >= 0); g0, g1 are already 0 on ignored voxels.
+                  const F d = x1 - x0;
+                  const F ad = std::abs(d);
+                  pc0[i] *= std::fma(g0, e, (F)1);
+                  pc1[i] *= std::fma(g1, e, (F)1);
+                  ce0[i] += d >= (F)0 ? g0 * ad : (F)0;
+                  ce1[i] += d >= (F)0 ? (F)0 : g1 * ad;
+                }
+                if constexpr (HAS_II) {
+                  const F wi = keep ? (F)1 : (F)0;
+                  p0 *= wi;
+                  p1 *= wi;
+                }
+                p0a[i] += p0;
+                p1a[i] += p1;
+                pg0a[i] += p0 * g0;
+                pg1a[i] += p1 * g1;
+                g0a[i] += g0;
+                g1a[i] += g1;
+              }
+            }
+            for (int i = 0; i < G; ++i) {
+              acc_p[0][g + i] = p0a[i];
+              acc_p[1][g + i] = p1a[i];
+              acc_pg[0][g + i] = pg0a[i];
+              acc_pg[1][g + i] = pg1a[i];
+              acc_g[0][g + i] = g0a[i];
+              acc_g[1][g + i] = g1a[i];
+              if constexpr (CE) {
+                prod_ce[0][g + i] = pc0[i];
+                prod_ce[1][g + i] = pc1[i];
+                acc_ce[0][g + i] = ce0[i];
+                acc_ce[1][g + i] = ce1[i];
+              }
+            }
+          }
+          if (nf)
+            for (int64_t t = t0; t < t0 + kt; ++t) {
+              const LT* r0 = base + (start + t * TILE) * sn;
+              poison_softmax2_inf(TILE, [&](int c, int i) {
+                return (F)load_val(r0 + c * sc + i * sn);
+              }, acc_p);
+            }
+          nonfinite += nf;
+          bad += nb;
+        };
+        using One = std::integral_constant<int, 1>;
+        using Two = std::integral_constant<int, 2>;
+        for (int64_t t0 = 0; t0 < n_full; t0 += KT) {
+          const int64_t kt = std::min<int64_t>(KT, n_full - t0);
+          if (interleaved) {
+            if (has_ii)
+              block(std::true_type{}, Two{}, t0, kt);
+            else
+              block(std::false_type{}, Two{}, t0, kt);
+          } else {
+            if (has_ii)
+              block(std::true_type{}, One{}, t0, kt);
+            else
+              block(std::false_type{}, One{}, t0, kt);
+          }
+          // the CE's products are folded every FOLD_TILES tiles, as a tile loop would
+          if constexpr (CE)
+            if ((t0 + kt) % FOLD_TILES == 0) fold_products();
+        }
+        first_tile_voxel = start + n_full * TILE;
+      }
+
+    for (int64_t n0 = first_tile_voxel; n0 < stop; n0 += TILE) {
       const int n = (int)std::min<int64_t>(TILE, stop - n0);
       if constexpr (SOFT) {
         nonfinite += load_probs<F, LT>(P, b, n0, n, x);
@@ -478,83 +623,6 @@ void forward_impl(const TverskyParams& P) {
             acc_p[c][i] += p;
             acc_pg[c][i] += p * g[c][i];
             acc_g[c][i] += g[c][i];
-          }
-      } else if (two_class_softmax && n == TILE && (contiguous || interleaved)) {
-        // Fused two-class path (the paper's setup) on a full tile, planar or interleaved:
-        // logits and labels are read straight from memory in one loop, one exp per
-        // voxel, and only the accumulators live outside registers.
-        using L = label_int_t<TT>;
-        using U = std::make_unsigned_t<L>;
-        const LT* base = (const LT*)P.logits_ptr + b * P.logits_stride_b;
-        const LT* r0 = base + n0 * P.logits_stride_n;
-        const LT* r1 = r0 + P.logits_stride_c;
-        const TT* lab = (const TT*)P.target_ptr + b * P.target_stride_b + n0;
-        int32_t nf = 0, nb = 0;
-        // Two copies of the loop: without an ignore_index (the common case) the mask
-        // work disappears from the inner loop.
-        // Compile-time variants: with/without ignore_index, planar/interleaved classes.
-        auto run = [&](auto has_ii_c, auto stride_c) {
-          constexpr bool HAS_II = decltype(has_ii_c)::value;
-          constexpr int S = decltype(stride_c)::value;  // voxel stride: 1 or 2
-          for (int i = 0; i < TILE; ++i) {
-            // interleaved: both classes from one base pointer, so gcc sees one
-            // load group and de-interleaves with shuffles instead of gathers
-            const F x0 = (F)load_val(r0 + i * S);
-            const F x1 = (F)load_val(S == 2 ? r0 + 2 * i + 1 : r1 + i);
-            nf += not_finite(x0) + not_finite(x1);
-            const L v = (L)lab[i];
-            const bool keep = HAS_II ? v != ii : true;
-            nb += keep & ((U)v > (U)1);  // unsigned: negative labels are bad too
-            const F g0 = (keep & (v == 0)) ? (F)1 : (F)0;
-            const F g1 = (keep & (v == 1)) ? (F)1 : (F)0;
-            F p0, p1, e, r;
-            softmax2(x0, x1, p0, p1, e, r);
-            if constexpr (CE) {
-              // -log p_hi = log(1 + e), -log p_lo = |d| + log(1 + e), d = x1 - x0 (p_hi
-              // is class 1 when d >= 0); g0, g1 are already 0 on ignored voxels.
-              const F d = x1 - x0;
-              const F ad = std::abs(d);
-              prod_ce[0][i] *= std::fma(g0, e, (F)1);
-              prod_ce[1][i] *= std::fma(g1, e, (F)1);
-              acc_ce[0][i] += d >= (F)0 ? g0 * ad : (F)0;
-              acc_ce[1][i] += d >= (F)0 ? (F)0 : g1 * ad;
-            }
-            if constexpr (HAS_II) {
-              const F wi = keep ? (F)1 : (F)0;
-              p0 *= wi;
-              p1 *= wi;
-            }
-            acc_p[0][i] += p0;
-            acc_p[1][i] += p1;
-            acc_pg[0][i] += p0 * g0;
-            acc_pg[1][i] += p1 * g1;
-            acc_g[0][i] += g0;
-            acc_g[1][i] += g1;
-          }
-        };
-        using One = std::integral_constant<int, 1>;
-        using Two = std::integral_constant<int, 2>;
-        if (interleaved) {
-          if (has_ii)
-            run(std::true_type{}, Two{});
-          else
-            run(std::false_type{}, Two{});
-        } else {
-          if (has_ii)
-            run(std::true_type{}, One{});
-          else
-            run(std::false_type{}, One{});
-        }
-        if (nf)
-          poison_softmax2_inf(TILE, [&](int c, int i) {
-            return (F)load_val(r0 + c * P.logits_stride_c + i * P.logits_stride_n);
-          }, acc_p);
-        nonfinite += nf;
-        bad += nb;
-        if constexpr (CE)
-          if (++tiles_since_fold == FOLD_TILES) {
-            fold_products();
-            tiles_since_fold = 0;
           }
       } else if (two_class_softmax) {
         // Fused two-class path on a tail or strided tile: one exp per voxel.
