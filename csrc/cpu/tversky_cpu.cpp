@@ -32,19 +32,18 @@ constexpr int64_t CHUNK = 16384;  // voxels per work item; fixed => deterministi
 constexpr int MAX_C = 32;       // larger C is routed to the torch backend (ops/cpu.py)
 
 // Lanes of a tile whose accumulators the fused two-class forward holds in registers at
-// once (see fused2_forward_blocks): two vectors of the target, so ten accumulators fit
-// the register file (32 zmm with AVX-512, 16 ymm/xmm otherwise) beside the exp's
-// temporaries. Only the loop order depends on it, not the result: each lane still sums
-// the same voxels in the same order.
+// once (the blocked loop in forward_impl). With AVX-512's 32 zmm registers: two vectors,
+// so the ten accumulators fit beside the exp's constants. Elsewhere (16 registers) the
+// whole tile, i.e. the plain tile-by-tile loop: measured here, narrower groups made gcc
+// emit loops 2x (AVX2, baseline) and 1.5x (AVX-512, one vector) slower. Only the loop
+// order depends on it, not the result: each lane sums the same voxels in the same order.
 #if defined(__AVX512F__)
-constexpr int VEC_BYTES = 64;
-#elif defined(__AVX__)
-constexpr int VEC_BYTES = 32;
-#else
-constexpr int VEC_BYTES = 16;
-#endif
 template <typename F>
-constexpr int LANE_GROUP = (VEC_BYTES >= 64 ? 2 : 1) * VEC_BYTES / (int)sizeof(F);
+constexpr int LANE_GROUP = 128 / (int)sizeof(F);
+#else
+template <typename F>
+constexpr int LANE_GROUP = TILE;
+#endif
 static_assert(TILE % LANE_GROUP<float> == 0 && TILE % LANE_GROUP<double> == 0);
 
 struct bf16 {
@@ -546,8 +545,8 @@ void forward_impl(const TverskyParams& P) {
                   // (p_hi is class 1 when d >= 0); g0, g1 are already 0 on ignored voxels.
                   const F d = x1 - x0;
                   const F ad = std::abs(d);
-                  pc0[i] *= std::fma(g0, e, (F)1);
-                  pc1[i] *= std::fma(g1, e, (F)1);
+                  pc0[i] *= g0 * e + (F)1;  // exact: g is 0 or 1
+                  pc1[i] *= g1 * e + (F)1;
                   ce0[i] += d >= (F)0 ? g0 * ad : (F)0;
                   ce1[i] += d >= (F)0 ? (F)0 : g1 * ad;
                 }
