@@ -192,7 +192,7 @@ def test_compound_overhead(benchmark, case, threads, device, request):
     try:
         if threads == "1":
             torch.set_num_threads(1)
-        benchmark.pedantic(one_round, rounds=30, iterations=1, warmup_rounds=2)
+        benchmark.pedantic(one_round, rounds=60, iterations=1, warmup_rounds=2)
     finally:
         torch.set_num_threads(n)
     med = {k: statistics.median(v[2:]) for k, v in times.items()}  # minus warm-up
