@@ -811,8 +811,11 @@ void backward_impl(const TverskyParams& P) {
         for (int i = 0; i < TILE; ++i) w[i] = 1.f;
       } else {
         load_labels<TT>(P, b, n0, n, y, w);
-        for (int64_t c = 0; c < C; ++c)
-          for (int i = 0; i < TILE; ++i) u[c][i] = A[c] + (y[i] == (int32_t)c ? Bc[c] : (F)0);
+        for (int64_t c = 0; c < C; ++c) {
+          // scalars, not masked loads of A[c]/Bc[c] per lane: gcc vectorises this form
+          const F ac = A[c], bc = Bc[c];
+          for (int i = 0; i < TILE; ++i) u[c][i] = ac + (y[i] == (int32_t)c ? bc : (F)0);
+        }
       }
       // chain rule through the activation, written back into u as dL/dlogit
       if (CE && P.activation == TV_SOFTMAX) {
