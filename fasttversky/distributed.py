@@ -2,10 +2,14 @@
 
 The Tversky index is a ratio of sums, so the loss of a batch split over ranks is not
 the mean of the per-rank losses. ``gather_stats`` all-gathers the per-sample
-statistics ``stats`` (B_r, C, 3) = [sum_pg, sum_p, sum_g] of every rank and
+statistics ``stats`` (B_r, C, S) of every rank — [sum_pg, sum_p, sum_g], plus the
+cross-entropy's sum (and, for sigmoid, its voxel count) when ``ce_weight > 0`` — and
 concatenates them along the batch, in rank order; every rank then evaluates the
 loss of the global batch (B = Σ_r B_r), the same number on every rank, equal to the
-single-process loss on the concatenated batch (``batch=True`` pools over all of it).
+single-process loss on the concatenated batch (``batch=True`` pools over all of it;
+the CE is the mean over the global batch's voxels). nnU-Net's DDP trainer instead
+averages each rank's own loss (its CE a per-rank mean), which differs from this when
+ranks hold different numbers of labelled voxels.
 
 Gradient scaling. Let L(s_0, …, s_{W-1}) be the global loss and s_r rank r's stats.
 Single-process training computes dL/dθ = Σ_r ∂L/∂s_r · ∂s_r/∂θ. Each rank runs
@@ -17,7 +21,7 @@ gradient is then W · ∂L/∂s_r · ∂s_r/∂θ, and DDP's average over the W 
 average would be 1/W too small.) If you reduce gradients yourself with a SUM instead
 of DDP's mean, divide the loss by the world size.
 
-The sum in backward is a SUM all-reduce of a (B, C, 3) float64 tensor per step:
+The sum in backward is a SUM all-reduce of a (B, C, S) float64 tensor per step:
 negligible next to DDP's gradient all-reduce. Ranks may hold different batch sizes.
 """
 

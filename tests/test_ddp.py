@@ -54,7 +54,15 @@ def _worker(rank: int, port: int, errors):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         image, label = _global_batch(0)
-        for kwargs in (dict(), dict(batch=True), dict(gamma=0.75, include_background=False)):
+        for kwargs in (
+            dict(),
+            dict(batch=True),
+            dict(gamma=0.75, include_background=False),
+            # the CE term's sums and voxel counts are gathered like the Tversky sums:
+            # its mean is over the global batch's voxels, as in one process
+            dict(ce_weight=1.0, ce_class_weights=[0.3, 1.0]),
+            dict(ce_weight=0.5, activation="sigmoid", batch=True),
+        ):
             # Single process, whole batch.
             single = _model()
             loss_ref = fasttversky.tversky_loss(single(image), label, backend="torch", **kwargs)

@@ -208,7 +208,7 @@ def test_cli_train_preset_with_transplants_then_predict_and_evaluate(tmp_path, c
     assert settings["data"]["augment"] == "default"
     assert settings["train"]["lr_schedule"] == "poly"
     # the preset's window is kept; min_lesion_size from the preset
-    assert settings["predict"]["window"] == [48, 48, 48]
+    assert settings["predict"]["window"] == [64, 64, 64]
     assert settings["predict"]["min_lesion_size"] == 10
     assert json.loads((run / "transplants.json").read_text())["subjects"] == ["subject01+patient01"]
     assert sorted(x.name for x in run.glob("step_*.pt")) == ["step_000001.pt", "step_000002.pt"]
