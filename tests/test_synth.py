@@ -8,7 +8,7 @@ import pytest
 from conftest import SHARED_DATA
 from scipy import ndimage as ndi
 
-from fasttversky.app.data import find_subjects, load_subject
+from fasttversky.app.data import find_subjects, load_subject, save_volume
 from fasttversky.app.data.synth import (
     CSF,
     WM,
@@ -133,3 +133,27 @@ def test_transplant_dataset_from_shared_data(tmp_path):
     _, mask, _ = load_subject(subs[0])
     assert mask.shape == (182, 218, 182)
     assert 1e-4 < stats[0]["lesion_fraction"] < 1e-2
+
+
+def test_transplant_dataset_skips_own_and_excluded_masks(tmp_path):
+    """`synth --brains B --lesion-masks M`: a mask named like a brain (its own lesions) or
+    listed in exclude (a held-out patient) never becomes a training subject."""
+    shape = (32, 40, 32)
+    write_phantom_dataset(tmp_path / "brains", n_subjects=1, shape=shape, seed=3)
+    for name, seed in (("subject01", 1), ("patient05", 5), ("patient09", 9)):
+        p = make_phantom(shape, seed, lesion_fraction=3e-3)
+        save_volume(tmp_path / "masks" / f"{name}.nii.gz", p.mask, p.affine)
+    stats = write_transplant_dataset(
+        tmp_path / "out", tmp_path / "brains", tmp_path / "masks", exclude=["PATIENT09"]
+    )
+    assert [s["lesion_mask"] for s in stats] == ["patient05.nii.gz"]
+    meta = json.loads((tmp_path / "out" / "synth.json").read_text())
+    assert meta["skipped_masks"] == ["patient09.nii.gz", "subject01.nii.gz"]
+    assert meta["contrast"] == "wide"
+    with pytest.raises(ValueError, match="besides the skipped"):
+        write_transplant_dataset(
+            tmp_path / "out2",
+            tmp_path / "brains",
+            tmp_path / "masks",
+            exclude=["patient05", "patient09"],
+        )

@@ -177,6 +177,8 @@ def cmd_synth(args) -> int:
         keep_skull=args.keep_skull,
         brains=args.brains,
         lesion_masks=args.lesion_masks,
+        exclude_masks=args.exclude_masks,
+        contrast=args.contrast,
         progress=not args.quiet,
     )
     fr = [s["lesion_fraction"] for s in stats]
@@ -425,6 +427,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-skull", action="store_true", help="keep scalp and skull")
     p.add_argument("--brains", help="transplant mode: dataset folder of real brains")
     p.add_argument("--lesion-masks", help="transplant mode: folder of lesion-mask NIfTI files")
+    p.add_argument(
+        "--exclude-masks",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="transplant mode: also skip these masks (e.g. held-out test patients); masks "
+        "named like one of the brains are always skipped [default: none]",
+    )
+    p.add_argument(
+        "--contrast",
+        choices=["wide", "typical"],
+        default="wide",
+        help="transplant mode: lesion contrast drawn per lesion from faint to bright (wide, "
+        "as the lesion-cpu preset trains) or one typical contrast per subject "
+        "[default: wide]",
+    )
 
     defaults = RunSettings()
     p = _sub(

@@ -170,10 +170,14 @@ def synth(
     keep_skull: bool = False,
     brains: str | Path | None = None,
     lesion_masks: str | Path | None = None,
+    exclude_masks: Sequence[str] = (),
+    contrast: str = "wide",
     progress: bool = True,
 ) -> list[dict]:
     """Write a phantom dataset (or, with ``brains`` and ``lesion_masks``, real lesion
-    masks transplanted into real brains) -> per-subject stats (``lesion_fraction``...)."""
+    masks transplanted into real brains) -> per-subject stats (``lesion_fraction``...).
+    Transplant mode skips masks named like a brain or in ``exclude_masks``; ``contrast``
+    "wide" (per-lesion, faint to bright, as ``lesion-cpu`` trains) or "typical"."""
     from .data import synth as synth_mod
 
     if n is not None and n < 1:
@@ -183,6 +187,8 @@ def synth(
     if brains or lesion_masks:
         if not (brains and lesion_masks):
             raise ConfigError("brains", "and --lesion-masks go together (transplant mode)")
+        if contrast not in ("wide", "typical"):
+            raise ConfigError("contrast", f"must be 'wide' or 'typical', got {contrast!r}")
         return synth_mod.write_transplant_dataset(
             out,
             brains,
@@ -190,6 +196,8 @@ def synth(
             n_subjects=n,
             seed=seed,
             progress=lambda it: progress_bar(it, "transplant", progress),
+            exclude=exclude_masks,
+            wide=contrast == "wide",
         )
     if len(shape) != 3 or min(shape) < 8:
         raise ConfigError("shape", f"must be 3 sizes >= 8, got {list(shape)}")

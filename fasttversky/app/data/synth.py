@@ -414,20 +414,33 @@ def write_transplant_dataset(
     n_subjects: int | None = None,
     seed: int = 0,
     progress: Callable | None = None,
+    exclude: Sequence[str] = (),
+    wide: bool = True,
 ) -> list[dict]:
-    """Transplant every mask in ``lesion_masks`` (a folder of NIfTI masks) into the
+    """Transplant the masks in ``lesion_masks`` (a folder of NIfTI masks) into the
     subjects of ``brains`` (a dataset folder), cycling through the brains.
 
     Output subject ``<brain>_<mask>`` per pair; ``n_subjects`` limits how many. Masks
-    must be on the brains' grid (the shared data: both in MNI 182×218×182).
+    must be on the brains' grid (the shared data: both in MNI 182×218×182). A mask
+    named like one of the brains (``<name>.nii(.gz)``: that brain's own lesions, already
+    in it) or like a name in ``exclude`` (e.g. held-out test patients, whose lesion
+    shapes must not reach training) is skipped. ``wide``: per-lesion contrast over
+    :data:`WIDE_LESION_FACTOR`, as the ``lesion-cpu`` training transplants (else one
+    typical contrast per subject).
     """
     out = Path(out)
     subjects = find_subjects(brains, DEFAULT_MODALITIES, require_mask=False)
-    mask_files = sorted(
+    banned = {s.name.lower() for s in subjects} | {n.lower() for n in exclude}
+    all_masks = sorted(
         p for p in Path(lesion_masks).iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
     )
+    mask_files = [p for p in all_masks if p.name.split(".")[0].lower() not in banned]
+    skipped = [p.name for p in all_masks if p not in mask_files]
     if not mask_files:
-        raise ValueError(f"{lesion_masks}: no .nii/.nii.gz lesion masks found")
+        raise ValueError(
+            f"{lesion_masks}: no .nii/.nii.gz lesion masks found"
+            + (f" besides the skipped {', '.join(skipped)}" if skipped else "")
+        )
     n = len(mask_files) if n_subjects is None else int(n_subjects)
     stats = []
     loaded: dict[int, tuple] = {}
@@ -446,7 +459,15 @@ def write_transplant_dataset(
                 f"{subjects[b].name} {img.shape[1:]}; masks must be on its grid"
             )
         images = dict(zip(subjects[b].modalities, img, strict=False))
-        new_imgs, mask = transplant(images, own, lm, np.random.default_rng((seed, i)))
+        new_imgs, mask = transplant(
+            images,
+            own,
+            lm,
+            np.random.default_rng((seed, i)),
+            factors=WIDE_LESION_FACTOR if wide else None,
+            severity=(0.0, 1.0) if wide else (0.3, 0.8),
+            per_lesion=wide,
+        )
         stem = mpath.name.split(".")[0]
         name = f"{subjects[b].name}_{stem}"
         _write_subject(out / name, new_imgs, mask, aff)
@@ -460,6 +481,15 @@ def write_transplant_dataset(
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "synth.json").write_text(
-        json.dumps({"mode": "transplant", "seed": seed, "subjects": stats}, indent=1)
+        json.dumps(
+            {
+                "mode": "transplant",
+                "seed": seed,
+                "contrast": "wide" if wide else "typical",
+                "skipped_masks": skipped,
+                "subjects": stats,
+            },
+            indent=1,
+        )
     )
     return stats
