@@ -63,9 +63,10 @@ PRESETS: dict[str, Preset] = {
     # `train DATA --preset lesion-cpu --transplant-masks MASKS` and `reproduce --preset
     # lesion-cpu --data DATA --transplant-masks MASKS --transplant-n 28`. 64³ patches and
     # 1,800 steps: the scale at which the hand-tuned run generalised to a patient
-    # outside ../shared (0.75 DSC), ~26 min on an idle 2-core CPU at 2 threads (0.85 s per
-    # step measured); 48³ × 600 steps (the first version) was what a loaded machine
-    # allowed and scored far lower. Poly decay so that the last weights are annealed;
+    # outside ../shared (0.75 DSC); ~29 min on an idle 2-core CPU at 2 threads (1,723 s
+    # measured). 48³ × 600 steps (the first version) was what a loaded machine allowed; on
+    # the shared patients the two are within seed noise of each other (lesion_cpu.md).
+    # Poly decay so that the last weights are annealed;
     # components < 10 voxels (10 mm³) removed.
     "lesion-cpu": Preset(
         6,
@@ -86,7 +87,7 @@ PRESETS: dict[str, Preset] = {
             ),
             predict=PredictConfig(window=[64, 64, 64], min_lesion_size=10),
         ),
-        "real MS data on a 2-core CPU (~26 min per model when idle): 144×176×144 crop, "
+        "real MS data on a 2-core CPU (~29 min per model when idle): 144×176×144 crop, "
         "3-level U-Net with 8 features + instance norm, 2 × 64³ augmented patches (70 % on "
         "lesions), 1,800 Adam steps at lr 3e-3 with poly decay, Gaussian 64³ windows, "
         "components < 10 voxels removed; use with --transplant-masks",
