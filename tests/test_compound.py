@@ -123,7 +123,6 @@ def test_channels_last_two_class(backend):
     check_against_reference(*_on(backend, x, t), backend, ce_weight=1.0, ignore_index=255)
 
 
-
 @pytest.mark.parametrize("layout", ["planar", "channels_last"])
 @pytest.mark.parametrize("ignore", [None, 255])
 def test_two_class_many_blocks(layout, ignore, monkeypatch):

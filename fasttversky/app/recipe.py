@@ -69,16 +69,6 @@ class LesionCpuRecipe:
     threads: int | None = None
 
 
-def _mask_files(mask_dir: str | Path) -> list[Path]:
-    mask_dir = Path(mask_dir)
-    if not mask_dir.is_dir():
-        raise ValueError(f"transplant masks folder {mask_dir} does not exist")
-    files = sorted(p for p in mask_dir.iterdir() if p.name.lower().endswith((".nii", ".nii.gz")))
-    if not files:
-        raise ValueError(f"{mask_dir}: no .nii/.nii.gz lesion masks found")
-    return files
-
-
 def transplanted_subjects(
     brains: Sequence,
     mask_dir: str | Path,
@@ -101,12 +91,11 @@ def transplanted_subjects(
     z-scored and cropped like the real ones. Mask i depends only on (seed, i).
     """
     from .data import load_subject, load_volume, prepare_arrays
-    from .data.synth import WIDE_LESION_FACTOR, transplant
+    from .data.synth import WIDE_LESION_FACTOR, lesion_mask_files, transplant
 
     if not brains:
         raise ValueError("transplanted_subjects needs at least one brain")
-    banned = {n.lower() for n in exclude} | {b.name.lower() for b in brains}
-    files = [f for f in _mask_files(mask_dir) if f.name.split(".")[0].lower() not in banned]
+    files, _ = lesion_mask_files(mask_dir, [*exclude, *(b.name for b in brains)])
     out = []
     cache: dict = {}
     it = list(enumerate(files))

@@ -407,6 +407,31 @@ def write_phantom_dataset(
     return stats
 
 
+def lesion_mask_files(
+    mask_dir: str | Path, skip_names: Sequence[str] = ()
+) -> tuple[list[Path], list[str]]:
+    """The .nii/.nii.gz lesion masks of ``mask_dir`` to transplant -> (paths, sorted;
+    names of the skipped files). A mask named like one of ``skip_names``
+    (``<name>.nii(.gz)``, case-insensitive) is skipped: a brain's own lesions are already
+    in it, and a held-out patient's lesion shapes must not reach training. ValueError
+    when the folder is missing or no mask is left."""
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise ValueError(f"transplant masks folder {mask_dir} does not exist")
+    banned = {n.lower() for n in skip_names}
+    all_masks = sorted(
+        p for p in mask_dir.iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
+    )
+    kept = [p for p in all_masks if p.name.split(".")[0].lower() not in banned]
+    skipped = [p.name for p in all_masks if p not in kept]
+    if not kept:
+        raise ValueError(
+            f"{mask_dir}: no .nii/.nii.gz lesion masks found"
+            + (f" besides the skipped {', '.join(skipped)}" if skipped else "")
+        )
+    return kept, skipped
+
+
 def write_transplant_dataset(
     out: str | Path,
     brains: str | Path,
@@ -430,17 +455,9 @@ def write_transplant_dataset(
     """
     out = Path(out)
     subjects = find_subjects(brains, DEFAULT_MODALITIES, require_mask=False)
-    banned = {s.name.lower() for s in subjects} | {n.lower() for n in exclude}
-    all_masks = sorted(
-        p for p in Path(lesion_masks).iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
+    mask_files, skipped = lesion_mask_files(
+        lesion_masks, [s.name for s in subjects] + list(exclude)
     )
-    mask_files = [p for p in all_masks if p.name.split(".")[0].lower() not in banned]
-    skipped = [p.name for p in all_masks if p not in mask_files]
-    if not mask_files:
-        raise ValueError(
-            f"{lesion_masks}: no .nii/.nii.gz lesion masks found"
-            + (f" besides the skipped {', '.join(skipped)}" if skipped else "")
-        )
     n = len(mask_files) if n_subjects is None else int(n_subjects)
     stats = []
     loaded: dict[int, tuple] = {}
