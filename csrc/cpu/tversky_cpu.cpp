@@ -487,9 +487,10 @@ void forward_impl(const TverskyParams& P) {
         // labels are read straight from memory, one exp per voxel, nothing stored per
         // voxel. Blocks of KT tiles are walked one lane group at a time, so that the
         // group's ten accumulators (six sums, four for the CE) stay in registers over
-        // the block instead of being loaded and stored once per tile: that store traffic
-        // was what the CE accumulators added. Each lane sums the same voxels in the same
-        // order as a tile-by-tile loop, so the result does not depend on LANE_GROUP.
+        // the block instead of being loaded and stored once per tile (measured: 2-5 %
+        // on the AVX-512 forward; the CE's cost is its arithmetic, not these stores).
+        // Each lane sums the same voxels in the same order as a tile-by-tile loop, so
+        // the result does not depend on LANE_GROUP.
         using L = label_int_t<TT>;
         using U = std::make_unsigned_t<L>;
         constexpr int G = LANE_GROUP<F>;
