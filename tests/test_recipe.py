@@ -221,3 +221,61 @@ def test_cli_train_preset_with_transplants_then_predict_and_evaluate(tmp_path, c
     capsys.readouterr()
     assert main(["evaluate", str(pred), "--data", str(tmp_path / "data"), "--quiet"]) == 0
     assert "lesion F1" in capsys.readouterr().out
+
+
+def _lesion_severities(p, imgs, labels, n, table):
+    """Per lesion and modality, the severity read back from the lesion core's contrast."""
+    out = []
+    for k in range(1, n + 1):
+        core = ndi.binary_erosion(labels == k, iterations=1)
+        row = {}
+        for m, (f0, f1) in table.items():
+            r = imgs[m][core].mean() / p.images[m][core].mean()
+            row[m] = (r - f0) / (f1 - f0)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_per_modality_severity_decouples_the_modalities(seed):
+    # Real lesions are not one-parameter (black on T1 yet only moderately bright on
+    # FLAIR): per_modality draws each modality's severity on its own; without it one
+    # severity moves all three together.
+    p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
+    deep = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
+        p.mask.astype(bool), iterations=2
+    )
+    extra = np.zeros(SHAPE, bool)
+    for x, y, z in np.ndindex(9, 11, 9):  # separate 5³ cubes wholly in deep WM
+        box = np.s_[x * 7 + 1 : x * 7 + 6, y * 7 + 1 : y * 7 + 6, z * 7 + 1 : z * 7 + 6]
+        if deep[box].all():
+            extra[box] = True
+    labels, n = ndi.label(extra, structure=np.ones((3, 3, 3), bool))
+    coupled, indep = (
+        _lesion_severities(
+            p,
+            transplant(
+                p.images,
+                p.mask,
+                extra.astype(np.uint8),
+                np.random.default_rng(seed),
+                factors=WIDE_LESION_FACTOR,
+                severity=(0.0, 1.0),
+                per_lesion=True,
+                per_modality=per_modality,
+            )[0],
+            labels,
+            n,
+            WIDE_LESION_FACTOR,
+        )
+        for per_modality in (False, True)
+    )
+    assert len(coupled) >= 8
+
+    def corr(rows):  # correlation over lesions of each pair of modalities' severities
+        u = np.array([[r[m] for m in WIDE_LESION_FACTOR] for r in rows])
+        c = np.corrcoef(u.T)
+        return c[np.triu_indices(len(c), 1)]
+
+    assert corr(coupled).min() > 0.85  # one severity, read back through noise and blending
+    assert np.abs(corr(indep)).max() < 0.7  # three independent draws per lesion

@@ -304,13 +304,17 @@ def transplant(
     factors: dict[str, tuple[float, float]] | None = None,
     severity: tuple[float, float] = (0.3, 0.8),
     per_lesion: bool = False,
+    per_modality: bool = False,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Write ``lesion_mask`` into a real brain by changing contrast inside it.
 
     factors: modality -> (factor at severity 0, at severity 1) relative to normal WM
     (default ``_LESION_FACTOR``; :data:`WIDE_LESION_FACTOR` spans faint to bright
     lesions); severity: the uniform range a severity is drawn from; per_lesion: draw
-    one severity per connected lesion (26-connectivity) instead of one per subject.
+    one severity per connected lesion (26-connectivity) instead of one per subject;
+    per_modality: draw each modality's severity independently (real lesions are not
+    one-parameter: a lesion can be black on T1 but only moderately bright on FLAIR),
+    instead of one severity moving every modality together.
 
     images: modality -> (X, Y, Z) float32 (needs T1 for the WM estimate); own_mask the
     brain's own lesions (kept: the label is their union); lesion_mask (X, Y, Z) on the
@@ -334,24 +338,27 @@ def transplant(
     w *= new | (w > 0.3)
     w *= brain
     table = _LESION_FACTOR if factors is None else factors
+    n_fields = len(images) if per_modality else 1
     if per_lesion:
         # Severity field: each lesion's own draw, carried into its blurred border by
         # the nearest lesion voxel (so a border blends towards its own lesion's value).
         labels, n = ndi.label(new, structure=np.ones((3, 3, 3), bool))
-        draws = rng.uniform(*severity, size=n + 1)
-        u = np.full(new.shape, draws[0], np.float32)
+        draws = rng.uniform(*severity, size=(n_fields, n + 1))
+        u = [np.full(new.shape, d[0], np.float32) for d in draws]
         if n:
             bb = ndi.find_objects((w > 0).astype(np.uint8))[0]
             sub = labels[bb]
             near = ndi.distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
-            u[bb] = draws[sub[tuple(near)]]
+            nearest = sub[tuple(near)]
+            for f, d in zip(u, draws, strict=True):
+                f[bb] = d[nearest]
     else:
-        u = rng.uniform(*severity)
+        u = list(rng.uniform(*severity, size=n_fields))
     out = {}
-    for m, img in images.items():
+    for k, (m, img) in enumerate(images.items()):
         if m in table:
             f0, f1 = table[m]
-            factor = f0 + (f1 - f0) * u
+            factor = f0 + (f1 - f0) * u[k if per_modality else 0]
         else:  # an unknown extra modality keeps its contrast
             factor = 1.0
         std = float(np.std(img[wm]))
