@@ -8,7 +8,8 @@ import pytest
 from conftest import SHARED_DATA
 from scipy import ndimage as ndi
 
-from fasttversky.app.data import find_subjects, load_subject, save_volume
+from fasttversky.app.config import TRANSPLANT_CONTRASTS
+from fasttversky.app.data import find_subjects, load_subject, save_volume, synth
 from fasttversky.app.data.synth import (
     CSF,
     WM,
@@ -120,6 +121,29 @@ def test_transplant_changes_contrast_inside_mask():
     far = ~ndi.binary_dilation(new, iterations=3)
     for m in imgs:  # untouched away from the transplanted lesions
         np.testing.assert_array_equal(imgs[m][far], p.images[m][far])
+
+
+@pytest.mark.parametrize("name", TRANSPLANT_CONTRASTS)
+def test_named_contrast_modes_stay_in_their_tables(name):
+    """Every mode the CLI offers exists in synth, and its lesions' contrast (deep WM
+    cores, relative to the untouched image) lies inside its factor table's range."""
+    assert set(TRANSPLANT_CONTRASTS) == set(synth.TRANSPLANT_CONTRASTS)
+    options = synth.transplant_contrast(name)
+    table = options["factors"] or synth._LESION_FACTOR
+    p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
+    deep_wm = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
+        p.mask.astype(bool), iterations=2
+    )
+    extra = np.zeros(SHAPE, np.uint8)
+    extra[16:48, 20:60, 30:50] = 1
+    extra &= deep_wm.astype(np.uint8)
+    imgs, mask = transplant(p.images, p.mask, extra, np.random.default_rng(1), **options)
+    core = ndi.binary_erosion(mask.astype(bool) & ~p.mask.astype(bool), iterations=2)
+    for m, (f0, f1) in table.items():
+        r = imgs[m][core].mean() / p.images[m][core].mean()
+        assert min(f0, f1) - 0.1 < r < max(f0, f1) + 0.1, (m, r)
+    with pytest.raises(ValueError, match="contrast must be one of"):
+        synth.transplant_contrast("faint")
 
 
 @pytest.mark.data

@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import (
+    TRANSPLANT_CONTRASTS,
     DataConfig,
     ModelConfig,
     PredictConfig,
@@ -437,11 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--contrast",
-        choices=["wide", "typical"],
+        choices=list(TRANSPLANT_CONTRASTS),
         default="wide",
-        help="transplant mode: lesion contrast drawn per lesion from faint to bright (wide, "
-        "as the lesion-cpu preset trains) or one typical contrast per subject "
-        "[default: wide]",
+        help="transplant mode: lesion contrast: typical = one per subject, FLAIR ~1.35x "
+        "white matter; wide = one per lesion, FLAIR 1.1-1.9x; varied = one per lesion and "
+        "modality, FLAIR 1.2-1.7x [default: wide]",
     )
 
     defaults = RunSettings()

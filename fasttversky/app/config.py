@@ -50,7 +50,9 @@ LR_SCHEDULES = ("step", "poly")  # StepLR (the paper's) or nnU-Net's poly decay
 DEFAULT_MODALITIES: dict[str, str] = {"T1": "t1", "T2": "t2", "FLAIR": "flair"}
 DEFAULT_MASK_PATTERN = "mask"
 AUGMENTS = ("none", "default")  # DataConfig.augment
-TRANSPLANT_CONTRASTS = ("typical", "wide")  # DataConfig.transplant_contrast
+# DataConfig.transplant_contrast; the modes are defined in data.synth.TRANSPLANT_CONTRASTS
+# (this module stays numpy-free for the CLI's help; a test keeps the two in step)
+TRANSPLANT_CONTRASTS = ("typical", "wide", "varied")
 WEIGHTINGS = ("gaussian", "uniform")  # sliding-window combination
 MIRRORS = {"none": (), "lr": (0,), "all": (0, 1, 2)}  # test-time mirroring axes
 
@@ -164,7 +166,8 @@ class DataConfig:
     transplant_contrast: str = _opt(
         "typical",
         "contrast of transplanted lesions (--transplant-masks): typical = one severity per "
-        "subject around FLAIR 1.35x white matter; wide = one per lesion, FLAIR 1.1-1.9x",
+        "subject around FLAIR 1.35x white matter; wide = one per lesion, FLAIR 1.1-1.9x; "
+        "varied = one per lesion and modality, FLAIR 1.2-1.7x (faint end above cortex)",
         choices=TRANSPLANT_CONTRASTS,
     )
 

@@ -78,13 +78,12 @@ def transplant_augmenter(
 
     Masks named like a test subject (``masks/patient19.nii.gz`` when patient19 is
     tested) are never used, so no test lesion reaches training in another brain.
-    ``contrast``: "typical" (one severity per subject) or "wide" (one per lesion over
-    :data:`~fasttversky.app.data.synth.WIDE_LESION_FACTOR`).
+    ``contrast``: a mode of :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`.
     """
     from .data import load_subject, load_volume, prepare_arrays
-    from .data.synth import WIDE_LESION_FACTOR, transplant
+    from .data.synth import transplant, transplant_contrast
 
-    wide = {"factors": WIDE_LESION_FACTOR, "severity": (0.0, 1.0), "per_lesion": True}
+    options = transplant_contrast(contrast)
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise DataError(f"transplant mask folder {mask_dir} does not exist or is not a folder")
@@ -108,7 +107,7 @@ def transplant_augmenter(
                 own,
                 lm,
                 np.random.default_rng((seed, fold, j)),
-                **(wide if contrast == "wide" else {}),
+                **options,
             )
             extra.append(
                 prepare_arrays(

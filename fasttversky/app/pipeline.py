@@ -33,7 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MIRRORS, DataConfig, PredictConfig, RunSettings, check_threshold
+from .config import (
+    MIRRORS,
+    TRANSPLANT_CONTRASTS,
+    DataConfig,
+    PredictConfig,
+    RunSettings,
+    check_threshold,
+)
 from .data.io import Subject, find_subjects, load_volume
 from .errors import ConfigError, DataError
 from .metrics import METRIC_NAMES
@@ -177,7 +184,7 @@ def synth(
     """Write a phantom dataset (or, with ``brains`` and ``lesion_masks``, real lesion
     masks transplanted into real brains) -> per-subject stats (``lesion_fraction``...).
     Transplant mode skips masks named like a brain or in ``exclude_masks``; ``contrast``
-    "wide" (per-lesion, faint to bright, as ``lesion-cpu`` trains) or "typical"."""
+    a mode of :data:`fasttversky.app.config.TRANSPLANT_CONTRASTS`."""
     from .data import synth as synth_mod
 
     if n is not None and n < 1:
@@ -187,8 +194,10 @@ def synth(
     if brains or lesion_masks:
         if not (brains and lesion_masks):
             raise ConfigError("brains", "and --lesion-masks go together (transplant mode)")
-        if contrast not in ("wide", "typical"):
-            raise ConfigError("contrast", f"must be 'wide' or 'typical', got {contrast!r}")
+        if contrast not in TRANSPLANT_CONTRASTS:
+            raise ConfigError(
+                "contrast", f"must be one of {list(TRANSPLANT_CONTRASTS)}, got {contrast!r}"
+            )
         return synth_mod.write_transplant_dataset(
             out,
             brains,
@@ -197,7 +206,7 @@ def synth(
             seed=seed,
             progress=lambda it: progress_bar(it, "transplant", progress),
             exclude=exclude_masks,
-            wide=contrast == "wide",
+            contrast=contrast,
         )
     if len(shape) != 3 or min(shape) < 8:
         raise ConfigError("shape", f"must be 3 sizes >= 8, got {list(shape)}")
@@ -291,7 +300,6 @@ def train_run(
     if transplant_masks is not None:
         from .recipe import transplanted_subjects
 
-        wide = settings.data.transplant_contrast == "wide"
         try:
             extra = transplanted_subjects(
                 [s for s in subjects if not hasattr(s, "image")],
@@ -299,9 +307,7 @@ def train_run(
                 exclude,
                 target_shape=settings.data.target_shape,
                 seed=settings.train.seed,
-                severity=(0.0, 1.0) if wide else (0.3, 0.8),
-                per_lesion=wide,
-                wide=wide,
+                contrast=settings.data.transplant_contrast,
                 progress=(lambda it: progress_bar(it, "transplant", True)) if progress else None,
             )
         except ValueError as e:

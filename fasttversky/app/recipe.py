@@ -63,8 +63,7 @@ class LesionCpuRecipe:
     seed: int = _PRESET.train.seed
     keep_every: int = _PRESET.train.keep_every
     augment: dict = field(default_factory=dict)  # AugmentConfig fields; {} = defaults
-    transplant_severity: tuple[float, float] = (0.0, 1.0)  # the preset's "wide" contrast
-    transplant_per_lesion: bool = True
+    transplant_contrast: str = _PRESET.data.transplant_contrast  # synth.TRANSPLANT_CONTRASTS
     window: tuple[int, int, int] = tuple(_PRESET.predict.window)
     threads: int | None = None
 
@@ -76,25 +75,24 @@ def transplanted_subjects(
     *,
     target_shape: Sequence[int] | None = None,
     seed: int = 0,
-    severity: tuple[float, float] = (0.0, 1.0),
-    per_lesion: bool = True,
-    wide: bool = True,
+    contrast: str = "wide",
     progress: Callable | None = None,
 ) -> list:
     """Every mask of ``mask_dir`` transplanted into ``brains`` (cycling), in memory.
 
     brains: :class:`fasttversky.app.data.Subject` s (read from disk, one at a time);
     exclude: subject names whose mask file (``<name>.nii(.gz)``) must not be used —
-    pass every patient of the fold. ``wide``: lesion contrast factors
-    :data:`~fasttversky.app.data.synth.WIDE_LESION_FACTOR` (else the typical ones).
+    pass every patient of the fold. ``contrast``: a mode of
+    :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`.
     Returns PreparedSubjects named ``<brain>+<mask>``,
     z-scored and cropped like the real ones. Mask i depends only on (seed, i).
     """
     from .data import load_subject, load_volume, prepare_arrays
-    from .data.synth import WIDE_LESION_FACTOR, lesion_mask_files, transplant
+    from .data.synth import lesion_mask_files, transplant, transplant_contrast
 
     if not brains:
         raise ValueError("transplanted_subjects needs at least one brain")
+    options = transplant_contrast(contrast)
     files, _ = lesion_mask_files(mask_dir, [*exclude, *(b.name for b in brains)])
     out = []
     cache: dict = {}
@@ -115,9 +113,7 @@ def transplanted_subjects(
             own,
             lm,
             np.random.default_rng((seed, i)),
-            factors=WIDE_LESION_FACTOR if wide else None,
-            severity=severity,
-            per_lesion=per_lesion,
+            **options,
         )
         name = f"{brain.name}+{path.name.split('.')[0]}"
         out.append(prepare_arrays(name, np.stack(list(imgs.values())), mask, aff, target_shape))
@@ -170,8 +166,7 @@ def train_recipe(
             exclude,
             target_shape=recipe.target_shape,
             seed=recipe.seed,
-            severity=recipe.transplant_severity,
-            per_lesion=recipe.transplant_per_lesion,
+            contrast=recipe.transplant_contrast,
             progress=bar,
         )
     subjects = prepared + extra

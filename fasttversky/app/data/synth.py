@@ -60,6 +60,40 @@ _LESION_FACTOR = {"T1": (0.9, 0.65), "T2": (1.45, 1.85), "FLAIR": (1.25, 1.45)}
 # (the default factors give FLAIR 1.31–1.39× for the severities transplant draws).
 WIDE_LESION_FACTOR = {"T1": (1.0, 0.55), "T2": (1.2, 2.2), "FLAIR": (1.1, 1.9)}
 
+# "varied": each modality drawn on its own per lesion, and the faint end kept above
+# cortical grey matter. Measured on the shared patients (2026-12-02, vs normal WM):
+# cortex is FLAIR 1.09-1.14x, T2 1.19-1.27x, T1 0.68-0.74x, so a "wide" lesion at its
+# faint end (FLAIR 1.1x) looks like cortex, and a model trained on such lesions marked
+# cortex as lesion on the other patient; real missed lesions were T1 0.61x / T2 2.07x /
+# FLAIR 1.35x, which one severity moving all modalities never produces.
+VARIED_LESION_FACTOR = {"T1": (1.0, 0.55), "T2": (1.3, 2.2), "FLAIR": (1.2, 1.7)}
+
+# Named contrast modes of transplanted lesions -> the keyword arguments of transplant():
+# the one place a mode is defined (synth --contrast, train/reproduce --transplant-masks,
+# the lesion-cpu recipe all look it up here).
+TRANSPLANT_CONTRASTS: dict[str, dict] = {
+    # one severity per subject in the typical band (FLAIR 1.31-1.41x)
+    "typical": {"factors": None, "severity": (0.3, 0.8), "per_lesion": False},
+    # one severity per lesion, faint (FLAIR 1.1x) to bright (1.9x), modalities coupled
+    "wide": {"factors": WIDE_LESION_FACTOR, "severity": (0.0, 1.0), "per_lesion": True},
+    # per lesion and per modality, faint end above cortex (FLAIR 1.2-1.7x)
+    "varied": {
+        "factors": VARIED_LESION_FACTOR,
+        "severity": (0.0, 1.0),
+        "per_lesion": True,
+        "per_modality": True,
+    },
+}
+
+
+def transplant_contrast(name: str) -> dict:
+    """Keyword arguments of :func:`transplant` for a named contrast mode
+    (:data:`TRANSPLANT_CONTRASTS`); ValueError naming the choices otherwise."""
+    if name not in TRANSPLANT_CONTRASTS:
+        raise ValueError(f"contrast must be one of {sorted(TRANSPLANT_CONTRASTS)}, got {name!r}")
+    return dict(TRANSPLANT_CONTRASTS[name])
+
+
 LESION_FRACTION_RANGE = (1.2e-4, 6.5e-3)  # inside the 0.01–0.7 % of the README
 
 
@@ -447,7 +481,7 @@ def write_transplant_dataset(
     seed: int = 0,
     progress: Callable | None = None,
     exclude: Sequence[str] = (),
-    wide: bool = True,
+    contrast: str = "wide",
 ) -> list[dict]:
     """Transplant the masks in ``lesion_masks`` (a folder of NIfTI masks) into the
     subjects of ``brains`` (a dataset folder), cycling through the brains.
@@ -456,10 +490,10 @@ def write_transplant_dataset(
     must be on the brains' grid (the shared data: both in MNI 182×218×182). A mask
     named like one of the brains (``<name>.nii(.gz)``: that brain's own lesions, already
     in it) or like a name in ``exclude`` (e.g. held-out test patients, whose lesion
-    shapes must not reach training) is skipped. ``wide``: per-lesion contrast over
-    :data:`WIDE_LESION_FACTOR`, as the ``lesion-cpu`` training transplants (else one
-    typical contrast per subject).
+    shapes must not reach training) is skipped. ``contrast``: a mode of
+    :data:`TRANSPLANT_CONTRASTS`.
     """
+    options = transplant_contrast(contrast)
     out = Path(out)
     subjects = find_subjects(brains, DEFAULT_MODALITIES, require_mask=False)
     mask_files, skipped = lesion_mask_files(
@@ -488,9 +522,7 @@ def write_transplant_dataset(
             own,
             lm,
             np.random.default_rng((seed, i)),
-            factors=WIDE_LESION_FACTOR if wide else None,
-            severity=(0.0, 1.0) if wide else (0.3, 0.8),
-            per_lesion=wide,
+            **options,
         )
         stem = mpath.name.split(".")[0]
         name = f"{subjects[b].name}_{stem}"
@@ -509,7 +541,7 @@ def write_transplant_dataset(
             {
                 "mode": "transplant",
                 "seed": seed,
-                "contrast": "wide" if wide else "typical",
+                "contrast": contrast,
                 "skipped_masks": skipped,
                 "subjects": stats,
             },
