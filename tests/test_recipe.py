@@ -137,6 +137,39 @@ def test_transplanted_subjects_leave_out_the_folds_patients(tmp_path):
         transplanted_subjects(brains, tmp_path / "nope")
 
 
+def test_reproduce_transplants_per_fold_leave_out_the_test_patients(tmp_path):
+    """`reproduce --transplant-masks M --transplant-n N`: each fold draws N masks, never
+    a test patient's or a training brain's own, reproducibly per (seed, fold)."""
+    from types import SimpleNamespace
+
+    from fasttversky.app.data import find_subjects
+    from fasttversky.app.errors import DataError
+    from fasttversky.app.experiment import transplant_augmenter
+
+    p = make_phantom(SHAPE, 1, lesion_fraction=1e-3)
+    for name in ("patient07", "patient19"):
+        for m, img in p.images.items():
+            save_volume(tmp_path / "data" / name / f"{m}.nii.gz", img, p.affine)
+        save_volume(tmp_path / "data" / name / "mask.nii.gz", p.mask, p.affine)
+    extra = _deep_wm_blocks(p).astype(np.uint8)
+    for name in ("patient01", "patient07", "patient19", "patient20", "patient21"):
+        save_volume(tmp_path / "masks" / f"{name}.nii.gz", extra, p.affine)
+    subjects = find_subjects(tmp_path / "data")
+    aug = transplant_augmenter(subjects, tmp_path / "masks", 2, 0, None, False, "varied")
+    p07, p19 = SimpleNamespace(name="patient07"), SimpleNamespace(name="patient19")
+    out = aug(0, [p07], [p19])
+    names = [s.name for s in out]
+    assert len(names) == 2 and len(set(names)) == 2
+    assert all(n.split("+")[1] in ("patient01", "patient20", "patient21") for n in names)
+    again = aug(0, [p07], [p19])
+    assert [s.name for s in again] == names
+    for a, b in zip(out, again, strict=True):
+        np.testing.assert_array_equal(a.image, b.image)
+    assert all(s.name.startswith("patient19+") for s in aug(1, [p19], [p07]))
+    with pytest.raises(DataError, match="does not exist"):
+        transplant_augmenter(subjects, tmp_path / "nope", 2, 0, None, False)
+
+
 def test_reproduce_lopo_end_to_end_on_tiny_phantoms(tmp_path):
     from fasttversky.app.data import find_subjects
     from fasttversky.app.data.synth import write_phantom_dataset

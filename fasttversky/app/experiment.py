@@ -80,45 +80,26 @@ def transplant_augmenter(
     tested) are never used, so no test lesion reaches training in another brain.
     ``contrast``: a mode of :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`.
     """
-    from .data import load_subject, load_volume, prepare_arrays
-    from .data.synth import transplant, transplant_contrast
+    from .data.synth import lesion_mask_files
+    from .recipe import transplanted_subjects
 
-    options = transplant_contrast(contrast)
-    mask_dir = Path(mask_dir)
-    if not mask_dir.is_dir():
-        raise DataError(f"transplant mask folder {mask_dir} does not exist or is not a folder")
+    try:  # a missing or empty folder fails here, before any fold trains
+        lesion_mask_files(mask_dir)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     by_name = {s.name: s for s in subjects}
-    files = sorted(p for p in mask_dir.iterdir() if p.name.lower().endswith((".nii", ".nii.gz")))
-    if not files:
-        raise DataError(f"{mask_dir}: no .nii/.nii.gz lesion masks to transplant")
 
     def augment(fold, train_set, test_set):
-        banned = {p.name for p in test_set} | {p.name for p in train_set}
-        usable = [f for f in files if f.name.split(".")[0] not in banned]
-        rng = np.random.default_rng((seed, fold))
-        picks = rng.choice(len(usable), size=min(n_per_fold, len(usable)), replace=False)
-        extra = []
-        for j, k in enumerate(progress_bar(picks, f"transplant fold {fold + 1}", progress)):
-            brain = train_set[j % len(train_set)]
-            img, own, aff = load_subject(by_name[brain.name])
-            lm, _ = load_volume(usable[k], kind="mask")
-            imgs, mask = transplant(
-                dict(zip(by_name[brain.name].modalities, img, strict=True)),
-                own,
-                lm,
-                np.random.default_rng((seed, fold, j)),
-                **options,
-            )
-            extra.append(
-                prepare_arrays(
-                    f"{brain.name}+{usable[k].name.split('.')[0]}",
-                    np.stack(list(imgs.values())),
-                    mask,
-                    aff,
-                    target_shape,
-                )
-            )
-        return extra
+        return transplanted_subjects(
+            [by_name[p.name] for p in train_set],
+            mask_dir,
+            exclude=[p.name for p in test_set],
+            target_shape=target_shape,
+            seed=(seed, fold),
+            contrast=contrast,
+            n=n_per_fold,
+            progress=lambda it: progress_bar(it, f"transplant fold {fold + 1}", progress),
+        )
 
     return augment
 

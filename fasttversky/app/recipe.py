@@ -74,17 +74,19 @@ def transplanted_subjects(
     exclude: Sequence[str] = (),
     *,
     target_shape: Sequence[int] | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     contrast: str = "wide",
+    n: int | None = None,
     progress: Callable | None = None,
 ) -> list:
-    """Every mask of ``mask_dir`` transplanted into ``brains`` (cycling), in memory.
+    """The masks of ``mask_dir`` transplanted into ``brains`` (cycling), in memory.
 
     brains: :class:`fasttversky.app.data.Subject` s (read from disk, one at a time);
     exclude: subject names whose mask file (``<name>.nii(.gz)``) must not be used —
     pass every patient of the fold. ``contrast``: a mode of
-    :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`.
-    Returns PreparedSubjects named ``<brain>+<mask>``,
+    :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`. ``n``: use a random
+    subset of n masks (drawn from ``seed``) instead of all. ``seed``: an int or a tuple
+    of ints (e.g. (seed, fold)). Returns PreparedSubjects named ``<brain>+<mask>``,
     z-scored and cropped like the real ones. Mask i depends only on (seed, i).
     """
     from .data import load_subject, load_volume, prepare_arrays
@@ -94,6 +96,12 @@ def transplanted_subjects(
         raise ValueError("transplanted_subjects needs at least one brain")
     options = transplant_contrast(contrast)
     files, _ = lesion_mask_files(mask_dir, [*exclude, *(b.name for b in brains)])
+    seeds = (seed,) if isinstance(seed, int) else tuple(seed)
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        picks = np.random.default_rng(seeds).choice(len(files), min(n, len(files)), False)
+        files = [files[k] for k in picks]
     out = []
     cache: dict = {}
     it = list(enumerate(files))
@@ -112,7 +120,7 @@ def transplanted_subjects(
             dict(zip(brain.modalities, img, strict=False)),
             own,
             lm,
-            np.random.default_rng((seed, i)),
+            np.random.default_rng((*seeds, i)),
             **options,
         )
         name = f"{brain.name}+{path.name.split('.')[0]}"
