@@ -28,8 +28,9 @@ def sweep(tmp_path_factory):
     return out
 
 
-def _independent_metrics(out, a, b):
-    """Pooled metrics of one setting recomputed from the saved fold models."""
+def _independent_metrics(out, a, b, run=""):
+    """Pooled metrics of one setting recomputed from the saved fold models
+    (``runs/<slug><run>_fold<k>``)."""
     import torch
 
     from fasttversky.app.data import find_subjects, prepare_subject
@@ -39,7 +40,7 @@ def _independent_metrics(out, a, b):
     fold = folds_of([s.name for s in subjects], 2)
     probs, targets = {}, {}
     for k in range(2):
-        model, settings = load_run(out / "runs" / f"{setting_slug(a, b)}_fold{k}")
+        model, settings = load_run(out / "runs" / f"{setting_slug(a, b)}{run}_fold{k}")
         assert (settings.train.alpha, settings.train.beta) == (a, b)
         for s in subjects:
             if fold[s.name] == k:  # predicted by the model that did not see it
@@ -124,3 +125,33 @@ def test_pr_curve_data_matches_sklearn(sweep):
         assert r[-1] == pytest.approx(1.0) and np.all(np.diff(r) > 0)
         ap = float(np.sum(np.diff(np.concatenate([[0.0], r])) * p))
         assert ap == pytest.approx(float(rows[(a, b)]["apr"]), rel=1e-9)
+
+
+def test_sweep_repeated_over_seeds_reports_spread_and_ci(tmp_path):
+    """`reproduce --seeds 0 1`: each seed's pooled scores are those of its own fold
+    models; the setting's score is their mean, with sd and a bootstrap CI in the table."""
+    from fasttversky.app.lesion_metrics import summarize
+
+    out = tmp_path / "rep"
+    argv = ["reproduce", "--preset", "tiny", "--out", str(out), "--quiet"]
+    assert main(argv + ["--settings", "0.3,0.7", "--seeds", "0", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1]
+    (r,) = res["results"]
+    assert [p["seed"] for p in r["per_seed"]] == [0, 1]
+    assert r["per_seed"][0]["apr"] != r["per_seed"][1]["apr"]  # the seeds trained apart
+    for p in r["per_seed"]:
+        want = _independent_metrics(out, 0.3, 0.7, f"_seed{p['seed']}")
+        for k in ("tp", "fp", "fn", "tn"):
+            assert p[k] == want[k], k
+        for k in ("dsc", "sensitivity", "specificity", "f2", "apr"):
+            assert p[k] == pytest.approx(want[k], rel=1e-9, nan_ok=True), k
+    for k in ("dsc", "apr", "lesion_f1"):
+        vals = [p[k] for p in r["per_seed"]]
+        assert r[k] == pytest.approx(np.mean(vals), rel=1e-12, nan_ok=True)
+        want = summarize(vals)
+        assert r["over_seeds"][k]["sd"] == pytest.approx(want["sd"], nan_ok=True)
+        assert r["over_seeds"][k]["ci95"] == pytest.approx(list(want["ci95"]), nan_ok=True)
+    table = (out / "table.md").read_text()
+    assert "DSC over seeds" in table and "seeds [0, 1]" in table
+    assert main(argv + ["--settings", "0.3,0.7", "--seeds", "1", "1"]) == 2

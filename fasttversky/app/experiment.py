@@ -4,8 +4,9 @@ weights (α, β), written as Table 1 (``table.md``/``table.csv``), Fig. 2 (``pr_
 
 * :func:`reproduce` — the whole experiment on a dataset folder or on phantoms of a
   preset (:mod:`fasttversky.app.presets`); what ``fasttversky reproduce`` calls.
-* :func:`run_sweep` — train/predict every (α, β) × fold, then :func:`write_table` and
-  :func:`write_figures`.
+* :func:`run_sweep` — train/predict every (α, β) × seed × fold, then
+  :func:`write_table` and :func:`write_figures`; with several seeds each setting also
+  gets mean ± sd and a bootstrap 95 % CI over seeds of its pooled scores.
 * :func:`transplant_augmenter` — adds real lesion masks transplanted into each fold's
   training brains to that fold's training set.
 """
@@ -24,6 +25,7 @@ import numpy as np
 
 from .config import RunSettings, check_threshold
 from .errors import ConfigError, DataError
+from .lesion_metrics import summarize
 from .metrics import METRIC_NAMES
 from .pipeline import (
     evaluate_volumes,
@@ -51,7 +53,14 @@ __all__ = [
 # The paper's sweep (Table 1): (alpha, beta), alpha weighs false positives, beta false
 # negatives; (0.5, 0.5) is the Dice loss.
 PAPER_SETTINGS = ((0.5, 0.5), (0.4, 0.6), (0.3, 0.7), (0.2, 0.8), (0.1, 0.9))
-TABLE_COLUMNS = ["Penalties", *METRIC_NAMES.values(), "DSC per subject"]
+LESION_COLUMNS = {
+    "lesion_tpr": "lesion TPR",
+    "lesion_precision": "lesion prec.",
+    "lesion_f1": "lesion F1",
+}
+TABLE_COLUMNS = ["Penalties", *METRIC_NAMES.values(), "DSC per subject", *LESION_COLUMNS.values()]
+# Scores summarised over seeds (mean, sd, bootstrap CI) when a sweep repeats its runs.
+SEED_KEYS = (*METRIC_NAMES, *LESION_COLUMNS)
 
 
 def setting_label(a: float, b: float) -> str:
@@ -109,6 +118,15 @@ def folds_of(names: Sequence[str], folds: int) -> dict[str, int]:
     return {n: i % folds for i, n in enumerate(names)}
 
 
+def check_seeds(seeds: Sequence[int] | None, default: int) -> list[int]:
+    """The training seeds of a sweep: ``[default]`` for None; ConfigError unless
+    distinct integers >= 0."""
+    seeds = [default] if seeds is None else [int(x) for x in seeds]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError("seeds", f"must be distinct integers >= 0, got {seeds}")
+    return seeds
+
+
 def run_sweep(
     subjects,
     base: RunSettings,
@@ -119,6 +137,7 @@ def run_sweep(
     progress: bool = True,
     title: str = "",
     augment: Callable | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict:
     """Cross-validated sweep over (alpha, beta): table, PR figure, overlays -> summary dict
     (also written to ``out/results.json``).
@@ -126,7 +145,14 @@ def run_sweep(
     Subjects are split into ``folds`` interleaved folds (sorted names, i::folds); every
     subject is predicted by the model that did not see it, and metrics are pooled over
     all subjects (plus per-subject DSC mean ± sd). ``augment(fold, train, test)``, if
-    given, returns extra PreparedSubjects added to that fold's training set.
+    given, returns extra PreparedSubjects added to that fold's training set (drawn once:
+    every seed trains on the same data).
+
+    ``seeds``: training seeds (initialisation, patch sampling, augmentation) to repeat
+    every setting with [default: ``base.train.seed`` only]. With several, a setting's
+    scores are the mean over seeds of each seed's pooled scores, ``per_seed`` holds
+    those, and ``over_seeds[key]`` their :func:`~fasttversky.app.lesion_metrics.summarize`
+    (mean, sd, bootstrap 95 % CI); the PR curve and overlays are those of the first seed.
     """
     if folds < 2:
         raise ConfigError("folds", f"must be >= 2, got {folds}")
@@ -137,6 +163,7 @@ def run_sweep(
     check_threshold(threshold)
     if not settings_list:
         raise ConfigError("settings", "needs at least one (alpha, beta) pair")
+    seeds = check_seeds(seeds, base.train.seed)
     runs = [
         with_default_window(replace(base, train=replace(base.train, alpha=a, beta=b)))
         for a, b in settings_list
@@ -153,47 +180,68 @@ def run_sweep(
         tr = [p for p in prepared if fold_of[p.name] != k]
         te = [p for p in prepared if fold_of[p.name] == k]
         extra[k] = augment(k, tr, te) if augment is not None else []
+    targets = {p.name: p.full_mask for p in prepared}
     results, curves, preds, losses = [], {}, {}, {}
     for (a, b), s in zip(settings_list, runs, strict=True):
         label = setting_label(a, b)
-        probs = {}
-        for k in range(folds):
-            train_set = [p for p in prepared if fold_of[p.name] != k] + extra[k]
-            test_set = [p for p in prepared if fold_of[p.name] == k]
-            if progress:
-                print(
-                    f"[{label}] fold {k + 1}/{folds}: train on {len(train_set)}, "
-                    f"test on {len(test_set)}",
-                    file=sys.stderr,
+        per_seed, per_subject = [], []
+        for seed in seeds:
+            run = replace(s, train=replace(s.train, seed=seed))
+            tag = label + (f" seed {seed}" if len(seeds) > 1 else "")
+            slug = setting_slug(a, b) + (f"_seed{seed}" if len(seeds) > 1 else "")
+            probs = {}
+            for k in range(folds):
+                train_set = [p for p in prepared if fold_of[p.name] != k] + extra[k]
+                test_set = [p for p in prepared if fold_of[p.name] == k]
+                if progress:
+                    print(
+                        f"[{tag}] fold {k + 1}/{folds}: train on {len(train_set)}, "
+                        f"test on {len(test_set)}",
+                        file=sys.stderr,
+                    )
+                model, res = train_run(
+                    train_set, run, out / "runs" / f"{slug}_fold{k}", progress=progress
                 )
-            model, res = train_run(
-                train_set, s, out / "runs" / f"{setting_slug(a, b)}_fold{k}", progress=progress
-            )
-            losses[f"{label} fold {k + 1}"] = res.losses
-            for p in test_set:
-                probs[p.name] = predict_prepared(model, p, s)
-        targets = {p.name: p.full_mask for p in prepared}
-        rows, c = evaluate_volumes(probs, targets, threshold, s.predict.min_lesion_size)
-        pooled = rows[-1]
-        dscs = np.array([r["dsc"] for r in rows[:-1]], dtype=float)
+                losses[f"{tag} fold {k + 1}"] = res.losses
+                for p in test_set:
+                    probs[p.name] = predict_prepared(model, p, run)
+            rows, c = evaluate_volumes(probs, targets, threshold, s.predict.min_lesion_size)
+            per_seed.append({"seed": seed, **rows[-1]})
+            per_subject += [{"seed": seed, **r} for r in rows[:-1]]
+            if seed == seeds[0]:
+                curves[label] = c["pooled"]
+                preds[label] = {n: (v >= threshold) for n, v in probs.items()}
+        dscs = np.array([r["dsc"] for r in per_subject], dtype=float)
+        counts = ("tp", "fp", "fn", "tn", "n_true", "n_detected", "n_pred")
         results.append(
             {
                 "alpha": a,
                 "beta": b,
                 "label": label,
-                **{k: pooled[k] for k in (*METRIC_NAMES, "tp", "fp", "fn", "tn")},
-                **{k: pooled[k] for k in ("lesion_tpr", "lesion_precision", "lesion_f1")},
+                "seeds": seeds,
+                **{k: float(np.mean([r[k] for r in per_seed])) for k in SEED_KEYS},
+                **{k: _mean_count([r[k] for r in per_seed]) for k in counts},
                 "dsc_mean": float(np.nanmean(dscs)),
                 "dsc_sd": float(np.nanstd(dscs)),
-                "per_subject": rows[:-1],
+                "per_subject": per_subject,
+                "per_seed": per_seed,
+                **(
+                    {"over_seeds": {k: summarize([r[k] for r in per_seed]) for k in SEED_KEYS}}
+                    if len(seeds) > 1
+                    else {}
+                ),
             }
         )
-        curves[label] = c["pooled"]
-        preds[label] = {n: (v >= threshold) for n, v in probs.items()}
     seconds = time.perf_counter() - t0
     header = (f"{title}\n\n" if title else "") + (
         f"{folds}-fold cross-validation over {len(prepared)} subjects; metrics pooled over all "
-        f"test voxels at threshold {threshold}, in %; sweep time {seconds:.0f} s.\n\n"
+        f"test voxels at threshold {threshold}, in %"
+        + (
+            f"; each the mean over seeds {seeds} of the pooled score"
+            if len(seeds) > 1
+            else f"; seed {seeds[0]}"
+        )
+        + f"; sweep time {seconds:.0f} s.\n\n"
     )
     table = write_table(results, out, header)
     show = max(prepared, key=lambda p: int(p.full_mask.sum()))  # most lesions: best overlay
@@ -214,6 +262,7 @@ def run_sweep(
         "title": title,
         "subjects": [p.name for p in prepared],
         "folds": folds,
+        "seeds": seeds,
         "augmented_training": {k: [p.name for p in v] for k, v in extra.items()},
         "threshold": threshold,
         "seconds": seconds,
@@ -226,26 +275,64 @@ def run_sweep(
     return summary
 
 
+def _mean_count(values: list) -> int | float:
+    """A count over seeds: itself for one seed, the mean for several."""
+    return int(values[0]) if len(values) == 1 else float(np.mean(values))
+
+
+def _over_seeds_cell(s: dict) -> str:
+    """'mean ± sd [CI low, high]' in % of a summarize() dict ('n/a' where no seed had
+    a finite value, e.g. lesion F1 of runs that predicted nothing)."""
+    lo, hi = s["ci95"]
+    if not np.isfinite(s["mean"]):
+        return "n/a"
+    if not np.isfinite(s["sd"]):
+        return f"{100 * s['mean']:.1f} (n = {s['n']})"
+    return f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
 def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
     """Table 1: ``out/table.md`` (values in %, with ``header`` above) and ``out/table.csv``
-    (fractions and counts) from :func:`run_sweep`'s results -> the Markdown table."""
+    (fractions and counts) from :func:`run_sweep`'s results -> the Markdown table.
+    Results repeated over seeds add the columns "DSC over seeds" and "lesion F1 over
+    seeds": mean ± sd [bootstrap 95 % CI of the mean]."""
     out = Path(out)
+    repeated = any("over_seeds" in r for r in results)
     rows = [
         {
             "Penalties": r["label"],
             **{METRIC_NAMES[k]: pct(r[k]) for k in METRIC_NAMES},
+            **{v: pct(r[k]) for k, v in LESION_COLUMNS.items()},
             "DSC per subject": f"{100 * r['dsc_mean']:.2f} ± {100 * r['dsc_sd']:.2f}",
+            **(
+                {
+                    f"{name} over seeds": _over_seeds_cell(r["over_seeds"][key])
+                    for key, name in (("dsc", "DSC"), ("lesion_f1", "lesion F1"))
+                    if "over_seeds" in r
+                }
+            ),
         }
         for r in results
     ]
-    table = markdown_table(rows, TABLE_COLUMNS)
+    columns = TABLE_COLUMNS + (["DSC over seeds", "lesion F1 over seeds"] if repeated else [])
+    table = markdown_table(rows, columns)
     (out / "table.md").write_text(header + table + "\n")
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
-        keys = [*METRIC_NAMES, "dsc_mean", "dsc_sd", "tp", "fp", "fn", "tn"]
-        w.writerow(["alpha", "beta", *keys])
+        keys = [*METRIC_NAMES, *LESION_COLUMNS, "dsc_mean", "dsc_sd", "tp", "fp", "fn", "tn"]
+        spread = [f"{k}_{x}" for k in SEED_KEYS for x in ("sd", "ci_lo", "ci_hi")]
+        w.writerow(["alpha", "beta", "seeds", *keys, *(spread if repeated else [])])
         for r in results:
-            w.writerow([r["alpha"], r["beta"], *(r[k] for k in keys)])
+            o = r.get("over_seeds", {})
+            extra = [
+                v
+                for k in SEED_KEYS
+                for v in ((o[k]["sd"], *o[k]["ci95"]) if k in o else ("", "", ""))
+            ]
+            seeds = " ".join(str(x) for x in r.get("seeds", []))
+            w.writerow(
+                [r["alpha"], r["beta"], seeds, *(r[k] for k in keys), *(extra if repeated else [])]
+            )
     return table
 
 
@@ -318,10 +405,12 @@ def reproduce(
     threshold: float = 0.5,
     transplant_masks: str | Path | None = None,
     transplant_n: int = 0,
+    seeds: Sequence[int] | None = None,
     progress: bool = True,
 ) -> dict:
     """The experiment on ``data`` or, without it, on the preset's phantoms (synthesised
-    into ``out/data`` unless already there) -> :func:`run_sweep`'s summary."""
+    into ``out/data`` unless already there) -> :func:`run_sweep`'s summary; ``seeds``
+    repeats every setting with these training seeds (see :func:`run_sweep`)."""
     from .data import synth as synth_mod
     from .presets import PRESETS
 
@@ -332,6 +421,7 @@ def reproduce(
         raise ConfigError("n_subjects", f"must be >= --folds ({folds}), got {n_subjects}")
     if transplant_n < 0:
         raise ConfigError("transplant_n", f"must be >= 0, got {transplant_n}")
+    check_seeds(seeds, base.train.seed)
     check_threshold(threshold)
     for s in (replace(base, train=replace(base.train, alpha=a, beta=b)) for a, b in settings_list):
         s.validate()
@@ -375,4 +465,5 @@ def reproduce(
         progress=progress,
         title=title,
         augment=augment,
+        seeds=seeds,
     )
