@@ -129,7 +129,7 @@ def test_named_contrast_modes_stay_in_their_tables(name):
     cores, relative to the untouched image) lies inside its factor table's range."""
     assert set(TRANSPLANT_CONTRASTS) == set(synth.TRANSPLANT_CONTRASTS)
     options = synth.transplant_contrast(name)
-    table = options["factors"] or synth._LESION_FACTOR
+    table = options["factors"] or synth.LESION_FACTOR
     p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
     deep_wm = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
         p.mask.astype(bool), iterations=2

@@ -11,9 +11,9 @@ never imports this package. Where each concern lives:
 * ``experiment`` the paper's (alpha, beta) sweep, Table 1 / Fig. 2 writers, transplants
 * ``bench``      the packaged loss benchmark behind ``fasttversky bench``
 * ``models``     UNet3D; ``training``: train loop, checkpoints, predict, inference
-* ``data``       NIfTI subjects (io), transforms, dataset/batches, augment, phantoms (synth)
+* ``data``       NIfTI subjects (io), transforms, dataset/batches, augment, phantoms and
+  real-mask transplants (synth)
 * ``metrics``, ``lesion_metrics``, ``plots``: evaluation and figures
-* ``recipe``     the lesion-cpu real-data recipe
 
 Nothing is imported here, so ``fasttversky.app.cli`` starts without torch.
 """

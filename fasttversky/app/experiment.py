@@ -89,8 +89,7 @@ def transplant_augmenter(
     tested) are never used, so no test lesion reaches training in another brain.
     ``contrast``: a mode of :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`.
     """
-    from .data.synth import lesion_mask_files
-    from .recipe import transplanted_subjects
+    from .data.synth import lesion_mask_files, transplanted_subjects
 
     try:  # a missing or empty folder fails here, before any fold trains
         lesion_mask_files(mask_dir)

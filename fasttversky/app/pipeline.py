@@ -298,7 +298,7 @@ def train_run(
         raise DataError(f"subjects without a lesion mask cannot be trained on: {missing}")
     extra = []
     if transplant_masks is not None:
-        from .recipe import transplanted_subjects
+        from .data.synth import transplanted_subjects
 
         try:
             extra = transplanted_subjects(

@@ -9,7 +9,10 @@ reads (``out/subjectNN/{T1,T2,FLAIR,mask}.nii.gz``):
   ventricles, and white-matter lesions. T1/T2/FLAIR come from per-tissue intensities
   mixed with partial-volume weights, a smooth bias field and Rician noise.
 * :func:`transplant` — a real lesion mask written into a real brain by changing the
-  T1/T2/FLAIR contrast inside it (both in the same MNI grid, as in the shared data).
+  T1/T2/FLAIR contrast inside it (both in the same MNI grid, as in the shared data);
+  :func:`write_transplant_dataset` writes such subjects, :func:`transplanted_subjects`
+  keeps them in memory as extra training subjects; the contrast modes are
+  :data:`TRANSPLANT_CONTRASTS`.
 
 Lesion statistics follow the Ljubljana MS data (see ``open_ms_data/README.md``):
 lesion load 0.01–0.7 % of the volume (log-uniform, so small loads are as common as in
@@ -50,7 +53,7 @@ _TISSUE_MEANS = {
 # Lesion intensity = factor × normal-appearing WM; factor ranges over "lesion severity"
 # u ∈ [0, 1] (more tissue destruction: darker T1, brighter T2/FLAIR). Mid-range values
 # match the measured ratios FLAIR 1.35, T2 1.5–1.8, T1 0.8.
-_LESION_FACTOR = {"T1": (0.9, 0.65), "T2": (1.45, 1.85), "FLAIR": (1.25, 1.45)}
+LESION_FACTOR = {"T1": (0.9, 0.65), "T2": (1.45, 1.85), "FLAIR": (1.25, 1.45)}
 
 # Wider factors for training data: real lesions are not all "typical". Measured and
 # published FLAIR lesion/NAWM ratios run from barely visible (~1.1, small or old
@@ -70,7 +73,7 @@ VARIED_LESION_FACTOR = {"T1": (1.0, 0.55), "T2": (1.3, 2.2), "FLAIR": (1.2, 1.7)
 
 # Named contrast modes of transplanted lesions -> the keyword arguments of transplant():
 # the one place a mode is defined (synth --contrast, train/reproduce --transplant-masks,
-# the lesion-cpu recipe all look it up here).
+# transplanted_subjects all look it up here).
 TRANSPLANT_CONTRASTS: dict[str, dict] = {
     # one severity per subject in the typical band (FLAIR 1.31-1.41x)
     "typical": {"factors": None, "severity": (0.3, 0.8), "per_lesion": False},
@@ -298,7 +301,7 @@ def make_phantom(
             img += frac[t] * means[t]
         texture = 1.0 + 0.03 * _smooth_noise(shape, 2.0, rng)
         img *= texture
-        f0, f1 = _LESION_FACTOR[m]
+        f0, f1 = LESION_FACTOR[m]
         lesion_val = means[WM] * (f0 + (f1 - f0) * sev)
         img = (1.0 - w_lesion) * img + w_lesion * lesion_val
         img *= np.exp(bias * _smooth_noise(shape, 60.0 / vs[0], rng))
@@ -343,7 +346,7 @@ def transplant(
     """Write ``lesion_mask`` into a real brain by changing contrast inside it.
 
     factors: modality -> (factor at severity 0, at severity 1) relative to normal WM
-    (default ``_LESION_FACTOR``; :data:`WIDE_LESION_FACTOR` spans faint to bright
+    (default ``LESION_FACTOR``; :data:`WIDE_LESION_FACTOR` spans faint to bright
     lesions); severity: the uniform range a severity is drawn from; per_lesion: draw
     one severity per connected lesion (26-connectivity) instead of one per subject;
     per_modality: draw each modality's severity independently (real lesions are not
@@ -371,7 +374,7 @@ def transplant(
     w = np.clip(ndi.gaussian_filter(new.astype(np.float32), 0.6) * 1.6, 0, 1)
     w *= new | (w > 0.3)
     w *= brain
-    table = _LESION_FACTOR if factors is None else factors
+    table = LESION_FACTOR if factors is None else factors
     n_fields = len(images) if per_modality else 1
     if per_lesion:
         # Severity field: each lesion's own draw, carried into its blurred border by
@@ -473,6 +476,82 @@ def lesion_mask_files(
     return kept, skipped
 
 
+def _transplant_each(brains, mask_files, seeds, options, progress):
+    """Mask i of ``mask_files`` transplanted into brain i % len(brains) (Subjects, one
+    in memory at a time) with ``np.random.default_rng((*seeds, i))`` -> yields
+    (brain, mask path, images dict, label mask, affine)."""
+    cache: dict = {}
+    it = list(enumerate(mask_files))
+    for i, path in progress(it) if progress else it:
+        brain = brains[i % len(brains)]
+        if brain.name not in cache:
+            cache = {brain.name: load_subject(brain)}  # one brain in memory at a time
+        img, own, aff = cache[brain.name]
+        lm, _ = load_volume(path, kind="mask")
+        if lm.shape != img.shape[1:]:
+            raise ValueError(
+                f"{path}: shape {lm.shape} differs from brain {brain.name} {img.shape[1:]}; "
+                "masks must be on the brains' grid"
+            )
+        images, mask = transplant(
+            dict(zip(brain.modalities, img, strict=False)),
+            own,
+            lm,
+            np.random.default_rng((*seeds, i)),
+            **options,
+        )
+        yield brain, path, images, mask, aff
+
+
+def transplanted_subjects(
+    brains: Sequence,
+    mask_dir: str | Path,
+    exclude: Sequence[str] = (),
+    *,
+    target_shape: Sequence[int] | None = None,
+    seed: int | Sequence[int] = 0,
+    contrast: str = "wide",
+    n: int | None = None,
+    progress: Callable | None = None,
+) -> list:
+    """The masks of ``mask_dir`` transplanted into ``brains`` (cycling), in memory, as
+    extra training subjects (what ``train``/``reproduce --transplant-masks`` add).
+
+    brains: :class:`fasttversky.app.data.Subject` s (read from disk, one at a time);
+    exclude: subject names whose mask file (``<name>.nii(.gz)``) must not be used —
+    pass the held-out patients; masks named like a brain are skipped too (its own
+    lesions are already in it). ``contrast``: a mode of :data:`TRANSPLANT_CONTRASTS`.
+    ``n``: a random subset of n masks (drawn from ``seed``) instead of all. ``seed``:
+    an int or a tuple of ints (e.g. (seed, fold)); mask i depends only on (seed, i).
+    Returns PreparedSubjects named ``<brain>+<mask>``, z-scored and cropped to
+    ``target_shape`` like the real ones.
+    """
+    from .dataset import prepare_arrays  # torch: only when training subjects are built
+
+    if not brains:
+        raise ValueError("transplanted_subjects needs at least one brain")
+    options = transplant_contrast(contrast)
+    files, _ = lesion_mask_files(mask_dir, [*exclude, *(b.name for b in brains)])
+    seeds = (seed,) if isinstance(seed, int) else tuple(seed)
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        picks = np.random.default_rng(seeds).choice(len(files), min(n, len(files)), False)
+        files = [files[k] for k in picks]
+    return [
+        prepare_arrays(
+            f"{brain.name}+{path.name.split('.')[0]}",
+            np.stack(list(images.values())),
+            mask,
+            aff,
+            target_shape,
+        )
+        for brain, path, images, mask, aff in _transplant_each(
+            list(brains), files, seeds, options, progress
+        )
+    ]
+
+
 def write_transplant_dataset(
     out: str | Path,
     brains: str | Path,
@@ -484,14 +563,15 @@ def write_transplant_dataset(
     contrast: str = "wide",
 ) -> list[dict]:
     """Transplant the masks in ``lesion_masks`` (a folder of NIfTI masks) into the
-    subjects of ``brains`` (a dataset folder), cycling through the brains.
+    subjects of ``brains`` (a dataset folder), cycling through the brains, and write
+    them as a dataset (:func:`transplanted_subjects` keeps them in memory instead).
 
-    Output subject ``<brain>_<mask>`` per pair; ``n_subjects`` limits how many. Masks
-    must be on the brains' grid (the shared data: both in MNI 182×218×182). A mask
-    named like one of the brains (``<name>.nii(.gz)``: that brain's own lesions, already
-    in it) or like a name in ``exclude`` (e.g. held-out test patients, whose lesion
-    shapes must not reach training) is skipped. ``contrast``: a mode of
-    :data:`TRANSPLANT_CONTRASTS`.
+    Output subject ``<brain>_<mask>`` per pair; ``n_subjects`` limits how many (or
+    cycles the masks again). Masks must be on the brains' grid (the shared data: both
+    in MNI 182×218×182). A mask named like one of the brains (``<name>.nii(.gz)``: that
+    brain's own lesions, already in it) or like a name in ``exclude`` (e.g. held-out
+    test patients, whose lesion shapes must not reach training) is skipped.
+    ``contrast``: a mode of :data:`TRANSPLANT_CONTRASTS`.
     """
     options = transplant_contrast(contrast)
     out = Path(out)
@@ -501,36 +581,16 @@ def write_transplant_dataset(
     )
     n = len(mask_files) if n_subjects is None else int(n_subjects)
     stats = []
-    loaded: dict[int, tuple] = {}
-    it = range(n)
-    for i in progress(it) if progress else it:
-        b = i % len(subjects)
-        if b not in loaded:
-            img, own, aff = load_subject(subjects[b])
-            loaded = {b: (img, own, aff)}  # keep one brain in memory at a time
-        img, own, aff = loaded[b]
-        mpath = mask_files[i % len(mask_files)]
-        lm, maff = load_volume(mpath, kind="mask")
-        if lm.shape != img.shape[1:]:
-            raise ValueError(
-                f"{mpath}: shape {lm.shape} differs from brain "
-                f"{subjects[b].name} {img.shape[1:]}; masks must be on its grid"
-            )
-        images = dict(zip(subjects[b].modalities, img, strict=False))
-        new_imgs, mask = transplant(
-            images,
-            own,
-            lm,
-            np.random.default_rng((seed, i)),
-            **options,
-        )
-        stem = mpath.name.split(".")[0]
-        name = f"{subjects[b].name}_{stem}"
-        _write_subject(out / name, new_imgs, mask, aff)
+    files = [mask_files[i % len(mask_files)] for i in range(n)]
+    for brain, mpath, images, mask, aff in _transplant_each(
+        subjects, files, (seed,), options, progress
+    ):
+        name = f"{brain.name}_{mpath.name.split('.')[0]}"
+        _write_subject(out / name, images, mask, aff)
         stats.append(
             {
                 "subject": name,
-                "brain": subjects[b].name,
+                "brain": brain.name,
                 "lesion_mask": mpath.name,
                 "lesion_fraction": float(mask.mean()),
             }

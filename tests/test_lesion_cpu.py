@@ -1,5 +1,6 @@
-"""Pieces of the lesion-cpu recipe: the poly schedule and kept checkpoints of the loop,
-per-lesion transplant contrast, and which masks are transplanted for a fold."""
+"""Pieces of the lesion-cpu preset: the poly schedule and kept checkpoints of the loop,
+per-lesion and per-modality transplant contrast, which masks are transplanted for a
+fold, and leave-one-patient-out `reproduce` over seeds."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import torch
 from scipy import ndimage as ndi
 
 from fasttversky.app.data import save_volume
-from fasttversky.app.data.synth import WIDE_LESION_FACTOR, WM, make_phantom, transplant
+from fasttversky.app.data.synth import (
+    WIDE_LESION_FACTOR,
+    WM,
+    make_phantom,
+    transplant,
+    transplanted_subjects,
+)
 from fasttversky.app.models import UNet3D
-from fasttversky.app.recipe import transplanted_subjects
 from fasttversky.app.training import TrainConfig, load_checkpoint, train
 from fasttversky.app.training.loop import POLY_POWER
 
@@ -170,53 +176,41 @@ def test_reproduce_transplants_per_fold_leave_out_the_test_patients(tmp_path):
         transplant_augmenter(subjects, tmp_path / "nope", 2, 0, None, False)
 
 
-def test_reproduce_lopo_end_to_end_on_tiny_phantoms(tmp_path):
+def test_reproduce_lesion_cpu_leave_one_out_with_seeds(tmp_path, capsys):
+    """`reproduce --preset lesion-cpu --data D --folds <n> --transplant-masks M
+    --seeds ...` is leave-one-patient-out: each fold trains on the other patient plus
+    transplants that never include the test patient's own mask (tiny sizes)."""
+    from fasttversky.app.cli import main
     from fasttversky.app.data import find_subjects
     from fasttversky.app.data.synth import write_phantom_dataset
-    from fasttversky.app.recipe import LesionCpuRecipe, load_recipe_run, reproduce_lopo
 
     shape = (32, 40, 32)
     write_phantom_dataset(
         tmp_path / "data", n_subjects=2, shape=shape, seed=0, lesion_fraction=(3e-3, 6e-3)
     )
-    subs = find_subjects(tmp_path / "data")
+    subs = [s.name for s in find_subjects(tmp_path / "data")]
     p = make_phantom(shape, 9, lesion_fraction=3e-3)
-    for name in ("patient01", subs[0].name):  # the second one must be left out
+    for name in ("patient01", subs[0]):  # subs[0]'s own mask must stay out of fold 0
         save_volume(tmp_path / "masks" / f"{name}.nii.gz", p.mask, p.affine)
-    recipe = LesionCpuRecipe(
-        target_shape=None,
-        patch_size=(16, 16, 16),
-        window=(16, 16, 16),
-        batch_size=1,
-        base_features=2,
-        levels=2,
-        steps=2,
-        keep_every=1,
+    tiny = ["--target-shape", "0", "0", "0", "--patch-size", "16", "16", "16", "--window"]
+    tiny += ["16", "16", "16", "--base-features", "2", "--levels", "2", "--steps", "2"]
+    out = tmp_path / "out"
+    args = ["reproduce", "--preset", "lesion-cpu", "--data", str(tmp_path / "data")]
+    args += ["--out", str(out), "--folds", "2", "--transplant-masks", str(tmp_path / "masks")]
+    args += ["--transplant-n", "5", "--settings", "0.3,0.7", "--seeds", "0", "1", "--quiet"]
+    assert main([*args, *tiny]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1] and res["subjects"] == subs
+    # fold k tests subs[k]; its training brain is the other patient
+    assert res["augmented_training"] == {
+        "0": [f"{subs[1]}+patient01"],
+        "1": [f"{subs[0]}+patient01"],
+    }
+    (r,) = res["results"]
+    assert sorted((x["seed"], x["subject"]) for x in r["per_subject"]) == sorted(
+        (k, n) for k in (0, 1) for n in subs
     )
-    res = reproduce_lopo(
-        subs,
-        tmp_path / "out",
-        recipe,
-        transplant_masks=tmp_path / "masks",
-        progress=False,
-        log=lambda s: None,
-    )
-    assert [r["subject"] for r in res["rows"]] == [s.name for s in subs]
-    run = tmp_path / "out" / "a0.3_b0.7" / "seed0" / f"test_{subs[0].name}"
-    meta = json.loads((run / "recipe.json").read_text())
-    assert meta["transplanted"] == [f"{subs[1].name}+patient01"]  # test's own mask left out
-    assert sorted(x.name for x in run.glob("step_*.pt")) == ["step_000001.pt", "step_000002.pt"]
-    s = res["summary"]["a0.3_b0.7"]
-    assert s["dsc"]["n"] == 1 and 0 <= s["dsc"]["mean"] <= 1
-    for r in res["rows"]:
-        assert 0 <= r["dsc"] <= 1 and r["n_true"] >= 1
-    model, rec = load_recipe_run(run)
-    assert rec.patch_size == (16, 16, 16) and not model.training
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["inference"]["window"] == [
-        16,
-        16,
-        16,
-    ]
+    assert "lesion F1 over seeds" in (out / "table.md").read_text()
 
 
 def test_cli_train_preset_with_transplants_then_predict_and_evaluate(tmp_path, capsys):
