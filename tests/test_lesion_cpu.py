@@ -226,18 +226,22 @@ def test_cli_train_preset_with_transplants_then_predict_and_evaluate(tmp_path, c
     p = make_phantom(shape, 9, lesion_fraction=3e-3)
     save_volume(tmp_path / "masks" / "patient01.nii.gz", p.mask, p.affine)
     save_volume(tmp_path / "masks" / "subject01.nii.gz", p.mask, p.affine)  # own: skipped
+    save_volume(tmp_path / "masks" / "patient09.nii.gz", p.mask, p.affine)  # excluded
     run, pred = tmp_path / "run", tmp_path / "pred"
     tiny = ["--target-shape", "0", "0", "0", "--patch-size", "16", "16", "16"]
     tiny += ["--base-features", "2", "--levels", "2", "--steps", "2", "--keep-every", "1"]
     args = ["train", str(tmp_path / "data"), "--preset", "lesion-cpu", "--out", str(run)]
-    assert main([*args, "--transplant-masks", str(tmp_path / "masks"), *tiny, "--quiet"]) == 0
+    args += ["--transplant-masks", str(tmp_path / "masks"), "--exclude-masks", "patient09"]
+    assert main([*args, "--transplant-contrast", "varied", *tiny, "--quiet"]) == 0
     settings = json.loads((run / "run.json").read_text())
     assert settings["data"]["augment"] == "default"
     assert settings["train"]["lr_schedule"] == "poly"
     # the preset's window is kept; min_lesion_size from the preset
     assert settings["predict"]["window"] == [64, 64, 64]
     assert settings["predict"]["min_lesion_size"] == 10
-    assert json.loads((run / "transplants.json").read_text())["subjects"] == ["subject01+patient01"]
+    transplants = json.loads((run / "transplants.json").read_text())
+    assert transplants["subjects"] == ["subject01+patient01"]
+    assert transplants["excluded"] == ["patient09"] and transplants["contrast"] == "varied"
     assert sorted(x.name for x in run.glob("step_*.pt")) == ["step_000001.pt", "step_000002.pt"]
     pargs = ["predict", str(tmp_path / "data"), "--model", str(run), "--out", str(pred)]
     pargs += ["--window", "16", "16", "16", "--mirror", "lr", "--min-lesion-size", "3"]

@@ -211,6 +211,7 @@ def cmd_train(args) -> int:
         resume=args.resume,
         progress=not args.quiet,
         transplant_masks=args.transplant_masks,
+        exclude=args.exclude_masks,
     )
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     print(
@@ -478,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also train on every real lesion mask in DIR transplanted into the training "
         "brains (masks named like a training subject are skipped) [default: none]",
+    )
+    p.add_argument(
+        "--exclude-masks",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="with --transplant-masks: also skip these masks, e.g. the patients you will "
+        "test on, so their lesion shapes never reach training [default: none]",
     )
     for section in SECTIONS:
         _add_fields(
