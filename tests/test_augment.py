@@ -118,6 +118,31 @@ def test_contrast_keeps_the_brain_mean():
     assert not np.allclose(x.numpy(), src)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_remap_is_monotone_and_moves_the_middle_not_the_tails(seed):
+    aug = Augmenter(AugmentConfig(**{**OFF, "p_remap": 1.0, "remap": 0.4}), PATCH)
+    img, mask = _inputs(aug, seed)
+    img[:, :, :2] = 0  # background stays 0
+    x = aug(img, mask, seed)[0].numpy()
+    src = _centre(aug, img)
+    brain = (src != 0).any(axis=0)
+    for c in range(len(src)):
+        a, b = src[c][brain], x[c][brain]
+        order = np.argsort(a, kind="stable")
+        assert (np.diff(b[order]) >= 0).all()  # monotone: no tissue overtakes another
+        q = np.percentile(a.astype(np.float64), [1, 25, 50, 75, 99])
+        tail = (a < q[0]) | (a > q[4])
+        np.testing.assert_array_equal(b[tail], a[tail])  # tails shifted by 0, not clipped
+        mid = np.abs(a - q[2]) < 0.05 * (q[4] - q[0])
+        assert np.abs(b[mid] - a[mid]).max() > 1e-3  # the middle knots moved
+        assert (x[c][~brain] == 0).all()
+    # p_remap = 0 draws nothing: the other options keep the stream they had without it
+    on = dict(p_gamma=1, p_contrast=1, p_noise=1)
+    a = Augmenter(AugmentConfig(**{**OFF, **on}), PATCH)(img, mask, seed)[0]
+    b = Augmenter(AugmentConfig(**{**OFF, **on, "p_remap": 0.0, "remap": 0.1}), PATCH)
+    assert torch.equal(a, b(img, mask, seed)[0])
+
+
 def test_dataset_patches_are_augmented_reproducibly():
     rng = np.random.default_rng(0)
     shape = (20, 24, 18)
@@ -143,6 +168,8 @@ def test_dataset_patches_are_augmented_reproducibly():
         (dict(gamma=(0, 1)), "gamma"),
         (dict(rotate_deg=90), "rotate_deg"),
         (dict(noise_std=-1), "noise_std"),
+        (dict(p_remap=2), "p_remap"),
+        (dict(remap=0.5), "remap"),
     ],
 )
 def test_config_validation(kwargs, match):

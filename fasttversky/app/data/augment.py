@@ -29,6 +29,14 @@ cores, so augmentation may cost a few tens of ms per patch):
   gamma on the brain's intensities rescaled to [0, 1] (nnU-Net / MONAI
   ``RandAdjustContrast``), contrast (scaling about the patch's brain mean), an additive
   brightness shift, and Gaussian noise with a std drawn in [0, ``noise_std``].
+  Optionally (``p_remap`` > 0) first a random monotone remapping of each modality's
+  brain intensities through its 1/25/50/75/99 % quantiles: the three inner knots move
+  by up to ``remap`` of the gap to their neighbours, so the contrast *between* tissues
+  (cortex vs white matter vs lesion) changes, not just the global scale — patients and
+  scanners differ exactly there (cortex is FLAIR 1.09× white matter in one shared
+  patient, 1.14× in the other), and gamma/contrast/brightness are global maps that
+  barely move those ratios. Values beyond the 1/99 % knots are shifted, not clipped,
+  so a bright lesion stays brighter than everything else.
 """
 
 from __future__ import annotations
@@ -55,6 +63,10 @@ class AugmentConfig:
     p_contrast, contrast: per modality, factor range for scaling about the brain mean.
     p_brightness, brightness: per modality, additive offset range (z-score units).
     p_noise, noise_std: per modality, Gaussian noise with std uniform in [0, noise_std].
+    p_remap, remap: per modality, probability of the quantile remapping and the largest
+        move of an inner knot as a fraction of the gap to its neighbour (< 0.5 keeps the
+        map monotone). With p_remap = 0 nothing is drawn for it, so the random stream
+        of the other options is that of a config without it.
     """
 
     flip_axes: tuple[int, ...] = (0,)
@@ -70,9 +82,12 @@ class AugmentConfig:
     brightness: tuple[float, float] = (-0.2, 0.2)
     p_noise: float = 0.2
     noise_std: float = 0.1
+    p_remap: float = 0.0
+    remap: float = 0.3
 
     def __post_init__(self):
-        for name in ("p_flip", "p_affine", "p_gamma", "p_contrast", "p_brightness", "p_noise"):
+        probabilities = ("p_flip", "p_affine", "p_gamma", "p_contrast", "p_brightness")
+        for name in (*probabilities, "p_noise", "p_remap"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -87,6 +102,8 @@ class AugmentConfig:
             raise ValueError(f"rotate_deg must be in [0, 45], got {self.rotate_deg}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        if not 0 <= self.remap < 0.5:
+            raise ValueError(f"remap must be in [0, 0.5), got {self.remap}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -94,6 +111,20 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, d: dict) -> AugmentConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _remap(x: np.ndarray, brain: np.ndarray, moves: np.ndarray) -> np.ndarray:
+    """Monotone piecewise-linear map of x through its brain 1/25/50/75/99 % quantiles,
+    the inner knots moved by ``moves`` (3 values in (-0.5, 0.5)) of the gap to the
+    next (> 0) or previous (< 0) knot; identity shift beyond the outer knots."""
+    q = np.percentile(x[brain].astype(np.float64), [1, 25, 50, 75, 99])
+    if not q[4] > q[0]:
+        return x
+    y = q.copy()
+    for k, m in enumerate(moves, start=1):
+        y[k] = q[k] + m * ((q[k + 1] - q[k]) if m > 0 else (q[k] - q[k - 1]))
+    inside = np.interp(x, q, y).astype(np.float32)
+    return np.where((x >= q[0]) & (x <= q[4]), inside, x).astype(np.float32)
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -209,12 +240,19 @@ class Augmenter:
         shift = float(draw(*c.brightness))
         std = float(draw(0.0, c.noise_std))
         noise_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        remap = None
+        if c.p_remap > 0:  # drawn only when enabled: see AugmentConfig
+            do_remap = bool(draw() < c.p_remap)
+            moves = draw(-c.remap, c.remap, 3).numpy()
+            remap = moves if do_remap else None
         n = int(brain.sum())
-        if not any(do) or n == 0:
+        if not (any(do) or remap is not None) or n == 0:
             return ch
         # Whole-patch arithmetic (the caller zeroes the background afterwards),
         # statistics over the brain voxels only.
         x = ch.astype(np.float32, copy=True)
+        if remap is not None:
+            x = _remap(x, brain, remap)
         if do[0]:
             lo, hi = float(x[brain].min()), float(x[brain].max())
             span = hi - lo
