@@ -173,7 +173,7 @@ def test_transplant_dataset_skips_own_and_excluded_masks(tmp_path):
     assert [s["lesion_mask"] for s in stats] == ["patient05.nii.gz"]
     meta = json.loads((tmp_path / "out" / "synth.json").read_text())
     assert meta["skipped_masks"] == ["patient09.nii.gz", "subject01.nii.gz"]
-    assert meta["contrast"] == "wide"
+    assert meta["contrast"] == "varied"
     with pytest.raises(ValueError, match="besides the skipped"):
         write_transplant_dataset(
             tmp_path / "out2",

@@ -178,7 +178,7 @@ def synth(
     brains: str | Path | None = None,
     lesion_masks: str | Path | None = None,
     exclude_masks: Sequence[str] = (),
-    contrast: str = "wide",
+    contrast: str = "varied",
     progress: bool = True,
 ) -> list[dict]:
     """Write a phantom dataset (or, with ``brains`` and ``lesion_masks``, real lesion

@@ -510,7 +510,7 @@ def transplanted_subjects(
     *,
     target_shape: Sequence[int] | None = None,
     seed: int | Sequence[int] = 0,
-    contrast: str = "wide",
+    contrast: str = "varied",
     n: int | None = None,
     progress: Callable | None = None,
 ) -> list:
@@ -560,7 +560,7 @@ def write_transplant_dataset(
     seed: int = 0,
     progress: Callable | None = None,
     exclude: Sequence[str] = (),
-    contrast: str = "wide",
+    contrast: str = "varied",
 ) -> list[dict]:
     """Transplant the masks in ``lesion_masks`` (a folder of NIfTI masks) into the
     subjects of ``brains`` (a dataset folder), cycling through the brains, and write
