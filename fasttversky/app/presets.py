@@ -69,7 +69,7 @@ PRESETS: dict[str, Preset] = {
     # Poly decay so that the last weights are annealed;
     # components < 10 voxels (10 mm³) removed. Transplant contrast "varied" (per lesion and
     # per modality, faint end above cortex) since 2026-12-02: leave-one-patient-out on
-    # patient19, seeds 0/1, DSC 72.1/74.0 % against "wide"'s 39.4/62.8/45.0 % (seeds 0-2);
+    # patient19, seeds 0/1/2, DSC 72.1/74.0/71.3 % against "wide"'s 39.4/62.8/45.0 %;
     # on patient07 both fail (2.4 vs 3.4 %, one seed each) — lesion_cpu.md, version 3.
     "lesion-cpu": Preset(
         6,
