@@ -17,6 +17,7 @@ from fasttversky.app.data.synth import (
     WM,
     make_phantom,
     transplant,
+    transplant_contrast,
     transplanted_subjects,
 )
 from fasttversky.app.models import UNet3D
@@ -71,13 +72,19 @@ def test_poly_schedule_and_kept_checkpoints(tmp_path):
 
 
 SHAPE = (64, 80, 64)
+WIDE = transplant_contrast("wide")  # one severity per lesion, modalities coupled
+
+
+def _deep_wm(p):
+    """Deep white matter (no partial volume) away from the phantom's own lesions."""
+    return ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
+        p.mask.astype(bool), iterations=2
+    )
 
 
 def _deep_wm_blocks(p):
     """Two separate blocks of deep white matter (no partial volume), as one mask."""
-    deep = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
-        p.mask.astype(bool), iterations=2
-    )
+    deep = _deep_wm(p)
     extra = np.zeros(SHAPE, bool)
     extra[16:30, 20:60, 30:50] = True
     extra[36:50, 20:60, 30:50] = True
@@ -91,13 +98,7 @@ def test_per_lesion_severity_gives_each_lesion_its_own_contrast(seed):
     labels, n = ndi.label(extra, structure=np.ones((3, 3, 3), bool))
     assert n >= 2
     imgs, mask = transplant(
-        p.images,
-        p.mask,
-        extra.astype(np.uint8),
-        np.random.default_rng(seed),
-        factors=WIDE_LESION_FACTOR,
-        severity=(0.0, 1.0),
-        per_lesion=True,
+        p.images, p.mask, extra.astype(np.uint8), np.random.default_rng(seed), **WIDE
     )
     new = mask.astype(bool) & ~p.mask.astype(bool)
     lo, hi = WIDE_LESION_FACTOR["FLAIR"]
@@ -273,9 +274,7 @@ def test_per_modality_severity_decouples_the_modalities(seed):
     # FLAIR): per_modality draws each modality's severity on its own; without it one
     # severity moves all three together.
     p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
-    deep = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
-        p.mask.astype(bool), iterations=2
-    )
+    deep = _deep_wm(p)
     extra = np.zeros(SHAPE, bool)
     for x, y, z in np.ndindex(9, 11, 9):  # separate 5³ cubes wholly in deep WM
         box = np.s_[x * 7 + 1 : x * 7 + 6, y * 7 + 1 : y * 7 + 6, z * 7 + 1 : z * 7 + 6]
@@ -290,10 +289,7 @@ def test_per_modality_severity_decouples_the_modalities(seed):
                 p.mask,
                 extra.astype(np.uint8),
                 np.random.default_rng(seed),
-                factors=WIDE_LESION_FACTOR,
-                severity=(0.0, 1.0),
-                per_lesion=True,
-                per_modality=per_modality,
+                **{**WIDE, "per_modality": per_modality},
             )[0],
             labels,
             n,

@@ -103,16 +103,21 @@ def test_written_dataset_loads(tmp_path):
     assert again == stats  # deterministic in the seed
 
 
-def test_transplant_changes_contrast_inside_mask():
-    p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
-    rng = np.random.default_rng(0)
-    # A block of deep white matter (eroded: no partial volume with CSF/GM), no lesions.
+def _deep_wm_block(p):
+    """A block of deep white matter (eroded: no partial volume with CSF/GM) away from
+    the phantom's own lesions, as a uint8 mask."""
     deep_wm = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
         p.mask.astype(bool), iterations=2
     )
     extra = np.zeros(SHAPE, np.uint8)
     extra[16:48, 20:60, 30:50] = 1
-    extra &= deep_wm.astype(np.uint8)
+    return extra & deep_wm.astype(np.uint8)
+
+
+def test_transplant_changes_contrast_inside_mask():
+    p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
+    rng = np.random.default_rng(0)
+    extra = _deep_wm_block(p)
     imgs, mask = transplant(p.images, p.mask, extra, rng)
     new = mask.astype(bool) & ~p.mask.astype(bool)
     assert new.sum() > 20 and (mask >= p.mask).all()  # union with the brain's own lesions
@@ -131,13 +136,9 @@ def test_named_contrast_modes_stay_in_their_tables(name):
     options = synth.transplant_contrast(name)
     table = options["factors"] or synth.LESION_FACTOR
     p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
-    deep_wm = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~ndi.binary_dilation(
-        p.mask.astype(bool), iterations=2
+    imgs, mask = transplant(
+        p.images, p.mask, _deep_wm_block(p), np.random.default_rng(1), **options
     )
-    extra = np.zeros(SHAPE, np.uint8)
-    extra[16:48, 20:60, 30:50] = 1
-    extra &= deep_wm.astype(np.uint8)
-    imgs, mask = transplant(p.images, p.mask, extra, np.random.default_rng(1), **options)
     core = ndi.binary_erosion(mask.astype(bool) & ~p.mask.astype(bool), iterations=2)
     for m, (f0, f1) in table.items():
         r = imgs[m][core].mean() / p.images[m][core].mean()

@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import RunSettings, check_threshold
 from .errors import ConfigError, DataError
-from .lesion_metrics import summarize
+from .lesion_metrics import LESION_NAMES, summarize
 from .metrics import METRIC_NAMES
 from .pipeline import (
     evaluate_volumes,
@@ -53,14 +53,9 @@ __all__ = [
 # The paper's sweep (Table 1): (alpha, beta), alpha weighs false positives, beta false
 # negatives; (0.5, 0.5) is the Dice loss.
 PAPER_SETTINGS = ((0.5, 0.5), (0.4, 0.6), (0.3, 0.7), (0.2, 0.8), (0.1, 0.9))
-LESION_COLUMNS = {
-    "lesion_tpr": "lesion TPR",
-    "lesion_precision": "lesion prec.",
-    "lesion_f1": "lesion F1",
-}
-TABLE_COLUMNS = ["Penalties", *METRIC_NAMES.values(), "DSC per subject", *LESION_COLUMNS.values()]
+TABLE_COLUMNS = ["Penalties", *METRIC_NAMES.values(), "DSC per subject", *LESION_NAMES.values()]
 # Scores summarised over seeds (mean, sd, bootstrap CI) when a sweep repeats its runs.
-SEED_KEYS = (*METRIC_NAMES, *LESION_COLUMNS)
+SEED_KEYS = (*METRIC_NAMES, *LESION_NAMES)
 
 
 def setting_label(a: float, b: float) -> str:
@@ -301,7 +296,7 @@ def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
         {
             "Penalties": r["label"],
             **{METRIC_NAMES[k]: pct(r[k]) for k in METRIC_NAMES},
-            **{v: pct(r[k]) for k, v in LESION_COLUMNS.items()},
+            **{v: pct(r[k]) for k, v in LESION_NAMES.items()},
             "DSC per subject": f"{100 * r['dsc_mean']:.2f} ± {100 * r['dsc_sd']:.2f}",
             **(
                 {
@@ -318,7 +313,7 @@ def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
     (out / "table.md").write_text(header + table + "\n")
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
-        keys = [*METRIC_NAMES, *LESION_COLUMNS, "dsc_mean", "dsc_sd", "tp", "fp", "fn", "tn"]
+        keys = [*METRIC_NAMES, *LESION_NAMES, "dsc_mean", "dsc_sd", "tp", "fp", "fn", "tn"]
         spread = [f"{k}_{x}" for k in SEED_KEYS for x in ("sd", "ci_lo", "ci_hi")]
         w.writerow(["alpha", "beta", "seeds", *keys, *(spread if repeated else [])])
         for r in results:

@@ -28,9 +28,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["LESION_KEYS", "lesion_metrics", "pool_lesion_counts", "summarize"]
+__all__ = ["LESION_KEYS", "LESION_NAMES", "lesion_metrics", "pool_lesion_counts", "summarize"]
 
-LESION_KEYS = ("lesion_tpr", "lesion_precision", "lesion_f1")
+# key -> column name in the tables of evaluate and reproduce
+LESION_NAMES = {
+    "lesion_tpr": "lesion TPR",
+    "lesion_precision": "lesion precision",
+    "lesion_f1": "lesion F1",
+}
+LESION_KEYS = tuple(LESION_NAMES)
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:

@@ -43,6 +43,7 @@ from .config import (
 )
 from .data.io import Subject, find_subjects, load_volume
 from .errors import ConfigError, DataError
+from .lesion_metrics import LESION_NAMES
 from .metrics import METRIC_NAMES
 
 __all__ = [
@@ -105,9 +106,7 @@ def metric_table(rows: list[dict]) -> str:
             "lesion voxels": r["tp"] + r["fn"],
             **(
                 {
-                    "lesion TPR": pct(r["lesion_tpr"]),
-                    "lesion precision": pct(r["lesion_precision"]),
-                    "lesion F1": pct(r["lesion_f1"]),
+                    **{LESION_NAMES[k]: pct(r[k]) for k in LESION_NAMES},
                     "lesions (found / true / predicted)": (
                         f"{r['n_detected']} / {r['n_true']} / {r['n_pred']}"
                     ),
@@ -120,12 +119,7 @@ def metric_table(rows: list[dict]) -> str:
     ]
     cols = ["subject", *METRIC_NAMES.values(), "lesion voxels"]
     if rows and "lesion_f1" in rows[0]:
-        cols += [
-            "lesion TPR",
-            "lesion precision",
-            "lesion F1",
-            "lesions (found / true / predicted)",
-        ]
+        cols += [*LESION_NAMES.values(), "lesions (found / true / predicted)"]
     return markdown_table(printable, cols)
 
 
