@@ -24,6 +24,7 @@ def reference_train(
     alpha: float = 0.3,
     beta: float = 0.7,
     gamma: float = 1.0,
+    ce_weight: float = 0.0,
     grad_accum: int = 1,
 ) -> list[float]:
     """Train ``model`` for ``steps`` Adam steps; return the loss of each step.
@@ -46,7 +47,9 @@ def reference_train(
             image, label = batch(i)
             i += 1
             logits = model(image.to(dtype))
-            loss = reference_tversky_loss(logits, label, alpha, beta, gamma=gamma)
+            loss = reference_tversky_loss(
+                logits, label, alpha, beta, gamma=gamma, ce_weight=ce_weight
+            )
             (loss / grad_accum).backward()
             total += loss.item()
         optimizer.step()

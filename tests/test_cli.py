@@ -406,7 +406,8 @@ def test_other_bad_inputs(dataset, tmp_path, capsys):
         (["synth", missing, "--brains", missing], 2, r"--brains and --lesion-masks go together"),
         (["reproduce", "--folds", "1", "--out", missing], 2, r"--folds must be >= 2"),
         (["reproduce", "--settings", "0,0", "--out", missing], 2, r"--alpha \+ --beta must be > 0"),
-        (["reproduce", "--settings", "x", "--out", missing], 2, r"--settings expects A,B pairs"),
+        (["reproduce", "--settings", "x", "--out", missing], 2, r"--settings expects A,B or A,B,CE"),
+        (["reproduce", "--settings", "0.3,0.7,-1", "--out", missing], 2, r"--ce-weight must be >= 0"),
         (
             ["reproduce", "--threshold", "2", "--out", missing],
             2,

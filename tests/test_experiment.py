@@ -28,7 +28,7 @@ def sweep(tmp_path_factory):
     return out
 
 
-def _independent_metrics(out, a, b, run=""):
+def _independent_metrics(out, a, b, run="", ce=0.0):
     """Pooled metrics of one setting recomputed from the saved fold models
     (``runs/<slug><run>_fold<k>``)."""
     import torch
@@ -40,8 +40,8 @@ def _independent_metrics(out, a, b, run=""):
     fold = folds_of([s.name for s in subjects], 2)
     probs, targets = {}, {}
     for k in range(2):
-        model, settings = load_run(out / "runs" / f"{setting_slug(a, b)}{run}_fold{k}")
-        assert (settings.train.alpha, settings.train.beta) == (a, b)
+        model, settings = load_run(out / "runs" / f"{setting_slug(a, b, ce)}{run}_fold{k}")
+        assert (settings.train.alpha, settings.train.beta, settings.train.ce_weight) == (a, b, ce)
         for s in subjects:
             if fold[s.name] == k:  # predicted by the model that did not see it
                 p = prepare_subject(s, settings.data.target_shape)
@@ -155,3 +155,29 @@ def test_sweep_repeated_over_seeds_reports_spread_and_ci(tmp_path):
     table = (out / "table.md").read_text()
     assert "DSC over seeds" in table and "seeds [0, 1]" in table
     assert main(argv + ["--settings", "0.3,0.7", "--seeds", "1", "1"]) == 2
+
+
+def test_sweep_compares_tversky_alone_with_tversky_plus_cross_entropy(tmp_path):
+    """`--settings 0.3,0.7 0.3,0.7,1`: the second setting trains with ce_weight 1 (its
+    saved run says so, its models differ), and its row is the metrics of its own models."""
+    out = tmp_path / "rep"
+    argv = ["reproduce", "--preset", "tiny", "--out", str(out), "--quiet"]
+    assert main(argv + ["--settings", "0.3,0.7", "0.3,0.7,1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["alpha"], r["beta"], r["ce_weight"]) for r in res["results"]] == [
+        (0.3, 0.7, 0.0),
+        (0.3, 0.7, 1.0),
+    ]
+    assert res["results"][0]["apr"] != res["results"][1]["apr"]
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert [float(r["ce_weight"]) for r in rows] == [0.0, 1.0]
+    for row, ce in zip(rows, (0.0, 1.0), strict=True):
+        want = _independent_metrics(out, 0.3, 0.7, ce=ce)
+        for k in ("tp", "fp", "fn", "tn"):
+            assert int(row[k]) == want[k], k
+        assert float(row["apr"]) == pytest.approx(want["apr"], rel=1e-9)
+    table = (out / "table.md").read_text()
+    assert setting_label(0.3, 0.7, 1.0) == "α=0.3, β=0.7 + 1×CE" and "+ 1×CE" in table
+    assert (out / f"overlay_{setting_slug(0.3, 0.7, 1.0)}.png").read_bytes()[:8] == PNG_MAGIC
+    for bad in ("0.3,0.7,1,2", "0.3,0.7,-1"):
+        assert main(argv + ["--settings", bad]) == 2

@@ -94,6 +94,23 @@ def _assert_close(name, actual, expected, rtol):
         )
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu)])
+def test_loop_with_cross_entropy_matches_reference(backend):
+    """TrainConfig(ce_weight=1): Tversky + CE from the fused pass against the reference
+    loop with the reference compound loss; and the term changes training (else an
+    ignored ce_weight would pass)."""
+    fast, ref = _models(torch.float64)
+    hyper = {**HYPER, "ce_weight": 1.0}
+    config = TrainConfig(steps=STEPS, backend=backend, progress=False, **hyper)
+    result = train(fast, make_batch(SMALL), config)
+    ref_losses = reference_train(ref, make_batch(SMALL), steps=STEPS, **hyper)
+    _assert_close("losses", result.losses, ref_losses, RTOL[torch.float64])
+    for k, v in ref.state_dict().items():
+        _assert_close(k, fast.state_dict()[k], v, RTOL[torch.float64])
+    plain, _ = _reference_run(torch.float64, "none", 1, SMALL)
+    assert abs(ref_losses[0] - plain[0]) > 1e-2  # the CE term is in the loss
+
+
 @pytest.mark.parametrize(
     "dtype, checkpoint, backend, norm, grad_accum, shape",
     [

@@ -302,11 +302,13 @@ def cmd_reproduce(args) -> int:
         settings_list = []
         for s in args.settings:
             try:
-                a, b = (float(v) for v in s.split(","))
+                t = tuple(float(v) for v in s.split(","))
+                if len(t) not in (2, 3):
+                    raise ValueError
             except ValueError:
-                msg = f"expects A,B pairs such as 0.3,0.7, got {s!r}"
+                msg = f"expects A,B or A,B,CE such as 0.3,0.7 or 0.3,0.7,1, got {s!r}"
                 raise ConfigError("settings", msg) from None
-            settings_list.append((a, b))
+            settings_list.append(t)
     from .experiment import PAPER_SETTINGS, reproduce
 
     summary = reproduce(
@@ -596,8 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--settings",
         nargs="+",
-        metavar="A,B",
-        help="(α, β) pairs instead of the paper's five, e.g. 0.5,0.5 0.3,0.7",
+        metavar="A,B[,CE]",
+        help="(α, β) pairs instead of the paper's five, e.g. 0.5,0.5 0.3,0.7; a third "
+        "number adds that weight of cross-entropy (0.3,0.7,1 = Tversky + CE) "
+        "[default: --ce-weight for pairs]",
     )
     p.add_argument(
         "--seeds",

@@ -198,6 +198,8 @@ class TrainConfig:
     alpha, beta, gamma: Tversky loss weights of false positives / false negatives and
         the focal exponent (``fasttversky.tversky_loss``, softmax over the logits);
         alpha, beta >= 0 with alpha + beta > 0 (else the loss is constant), gamma > 0.
+    ce_weight: >= 0; when > 0 the loss is Tversky + ``ce_weight`` × cross-entropy (mean
+        over voxels, nnU-Net's and LST-AI's compound), from the same single fused pass.
     backend: loss backend ("auto" or a name of ``fasttversky.available_backends()``).
     precision: "fp32", "bf16" (autocast) or "fp16" (autocast + GradScaler).
     grad_accum: micro-batches per optimiser step; the loss of each is divided by it,
@@ -229,6 +231,9 @@ class TrainConfig:
     alpha: float = _opt(0.3, "Tversky weight of false positives (>= 0)")
     beta: float = _opt(0.7, "Tversky weight of false negatives (>= 0; alpha + beta > 0)")
     gamma: float = _opt(1.0, "focal exponent (> 0); 1 = plain Tversky loss")
+    ce_weight: float = _opt(
+        0.0, "weight of a cross-entropy term added in the loss's one fused pass (0 = Tversky alone)"
+    )
     backend: str = _opt("auto", "loss backend: auto, or a name in fasttversky.available_backends()")
     precision: str = _opt("fp32", "compute precision (fp16 adds a GradScaler)", choices=PRECISIONS)
     grad_accum: int = _opt(1, "micro-batches per optimiser step")
@@ -266,6 +271,7 @@ class TrainConfig:
             raise ConfigError(
                 "alpha + beta", "must be > 0 (with both 0 the loss is constant: nothing is learned)"
             )
+        _at_least("ce_weight", self.ce_weight, 0)
         _finite("gamma", self.gamma)
         if self.gamma <= 0:
             raise ConfigError("gamma", f"must be > 0, got {self.gamma}")

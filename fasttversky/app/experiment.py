@@ -58,14 +58,33 @@ TABLE_COLUMNS = ["Penalties", *METRIC_NAMES.values(), "DSC per subject", *LESION
 SEED_KEYS = (*METRIC_NAMES, *LESION_NAMES)
 
 
-def setting_label(a: float, b: float) -> str:
-    """The row/legend label of one (α, β) setting."""
-    return f"α={a:g}, β={b:g}" + (" (Dice)" if a == b == 0.5 else "")
+def setting_label(a: float, b: float, ce: float = 0.0) -> str:
+    """The row/legend label of one (α, β) setting, with its cross-entropy weight if > 0."""
+    return (
+        f"α={a:g}, β={b:g}"
+        + (" (Dice)" if a == b == 0.5 else "")
+        + (f" + {ce:g}×CE" if ce else "")
+    )
 
 
-def setting_slug(a: float, b: float) -> str:
-    """The file-name part of one (α, β) setting."""
-    return f"a{a:g}_b{b:g}"
+def setting_slug(a: float, b: float, ce: float = 0.0) -> str:
+    """The file-name part of one (α, β) setting (and cross-entropy weight if > 0)."""
+    return f"a{a:g}_b{b:g}" + (f"_ce{ce:g}" if ce else "")
+
+
+def settings_with_ce(settings_list, ce_weight: float) -> list[tuple[float, float, float]]:
+    """(α, β) or (α, β, ce_weight) tuples -> (α, β, ce_weight) triples; a pair takes
+    ``ce_weight`` (the run settings' own). ConfigError for any other length."""
+    out = []
+    for t in settings_list:
+        if len(t) not in (2, 3):
+            raise ConfigError("settings", f"expects (alpha, beta[, ce_weight]), got {t!r}")
+        out.append(tuple(float(v) for v in t) if len(t) == 3 else (*map(float, t), ce_weight))
+    return out
+
+
+def _with_setting(base: RunSettings, a: float, b: float, ce: float) -> RunSettings:
+    return replace(base, train=replace(base.train, alpha=a, beta=b, ce_weight=ce))
 
 
 def transplant_augmenter(
@@ -125,7 +144,7 @@ def run_sweep(
     subjects,
     base: RunSettings,
     out: str | Path,
-    settings_list: Sequence[tuple[float, float]] = PAPER_SETTINGS,
+    settings_list: Sequence[tuple[float, ...]] = PAPER_SETTINGS,
     folds: int = 2,
     threshold: float = 0.5,
     progress: bool = True,
@@ -134,7 +153,9 @@ def run_sweep(
     seeds: Sequence[int] | None = None,
 ) -> dict:
     """Cross-validated sweep over (alpha, beta): table, PR figure, overlays -> summary dict
-    (also written to ``out/results.json``).
+    (also written to ``out/results.json``). A setting is (alpha, beta) — trained with
+    ``base.train.ce_weight`` — or (alpha, beta, ce_weight), so one sweep can compare the
+    Tversky loss alone with Tversky + cross-entropy.
 
     Subjects are split into ``folds`` interleaved folds (sorted names, i::folds); every
     subject is predicted by the model that did not see it, and metrics are pooled over
@@ -157,11 +178,9 @@ def run_sweep(
     check_threshold(threshold)
     if not settings_list:
         raise ConfigError("settings", "needs at least one (alpha, beta) pair")
+    settings_list = settings_with_ce(settings_list, base.train.ce_weight)
     seeds = check_seeds(seeds, base.train.seed)
-    runs = [
-        with_default_window(replace(base, train=replace(base.train, alpha=a, beta=b)))
-        for a, b in settings_list
-    ]
+    runs = [with_default_window(_with_setting(base, *t)) for t in settings_list]
     for s in runs:
         s.validate()  # every setting before the first training starts
     out = Path(out)
@@ -176,13 +195,13 @@ def run_sweep(
         extra[k] = augment(k, tr, te) if augment is not None else []
     targets = {p.name: p.full_mask for p in prepared}
     results, curves, preds, losses = [], {}, {}, {}
-    for (a, b), s in zip(settings_list, runs, strict=True):
-        label = setting_label(a, b)
+    for (a, b, ce), s in zip(settings_list, runs, strict=True):
+        label = setting_label(a, b, ce)
         per_seed, per_subject = [], []
         for seed in seeds:
             run = replace(s, train=replace(s.train, seed=seed))
             tag = label + (f" seed {seed}" if len(seeds) > 1 else "")
-            slug = setting_slug(a, b) + (f"_seed{seed}" if len(seeds) > 1 else "")
+            slug = setting_slug(a, b, ce) + (f"_seed{seed}" if len(seeds) > 1 else "")
             probs = {}
             for k in range(folds):
                 train_set = [p for p in prepared if fold_of[p.name] != k] + extra[k]
@@ -211,6 +230,7 @@ def run_sweep(
             {
                 "alpha": a,
                 "beta": b,
+                "ce_weight": ce,
                 "label": label,
                 "seeds": seeds,
                 **{k: float(np.mean([r[k] for r in per_seed])) for k in SEED_KEYS},
@@ -315,7 +335,9 @@ def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
         w = csv.writer(f)
         keys = [*METRIC_NAMES, *LESION_NAMES, "dsc_mean", "dsc_sd", "tp", "fp", "fn", "tn"]
         spread = [f"{k}_{x}" for k in SEED_KEYS for x in ("sd", "ci_lo", "ci_hi")]
-        w.writerow(["alpha", "beta", "seeds", *keys, *(spread if repeated else [])])
+        w.writerow(
+            ["alpha", "beta", "ce_weight", "seeds", *keys, *(spread if repeated else [])]
+        )
         for r in results:
             o = r.get("over_seeds", {})
             extra = [
@@ -325,7 +347,14 @@ def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
             ]
             seeds = " ".join(str(x) for x in r.get("seeds", []))
             w.writerow(
-                [r["alpha"], r["beta"], seeds, *(r[k] for k in keys), *(extra if repeated else [])]
+                [
+                    r["alpha"],
+                    r["beta"],
+                    r.get("ce_weight", 0.0),
+                    seeds,
+                    *(r[k] for k in keys),
+                    *(extra if repeated else []),
+                ]
             )
     return table
 
@@ -343,7 +372,7 @@ def write_figures(
     np.savez_compressed(
         out / "pr_curves.npz",
         **{
-            f"{setting_slug(r['alpha'], r['beta'])}_{key}": getattr(curves[r["label"]], key)
+            f"{_slug(r)}_{key}": getattr(curves[r["label"]], key)
             for r in results
             for key in ("precision", "recall", "thresholds")
         },
@@ -356,7 +385,7 @@ def write_figures(
                 image,
                 target,
                 {r["label"]: preds[r["label"]][name]},
-                out / f"overlay_{setting_slug(r['alpha'], r['beta'])}.png",
+                out / f"overlay_{_slug(r)}.png",
                 channel=channel,
                 title=name,
             )
@@ -373,6 +402,10 @@ def write_figures(
     )
     figs.append(plot_loss_curves(losses, out / "loss_curves.png"))
     return figs
+
+
+def _slug(result: dict) -> str:
+    return setting_slug(result["alpha"], result["beta"], result.get("ce_weight", 0.0))
 
 
 def environment_note(settings: RunSettings) -> str:
@@ -394,7 +427,7 @@ def reproduce(
     preset_name: str,
     data: str | Path | None = None,
     n_subjects: int | None = None,
-    settings_list: Sequence[tuple[float, float]] = PAPER_SETTINGS,
+    settings_list: Sequence[tuple[float, ...]] = PAPER_SETTINGS,
     folds: int = 2,
     threshold: float = 0.5,
     transplant_masks: str | Path | None = None,
@@ -417,8 +450,8 @@ def reproduce(
         raise ConfigError("transplant_n", f"must be >= 0, got {transplant_n}")
     check_seeds(seeds, base.train.seed)
     check_threshold(threshold)
-    for s in (replace(base, train=replace(base.train, alpha=a, beta=b)) for a, b in settings_list):
-        s.validate()
+    for t in settings_with_ce(settings_list, base.train.ce_weight):
+        _with_setting(base, *t).validate()
     out = Path(out)
     if data:
         data = Path(data)

@@ -401,6 +401,7 @@ def train(
                         config.alpha,
                         config.beta,
                         gamma=config.gamma,
+                        ce_weight=config.ce_weight,
                         backend=config.backend,
                         sync_across_ranks=config.sync_across_ranks,
                     )
