@@ -202,7 +202,9 @@ def cmd_train(args) -> int:
     t = settings.train
     print(
         f"training on {len(subjects)} subjects from {args.data}: alpha={t.alpha} "
-        f"beta={t.beta} gamma={t.gamma}, {t.steps} steps"
+        f"beta={t.beta} gamma={t.gamma}"
+        + (f" + {t.ce_weight:g}×cross-entropy" if t.ce_weight else "")
+        + f", {t.steps} steps"
     )
     _, result = train_run(
         subjects,
