@@ -147,6 +147,36 @@ def test_named_contrast_modes_stay_in_their_tables(name):
         synth.transplant_contrast("faint")
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cortex_mode_recontrasts_grey_matter_only(seed):
+    """"varied-cortex": the phantom's cortex (GM away from lesions) ends at a median
+    ratio to normal WM inside CORTEX_FACTOR's range for FLAIR and T2, different per
+    draw; lesions and T1 are bitwise those of "varied" with the same stream, and deep WM
+    nearly so (only its voxels as dark on T1 as cortex, under the bias field, may move)."""
+    p = make_phantom(SHAPE, 3, lesion_fraction=1e-3)
+    extra = _deep_wm_block(p)
+    runs = {
+        name: transplant(
+            p.images, p.mask, extra, np.random.default_rng(seed), **synth.transplant_contrast(name)
+        )
+        for name in ("varied", "varied-cortex")
+    }
+    (plain, mask), (cortex, mask2) = runs["varied"], runs["varied-cortex"]
+    np.testing.assert_array_equal(mask, mask2)
+    lesion = ndi.binary_dilation(mask.astype(bool), iterations=2)
+    gm = ndi.binary_erosion(p.tissue == synth.GM) & ~lesion
+    wm = ndi.binary_erosion(p.tissue == WM, iterations=2) & ~lesion
+    np.testing.assert_array_equal(cortex["T1"], plain["T1"])
+    for m in p.images:
+        np.testing.assert_array_equal(cortex[m][mask > 0], plain[m][mask > 0])
+        assert np.mean(cortex[m][wm] == plain[m][wm]) > 0.9, m
+        assert np.median(cortex[m][wm]) == pytest.approx(np.median(plain[m][wm]), rel=5e-3)
+    for m, (lo, hi) in synth.CORTEX_FACTOR.items():
+        ratio = np.median(cortex[m][gm]) / np.median(plain[m][wm])
+        assert lo - 0.03 < ratio < hi + 0.03, (m, ratio)
+        assert not np.allclose(cortex[m][gm], plain[m][gm])
+
+
 @pytest.mark.data
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared MS data not at {SHARED_DATA}")
 def test_transplant_dataset_from_shared_data(tmp_path):

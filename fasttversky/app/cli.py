@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="varied",
         help="transplant mode: lesion contrast: typical = one per subject, FLAIR ~1.35x "
         "white matter; wide = one per lesion, FLAIR 1.1-1.9x; varied = one per lesion and "
-        "modality, FLAIR 1.2-1.7x [default: varied, as the lesion-cpu preset trains]",
+        "modality, FLAIR 1.2-1.7x; varied-cortex = varied, grey matter re-contrasted per "
+        "brain copy [default: varied, as the lesion-cpu preset trains]",
     )
 
     defaults = RunSettings()

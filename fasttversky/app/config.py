@@ -52,7 +52,7 @@ DEFAULT_MASK_PATTERN = "mask"
 AUGMENTS = ("none", "default")  # DataConfig.augment
 # DataConfig.transplant_contrast; the modes are defined in data.synth.TRANSPLANT_CONTRASTS
 # (this module stays numpy-free for the CLI's help; a test keeps the two in step)
-TRANSPLANT_CONTRASTS = ("typical", "wide", "varied")
+TRANSPLANT_CONTRASTS = ("typical", "wide", "varied", "varied-cortex")
 WEIGHTINGS = ("gaussian", "uniform")  # sliding-window combination
 MIRRORS = {"none": (), "lr": (0,), "all": (0, 1, 2)}  # test-time mirroring axes
 
@@ -167,7 +167,8 @@ class DataConfig:
         "typical",
         "contrast of transplanted lesions (--transplant-masks): typical = one severity per "
         "subject around FLAIR 1.35x white matter; wide = one per lesion, FLAIR 1.1-1.9x; "
-        "varied = one per lesion and modality, FLAIR 1.2-1.7x (faint end above cortex)",
+        "varied = one per lesion and modality, FLAIR 1.2-1.7x (faint end above cortex); "
+        "varied-cortex = varied, and each copy's grey matter re-contrasted (FLAIR 1.0-1.3x)",
         choices=TRANSPLANT_CONTRASTS,
     )
 

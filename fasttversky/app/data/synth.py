@@ -71,6 +71,15 @@ WIDE_LESION_FACTOR = {"T1": (1.0, 0.55), "T2": (1.2, 2.2), "FLAIR": (1.1, 1.9)}
 # FLAIR 1.35x, which one severity moving all modalities never produces.
 VARIED_LESION_FACTOR = {"T1": (1.0, 0.55), "T2": (1.3, 2.2), "FLAIR": (1.2, 1.7)}
 
+# Grey matter's contrast relative to normal WM, drawn once per transplanted copy of a
+# brain (mode "varied-cortex"). Cortex/insula FLAIR brightness varies between scanners
+# and sequences (measured 1.09x and 1.14x on the two shared patients, their brightest
+# grey matter - insula, cingulate - ~1.3x, where a model trained on one brain marked
+# 80 k voxels as lesion). A brain whose grey matter is as bright as a faint lesion,
+# labelled background, makes the network separate lesions from cortex by shape and
+# place, not by intensity alone.
+CORTEX_FACTOR = {"T2": (1.1, 1.45), "FLAIR": (1.0, 1.3)}
+
 # Named contrast modes of transplanted lesions -> the keyword arguments of transplant():
 # the one place a mode is defined (synth --contrast, train/reproduce --transplant-masks,
 # transplanted_subjects all look it up here).
@@ -85,6 +94,14 @@ TRANSPLANT_CONTRASTS: dict[str, dict] = {
         "severity": (0.0, 1.0),
         "per_lesion": True,
         "per_modality": True,
+    },
+    # varied lesions, and the brain's grey matter re-contrasted per copy (CORTEX_FACTOR)
+    "varied-cortex": {
+        "factors": VARIED_LESION_FACTOR,
+        "severity": (0.0, 1.0),
+        "per_lesion": True,
+        "per_modality": True,
+        "cortex": CORTEX_FACTOR,
     },
 }
 
@@ -342,6 +359,7 @@ def transplant(
     severity: tuple[float, float] = (0.3, 0.8),
     per_lesion: bool = False,
     per_modality: bool = False,
+    cortex: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Write ``lesion_mask`` into a real brain by changing contrast inside it.
 
@@ -351,7 +369,10 @@ def transplant(
     one severity per connected lesion (26-connectivity) instead of one per subject;
     per_modality: draw each modality's severity independently (real lesions are not
     one-parameter: a lesion can be black on T1 but only moderately bright on FLAIR),
-    instead of one severity moving every modality together.
+    instead of one severity moving every modality together; cortex: modality ->
+    (low, high) range of grey matter's median relative to normal WM, one ratio drawn per
+    call and per modality (see :func:`_recontrast_grey_matter`); None leaves grey matter
+    as it is (and draws nothing, so the other modes' random streams are unchanged).
 
     images: modality -> (X, Y, Z) float32 (needs T1 for the WM estimate); own_mask the
     brain's own lesions (kept: the label is their union); lesion_mask (X, Y, Z) on the
@@ -401,7 +422,34 @@ def transplant(
         std = float(np.std(img[wm]))
         target = factor * ref[m] + 0.5 * std * rng.standard_normal(img.shape).astype(np.float32)
         out[m] = ((1 - w) * img + w * target).astype(np.float32)
+    if cortex:
+        lesion = own | (w > 0)
+        out = _recontrast_grey_matter(out, brain, lesion, csf_thr, ref, cortex, rng)
     return out, (own | new).astype(np.uint8)
+
+
+def _recontrast_grey_matter(images, brain, lesion, csf_thr, ref, cortex, rng):
+    """Scale grey matter so that its median / normal-WM median becomes a ratio drawn from
+    ``cortex[m]`` for each listed modality. Grey matter = parenchyma between the CSF and
+    WM T1 thresholds (what transplant's WM estimate leaves), outside lesions; the scale
+    fades over ~1 voxel so no edge is drawn, and lesions and WM keep their values."""
+    # Cortex is T1 ~0.7x normal WM (measured 0.68-0.74x on the shared patients): below
+    # the midpoint 0.85x of the T1 smoothed over ~1 voxel, so neither noisy WM voxels nor
+    # WM darker than transplant's top-35 % sample are made lesion-bright as background.
+    t1 = ndi.gaussian_filter(images["T1"], 1.0)
+    gm = brain & ~lesion & (t1 > csf_thr) & (t1 < 0.85 * ref["T1"])
+    if not gm.any():
+        return images
+    fade = np.clip(ndi.gaussian_filter(gm.astype(np.float32), 0.7) * 1.4, 0, 1)
+    fade *= brain & ~lesion & (gm | (fade > 0.3))  # one voxel of fade, not a halo
+    out = dict(images)
+    for m, (lo, hi) in cortex.items():
+        if m not in images:
+            continue
+        ratio = float(rng.uniform(lo, hi))
+        scale = ratio * ref[m] / float(np.median(images[m][gm]))
+        out[m] = (images[m] * (1 + (scale - 1) * fade)).astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------------------
