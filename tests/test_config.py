@@ -32,6 +32,7 @@ def _non_default_settings() -> RunSettings:
             patch_size=(32, 32, 32),  # a tuple comes back as a list
             lesion_prob=0.25,
             batch_size=3,
+            normalize="white-matter",
         ),
         train=TrainConfig(
             steps=17,
@@ -183,6 +184,8 @@ def test_every_cli_field_has_help_and_no_field_is_declared_twice():
         (lambda: DataConfig(patch_size=[16, 16]), "patch_size"),
         (lambda: DataConfig(lesion_prob=-0.1), "lesion_prob"),
         (lambda: DataConfig(modalities={}), "modalities"),
+        (lambda: DataConfig(normalize="minmax"), "normalize"),
+        (lambda: DataConfig(normalize="white-matter", modalities={"FLAIR": "f"}), "normalize"),
         (lambda: PredictConfig(threshold=1.0), "threshold"),
         (lambda: PredictConfig(overlap=1.0), "overlap"),
         (lambda: RunSettings(train=TrainConfig(steps=0)).validate(), "steps"),
@@ -199,6 +202,13 @@ def test_range_checks_name_the_field(make, field):
     with pytest.raises(ConfigError) as e:
         make()
     assert e.value.field == field
+
+
+def test_white_matter_reference_is_the_channel_named_t1():
+    assert DataConfig().normalisation == ("zscore", 0)
+    assert DataConfig(normalize="white-matter").normalisation == ("white-matter", 0)
+    d = DataConfig(normalize="white-matter", modalities={"FLAIR": "*fl*", "t1": "*t1w*"})
+    assert d.normalisation == ("white-matter", 1)
 
 
 def test_gpu_preset_on_a_machine_without_one_is_a_clear_error():

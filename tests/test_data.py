@@ -16,10 +16,13 @@ from fasttversky.app.data import (
     crop_or_pad_info,
     find_subjects,
     load_subject,
+    normalise_in_brain,
     prepare_subject,
     undo_crop,
+    white_matter_ratio,
     zscore_in_brain,
 )
+from fasttversky.app.data.transforms import WM_QUANTILE, WM_UNIT
 
 SHAPE = (12, 14, 10)
 AFFINE = np.diag([-1.5, 1.5, 1.5, 1.0])
@@ -225,6 +228,77 @@ def test_zscore_inside_brain_only():
         assert out[c][brain].mean() == pytest.approx(0, abs=1e-5)
         assert out[c][brain].std() == pytest.approx(1, abs=1e-4)
         assert np.all(out[c][~brain] == 0)
+
+
+def _tissue_brain(seed, shape=(20, 22, 18)):
+    """Three tissues with known intensities (T1, FLAIR): WM (100, 50), cortex (60, 55),
+    CSF (20, 10), WM the largest (45 % of the brain, so above T1's 65 % quantile), plus
+    noise; background 0. Returns image (2, X, Y, Z), tissue labels (0 = background)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int64)
+    inner = labels[2:-2, 2:-2, 2:-2]
+    inner[...] = rng.choice([1, 2, 3], size=inner.shape, p=[0.45, 0.35, 0.20])
+    means = np.array([[0, 0], [100, 50], [60, 55], [20, 10]], np.float64)
+    img = means[labels].transpose(3, 0, 1, 2) * rng.uniform(0.98, 1.02, (2, *shape))
+    return img.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_white_matter_ratio_puts_each_tissue_on_its_ratio_to_wm(seed):
+    img, labels = _tissue_brain(seed)
+    out = white_matter_ratio(img, reference=0)
+    assert out.dtype == np.float32 and np.all(out[:, labels == 0] == 0)
+    # Expected: each tissue's mean over WM's mean, in WM_UNIT (noise is +-2 %).
+    for c, (wm, gm, csf) in enumerate([(100, 60, 20), (50, 55, 10)]):
+        for tissue, value in ((1, wm), (2, gm), (3, csf)):
+            got = float(np.median(out[c][labels == tissue])) * WM_UNIT
+            assert got == pytest.approx(value / wm, rel=0.03), (c, tissue)
+    # The WM set is the top (1 - WM_QUANTILE) of T1: an oracle in float64.
+    brain = labels > 0
+    t1 = img[0][brain].astype(np.float64)
+    wm = t1 >= np.quantile(t1, WM_QUANTILE)
+    for c in range(2):
+        vals = img[c][brain].astype(np.float64)
+        want = (vals / (np.median(vals[wm]) * WM_UNIT)).astype(np.float32)
+        np.testing.assert_array_equal(out[c][brain], want)
+
+
+def test_white_matter_ratio_is_blind_to_each_scans_scale_and_tissue_mix():
+    """What the mode is for: a second scan with other scanner units per modality and
+    more CSF (atrophy) gives the same values for the same tissue; a z-score does not."""
+    a, la = _tissue_brain(0)
+    rng = np.random.default_rng(5)
+    b, lb = _tissue_brain(1)
+    # more CSF: a third of b's cortex becomes CSF (T1 20, FLAIR 10, same noise level)
+    flip = (lb == 2) & (rng.random(lb.shape) < 0.33)
+    b[:, flip] = np.array([20, 10], np.float32)[:, None] * rng.uniform(0.98, 1.02, (2, flip.sum()))
+    lb[flip] = 3
+    b = b * np.array([3.7, 0.25], np.float32)[:, None, None, None]  # scanner units
+    cortex = lambda out, lab: float(np.median(out[1][lab == 2]))  # noqa: E731
+    wa, wb = white_matter_ratio(a), white_matter_ratio(b)
+    assert cortex(wb, lb) == pytest.approx(cortex(wa, la), rel=0.01)
+    za, zb = zscore_in_brain(a), zscore_in_brain(b)
+    assert abs(cortex(zb, lb) - cortex(za, la)) > 0.1  # the z-score moves with the mix
+
+
+def test_white_matter_ratio_refuses_what_it_cannot_normalise():
+    img, _ = _tissue_brain(0)
+    bad = img.copy()
+    bad[1] = -bad[1]
+    with pytest.raises(ValueError, match="channel 1: white-matter median"):
+        white_matter_ratio(bad)
+    nan = img.copy()
+    nan[0, 5, 5, 5] = np.nan  # NaN must not turn into finite numbers
+    with pytest.raises(ValueError, match="channel 0: non-finite"):
+        white_matter_ratio(nan)
+    with pytest.raises(ValueError, match="reference channel 2"):
+        white_matter_ratio(img, reference=2)
+    with pytest.raises(ValueError, match="zscore or white-matter"):
+        normalise_in_brain(img, None, ("minmax", 0))
+    np.testing.assert_array_equal(normalise_in_brain(img), zscore_in_brain(img))
+    np.testing.assert_array_equal(
+        normalise_in_brain(img, None, ("white-matter", 0)), white_matter_ratio(img)
+    )
 
 
 def test_crop_pad_roundtrip_centres_on_brain():

@@ -306,3 +306,63 @@ def test_per_modality_severity_decouples_the_modalities(seed):
 
     assert corr(coupled).min() > 0.85  # one severity, read back through noise and blending
     assert np.abs(corr(indep)).max() < 0.7  # three independent draws per lesion
+
+
+def test_white_matter_normalisation_reaches_training_transplants_and_predict(tmp_path, monkeypatch):
+    """`train --normalize white-matter`: recorded in run.json, applied to the real and
+    the transplanted training subjects alike, and `predict` prepares new data the way
+    the run was trained (not with the default z-score)."""
+    from fasttversky.app.cli import main
+    from fasttversky.app.data import find_subjects, load_volume, prepare_subject
+    from fasttversky.app.data.synth import write_phantom_dataset
+    from fasttversky.app.data.transforms import WM_QUANTILE, WM_UNIT
+    from fasttversky.app.pipeline import load_run, predict_prepared
+
+    shape = (32, 40, 32)
+    write_phantom_dataset(
+        tmp_path / "data", n_subjects=1, shape=shape, seed=2, lesion_fraction=(4e-3, 6e-3)
+    )
+    p = make_phantom(shape, 9, lesion_fraction=3e-3)
+    save_volume(tmp_path / "masks" / "patient01.nii.gz", p.mask, p.affine)
+    run, pred = tmp_path / "run", tmp_path / "pred"
+    tiny = ["--target-shape", "0", "0", "0", "--patch-size", "16", "16", "16"]
+    tiny += ["--base-features", "2", "--levels", "2", "--steps", "2", "--window", "16", "16", "16"]
+    args = ["train", str(tmp_path / "data"), "--preset", "lesion-cpu", "--out", str(run)]
+    args += ["--transplant-masks", str(tmp_path / "masks"), "--normalize", "white-matter"]
+    import fasttversky.app.data as data_pkg
+
+    seen = []  # how train prepared its real subjects
+
+    def spy(subject, target_shape=None, normalisation=("zscore", 0)):
+        seen.append(normalisation)
+        return prepare_subject(subject, target_shape, normalisation)
+
+    monkeypatch.setattr(data_pkg, "prepare_subject", spy)
+    assert main([*args, *tiny, "--quiet"]) == 0
+    monkeypatch.undo()
+    assert seen == [("white-matter", 0)]
+    assert json.loads((run / "run.json").read_text())["data"]["normalize"] == "white-matter"
+
+    # the transplanted copy: normal WM (top of T1 in the brain) at 1 / WM_UNIT per modality
+    brains = find_subjects(tmp_path / "data")
+    (copy,) = transplanted_subjects(
+        brains, tmp_path / "masks", seed=0, contrast="varied", normalisation=("white-matter", 0)
+    )
+    t1 = copy.image[0][copy.brain]
+    wm = t1 >= np.quantile(t1, WM_QUANTILE)
+    for c in range(3):
+        assert np.median(copy.image[c][copy.brain][wm]) == pytest.approx(1 / WM_UNIT, rel=1e-5)
+
+    assert (
+        main(
+            ["predict", str(tmp_path / "data"), "--model", str(run), "--out", str(pred), "--quiet"]
+        )
+        == 0
+    )
+    model, settings = load_run(run)
+    (subject,) = brains
+    want = predict_prepared(model, prepare_subject(subject, None, ("white-matter", 0)), settings)
+    got, _ = load_volume(pred / subject.name / "prob.nii.gz")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    zscored = predict_prepared(model, prepare_subject(subject, None), settings)
+    assert np.abs(zscored - want).max() > 1e-3  # the check above can tell the two apart

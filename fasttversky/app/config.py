@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_MASK_PATTERN",
     "DEFAULT_MODALITIES",
     "LR_SCHEDULES",
+    "NORMALIZATIONS",
     "NORMS",
     "PRECISIONS",
     "ConfigError",
@@ -50,6 +51,9 @@ LR_SCHEDULES = ("step", "poly")  # StepLR (the paper's) or nnU-Net's poly decay
 DEFAULT_MODALITIES: dict[str, str] = {"T1": "t1", "T2": "t2", "FLAIR": "flair"}
 DEFAULT_MASK_PATTERN = "mask"
 AUGMENTS = ("none", "default")  # DataConfig.augment
+# DataConfig.normalize: brain z-score per modality, or each modality over its own median
+# in normal-appearing white matter (defined by the T1 channel; data.transforms)
+NORMALIZATIONS = ("zscore", "white-matter")
 # DataConfig.transplant_contrast; the modes are defined in data.synth.TRANSPLANT_CONTRASTS
 # (this module stays numpy-free for the CLI's help; a test keeps the two in step)
 TRANSPLANT_CONTRASTS = ("typical", "wide", "varied", "varied-cortex")
@@ -103,6 +107,16 @@ def _shape(name: str, v) -> list | None:
     if len(v) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in v):
         raise ConfigError(name, f"must be 3 positive integers (D H W), got {v}")
     return v
+
+
+def _t1_channel(modalities: dict) -> int:
+    names = [n.lower() for n in modalities]
+    if "t1" not in names:
+        raise ConfigError(
+            "normalize",
+            f"white-matter needs a modality named T1 to find white matter; got {list(modalities)}",
+        )
+    return names.index("t1")
 
 
 # -- the configs -----------------------------------------------------------------------
@@ -163,6 +177,13 @@ class DataConfig:
         "gamma/contrast/brightness/noise (fasttversky.app.data.augment)",
         choices=AUGMENTS,
     )
+    normalize: str = _opt(
+        "zscore",
+        "per-modality intensity normalisation inside the brain: zscore = mean 0, sd 1; "
+        "white-matter = ratio to the median of normal white matter (the top 35 percent of "
+        "the brain on the modality named T1), in units of 0.3x that median",
+        choices=NORMALIZATIONS,
+    )
     transplant_contrast: str = _opt(
         "typical",
         "contrast of transplanted lesions (--transplant-masks): typical = one severity per "
@@ -185,7 +206,22 @@ class DataConfig:
             raise ConfigError("lesion_prob", f"must be in [0, 1], got {self.lesion_prob}")
         _int_at_least("batch_size", self.batch_size, 1)
         _choice("augment", self.augment, AUGMENTS)
+        _choice("normalize", self.normalize, NORMALIZATIONS)
+        if self.normalize == "white-matter":
+            _t1_channel(self.modalities)  # a missing T1 fails here, before any data is read
         _choice("transplant_contrast", self.transplant_contrast, TRANSPLANT_CONTRASTS)
+
+    @property
+    def wm_reference(self) -> int:
+        """Channel index of the modality named T1 (case-insensitive): white matter is its
+        brightest tissue, and lesions are dark there, so it defines the reference tissue
+        of ``normalize='white-matter'``."""
+        return _t1_channel(self.modalities)
+
+    @property
+    def normalisation(self) -> tuple[str, int]:
+        """(mode, reference channel) for :func:`fasttversky.app.data.normalise_in_brain`."""
+        return (self.normalize, self.wm_reference if self.normalize == "white-matter" else 0)
 
 
 @dataclass

@@ -95,13 +95,15 @@ def transplant_augmenter(
     target_shape,
     progress=True,
     contrast: str = "typical",
+    normalisation=("zscore", 0),
 ) -> Callable:
     """augment(fold, train_set, test_set) -> extra training subjects: real lesion masks
     from ``mask_dir`` transplanted into the fold's training brains (in memory).
 
     Masks named like a test subject (``masks/patient19.nii.gz`` when patient19 is
     tested) are never used, so no test lesion reaches training in another brain.
-    ``contrast``: a mode of :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`.
+    ``contrast``: a mode of :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`;
+    ``normalisation``: ``DataConfig.normalisation`` (the real subjects' own).
     """
     from .data.synth import lesion_mask_files, transplanted_subjects
 
@@ -119,6 +121,7 @@ def transplant_augmenter(
             target_shape=target_shape,
             seed=(seed, fold),
             contrast=contrast,
+            normalisation=normalisation,
             n=n_per_fold,
             progress=lambda it: progress_bar(it, f"transplant fold {fold + 1}", progress),
         )
@@ -186,7 +189,7 @@ def run_sweep(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    prepared = prepare_all(subjects, base.data.target_shape, progress)
+    prepared = prepare_all(subjects, base.data.target_shape, progress, base.data.normalisation)
     fold_of = folds_of([p.name for p in prepared], folds)
     extra = {}
     for k in range(folds):
@@ -479,6 +482,7 @@ def reproduce(
             base.data.target_shape,
             progress,
             contrast=base.data.transplant_contrast,
+            normalisation=base.data.normalisation,
         )
         title += f"; training folds + {transplant_n} transplanted real lesion masks"
     title += f"; {environment_note(base)}"

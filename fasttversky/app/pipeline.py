@@ -148,13 +148,16 @@ def find_dataset(data: str | Path, config: DataConfig, require_mask: bool = True
     )
 
 
-def prepare_all(subjects, target_shape=None, progress: bool = False) -> list:
+def prepare_all(
+    subjects, target_shape=None, progress: bool = False, normalisation=("zscore", 0)
+) -> list:
     """Read, check and prepare every subject now (Subjects -> PreparedSubjects; already
-    prepared ones pass through), so a broken file fails before any training."""
+    prepared ones pass through), so a broken file fails before any training.
+    normalisation: ``DataConfig.normalisation``."""
     from .data import PreparedSubject, prepare_subject
 
     return [
-        s if isinstance(s, PreparedSubject) else prepare_subject(s, target_shape)
+        s if isinstance(s, PreparedSubject) else prepare_subject(s, target_shape, normalisation)
         for s in progress_bar(subjects, "load", progress)
     ]
 
@@ -286,7 +289,7 @@ def train_run(
     out = Path(out)
     if resume and not (out / "last.pt").is_file():
         raise DataError(f"{out}/last.pt missing: nothing to resume (train without --resume)")
-    prepared = prepare_all(subjects, settings.data.target_shape, progress=False)
+    prepared = prepare_all(subjects, settings.data.target_shape, False, settings.data.normalisation)
     missing = [p.name for p in prepared if p.mask is None]
     if missing:
         raise DataError(f"subjects without a lesion mask cannot be trained on: {missing}")
@@ -303,6 +306,7 @@ def train_run(
                 seed=settings.train.seed,
                 contrast=settings.data.transplant_contrast,
                 progress=(lambda it: progress_bar(it, "transplant", True)) if progress else None,
+                normalisation=settings.data.normalisation,
             )
         except ValueError as e:
             raise DataError(str(e)) from e
@@ -340,6 +344,7 @@ def train_run(
         lesion_prob=d.lesion_prob,
         seed=settings.train.seed,
         augment=augmenter,
+        normalisation=d.normalisation,
     )
     batches = RandomBatches(ds, d.batch_size, settings.train.seed)
     if d.patch_size is None:
@@ -448,7 +453,7 @@ def predict_dataset(
         load_subject(s)
     out = Path(out)
     for s in progress_bar(subjects, "predict", progress):
-        p = prepare_subject(s, settings.data.target_shape)
+        p = prepare_subject(s, settings.data.target_shape, settings.data.normalisation)
         prob = predict_prepared(model, p, settings, device=device)
         save_volume(out / p.name / "prob.nii.gz", prob, p.affine)
         save_volume(out / p.name / "mask.nii.gz", mask_from_prob(prob, settings.predict), p.affine)
@@ -616,7 +621,7 @@ def demo(
     )
     model, _ = train_run(train_s, settings, out / "run", progress=progress)
     log(f"3/4 predicting {len(test_s)} held-out subjects")
-    prepared = prepare_all(test_s, settings.data.target_shape)
+    prepared = prepare_all(test_s, settings.data.target_shape, False, settings.data.normalisation)
     probs = {p.name: predict_prepared(model, p, settings) for p in prepared}
     targets = {p.name: p.full_mask for p in prepared}
     log("4/4 evaluating (threshold 0.5, values in %)")

@@ -29,8 +29,10 @@ from .transforms import (
     apply_crop,
     brain_mask,
     crop_or_pad_info,
+    normalise_in_brain,
     pad_to_multiple,
     undo_crop,
+    white_matter_ratio,
     zscore_in_brain,
 )
 
@@ -52,10 +54,12 @@ __all__ = [
     "find_subjects",
     "load_subject",
     "load_volume",
+    "normalise_in_brain",
     "pad_to_multiple",
     "prepare_arrays",
     "prepare_subject",
     "save_volume",
     "undo_crop",
+    "white_matter_ratio",
     "zscore_in_brain",
 ]

@@ -20,8 +20,8 @@ from .transforms import (
     apply_crop,
     brain_mask,
     crop_or_pad_info,
+    normalise_in_brain,
     undo_crop,
-    zscore_in_brain,
 )
 
 
@@ -48,10 +48,15 @@ class PreparedSubject:
         return undo_crop(volume, self.crop, fill) if self.crop is not None else volume
 
 
-def prepare_subject(subject: Subject, target_shape: Sequence[int] | None = None) -> PreparedSubject:
-    """Load, z-score inside the brain, then crop/pad to ``target_shape`` around the brain."""
+def prepare_subject(
+    subject: Subject,
+    target_shape: Sequence[int] | None = None,
+    normalisation: tuple[str, int] = ("zscore", 0),
+) -> PreparedSubject:
+    """Load, normalise inside the brain (``normalisation``: ``DataConfig.normalisation``,
+    default the brain z-score), then crop/pad to ``target_shape`` around the brain."""
     image, mask, affine = load_subject(subject)
-    return prepare_arrays(subject.name, image, mask, affine, target_shape)
+    return prepare_arrays(subject.name, image, mask, affine, target_shape, normalisation)
 
 
 def prepare_arrays(
@@ -60,6 +65,7 @@ def prepare_arrays(
     mask: np.ndarray | None,
     affine: np.ndarray,
     target_shape: Sequence[int] | None = None,
+    normalisation: tuple[str, int] = ("zscore", 0),
 ) -> PreparedSubject:
     """:func:`prepare_subject` for arrays in memory: image (C, X, Y, Z) raw intensities,
     mask (X, Y, Z) {0, 1} or None (e.g. a transplanted subject never written to disk)."""
@@ -67,7 +73,7 @@ def prepare_arrays(
     if mask is not None:
         mask = np.asarray(mask, dtype=np.uint8)
     brain = brain_mask(image)
-    image = zscore_in_brain(image, brain)
+    image = normalise_in_brain(image, brain, normalisation)
     crop = None
     full_mask = mask
     if target_shape is not None:
@@ -121,10 +127,11 @@ class LesionDataset(torch.utils.data.Dataset):
             would almost never show the network a lesion.
         seed: patches depend only on (seed, epoch, index), so a run is reproducible
             with any number of DataLoader workers; call :meth:`set_epoch` each epoch.
-        cache: keep prepared volumes in memory (loading + z-scoring dominates otherwise).
+        cache: keep prepared volumes in memory (loading + normalising dominates otherwise).
         augment: an :class:`fasttversky.app.data.augment.Augmenter` for patch mode: the
             patch is cut with its margin around the same centre and augmented with a
             seed drawn from the item's generator (so items stay reproducible).
+        normalisation: ``DataConfig.normalisation`` for subjects prepared here.
     """
 
     def __init__(
@@ -137,6 +144,7 @@ class LesionDataset(torch.utils.data.Dataset):
         seed: int = 0,
         cache: bool = True,
         augment=None,
+        normalisation: tuple[str, int] = ("zscore", 0),
     ):
         if not subjects:
             raise ValueError("LesionDataset needs at least one subject")
@@ -161,6 +169,7 @@ class LesionDataset(torch.utils.data.Dataset):
                 f"augment was built for patches {augment.patch_size}, not {self.patch_size}"
             )
         self.augment = augment
+        self.normalisation = tuple(normalisation)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -171,7 +180,7 @@ class LesionDataset(torch.utils.data.Dataset):
     def prepared(self, i: int) -> PreparedSubject:
         if i in self._cache:
             return self._cache[i]
-        p = prepare_subject(self.subjects[i], self.target_shape)
+        p = prepare_subject(self.subjects[i], self.target_shape, self.normalisation)
         if self.cache:
             self._cache[i] = p
         return p

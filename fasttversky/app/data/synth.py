@@ -561,6 +561,7 @@ def transplanted_subjects(
     contrast: str = "varied",
     n: int | None = None,
     progress: Callable | None = None,
+    normalisation: tuple[str, int] = ("zscore", 0),
 ) -> list:
     """The masks of ``mask_dir`` transplanted into ``brains`` (cycling), in memory, as
     extra training subjects (what ``train``/``reproduce --transplant-masks`` add).
@@ -571,8 +572,8 @@ def transplanted_subjects(
     lesions are already in it). ``contrast``: a mode of :data:`TRANSPLANT_CONTRASTS`.
     ``n``: a random subset of n masks (drawn from ``seed``) instead of all. ``seed``:
     an int or a tuple of ints (e.g. (seed, fold)); mask i depends only on (seed, i).
-    Returns PreparedSubjects named ``<brain>+<mask>``, z-scored and cropped to
-    ``target_shape`` like the real ones.
+    Returns PreparedSubjects named ``<brain>+<mask>``, normalised (``normalisation``:
+    ``DataConfig.normalisation``) and cropped to ``target_shape`` like the real ones.
     """
     from .dataset import prepare_arrays  # torch: only when training subjects are built
 
@@ -593,6 +594,7 @@ def transplanted_subjects(
             mask,
             aff,
             target_shape,
+            normalisation,
         )
         for brain, path, images, mask, aff in _transplant_each(
             list(brains), files, seeds, options, progress

@@ -40,6 +40,69 @@ def zscore_in_brain(image: np.ndarray, brain: np.ndarray | None = None) -> np.nd
     return out
 
 
+# Normal white matter for normalize="white-matter": brain voxels at or above this
+# quantile of the reference (T1) channel. WM is T1's brightest tissue and about 40 % of an
+# adult brain, so its top 35 % is nearly pure WM; MS lesions are T1-dark and stay out.
+WM_QUANTILE = 0.65
+# Output unit of normalize="white-matter", as a fraction of the WM median: a brain's sd
+# is 0.26-0.36x its WM median on FLAIR in the shared patients, so one unit is about one
+# z-score sd and the augmentation ranges (set in z-score units) keep their size.
+WM_UNIT = 0.3
+
+
+def white_matter_ratio(
+    image: np.ndarray, brain: np.ndarray | None = None, reference: int = 0
+) -> np.ndarray:
+    """Per-modality intensity over its median in normal white matter, / ``WM_UNIT``.
+
+    image (C, X, Y, Z) float, brain (X, Y, Z) bool or None (= non-zero anywhere),
+    reference: the T1 channel -> float32 (C, X, Y, Z), background 0, normal WM at
+    1 / WM_UNIT. Reference-tissue normalisation (the idea of WhiteStripe, Shinohara et
+    al. 2014): a brain z-score depends on how much of the brain is CSF, cortex or
+    lesion, so the same tissue lands on different values in different patients (one
+    shared patient's cortex is 0.53 sd above its WM, the other's 0.24 sd), while its
+    ratio to WM does not (1.14x vs 1.09x). Raises ValueError on non-finite intensities
+    in the brain and when a channel's WM median is not positive (no meaningful ratio).
+    """
+    if brain is None:
+        brain = brain_mask(image)
+    out = np.zeros(image.shape, dtype=np.float32)
+    if not brain.any():
+        return out
+    if not 0 <= reference < image.shape[0]:
+        raise ValueError(f"reference channel {reference} not in 0..{image.shape[0] - 1}")
+    channels = [image[c][brain].astype(np.float64) for c in range(image.shape[0])]
+    for c, vals in enumerate(channels):  # a NaN would move the quantile and every ratio
+        if not np.isfinite(vals).all():
+            raise ValueError(f"channel {c}: non-finite intensities inside the brain")
+    wm = channels[reference] >= np.quantile(channels[reference], WM_QUANTILE)
+    for c, vals in enumerate(channels):
+        median = float(np.median(vals[wm]))
+        if not median > 0:
+            raise ValueError(
+                f"channel {c}: white-matter median is {median}, not positive; "
+                "use normalize='zscore' for this data"
+            )
+        out[c][brain] = (vals / (median * WM_UNIT)).astype(np.float32)
+    return out
+
+
+def normalise_in_brain(
+    image: np.ndarray, brain: np.ndarray | None = None, normalisation=("zscore", 0)
+) -> np.ndarray:
+    """(C, X, Y, Z) raw intensities -> float32 network input, background 0.
+
+    normalisation: (mode, reference channel) as ``DataConfig.normalisation`` gives it;
+    mode "zscore" (:func:`zscore_in_brain`, the reference is unused) or "white-matter"
+    (:func:`white_matter_ratio`)."""
+    mode, reference = normalisation
+    if mode == "zscore":
+        return zscore_in_brain(image, brain)
+    if mode == "white-matter":
+        return white_matter_ratio(image, brain, reference)
+    raise ValueError(f"normalisation mode must be zscore or white-matter, got {mode!r}")
+
+
 @dataclass(frozen=True)
 class CropInfo:
     """Where a crop/pad put the original volume, so predictions can be put back.
