@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # reference/ is a top-level folder, not part of the package
     sys.path.insert(0, str(ROOT))
@@ -26,6 +28,19 @@ if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = ROOT.parent / "shared" / "data" / "open_ms_data"
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (files opt in with ``pytestmark``): tiny convs,
+    resamplings and MONAI calls are dominated by OpenMP threads waiting for each other
+    on a shared 2-core machine, ~10x slower than one thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # .ci/run sets FASTTVERSKY_CI=1: there, tests that read the shared MS data, run the

@@ -16,12 +16,7 @@ OFF = dict(p_flip=0, p_affine=0, p_gamma=0, p_contrast=0, p_brightness=0, p_nois
 PATCH = (8, 10, 6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(aug, seed, c=2):

@@ -31,14 +31,7 @@ def backend(request):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny volumes: on a loaded 2-core machine OpenMP threads waiting for each other make
-    # each MONAI call ~10x slower than running them on one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _other_act(t):

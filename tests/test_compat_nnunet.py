@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from _helpers import TOLERANCES, describe_mismatch
 
-pytestmark = pytest.mark.nnunet
+pytestmark = [pytest.mark.nnunet, pytest.mark.usefixtures("one_thread")]
 # "auto" (what users get) and the torch fallback, which every build has.
 _BACKENDS = ["auto", "torch"]
 
@@ -35,14 +35,6 @@ def nn_losses():
     from nnunetv2.training.loss import compound_losses, deep_supervision, dice
 
     return compound_losses, dice, deep_supervision
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _case(C=3, shape=(6, 7, 5), B=2, ignore_label=None, dtype=torch.float64, seed=0):

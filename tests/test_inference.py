@@ -18,13 +18,7 @@ from fasttversky.app.training.inference import (
 )
 from fasttversky.app.training.predict import gaussian_weights
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Voxelwise(nn.Module):

@@ -24,13 +24,7 @@ from fasttversky.app.models import UNet3D
 from fasttversky.app.training import TrainConfig, load_checkpoint, train
 from fasttversky.app.training.loop import POLY_POWER
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(i):

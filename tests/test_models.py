@@ -11,13 +11,7 @@ from reference.unet import ReferenceUNet3D
 X_SHAPE = (2, 3, 8, 12, 16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convs are dominated by OpenMP barriers on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(norm="none", checkpoint="all", levels=3, base=2, dtype=torch.float64):

@@ -83,26 +83,21 @@ CORTEX_FACTOR = {"T2": (1.1, 1.45), "FLAIR": (1.0, 1.3)}
 # Named contrast modes of transplanted lesions -> the keyword arguments of transplant():
 # the one place a mode is defined (synth --contrast, train/reproduce --transplant-masks,
 # transplanted_subjects all look it up here).
+_VARIED = {
+    "factors": VARIED_LESION_FACTOR,
+    "severity": (0.0, 1.0),
+    "per_lesion": True,
+    "per_modality": True,
+}
 TRANSPLANT_CONTRASTS: dict[str, dict] = {
     # one severity per subject in the typical band (FLAIR 1.31-1.41x)
     "typical": {"factors": None, "severity": (0.3, 0.8), "per_lesion": False},
     # one severity per lesion, faint (FLAIR 1.1x) to bright (1.9x), modalities coupled
     "wide": {"factors": WIDE_LESION_FACTOR, "severity": (0.0, 1.0), "per_lesion": True},
     # per lesion and per modality, faint end above cortex (FLAIR 1.2-1.7x)
-    "varied": {
-        "factors": VARIED_LESION_FACTOR,
-        "severity": (0.0, 1.0),
-        "per_lesion": True,
-        "per_modality": True,
-    },
+    "varied": _VARIED,
     # varied lesions, and the brain's grey matter re-contrasted per copy (CORTEX_FACTOR)
-    "varied-cortex": {
-        "factors": VARIED_LESION_FACTOR,
-        "severity": (0.0, 1.0),
-        "per_lesion": True,
-        "per_modality": True,
-        "cortex": CORTEX_FACTOR,
-    },
+    "varied-cortex": {**_VARIED, "cortex": CORTEX_FACTOR},
 }
 
 
