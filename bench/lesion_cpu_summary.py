@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fasttversky.app.experiment import setting_label
 from fasttversky.app.lesion_metrics import summarize
 
 HERE = Path(__file__).resolve().parent
@@ -70,10 +71,7 @@ def read_runs(path: Path) -> list[dict]:
 
 
 def arm_label(arm: dict) -> str:
-    a, b, ce = arm["alpha"], arm["beta"], arm["ce_weight"]
-    text = (
-        f"α={a:g}, β={b:g}" + (" (Dice)" if a == b == 0.5 else "") + (f" + {ce:g}×CE" if ce else "")
-    )
+    text = setting_label(arm["alpha"], arm["beta"], arm["ce_weight"])
     extras = [arm["transplant_contrast"]]
     if arm["normalize"] != "zscore":
         extras.append(f"{arm['normalize']} norm.")

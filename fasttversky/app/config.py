@@ -212,16 +212,12 @@ class DataConfig:
         _choice("transplant_contrast", self.transplant_contrast, TRANSPLANT_CONTRASTS)
 
     @property
-    def wm_reference(self) -> int:
-        """Channel index of the modality named T1 (case-insensitive): white matter is its
-        brightest tissue, and lesions are dark there, so it defines the reference tissue
-        of ``normalize='white-matter'``."""
-        return _t1_channel(self.modalities)
-
-    @property
     def normalisation(self) -> tuple[str, int]:
-        """(mode, reference channel) for :func:`fasttversky.app.data.normalise_in_brain`."""
-        return (self.normalize, self.wm_reference if self.normalize == "white-matter" else 0)
+        """(mode, reference channel) for :func:`fasttversky.app.data.normalise_in_brain`;
+        the reference of white-matter is the modality named T1 (case-insensitive): white
+        matter is its brightest tissue and lesions are dark there."""
+        ref = _t1_channel(self.modalities) if self.normalize == "white-matter" else 0
+        return (self.normalize, ref)
 
 
 @dataclass

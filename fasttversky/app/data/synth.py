@@ -35,6 +35,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .io import DEFAULT_MODALITIES, find_subjects, load_subject, load_volume, save_volume
+from .transforms import WM_QUANTILE
 
 MNI_FOV_MM = (182.0, 218.0, 182.0)
 MODALITIES = ("T1", "T2", "FLAIR")
@@ -336,10 +337,11 @@ def _normal_wm_reference(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Approximate normal-appearing WM (bright on T1 among brain voxels) and its median
     per modality. WM is the brightest T1 tissue, so the top 35 % of brain T1 is a
-    serviceable WM sample without a segmentation."""
+    serviceable WM sample without a segmentation (the same rule as normalize=
+    "white-matter": :data:`fasttversky.app.data.transforms.WM_QUANTILE`)."""
     t1 = image["T1"]
     sel = brain & ~exclude
-    thr = np.percentile(t1[sel], 65)
+    thr = np.quantile(t1[sel], WM_QUANTILE)
     wm = sel & (t1 >= thr)
     return wm, {m: float(np.median(v[wm])) for m, v in image.items()}
 
