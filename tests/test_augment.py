@@ -180,3 +180,153 @@ def test_same_result_with_one_or_two_threads():
     torch.set_num_threads(2)  # the fixture restores the count afterwards
     x2, y2 = aug(img, mask, 11)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+# --- resolution: blur and simulated low resolution -------------------------------------
+def _brain_inputs(aug, seed, c=2):
+    """Inputs whose centre patch has a background corner (the edge rules matter)."""
+    img, mask = _inputs(aug, seed, c)
+    img[:, :3, :4] = 0
+    return img, mask
+
+
+def _blur_oracle(x, brain, sigma):
+    b = brain.astype(np.float64)
+    num = ndi.gaussian_filter(x.astype(np.float64) * b, sigma, mode="constant")
+    den = ndi.gaussian_filter(b, sigma, mode="constant")
+    return np.where(brain, num / np.where(brain, den, 1.0), 0.0)
+
+
+def _linear_up(a, n, axis):
+    """torch's linear interpolation (align_corners=False) along one axis, float64."""
+    m = a.shape[axis]
+    src = np.maximum((np.arange(n) + 0.5) * (m / n) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(int), m - 1)
+    i1 = np.minimum(i0 + 1, m - 1)
+    w = src - i0
+    shape = [1] * a.ndim
+    shape[axis] = n
+    return np.take(a, i0, axis) * (1 - w).reshape(shape) + np.take(a, i1, axis) * w.reshape(shape)
+
+
+def _lowres_oracle(x, brain, factor):
+    b = brain.astype(np.float64)
+    t, d = x.astype(np.float64) * b, b
+    for axis, n in enumerate(x.shape):
+        k = max(1, int(round(n * factor)))
+        idx = np.minimum(np.floor(np.arange(k) * (n / k)).astype(int), n - 1)  # nearest
+        t, d = np.take(t, idx, axis), np.take(d, idx, axis)
+    for axis, n in enumerate(x.shape):
+        t, d = _linear_up(t, n, axis), _linear_up(d, n, axis)
+    return np.where(brain, t / np.maximum(d, 1e-3), 0.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("sigma", [0.6, 1.3])
+def test_blur_matches_a_float64_masked_gaussian(seed, sigma):
+    aug = Augmenter(AugmentConfig(**{**OFF, "p_blur": 1.0, "blur_sigma": (sigma, sigma)}), PATCH)
+    img, mask = _brain_inputs(aug, seed)
+    x = aug(img, mask, seed)[0].numpy()
+    src = _centre(aug, img)
+    brain = (src != 0).any(axis=0)
+    for c in range(len(src)):
+        np.testing.assert_allclose(x[c], _blur_oracle(src[c], brain, sigma), rtol=1e-4, atol=1e-5)
+    assert (x[:, ~brain] == 0).all()
+    assert np.std(x[:, brain]) < 0.8 * np.std(src[:, brain])  # white noise really smoothed
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("factor", [0.5, 0.7])
+def test_lowres_matches_nearest_down_linear_up_in_float64(seed, factor):
+    cfg = AugmentConfig(**{**OFF, "p_lowres": 1.0, "lowres": (factor, factor)})
+    aug = Augmenter(cfg, PATCH)
+    img, mask = _brain_inputs(aug, seed)
+    x = aug(img, mask, seed)[0].numpy()
+    src = _centre(aug, img)
+    brain = (src != 0).any(axis=0)
+    for c in range(len(src)):
+        np.testing.assert_allclose(
+            x[c], _lowres_oracle(src[c], brain, factor), rtol=1e-4, atol=1e-5
+        )
+    assert (x[:, ~brain] == 0).all()
+
+
+@pytest.mark.parametrize("on", [dict(p_blur=1.0), dict(p_lowres=1.0)])
+def test_resolution_keeps_a_uniform_brain_uniform_up_to_its_edge(on):
+    # The normalisation by the resampled brain mask: the zero background does not bleed in.
+    aug = Augmenter(AugmentConfig(**{**OFF, **on}), PATCH)
+    img, mask = _brain_inputs(aug, 0, c=1)
+    img = np.where(img != 0, np.float32(2.5), np.float32(0))
+    x = aug(img, mask, 4)[0].numpy()
+    brain = (_centre(aug, img) != 0).any(axis=0)
+    np.testing.assert_allclose(x[0][brain], 2.5, rtol=1e-5)
+
+
+def test_resolution_is_reproducible_thread_independent_and_draws_nothing_when_off():
+    cfg = AugmentConfig(p_affine=1.0, p_gamma=1, p_noise=1, p_blur=0.5, p_lowres=0.5)
+    aug = Augmenter(cfg, (16, 16, 16))
+    img, mask = _inputs(aug, 7, c=3)
+    x1, y1 = aug(img, mask, 11)
+    torch.set_num_threads(2)  # the fixture restores the count afterwards
+    x2, y2 = aug(img, mask, 11)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    # p_blur = p_lowres = 0 draws nothing: "default" keeps its random stream bitwise
+    on = dict(p_gamma=1, p_contrast=1, p_noise=1)
+    a = Augmenter(AugmentConfig(**{**OFF, **on}), PATCH)
+    b = Augmenter(AugmentConfig(**{**OFF, **on, "blur_sigma": (1, 2), "lowres": (0.6, 0.9)}), PATCH)
+    img, mask = _inputs(a, 2)
+    assert torch.equal(a(img, mask, 3)[0], b(img, mask, 3)[0])
+    c = Augmenter(AugmentConfig(**{**OFF, **on, "p_blur": 1.0}), PATCH)
+    assert not torch.equal(a(img, mask, 3)[0], c(img, mask, 3)[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(p_blur=-0.1), "p_blur"),
+        (dict(p_lowres=1.1), "p_lowres"),
+        (dict(blur_sigma=(1.0, 0.5)), "blur_sigma"),
+        (dict(lowres=(0, 0.5)), "lowres"),
+        (dict(lowres=(0.5, 1.5)), "lowres"),
+    ],
+)
+def test_resolution_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AugmentConfig(**kwargs)
+
+
+def test_named_sets_are_the_config_choices():
+    from fasttversky.app.config import AUGMENTS
+    from fasttversky.app.data.augment import AUGMENTATIONS, augment_config
+
+    assert AUGMENTS == ("none", *AUGMENTATIONS)
+    assert augment_config("default") == AugmentConfig()
+    res = augment_config("resolution")
+    assert res.p_blur > 0 and res.p_lowres > 0
+    assert AugmentConfig.from_dict({**res.to_dict(), "p_blur": 0, "p_lowres": 0}) == AugmentConfig()
+    with pytest.raises(ValueError, match="augment must be one of"):
+        augment_config("strong")
+
+
+@pytest.mark.parametrize("name", ["default", "resolution"])
+def test_train_run_augments_with_the_named_set(tmp_path, monkeypatch, name):
+    from dataclasses import replace
+
+    import fasttversky.app.data.augment as augment_module
+    from fasttversky.app.data.synth import write_phantom_dataset
+    from fasttversky.app.pipeline import find_dataset, train_run
+    from fasttversky.app.presets import PRESETS
+
+    seen = []
+
+    class Spy(Augmenter):
+        def __init__(self, config, patch_size):
+            seen.append(config)
+            super().__init__(config, patch_size)
+
+    monkeypatch.setattr(augment_module, "Augmenter", Spy)
+    write_phantom_dataset(tmp_path / "d", n_subjects=1, shape=(24, 24, 24), seed=1)
+    s = PRESETS["tiny"].run
+    s = replace(s, data=replace(s.data, augment=name), train=replace(s.train, steps=1))
+    train_run(find_dataset(tmp_path / "d", s.data), s, tmp_path / "run", progress=False)
+    assert seen == [augment_module.AUGMENTATIONS[name]]

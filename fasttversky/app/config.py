@@ -50,7 +50,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # training/inference compute precision
 LR_SCHEDULES = ("step", "poly")  # StepLR (the paper's) or nnU-Net's poly decay
 DEFAULT_MODALITIES: dict[str, str] = {"T1": "t1", "T2": "t2", "FLAIR": "flair"}
 DEFAULT_MASK_PATTERN = "mask"
-AUGMENTS = ("none", "default")  # DataConfig.augment
+# DataConfig.augment: none, or a named set of fasttversky.app.data.augment.AUGMENTATIONS
+AUGMENTS = ("none", "default", "resolution")
 # DataConfig.normalize: brain z-score per modality, or each modality over its own median
 # in normal-appearing white matter (defined by the T1 channel; data.transforms)
 NORMALIZATIONS = ("zscore", "white-matter")
@@ -174,7 +175,8 @@ class DataConfig:
     augment: str = _opt(
         "none",
         "on-the-fly patch augmentation: default = flips, rotation/scaling, per-modality "
-        "gamma/contrast/brightness/noise (fasttversky.app.data.augment)",
+        "gamma/contrast/brightness/noise; resolution = default plus per-modality blur "
+        "and simulated low resolution (fasttversky.app.data.augment)",
         choices=AUGMENTS,
     )
     normalize: str = _opt(

@@ -334,9 +334,9 @@ def train_run(
     d = settings.data
     augmenter = None
     if d.augment != "none":
-        from .data.augment import AugmentConfig, Augmenter
+        from .data.augment import Augmenter, augment_config
 
-        augmenter = Augmenter(AugmentConfig(), d.patch_size)
+        augmenter = Augmenter(augment_config(d.augment), d.patch_size)
     ds = LesionDataset(
         prepared + extra,
         d.target_shape,
