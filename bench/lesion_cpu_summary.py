@@ -4,7 +4,8 @@
         [--out bench/results/lesion_cpu_summary]
 
 Input: ``lesion_cpu_runs.csv`` — one leave-one-patient-out model per row (test patient,
-α, β, CE weight, transplant contrast, normalisation, quantile-remap strength, seed) and
+α, β, CE weight, transplant contrast, normalisation, quantile-remap strength, U-Net
+levels, augmentation set, seed; the last two columns may be absent: 3 and ``default``) and
 its scores at the final checkpoint with the preset's inference (64³ Gaussian windows,
 brain only, components ≥ 10 voxels); fractions, counts in voxels/lesions. The rows are
 what ``fasttversky evaluate`` reported for each model; this script only groups them.
@@ -37,7 +38,11 @@ ARM_KEYS = (
     "transplant_contrast",
     "normalize",
     "remap",
+    "levels",
+    "augment",
 )
+# The preset's value of the columns older rows do not have.
+DEFAULTS = {"levels": "3", "augment": "default"}
 SCORES = [
     ("dsc", "DSC"),
     ("sensitivity", "Sens."),
@@ -61,6 +66,9 @@ def read_runs(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
+        for k, v in DEFAULTS.items():
+            r[k] = r.get(k) or v
+        r["levels"] = int(r["levels"])
         for k in ("alpha", "beta", "ce_weight", "remap"):
             r[k] = float(r[k])
         for k in ("seed", "step", "version", "fp", "tp", "fn", "n_true", "n_detected", "n_pred"):
@@ -77,6 +85,10 @@ def arm_label(arm: dict) -> str:
         extras.append(f"{arm['normalize']} norm.")
     if arm["remap"]:
         extras.append(f"remap {arm['remap']:g}")
+    if arm["levels"] != int(DEFAULTS["levels"]):
+        extras.append(f"{arm['levels']} levels")
+    if arm["augment"] != DEFAULTS["augment"]:
+        extras.append(f"{arm['augment']} augmentation")
     return f"{text}; {', '.join(extras)}"
 
 
@@ -161,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# lesion-cpu models by arm ({args.runs.name}; final checkpoint, 64³ Gaussian windows, "
         "brain, ≥ 10-voxel components; values in %, several seeds as mean ± sd [bootstrap 95 % CI])\n\n"
         "Versions: 2 = `wide` transplants, 3 = `varied`, 4-5 = the β sweep, CE and the "
-        "patient07 arms (bench/results/lesion_cpu.md).\n\n"
+        "patient07 arms, 6 = network depth and resolution augmentation "
+        "(bench/results/lesion_cpu.md).\n\n"
     )
     args.out.with_suffix(".md").write_text(header + table(arms))
     figure(arms, args.out.with_suffix(".png"))

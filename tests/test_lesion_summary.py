@@ -65,10 +65,11 @@ def test_arms_group_seeds_and_summarise_them(tmp_path):
         _row("a2", 2, 0.71),
         _row("d0", 0, 0.60, beta=0.5),
         _row("w0", 0, 0.02, test="patient07"),
+        _row("l0", 0, 0.03, test="patient07", levels=4, augment="resolution"),
     ]
     path = tmp_path / "runs.csv"
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
+        w = csv.DictWriter(f, list(rows[-1]), restval="")  # empty cells in older rows
         w.writeheader()
         w.writerows(rows)
     assert mod.main(["--runs", str(path), "--out", str(tmp_path / "s")]) == 0
@@ -82,6 +83,10 @@ def test_arms_group_seeds_and_summarise_them(tmp_path):
     (dice,) = [x for x in md.splitlines() if "(Dice)" in x]
     assert "| 60.0 |" in dice and "±" not in dice  # one seed: the value, no spread
     assert md.index("patient19") < md.index("| patient07")
+    # rows without the levels/augment columns are the preset's (3, default): no label
+    (deep,) = [x for x in md.splitlines() if "4 levels" in x]
+    assert "resolution augmentation" in deep and "| 3.0 |" in deep
+    assert sum("| patient07 |" in x for x in md.splitlines()) == 2
     assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
