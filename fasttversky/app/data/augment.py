@@ -153,6 +153,12 @@ def augment_config(name: str) -> AugmentConfig:
     return AUGMENTATIONS[name]
 
 
+def _over_mask(num: np.ndarray, den: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """num / den where the filtered brain mask ``den`` has weight (the average of brain
+    voxels only), ``x`` unchanged where it has next to none; float32."""
+    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), x).astype(np.float32)
+
+
 def _masked_blur(x: np.ndarray, brain: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of the brain's intensities, normalised by the blurred brain mask so
     that voxels near the edge are averages of brain voxels only (no darkening by the
@@ -161,16 +167,13 @@ def _masked_blur(x: np.ndarray, brain: np.ndarray, sigma: float) -> np.ndarray:
 
     b = brain.astype(np.float32)
     num = ndi.gaussian_filter(x * b, sigma, mode="constant")
-    den = ndi.gaussian_filter(b, sigma, mode="constant")
-    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), x).astype(np.float32)
+    return _over_mask(num, ndi.gaussian_filter(b, sigma, mode="constant"), x)
 
 
 def _lowres(x: np.ndarray, brain: np.ndarray, factor: float) -> np.ndarray:
     """Simulated acquisition at ``factor`` of the resolution: nearest-neighbour
     down-sampling of x·brain and of the brain mask, trilinear back up, normalised by
     the resampled mask (as :func:`_masked_blur`)."""
-    import torch.nn.functional as F
-
     shape = x.shape
     small = tuple(max(1, int(round(s * factor))) for s in shape)
     b = torch.from_numpy(brain.astype(np.float32))[None, None]
@@ -179,8 +182,7 @@ def _lowres(x: np.ndarray, brain: np.ndarray, factor: float) -> np.ndarray:
     # Pointwise resampling (no reduction), so the result is the same at any thread count.
     down = F.interpolate(both, size=small, mode="nearest")
     up = F.interpolate(down, size=shape, mode="trilinear", align_corners=False)[0].numpy()
-    num, den = up[0], up[1]
-    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), x).astype(np.float32)
+    return _over_mask(up[0], up[1], x)
 
 
 def _remap(x: np.ndarray, brain: np.ndarray, moves: np.ndarray) -> np.ndarray:
