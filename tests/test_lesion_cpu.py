@@ -249,6 +249,57 @@ def test_cli_train_preset_with_transplants_then_predict_and_evaluate(tmp_path, c
     assert "lesion F1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        # a misspelt held-out patient would exclude nothing and leak its lesions
+        (["--transplant-masks", "M", "--exclude-masks", "patient9"], 1, "no mask named patient9"),
+        (["--transplant-masks", "M", "--exclude-masks", "patient09", "nobody"], 1, "nobody"),
+        (["--exclude-masks", "patient09"], 2, "--exclude-masks only applies"),
+        (["--transplant-masks", "NOWHERE"], 1, "NOWHERE does not exist"),
+    ],
+)
+def test_cli_train_transplant_arguments_fail_in_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, extra, code, message
+):
+    """Bad --transplant-masks / --exclude-masks: a one-line error naming the option or
+    folder, the exit code, and nothing read or written (no subject prepared, no run)."""
+    from fasttversky.app import pipeline
+    from fasttversky.app.cli import main
+    from fasttversky.app.data.synth import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "data", n_subjects=1, shape=(16, 16, 16), seed=2)
+    p = make_phantom((16, 16, 16), 9, lesion_fraction=3e-3)
+    for name in ("patient01", "patient09"):
+        save_volume(tmp_path / "M" / f"{name}.nii.gz", p.mask, p.affine)
+    called = []
+    monkeypatch.setattr(pipeline, "prepare_all", lambda *a, **k: called.append(a))
+    extra = [str(tmp_path / x) if x in ("M", "NOWHERE") else x for x in extra]
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "data"), "--out", str(run), *extra, "--quiet"]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not called and not run.exists()
+
+
+def test_transplant_dataset_rejects_an_unknown_excluded_name(tmp_path):
+    """`synth --lesion-masks M --exclude-masks NAME`: NAME must be a mask of M."""
+    from fasttversky.app.data.synth import write_phantom_dataset, write_transplant_dataset
+    from fasttversky.app.pipeline import synth
+
+    write_phantom_dataset(tmp_path / "brains", n_subjects=1, shape=(16, 16, 16), seed=3)
+    p = make_phantom((16, 16, 16), 5, lesion_fraction=3e-3)
+    save_volume(tmp_path / "masks" / "patient05.nii.gz", p.mask, p.affine)
+    with pytest.raises(ValueError, match="no mask named patient5 "):
+        write_transplant_dataset(
+            tmp_path / "out", tmp_path / "brains", tmp_path / "masks", exclude=["patient5"]
+        )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="only applies with --lesion-masks"):
+        synth(tmp_path / "out", exclude_masks=["patient05"], progress=False)
+
+
 def _lesion_severities(p, imgs, labels, n, table):
     """Per lesion and modality, the severity read back from the lesion core's contrast."""
     out = []

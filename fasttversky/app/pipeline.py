@@ -188,6 +188,8 @@ def synth(
         raise ConfigError("n", f"must be >= 1, got {n}")
     if seed < 0:
         raise ConfigError("seed", f"must be >= 0, got {seed}")
+    if exclude_masks and not lesion_masks:
+        raise ConfigError("exclude_masks", "only applies with --lesion-masks (transplant mode)")
     if brains or lesion_masks:
         if not (brains and lesion_masks):
             raise ConfigError("brains", "and --lesion-masks go together (transplant mode)")
@@ -289,6 +291,16 @@ def train_run(
     out = Path(out)
     if resume and not (out / "last.pt").is_file():
         raise DataError(f"{out}/last.pt missing: nothing to resume (train without --resume)")
+    if exclude and transplant_masks is None:
+        raise ConfigError("exclude_masks", "only applies with --transplant-masks (none given)")
+    if transplant_masks is not None:  # a bad folder or name fails before any data is read
+        from .data.synth import check_excluded_names, lesion_mask_files
+
+        try:
+            lesion_mask_files(transplant_masks, [*exclude, *(s.name for s in subjects)])
+            check_excluded_names(transplant_masks, exclude)
+        except ValueError as e:
+            raise DataError(str(e)) from None
     prepared = prepare_all(subjects, settings.data.target_shape, False, settings.data.normalisation)
     missing = [p.name for p in prepared if p.mask is None]
     if missing:

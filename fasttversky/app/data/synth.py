@@ -521,6 +521,26 @@ def lesion_mask_files(
     return kept, skipped
 
 
+def check_excluded_names(mask_dir: str | Path, exclude: Sequence[str]) -> None:
+    """ValueError naming every name of ``exclude`` that no mask of ``mask_dir`` is named
+    like (``<name>.nii(.gz)``, case-insensitive). Called where a user names held-out
+    patients: a misspelt name would otherwise exclude nothing and let that patient's
+    own lesion shapes into training without a word."""
+    if not exclude:
+        return
+    stems = {
+        p.name.split(".")[0].lower()
+        for p in Path(mask_dir).iterdir()
+        if p.name.lower().endswith((".nii", ".nii.gz"))
+    }
+    unknown = [n for n in exclude if n.lower() not in stems]
+    if unknown:
+        raise ValueError(
+            f"--exclude-masks: no mask named {', '.join(unknown)} (.nii/.nii.gz) in {mask_dir}; "
+            "check the spelling, or that patient's lesions would reach training"
+        )
+
+
 def _transplant_each(brains, mask_files, seeds, options, progress):
     """Mask i of ``mask_files`` transplanted into brain i % len(brains) (Subjects, one
     in memory at a time) with ``np.random.default_rng((*seeds, i))`` -> yields
@@ -626,6 +646,7 @@ def write_transplant_dataset(
     mask_files, skipped = lesion_mask_files(
         lesion_masks, [s.name for s in subjects] + list(exclude)
     )
+    check_excluded_names(lesion_masks, exclude)
     n = len(mask_files) if n_subjects is None else int(n_subjects)
     stats = []
     files = [mask_files[i % len(mask_files)] for i in range(n)]
