@@ -8,7 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from fasttversky.app.lesion_metrics import lesion_metrics, pool_lesion_counts, summarize
+from fasttversky.app.lesion_metrics import (
+    compare_means,
+    lesion_metrics,
+    pool_lesion_counts,
+    summarize,
+)
 
 SHAPE = (14, 14, 12)
 
@@ -119,3 +124,31 @@ def test_summarize_mean_sd_and_bootstrap(seed):
 def test_summarize_single_run_has_no_spread():
     s = summarize([0.7])
     assert s["mean"] == 0.7 and math.isnan(s["sd"]) and all(math.isnan(c) for c in s["ci95"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compare_means_against_a_direct_bootstrap(seed):
+    rng = np.random.default_rng(100 + seed)
+    a = rng.normal(0.7, 0.05, size=int(rng.integers(2, 6)))
+    b = rng.normal(0.6, 0.05, size=int(rng.integers(2, 6)))
+    c = compare_means(list(a) + [float("nan")], b, n_boot=3000, seed=seed)
+    assert c["n"] == (a.size, b.size)
+    assert c["diff"] == pytest.approx(float(a.mean() - b.mean()))
+    r = np.random.default_rng(seed)  # reference: a's draws, then b's, same generator
+    ma = a[r.integers(0, a.size, size=(3000, a.size))].mean(axis=1)
+    mb = b[r.integers(0, b.size, size=(3000, b.size))].mean(axis=1)
+    assert c["ci95"] == tuple(np.percentile(ma - mb, [2.5, 97.5]))
+    lo, hi = c["ci95"]
+    assert a.min() - b.max() <= lo <= c["diff"] <= hi <= a.max() - b.min()
+    assert c["separated"] == (lo > 0 or hi < 0)
+    flipped = compare_means(b, a, n_boot=3000, seed=seed)
+    assert flipped["diff"] == pytest.approx(-c["diff"])
+
+
+def test_compare_means_separation_and_single_runs():
+    assert compare_means([0.80, 0.82, 0.81], [0.60, 0.61, 0.62])["separated"]
+    assert not compare_means([0.70, 0.80, 0.60], [0.72, 0.62, 0.66])["separated"]
+    one = compare_means([0.7], [0.6, 0.65])
+    assert one["diff"] == pytest.approx(0.075) and not one["separated"]
+    assert all(math.isnan(x) for x in one["ci95"])
+    assert math.isnan(compare_means([float("nan")], [0.5])["diff"])
