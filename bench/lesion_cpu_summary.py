@@ -13,6 +13,10 @@ what ``fasttversky evaluate`` reported for each model; this script only groups t
 Output: ``OUT.md`` — per arm (same everything but the seed) the seeds and, for each
 score, one value or mean ± sd [percentile-bootstrap 95 % CI of the mean]
 (``fasttversky.app.lesion_metrics.summarize``, the same summary ``reproduce`` uses), and
+a second table comparing each arm run with two or more seeds to the preset's arm
+(α=0.3, β=0.7, `varied`, no CE) on the same test patient: difference of the means and a
+bootstrap 95 % CI that resamples each arm's seeds separately
+(``fasttversky.app.lesion_metrics.compare_means``), marked when the CI excludes 0; and
 ``OUT.png`` — DSC, sensitivity, APR, lesion F1 and false-positive voxels per arm, one
 dot per seed and a bar at the mean, the two test patients side by side.
 """
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fasttversky.app.experiment import setting_label
-from fasttversky.app.lesion_metrics import summarize
+from fasttversky.app.lesion_metrics import compare_means, summarize
 
 HERE = Path(__file__).resolve().parent
 ARM_KEYS = (
@@ -52,6 +56,25 @@ SCORES = [
     ("lesion_tpr", "lesion TPR"),
     ("lesion_precision", "lesion prec."),
     ("lesion_f1", "lesion F1"),
+]
+# The arm every other is compared with: the preset lesion-cpu (bench/results/lesion_cpu.md).
+REFERENCE = {
+    "alpha": 0.3,
+    "beta": 0.7,
+    "ce_weight": 0.0,
+    "transplant_contrast": "varied",
+    "normalize": "zscore",
+    "remap": 0.0,
+    "levels": 3,
+    "augment": "default",
+}
+COMPARED = [
+    ("dsc", "Δ DSC"),
+    ("sensitivity", "Δ Sens."),
+    ("f2", "Δ F2"),
+    ("apr", "Δ APR"),
+    ("lesion_tpr", "Δ lesion TPR"),
+    ("lesion_precision", "Δ lesion prec."),
 ]
 PLOTTED = [
     ("dsc", "DSC %"),
@@ -132,6 +155,37 @@ def table(arms: list[tuple[dict, list[dict]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison(arms: list[tuple[dict, list[dict]]]) -> str:
+    """Markdown table: each arm with >= 2 seeds minus the reference arm of its test
+    patient (also >= 2 seeds), in points; '*' where the bootstrap CI excludes 0."""
+    head = ["test patient", "arm − preset", "seeds", *(n for _, n in COMPARED)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for patient in sorted({a["test_patient"] for a, _ in arms}, reverse=True):
+        mine = [(a, rs) for a, rs in arms if a["test_patient"] == patient and len(rs) >= 2]
+        ref = [rs for a, rs in mine if all(a[k] == v for k, v in REFERENCE.items())]
+        if not ref:
+            continue
+        for arm, rs in mine:
+            if rs is ref[0]:
+                continue
+            cells = [patient, arm_label(arm), f"{len(rs)} vs {len(ref[0])}"]
+            for k, _ in COMPARED:
+                c = compare_means([r[k] for r in rs], [r[k] for r in ref[0]])
+                lo, hi = c["ci95"]
+                mark = " *" if c["separated"] else ""
+                cells.append(f"{100 * c['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}")
+            lines.append("| " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return ""
+    return (
+        "\n## Against the preset (α=0.3, β=0.7; varied), same test patient\n\n"
+        "Difference of the means over seeds in points, [bootstrap 95 % CI resampling each "
+        "arm's seeds separately]; * = the CI excludes 0. With 2-3 seeds per arm the "
+        "bootstrap can only recombine the runs seen and under-covers: a * is a lead, not "
+        "a test.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def figure(arms: list[tuple[dict, list[dict]]], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -176,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "patient07 arms, 6 = network depth and resolution augmentation "
         "(bench/results/lesion_cpu.md).\n\n"
     )
-    args.out.with_suffix(".md").write_text(header + table(arms))
+    args.out.with_suffix(".md").write_text(header + table(arms) + comparison(arms))
     figure(arms, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
     return 0

@@ -98,3 +98,29 @@ def test_committed_summary_is_what_the_committed_rows_give(tmp_path):
     mod = _module()
     assert mod.main(["--runs", str(runs), "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s.md").read_text() == committed.read_text()
+
+
+def test_arms_are_compared_with_the_preset_over_seeds(tmp_path):
+    mod = _module()
+    ref = [0.70, 0.74, 0.71]
+    dice = [0.60, 0.62]
+    rows = [_row(f"a{i}", i, v) for i, v in enumerate(ref)]
+    rows += [_row(f"d{i}", i, v, beta=0.5) for i, v in enumerate(dice)]
+    rows += [_row("b0", 0, 0.9, beta=0.9)]  # one seed: not compared
+    rows += [_row(f"w{i}", i, 0.02, test="patient07") for i in range(2)]  # no reference
+    path = tmp_path / "runs.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert mod.main(["--runs", str(path), "--out", str(tmp_path / "s")]) == 0
+    md = (tmp_path / "s.md").read_text()
+    part = md.split("## Against the preset")[1]
+    (line,) = [x for x in part.splitlines() if x.startswith("| patient")]
+    assert "(Dice)" in line and "| 2 vs 3 |" in line
+    diff = 100 * (np.mean(dice) - np.mean(ref))
+    cells = line.split(" | ")
+    assert cells[3].startswith(f"{diff:+.1f} [")
+    lo, hi = (float(x) for x in cells[3].split("[")[1].split("]")[0].split(","))
+    assert 100 * (min(dice) - max(ref)) <= lo <= diff <= hi <= 100 * (max(dice) - min(ref))
+    assert cells[3].endswith("*")  # every recombination of these seeds is below the preset's
