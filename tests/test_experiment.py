@@ -127,17 +127,18 @@ def test_pr_curve_data_matches_sklearn(sweep):
         assert ap == pytest.approx(float(rows[(a, b)]["apr"]), rel=1e-9)
 
 
-def test_sweep_repeated_over_seeds_reports_spread_and_ci(tmp_path):
+def test_sweep_repeated_over_seeds_reports_spread_ci_and_comparison(tmp_path):
     """`reproduce --seeds 0 1`: each seed's pooled scores are those of its own fold
-    models; the setting's score is their mean, with sd and a bootstrap CI in the table."""
-    from fasttversky.app.lesion_metrics import summarize
+    models; the setting's score is their mean, with sd and a bootstrap CI in the table;
+    the non-Dice setting is compared with Dice (difference of means, bootstrap CI)."""
+    from fasttversky.app.lesion_metrics import compare_means, summarize
 
     out = tmp_path / "rep"
     argv = ["reproduce", "--preset", "tiny", "--out", str(out), "--quiet"]
-    assert main(argv + ["--settings", "0.3,0.7", "--seeds", "0", "1"]) == 0
+    assert main(argv + ["--settings", "0.3,0.7", "0.5,0.5", "--seeds", "0", "1"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == [0, 1]
-    (r,) = res["results"]
+    r, dice = res["results"]
     assert [p["seed"] for p in r["per_seed"]] == [0, 1]
     assert r["per_seed"][0]["apr"] != r["per_seed"][1]["apr"]  # the seeds trained apart
     for p in r["per_seed"]:
@@ -152,8 +153,20 @@ def test_sweep_repeated_over_seeds_reports_spread_and_ci(tmp_path):
         want = summarize(vals)
         assert r["over_seeds"][k]["sd"] == pytest.approx(want["sd"], nan_ok=True)
         assert r["over_seeds"][k]["ci95"] == pytest.approx(list(want["ci95"]), nan_ok=True)
+    # Dice is the baseline although listed second; it is not compared with itself.
+    assert "vs_baseline" not in dice and r["vs_baseline"]["baseline"] == dice["label"]
+    for k in ("dsc", "sensitivity", "f2", "apr"):
+        want = compare_means([p[k] for p in r["per_seed"]], [p[k] for p in dice["per_seed"]])
+        got = r["vs_baseline"][k]
+        assert got["diff"] == pytest.approx(r[k] - dice[k], abs=1e-12, nan_ok=True)
+        assert got["ci95"] == pytest.approx(list(want["ci95"]), nan_ok=True)
     table = (out / "table.md").read_text()
     assert "DSC over seeds" in table and "seeds [0, 1]" in table
+    assert f"Against {dice['label']} over seeds" in table
+    part = table.split("Against")[1].splitlines()
+    (line,) = [x for x in part if x.startswith(f"| {setting_label(0.3, 0.7)} ")]
+    d = 100 * r["vs_baseline"]["dsc"]["diff"]
+    assert f"| {d:+.1f} [" in line
     assert main(argv + ["--settings", "0.3,0.7", "--seeds", "1", "1"]) == 2
 
 

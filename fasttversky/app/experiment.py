@@ -6,7 +6,9 @@ weights (α, β), written as Table 1 (``table.md``/``table.csv``), Fig. 2 (``pr_
   preset (:mod:`fasttversky.app.presets`); what ``fasttversky reproduce`` calls.
 * :func:`run_sweep` — train/predict every (α, β) × seed × fold, then
   :func:`write_table` and :func:`write_figures`; with several seeds each setting also
-  gets mean ± sd and a bootstrap 95 % CI over seeds of its pooled scores.
+  gets mean ± sd and a bootstrap 95 % CI over seeds of its pooled scores, and every
+  setting is compared with the Dice setting (or the first one): difference of the
+  means with a bootstrap CI (:func:`compare_with_baseline`).
 * :func:`transplant_augmenter` — adds real lesion masks transplanted into each fold's
   training brains to that fold's training set.
 """
@@ -25,7 +27,7 @@ import numpy as np
 
 from .config import RunSettings, check_threshold
 from .errors import ConfigError, DataError
-from .lesion_metrics import LESION_NAMES, summarize
+from .lesion_metrics import LESION_NAMES, compare_means, summarize
 from .metrics import METRIC_NAMES
 from .pipeline import (
     evaluate_volumes,
@@ -42,6 +44,7 @@ from .pipeline import (
 
 __all__ = [
     "PAPER_SETTINGS",
+    "compare_with_baseline",
     "reproduce",
     "run_sweep",
     "setting_label",
@@ -56,14 +59,15 @@ PAPER_SETTINGS = ((0.5, 0.5), (0.4, 0.6), (0.3, 0.7), (0.2, 0.8), (0.1, 0.9))
 TABLE_COLUMNS = ["Penalties", *METRIC_NAMES.values(), "DSC per subject", *LESION_NAMES.values()]
 # Scores summarised over seeds (mean, sd, bootstrap CI) when a sweep repeats its runs.
 SEED_KEYS = (*METRIC_NAMES, *LESION_NAMES)
+# Scores of the comparison with the baseline setting (the paper's question: does raising
+# beta trade precision for recall, and beat Dice on DSC/F2/APR?).
+COMPARED_KEYS = ("dsc", "sensitivity", "f2", "apr", "lesion_tpr", "lesion_f1")
 
 
 def setting_label(a: float, b: float, ce: float = 0.0) -> str:
     """The row/legend label of one (α, β) setting, with its cross-entropy weight if > 0."""
     return (
-        f"α={a:g}, β={b:g}"
-        + (" (Dice)" if a == b == 0.5 else "")
-        + (f" + {ce:g}×CE" if ce else "")
+        f"α={a:g}, β={b:g}" + (" (Dice)" if a == b == 0.5 else "") + (f" + {ce:g}×CE" if ce else "")
     )
 
 
@@ -171,6 +175,8 @@ def run_sweep(
     scores are the mean over seeds of each seed's pooled scores, ``per_seed`` holds
     those, and ``over_seeds[key]`` their :func:`~fasttversky.app.lesion_metrics.summarize`
     (mean, sd, bootstrap 95 % CI); the PR curve and overlays are those of the first seed.
+    Every other setting then gets ``vs_baseline`` (:func:`compare_with_baseline`) and the
+    table a second part with those differences.
     """
     if folds < 2:
         raise ConfigError("folds", f"must be >= 2, got {folds}")
@@ -249,6 +255,7 @@ def run_sweep(
                 ),
             }
         )
+    compare_with_baseline(results)
     seconds = time.perf_counter() - t0
     header = (f"{title}\n\n" if title else "") + (
         f"{folds}-fold cross-validation over {len(prepared)} subjects; metrics pooled over all "
@@ -292,6 +299,37 @@ def run_sweep(
     return summary
 
 
+def compare_with_baseline(results: list[dict]) -> str | None:
+    """Adds ``vs_baseline`` to every result but the baseline's: for each of
+    :data:`COMPARED_KEYS` the :func:`~fasttversky.app.lesion_metrics.compare_means` of its
+    per-seed pooled scores against the baseline's (difference of the means, bootstrap
+    95 % CI resampling each setting's seeds separately), plus ``"baseline"`` (its label).
+
+    The baseline is Tversky with alpha = beta = 0.5 and no CE (the Dice loss the paper
+    compares against) where the sweep has it, else the first setting. Nothing is added
+    with one seed or one setting (no spread to compare) -> the baseline's label or None.
+    The seeds are treated as independent per setting: pairing them would assume that a
+    seed means the same run under two losses, which it does not after the first step.
+    """
+    if len(results) < 2 or len(results[0].get("per_seed", [])) < 2:
+        return None
+    dice = [
+        r for r in results if (r["alpha"], r["beta"], r.get("ce_weight", 0.0)) == (0.5, 0.5, 0.0)
+    ]
+    base = dice[0] if dice else results[0]
+    for r in results:
+        if r is base:
+            continue
+        r["vs_baseline"] = {
+            "baseline": base["label"],
+            **{
+                k: compare_means([x[k] for x in r["per_seed"]], [x[k] for x in base["per_seed"]])
+                for k in COMPARED_KEYS
+            },
+        }
+    return base["label"]
+
+
 def _mean_count(values: list) -> int | float:
     """A count over seeds: itself for one seed, the mean for several."""
     return int(values[0]) if len(values) == 1 else float(np.mean(values))
@@ -308,11 +346,43 @@ def _over_seeds_cell(s: dict) -> str:
     return f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def _comparison_table(results: list[dict]) -> str:
+    """The ``vs_baseline`` differences as a second Markdown table ('' if none)."""
+    compared = [r for r in results if "vs_baseline" in r]
+    if not compared:
+        return ""
+    names = {**METRIC_NAMES, **LESION_NAMES}
+
+    def cell(c: dict) -> str:
+        lo, hi = c["ci95"]
+        if not np.isfinite(c["diff"]):
+            return "n/a"
+        mark = " *" if c["separated"] else ""
+        return f"{100 * c['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
+
+    base = compared[0]["vs_baseline"]["baseline"]
+    columns = [f"Penalties − {base}", *(f"Δ {names[k]}" for k in COMPARED_KEYS)]
+    rows = [
+        {
+            columns[0]: r["label"],
+            **{f"Δ {names[k]}": cell(r["vs_baseline"][k]) for k in COMPARED_KEYS},
+        }
+        for r in compared
+    ]
+    return (
+        f"\n\nAgainst {base} over seeds: difference of the means in points "
+        "[bootstrap 95 % CI resampling each setting's seeds separately]; * = the CI "
+        "excludes 0 (with a few seeds the bootstrap under-covers: a lead, not a test).\n\n"
+        + markdown_table(rows, columns)
+    )
+
+
 def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
     """Table 1: ``out/table.md`` (values in %, with ``header`` above) and ``out/table.csv``
     (fractions and counts) from :func:`run_sweep`'s results -> the Markdown table.
     Results repeated over seeds add the columns "DSC over seeds" and "lesion F1 over
-    seeds": mean ± sd [bootstrap 95 % CI of the mean]."""
+    seeds": mean ± sd [bootstrap 95 % CI of the mean]; results with ``vs_baseline``
+    (:func:`compare_with_baseline`) add a second table of differences to the baseline."""
     out = Path(out)
     repeated = any("over_seeds" in r for r in results)
     rows = [
@@ -332,15 +402,13 @@ def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
         for r in results
     ]
     columns = TABLE_COLUMNS + (["DSC over seeds", "lesion F1 over seeds"] if repeated else [])
-    table = markdown_table(rows, columns)
+    table = markdown_table(rows, columns) + _comparison_table(results)
     (out / "table.md").write_text(header + table + "\n")
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
         keys = [*METRIC_NAMES, *LESION_NAMES, "dsc_mean", "dsc_sd", "tp", "fp", "fn", "tn"]
         spread = [f"{k}_{x}" for k in SEED_KEYS for x in ("sd", "ci_lo", "ci_hi")]
-        w.writerow(
-            ["alpha", "beta", "ce_weight", "seeds", *keys, *(spread if repeated else [])]
-        )
+        w.writerow(["alpha", "beta", "ce_weight", "seeds", *keys, *(spread if repeated else [])])
         for r in results:
             o = r.get("over_seeds", {})
             extra = [
