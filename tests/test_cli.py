@@ -225,6 +225,76 @@ def test_synth_train_predict_evaluate(dataset, tmp_path, capsys):
     _valid_png(tmp_path / "ev" / "pr_curve.png")
 
 
+def test_train_with_validation_subjects(dataset, tmp_path, capsys, monkeypatch):
+    """--val-subjects: the subject is never trained on, it is scored every --val-every
+    steps exactly as `predict` scores it (counts checked against the files `predict
+    --checkpoint best` writes), and best.pt is the checkpoint of the best score."""
+    import shutil
+
+    import torch
+
+    from fasttversky.app import data as data_mod
+
+    trained_on = []
+    real = data_mod.LesionDataset
+
+    def spy(subjects, *a, **kw):
+        trained_on.extend(s.name for s in subjects)
+        return real(subjects, *a, **kw)
+
+    monkeypatch.setattr(data_mod, "LesionDataset", spy)
+    run = tmp_path / "run"
+    # (4 features, lr 1e-2, lesion-centred patches: at step 2 the net marks lesions and
+    # more, so the counts compared below are not all zero)
+    argv = ["train", str(dataset), "--out", str(run), *TINY_TRAIN, "--steps", "6"]
+    argv += ["--base-features", "4", "--lr", "1e-2", "--lesion-prob", "0.9"]
+    argv += ["--val-subjects", "subject03", "--val-every", "2", "--keep-every", "1"]
+    code, out, _ = _run(argv, capsys)
+    assert code == 0 and "best validation DSC" in out
+    assert trained_on == ["subject01", "subject02"]
+    assert RunSettings.load(run / "run.json").data.val_subjects == ["subject03"]
+    rows = [json.loads(s) for s in (run / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    best = max(rows, key=lambda r: (r["score"], -r["step"]))  # first of the highest
+    assert best["best"] and [r["best"] for r in rows].count(True) >= 1
+    assert best["tp"] > 0 and best["fp"] > 0, rows  # a comparison that can fail
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert ckpt["step"] == best["step"]
+    step_file = torch.load(run / f"step_{best['step']:06d}.pt", weights_only=True)
+    assert all(torch.equal(v, step_file["model"][k]) for k, v in ckpt["model"].items())
+
+    # The logged counts are those of `predict --checkpoint best` on the held-out subject.
+    only = tmp_path / "only03"
+    shutil.copytree(dataset / "subject03", only / "subject03")
+    pred = tmp_path / "pred"
+    argv = ["predict", str(only), "--model", str(run), "--out", str(pred), "--checkpoint", "best"]
+    assert main([*argv, "--quiet"]) == 0
+    assert json.loads((pred / "inference.json").read_text())["checkpoint"] == "best.pt"
+    m = np.asanyarray(nib.load(str(pred / "subject03" / "mask.nii.gz")).dataobj) > 0
+    t = np.asanyarray(nib.load(str(dataset / "subject03" / "mask.nii.gz")).dataobj) > 0
+    assert (best["tp"], best["fp"], best["fn"]) == ((m & t).sum(), (m & ~t).sum(), (~m & t).sum())
+    assert best["dsc"] == pytest.approx(2 * (m & t).sum() / (m.sum() + t.sum()), rel=1e-12)
+
+    # A run trained without validation has no best.pt: one line, exit 1.
+    plain = tmp_path / "plain"
+    assert main(["train", str(dataset), "--out", str(plain), *TINY_TRAIN]) == 0
+    code, _, err = _run([*argv[:3], str(plain), "--out", str(tmp_path / "p2"), *argv[6:]], capsys)
+    assert code == EXIT_ERROR
+    _assert_one_line_error(err, r"best\.pt missing; the run was trained without --val-subjects")
+
+
+def test_validation_subject_without_lesions_is_refused(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    _write_subject(data, "s1")
+    _write_subject(data, "s2", mask=np.zeros((16, 16, 16), np.uint8))
+    code, _, err = _run(
+        ["train", str(data), "--out", str(run), *TINY_TRAIN, "--val-subjects", "s2"], capsys
+    )
+    assert code == EXIT_USAGE
+    _assert_one_line_error(err, r"--val-subjects \['s2'\] hold no lesion voxel")
+    assert not run.exists()
+
+
 def test_train_bitwise_reproducible_and_seeded(dataset, tmp_path):
     for name in ("a", "b"):
         assert main(["train", str(dataset), "--out", str(tmp_path / name), *TINY_TRAIN]) == 0
@@ -262,6 +332,13 @@ BAD_TRAIN_OPTIONS = [
     (["--bogus"], r"unrecognized arguments: --bogus"),
     (["--device", "cuda:99"], r"--device cuda:99: (only \d+ CUDA device|torch sees no CUDA)"),
     (["--device", "banana"], r"--device 'banana' is not a device name"),
+    (["--val-subjects", "nobody"], r"--val-subjects \['nobody'\] are not subjects of the data"),
+    (
+        ["--val-subjects", "subject01", "subject02", "subject03"],
+        r"--val-subjects \[.*\] leave no subject to train on",
+    ),
+    (["--val-subjects", "subject01", "subject01"], r"--val-subjects names a subject twice"),
+    (["--val-every", "0"], r"--val-every must be >= 1, got 0"),
 ]
 
 
@@ -414,6 +491,11 @@ def test_other_bad_inputs(dataset, tmp_path, capsys):
             r"--threshold must be in \(0, 1\)",
         ),
         (["reproduce", "--preset", "nope"], 2, r"argument --preset: invalid choice"),
+        (  # the folds hold subjects out in reproduce
+            ["reproduce", "--val-subjects", "subject01", "--out", missing],
+            2,
+            r"unrecognized arguments: --val-subjects subject01",
+        ),
         (["nope"], 2, r"invalid choice: 'nope'"),
     ]
     for argv, want, pattern in cases:

@@ -33,6 +33,7 @@ def _non_default_settings() -> RunSettings:
             lesion_prob=0.25,
             batch_size=3,
             normalize="white-matter",
+            val_subjects=("patient02",),  # a tuple comes back as a list
         ),
         train=TrainConfig(
             steps=17,
@@ -50,6 +51,7 @@ def _non_default_settings() -> RunSettings:
             checkpoint_every=4,
             lr_schedule="poly",
             keep_every=8,
+            val_every=3,
             device="cuda:1",
         ),
         predict=PredictConfig(window=[32, 48, 32], overlap=0.25, threshold=0.4),
@@ -70,6 +72,7 @@ def test_run_json_round_trips(tmp_path):
     assert set(d["train"]) == {f.name for f in fields(TrainConfig)} - {
         "checkpoint_dir",
         "log_path",
+        "val_log_path",
         "progress",
     }
 
@@ -185,6 +188,10 @@ def test_every_cli_field_has_help_and_no_field_is_declared_twice():
         (lambda: DataConfig(lesion_prob=-0.1), "lesion_prob"),
         (lambda: DataConfig(modalities={}), "modalities"),
         (lambda: DataConfig(normalize="minmax"), "normalize"),
+        (lambda: DataConfig(val_subjects=[]), "val_subjects"),
+        (lambda: DataConfig(val_subjects=["a", ""]), "val_subjects"),
+        (lambda: DataConfig(val_subjects=["a", "a"]), "val_subjects"),
+        (lambda: TrainConfig(steps=1, val_every=0), "val_every"),
         (lambda: DataConfig(normalize="white-matter", modalities={"FLAIR": "f"}), "normalize"),
         (lambda: PredictConfig(threshold=1.0), "threshold"),
         (lambda: PredictConfig(overlap=1.0), "overlap"),

@@ -415,3 +415,105 @@ def test_fresh_run_starts_a_fresh_log(tmp_path):
     result = train(model, make_batch(SMALL), cfg)
     rows = [json.loads(s) for s in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and [r["loss"] for r in rows] == result.losses
+
+
+# --------------------------------------------------------------------------------------
+# validation and best.pt
+# --------------------------------------------------------------------------------------
+def _weights_score(model) -> dict:
+    """A deterministic function of the weights, standing in for a validation DSC."""
+    return {"score": float(sum(p.double().sum() for p in model.parameters()))}
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_leaves_training_unchanged_and_keeps_the_best(tmp_path):
+    """Validation that draws from every RNG and runs the model must not change a single
+    weight (the data set flips by the global torch RNG); best.pt is the checkpoint of
+    the best score (NaN never, a tie keeps the earlier step), and the log says so."""
+    import random
+
+    import numpy as np
+
+    scores = iter([math.nan, 0.25, 0.5, 0.5, 0.1])
+    seen = []
+
+    def validate(m):
+        assert not m.training
+        torch.rand(7), np.random.rand(3), random.random()  # noqa: B018 - draws
+        m(make_batch(SMALL)(99)[0])
+        seen.append(m.training)
+        return {"score": next(scores), "extra": 3}
+
+    def model():
+        torch.manual_seed(0)
+        return UNet3D(3, 2, BASE, LEVELS)
+
+    common = dict(progress=False, backend="torch", keep_every=1, **HYPER)
+    plain = tmp_path / "plain"
+    train(model(), _AugmentedDataset(), TrainConfig(steps=9, checkpoint_dir=plain, **common))
+    d = tmp_path / "val"
+    cfg = TrainConfig(
+        steps=9, checkpoint_dir=d, val_every=2, val_log_path=d / "val.jsonl", **common
+    )
+    m = model()
+    result = train(m, _AugmentedDataset(), cfg, validate=validate)
+    assert m.training and seen == [False] * 5
+    assert _states_equal(load_checkpoint(d)["model"], load_checkpoint(plain)["model"])
+    rows = [json.loads(s) for s in (d / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 9]  # every 2 steps and after the last
+    assert [r["best"] for r in rows] == [False, True, True, False, False]
+    assert rows[2] == {"step": 6, "score": 0.5, "extra": 3.0, "best": True}
+    assert result.best_step == 6 and result.best_score == 0.5
+    assert [r["step"] for r in result.validations] == [2, 4, 6, 8, 9]
+    best = torch.load(d / "best.pt", weights_only=True)
+    assert best["step"] == 6 and best["best"] == {"step": 6, "score": 0.5}
+    assert _states_equal(best["model"], load_checkpoint(d / "step_000006.pt")["model"])
+    assert not _states_equal(best["model"], load_checkpoint(d)["model"])
+
+
+def test_validation_survives_resume(tmp_path):
+    """Killed at step 5 (checkpoint at 4) and resumed: the same val.jsonl and best.pt as
+    an uninterrupted run, and the best of the first half is remembered."""
+    batch = make_batch(SMALL)
+
+    class Killed(Exception):
+        pass
+
+    def dying(i):
+        if i == 5:
+            raise Killed
+        return batch(i)
+
+    def model():
+        torch.manual_seed(0)
+        return UNet3D(3, 2, BASE, LEVELS)
+
+    def cfg(d):
+        return TrainConfig(
+            steps=8, progress=False, backend="torch", checkpoint_dir=d, checkpoint_every=100,
+            val_every=2, val_log_path=d / "val.jsonl", **HYPER,
+        )  # fmt: skip
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r_full = train(model(), batch, cfg(full), validate=_weights_score)
+    with pytest.raises(Killed):
+        train(model(), dying, cfg(cut), validate=_weights_score)
+    assert load_checkpoint(cut)["step"] == 4  # validation steps are checkpointed
+    r_cut = train(model(), batch, cfg(cut), resume=True, validate=_weights_score)
+    assert (cut / "val.jsonl").read_text() == (full / "val.jsonl").read_text()
+    assert (r_cut.best_step, r_cut.best_score) == (r_full.best_step, r_full.best_score)
+    assert _states_equal(
+        torch.load(cut / "best.pt", weights_only=True)["model"],
+        torch.load(full / "best.pt", weights_only=True)["model"],
+    )
+
+
+def test_validate_must_return_a_score():
+    torch.manual_seed(0)
+    model = UNet3D(3, 2, BASE, LEVELS)
+    cfg = TrainConfig(steps=1, progress=False, backend="torch", **HYPER)
+    with pytest.raises(TypeError, match="'score'"):
+        train(model, make_batch(SMALL), cfg, validate=lambda m: {"dsc": 1.0})

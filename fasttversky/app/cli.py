@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import (
+    RUN_CHECKPOINTS,
     TRANSPLANT_CONTRASTS,
     DataConfig,
     ModelConfig,
@@ -63,6 +64,8 @@ SECTIONS = {
     "train": (TrainConfig, "training"),
     "predict": (PredictConfig, "prediction"),
 }
+# Options of `train` alone: `reproduce` holds out subjects by its folds.
+TRAIN_ONLY = ("val_subjects", "val_every")
 # Options spelt differently from their field (one flag per repeated channel).
 FLAGS = {"modalities": "--modality"}
 
@@ -125,7 +128,7 @@ def _add_fields(p, section: str, defaults, only: Sequence[str] | None = None, gr
             shown = defaults
         else:
             value = getattr(getattr(defaults, section), f.name)
-            shown = _show(value) if value is not None or not meta.get("nargs") else "0 0 0"
+            shown = _show(value) if value is not None or meta.get("nargs") != 3 else "0 0 0"
         if "metavar" not in meta and "choices" not in meta:  # choices show as {a,b}
             meta["metavar"] = f.name.upper()
         g.add_argument(
@@ -220,6 +223,11 @@ def cmd_train(args) -> int:
         f"done: step {result.step}, last loss {last}, {result.seconds:.1f} s, "
         f"checkpoint {result.checkpoint}"
     )
+    if result.best_step is not None:
+        print(
+            f"best validation DSC {100 * result.best_score:.2f} % at step {result.best_step}: "
+            f"{out / 'best.pt'} (`predict --checkpoint best`; every score in {out / 'val.jsonl'})"
+        )
     return EXIT_OK
 
 
@@ -244,6 +252,7 @@ def cmd_predict(args) -> int:
         weighting=getattr(args, "predict.weighting"),
         mirror=getattr(args, "predict.mirror"),
         min_lesion_size=getattr(args, "predict.min_lesion_size"),
+        checkpoint=args.checkpoint,
     )
     print(f"wrote probability maps and masks of {n} subjects to {args.out}")
     return EXIT_OK
@@ -523,6 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
         group=g,
     )
     g.add_argument("--device", default=None, help="cpu, cuda, ... [default: the run's]")
+    g.add_argument(
+        "--checkpoint",
+        choices=list(RUN_CHECKPOINTS),
+        default="last",
+        help="which weights: last (the end of training) or best (the best validation "
+        "score, for a run trained with --val-subjects) [default: last]",
+    )
 
     p = _sub(
         sub,
@@ -614,8 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat every setting with these training seeds; the table adds mean ± sd "
         "and a bootstrap 95 %% CI over seeds [default: --seed only]",
     )
-    for section in SECTIONS:
-        _add_fields(p, section, "the preset's")
+    for section in SECTIONS:  # the folds choose the held-out subjects, not --val-subjects
+        only = [f.name for f in cli_fields(SECTIONS[section][0]) if f.name not in TRAIN_ONLY]
+        _add_fields(p, section, "the preset's", only=only)
 
     p = _sub(
         sub,

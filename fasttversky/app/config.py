@@ -60,6 +60,9 @@ NORMALIZATIONS = ("zscore", "white-matter")
 TRANSPLANT_CONTRASTS = ("typical", "wide", "varied", "varied-cortex")
 WEIGHTINGS = ("gaussian", "uniform")  # sliding-window combination
 MIRRORS = {"none": (), "lr": (0,), "all": (0, 1, 2)}  # test-time mirroring axes
+# The weights a run folder keeps: the end of training, and (with validation subjects)
+# the best validation score; `predict --checkpoint` picks one.
+RUN_CHECKPOINTS = {"last": "last.pt", "best": "best.pt"}
 
 
 def _opt(default: Any = MISSING, help: str = "", *, factory=MISSING, **cli) -> Any:
@@ -194,6 +197,14 @@ class DataConfig:
         "varied-cortex = varied, and each copy's grey matter re-contrasted (FLAIR 1.0-1.3x)",
         choices=TRANSPLANT_CONTRASTS,
     )
+    val_subjects: list | None = _opt(
+        None,
+        "subjects of DATA held out of training (and of --transplant-masks) and scored "
+        "every --val-every steps, as `predict` would (DSC pooled over them); the best "
+        "checkpoint is kept as best.pt beside last.pt",
+        nargs="+",
+        metavar="NAME",
+    )
 
     def __post_init__(self):
         if not self.modalities:
@@ -212,6 +223,13 @@ class DataConfig:
         if self.normalize == "white-matter":
             _t1_channel(self.modalities)  # a missing T1 fails here, before any data is read
         _choice("transplant_contrast", self.transplant_contrast, TRANSPLANT_CONTRASTS)
+        if self.val_subjects is not None:
+            names = list(self.val_subjects)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError("val_subjects", f"must be subject names, got {names!r}")
+            if len(set(names)) != len(names):
+                raise ConfigError("val_subjects", f"names a subject twice: {names}")
+            self.val_subjects = names
 
     @property
     def normalisation(self) -> tuple[str, int]:
@@ -250,8 +268,14 @@ class TrainConfig:
     keep_every: also keep a copy of the checkpoint every this many steps as
         ``step_<N>.pt`` beside ``last.pt`` (to evaluate or pick a training length
         afterwards); None = only ``last.pt``.
+    val_every: with validation (``train(..., validate=...)``; at the command line
+        ``--val-subjects``), score the model every this many steps and after the last,
+        keeping the best-scoring checkpoint as ``best.pt``.
     log_path: JSONL metrics file, one object per step; None = none. On resume, lines
         after the checkpoint's step are dropped before appending.
+    val_log_path: JSONL file of the validation scores, one object per validation
+        (``{"step", "score", "best", ...}``); None = none. Truncated on resume like
+        ``log_path``.
     log_every: write a log line every this many steps.
     progress: show a tqdm progress bar with loss and voxels/s.
     device: where the model and batches are put ("cpu", "cuda", "cuda:1", ...).
@@ -283,7 +307,11 @@ class TrainConfig:
     keep_every: int | None = _opt(
         None, "also keep step_<N>.pt every this many steps; none = only last.pt"
     )
+    val_every: int = _opt(
+        300, "with --val-subjects: score them every this many steps (and after the last)"
+    )
     log_path: str | os.PathLike | None = None
+    val_log_path: str | os.PathLike | None = None
     log_every: int = 1
     progress: bool = True
     device: str = _opt("cpu", "where to train: cpu, cuda, cuda:1, ...")
@@ -291,7 +319,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _int_at_least("steps", self.steps, 0)
-        for name in ("grad_accum", "lr_decay_every", "checkpoint_every", "log_every"):
+        for name in ("grad_accum", "lr_decay_every", "checkpoint_every", "log_every", "val_every"):
             _int_at_least(name, getattr(self, name), 1)
         _int_at_least("seed", self.seed, 0)
         _finite("lr", self.lr)
@@ -436,7 +464,7 @@ class RunSettings:
         for name in _SECTIONS:
             d = asdict(getattr(self, name))
             if name == "train":
-                for k in ("checkpoint_dir", "log_path", "progress"):
+                for k in ("checkpoint_dir", "log_path", "val_log_path", "progress"):
                     d.pop(k)
             out[name] = d
         return out

@@ -15,7 +15,9 @@ Folders:
 
 * dataset: ``DATA/<subject>/{T1,T2,FLAIR,mask}.nii(.gz)`` (see fasttversky.app.data)
 * run (:func:`train_run`): ``RUN/last.pt`` (checkpoint), ``RUN/run.json``
-  (:class:`~fasttversky.app.config.RunSettings`), ``RUN/metrics.jsonl`` (loss per step)
+  (:class:`~fasttversky.app.config.RunSettings`), ``RUN/metrics.jsonl`` (loss per step);
+  with validation subjects also ``RUN/best.pt`` and ``RUN/val.jsonl`` (score per
+  validation)
 * predictions (:func:`predict_dataset`): ``PRED/<subject>/{prob,mask}.nii.gz`` with the
   input's affine
 """
@@ -35,6 +37,7 @@ import numpy as np
 
 from .config import (
     MIRRORS,
+    RUN_CHECKPOINTS,
     TRANSPLANT_CONTRASTS,
     DataConfig,
     PredictConfig,
@@ -57,13 +60,16 @@ __all__ = [
     "predict_dataset",
     "predict_prepared",
     "prepare_all",
+    "split_validation",
     "synth",
     "train_run",
+    "validation_scores",
     "write_metrics_csv",
 ]
 
 RUN_SETTINGS = "run.json"
 METRICS_LOG = "metrics.jsonl"
+VAL_LOG = "val.jsonl"
 
 
 def progress_bar(iterable, desc: str, enable: bool = True, **kw):
@@ -284,10 +290,20 @@ def train_run(
     to ``out/transplants.json``. A patch-trained run records its patch size as the
     prediction window unless one was set: a network trained on patches (with instance
     norm in particular) predicts best on windows of that size.
+
+    ``settings.data.val_subjects``: names of ``subjects`` held out of training (and of
+    the transplanted masks, so their lesion shapes never reach training) and scored
+    every ``settings.train.val_every`` steps exactly as ``predict`` would score them
+    (the run's windows, brain restriction, threshold and minimum lesion size; DSC pooled
+    over them, :func:`validation_scores`); the best checkpoint is kept as
+    ``out/best.pt`` and every score is logged in ``out/val.jsonl``.
     """
     settings.validate()
     if not subjects:
         raise DataError("no subjects to train on")
+    subjects, val_subjects = split_validation(subjects, settings.data.val_subjects)
+    # Held-out subjects' own masks never reach training as transplants either.
+    skip = [*exclude, *(s.name for s in val_subjects)]
     out = Path(out)
     if resume and not (out / "last.pt").is_file():
         raise DataError(f"{out}/last.pt missing: nothing to resume (train without --resume)")
@@ -297,14 +313,27 @@ def train_run(
         from .data.synth import check_excluded_names, lesion_mask_files
 
         try:
-            lesion_mask_files(transplant_masks, [*exclude, *(s.name for s in subjects)])
-            check_excluded_names(transplant_masks, exclude)
+            lesion_mask_files(transplant_masks, [*skip, *(s.name for s in subjects)])
+            check_excluded_names(transplant_masks, exclude)  # (validation names need no mask)
         except ValueError as e:
             raise DataError(str(e)) from None
     prepared = prepare_all(subjects, settings.data.target_shape, False, settings.data.normalisation)
     missing = [p.name for p in prepared if p.mask is None]
     if missing:
         raise DataError(f"subjects without a lesion mask cannot be trained on: {missing}")
+    val_prepared = prepare_all(
+        val_subjects, settings.data.target_shape, False, settings.data.normalisation
+    )
+    if val_prepared:
+        no_mask = [p.name for p in val_prepared if p.full_mask is None]
+        if no_mask:
+            raise ConfigError("val_subjects", f"{no_mask} have no lesion mask to be scored against")
+        if not any(p.full_mask.any() for p in val_prepared):
+            raise ConfigError(
+                "val_subjects",
+                f"{[p.name for p in val_prepared]} hold no lesion voxel, so their DSC is "
+                "undefined; hold out subjects with lesions",
+            )
     extra = []
     if transplant_masks is not None:
         from .data.synth import transplanted_subjects
@@ -313,7 +342,7 @@ def train_run(
             extra = transplanted_subjects(
                 [s for s in subjects if not hasattr(s, "image")],
                 transplant_masks,
-                exclude,
+                skip,
                 target_shape=settings.data.target_shape,
                 seed=settings.train.seed,
                 contrast=settings.data.transplant_contrast,
@@ -337,7 +366,7 @@ def train_run(
                 {
                     "masks": str(transplant_masks),
                     "contrast": settings.data.transplant_contrast,
-                    "excluded": sorted(exclude),
+                    "excluded": sorted(skip),
                     "subjects": [p.name for p in extra],
                 },
                 indent=1,
@@ -368,29 +397,93 @@ def train_run(
         checkpoint_dir=out,
         checkpoint_every=min(settings.train.checkpoint_every, settings.train.steps),
         log_path=out / METRICS_LOG,
+        val_log_path=out / VAL_LOG if val_prepared else None,
         progress=progress,
     )
-    result = train(model, batches, config, resume=True if resume else None)
+    validate = None
+    if val_prepared:
+
+        def validate(m):
+            return validation_scores(m, val_prepared, settings)
+
+    result = train(model, batches, config, resume=True if resume else None, validate=validate)
     return model, result
 
 
-def load_run(run: str | Path):
-    """A trained run folder -> (model on CPU in eval mode, RunSettings)."""
+def split_validation(subjects, names: Sequence[str] | None) -> tuple[list, list]:
+    """(training subjects, validation subjects) by name; ConfigError for a name that is no
+    subject (a typo must not silently validate on nothing) or when none would be left to
+    train on."""
+    subjects = list(subjects)
+    if not names:
+        return subjects, []
+    known = {s.name for s in subjects}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            "val_subjects", f"{unknown} are not subjects of the data: {sorted(known)}"
+        )
+    train_s = [s for s in subjects if s.name not in names]
+    if not train_s:
+        raise ConfigError("val_subjects", f"{list(names)} leave no subject to train on")
+    return train_s, [s for s in subjects if s.name in names]
+
+
+def validation_scores(model, prepared, settings: RunSettings) -> dict:
+    """Score ``model`` on held-out PreparedSubjects exactly as ``predict`` + ``evaluate``
+    would: probabilities by :func:`predict_prepared` (the run's windows, inside the
+    brain), the mask by :func:`mask_from_prob` (threshold, minimum lesion size), counts
+    pooled over the subjects on the files' grids -> {"score": pooled DSC, "dsc",
+    "sensitivity", "precision", "fp", "fn", "tp"} (floats; DSC 0 when nothing is found).
+    """
+    tp = fp = fn = 0
+    for p in prepared:
+        mask = mask_from_prob(predict_prepared(model, p, settings), settings.predict) > 0
+        truth = p.full_mask > 0
+        tp += int(np.count_nonzero(mask & truth))
+        fp += int(np.count_nonzero(mask & ~truth))
+        fn += int(np.count_nonzero(~mask & truth))
+    dsc = 2 * tp / (2 * tp + fp + fn)  # > 0 denominators: the validation set has lesions
+    return {
+        "score": dsc,
+        "dsc": dsc,
+        "sensitivity": tp / (tp + fn),
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
+
+
+def load_run(run: str | Path, checkpoint: str = "last"):
+    """A trained run folder -> (model on CPU in eval mode, RunSettings). ``checkpoint``:
+    "last" (``last.pt``) or "best" (``best.pt``, the best validation score of a run
+    trained with validation subjects)."""
     from .training import load_checkpoint
 
+    if checkpoint not in RUN_CHECKPOINTS:
+        raise ConfigError(
+            "checkpoint", f"must be one of {', '.join(RUN_CHECKPOINTS)}; got {checkpoint!r}"
+        )
     run = Path(run)
     if not (run / RUN_SETTINGS).is_file():
         raise DataError(
             f"{run} is not a run folder (no {RUN_SETTINGS}); train one with `fasttversky train`"
         )
     settings = RunSettings.load(run / RUN_SETTINGS)
-    if not (run / "last.pt").is_file():
-        raise DataError(f"{run}/last.pt missing; the run has not written a checkpoint")
+    file = run / RUN_CHECKPOINTS[checkpoint]
+    if not file.is_file():
+        why = (
+            "the run has not written a checkpoint"
+            if checkpoint == "last"
+            else "the run was trained without --val-subjects (or has not validated yet)"
+        )
+        raise DataError(f"{file} missing; {why}")
     model = build_model(settings)
     try:
-        model.load_state_dict(load_checkpoint(run)["model"])
+        model.load_state_dict(load_checkpoint(file)["model"])
     except Exception as e:  # torch raises RuntimeError/pickle errors/EOFError for bad files
-        raise DataError(f"{run}/last.pt: cannot load ({type(e).__name__}: {e})") from e
+        raise DataError(f"{file}: cannot load ({type(e).__name__}: {e})") from e
     model.eval()
     return model, settings
 
@@ -440,14 +533,16 @@ def predict_dataset(
     threshold: float | None = None,
     device: str | None = None,
     progress: bool = True,
+    checkpoint: str = "last",
     **predict_options,
 ) -> int:
     """Write ``out/<subject>/{prob,mask}.nii.gz`` for every subject of ``data`` with the
     model of ``run`` -> the number of subjects. ``window``: None = the run's setting,
-    (0, 0, 0) = whole volume. Masks in ``data`` are not needed (nor read)."""
+    (0, 0, 0) = whole volume; ``checkpoint``: "last" or "best" (:func:`load_run`). Masks
+    in ``data`` are not needed (nor read)."""
     from .data import save_volume
 
-    model, settings = load_run(run)
+    model, settings = load_run(run, checkpoint)
     upd = {}
     if window is not None:
         upd["window"] = None if not any(window) else list(window)
@@ -471,7 +566,15 @@ def predict_dataset(
         save_volume(out / p.name / "mask.nii.gz", mask_from_prob(prob, settings.predict), p.affine)
     # Every setting that made these files, beside them.
     (out / "inference.json").write_text(
-        json.dumps({"run": str(run), **asdict(settings.predict), "brain_only": True}, indent=1)
+        json.dumps(
+            {
+                "run": str(run),
+                "checkpoint": RUN_CHECKPOINTS[checkpoint],
+                **asdict(settings.predict),
+                "brain_only": True,
+            },
+            indent=1,
+        )
     )
     return len(subjects)
 

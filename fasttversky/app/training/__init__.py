@@ -26,8 +26,13 @@ Public API (stable; the CLI builds on it)::
   and micro-batches consumed. The metrics log is JSONL, one line per step:
   ``{"step", "loss", "lr", "seconds", "voxels_per_s", "time"}``; a fresh run starts it
   afresh, a resumed run keeps the lines up to the checkpoint's step and appends.
+* ``train(..., validate=fn)``: ``fn(model) -> {"score": float, ...}`` every
+  ``config.val_every`` steps and after the last; the best-scoring checkpoint is copied
+  to ``<checkpoint_dir>/best.pt``, each result appended to ``config.val_log_path``;
+  RNG states are restored around it, so the training is bitwise unchanged.
 * ``TrainResult``: ``losses`` (per-step floats of this call), ``step``,
-  ``start_step``, ``checkpoint`` (Path or None), ``seconds``, ``voxels_per_s``.
+  ``start_step``, ``checkpoint`` (Path or None), ``seconds``, ``voxels_per_s``,
+  ``validations``, ``best_step``, ``best_score``.
 * ``NonFiniteLossError`` (RuntimeError): raised when the loss or logits become
   NaN/inf; the failing step is not applied and the last checkpoint stays intact
   (attributes ``step``, ``loss``, ``checkpoint``).
@@ -40,6 +45,7 @@ Public API (stable; the CLI builds on it)::
 
 from ..config import TrainConfig
 from .loop import (
+    BEST_NAME,
     CHECKPOINT_NAME,
     NonFiniteLossError,
     TrainResult,
@@ -49,6 +55,7 @@ from .loop import (
 from .predict import predict
 
 __all__ = [
+    "BEST_NAME",
     "CHECKPOINT_NAME",
     "NonFiniteLossError",
     "TrainConfig",

@@ -4,6 +4,12 @@ Resume is exact (bitwise) because a checkpoint holds everything the next step re
 model and optimiser tensors, the scheduler, the GradScaler, every RNG the loop or a
 data pipeline may draw from (torch CPU and CUDA, numpy, Python ``random``), the step
 counter and the number of micro-batches already consumed.
+
+Validation (optional, ``train(..., validate=fn)``) scores the model every
+``config.val_every`` steps and keeps the best-scoring checkpoint as ``best.pt`` beside
+``last.pt``. It is invisible to training: the RNG states are saved before and restored
+after each call and the model is put back in train mode, so the weights of a run with
+validation are bitwise those of the same run without it (tested).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ...functional import tversky_loss
 from ..config import LR_SCHEDULES, TrainConfig  # noqa: F401 - re-exported
 
 __all__ = [
+    "BEST_NAME",
     "CHECKPOINT_NAME",
     "NonFiniteLossError",
     "TrainConfig",
@@ -36,6 +43,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "last.pt"
+BEST_NAME = "best.pt"  # the checkpoint of the best validation score so far
 POLY_POWER = 0.9  # nnU-Net's poly learning-rate schedule: lr · (1 - step/steps)^0.9
 _CHECKPOINT_VERSION = 1
 
@@ -71,6 +79,10 @@ class TrainResult:
     resumed step). checkpoint: path of the last checkpoint written, or None.
     seconds: wall time of this call's steps. voxels_per_s: input voxels (B·D·H·W) per
     second over this call.
+    validations: with ``validate``, one dict per validation of this call: ``{"step",
+        "score", "best", ...}`` (what ``validate`` returned, ``best`` = it set a new best).
+    best_step, best_score: the best validation so far (over the whole run, a resumed
+        one included); None without validation or before a finite score.
     """
 
     losses: list[float] = field(default_factory=list)
@@ -79,6 +91,9 @@ class TrainResult:
     checkpoint: Path | None = None
     seconds: float = 0.0
     voxels_per_s: float = 0.0
+    validations: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    best_score: float | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -269,6 +284,7 @@ def train(
     batches: Iterable | Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     config: TrainConfig,
     resume: str | os.PathLike | bool | None = None,
+    validate: Callable[[nn.Module], dict] | None = None,
 ) -> TrainResult:
     """Train ``model`` with the fused Tversky loss until ``config.steps`` optimiser steps.
 
@@ -288,6 +304,15 @@ def train(
             ``config.checkpoint_dir``. Model, optimiser, scheduler, GradScaler, RNG
             states and the step are restored, so the run continues bitwise as if it
             had not stopped (same device, threads and library versions).
+        validate: optional ``validate(model) -> {"score": float, ...}`` (higher is
+            better; NaN never counts as best), called every ``config.val_every`` steps
+            and after the last, on the unwrapped model in eval mode. Each result is
+            appended to ``config.val_log_path`` (JSONL, with "step" and "best"), and
+            when the score beats every earlier one (strictly: a tie keeps the earlier
+            step) the checkpoint of that step is copied to ``best.pt`` beside
+            ``last.pt``. The best step and score are part of the checkpoint, so a
+            resumed run keeps them. RNG states are restored after each call, so
+            validation does not change the training.
 
     Returns:
         :class:`TrainResult` with the per-step losses of this call.
@@ -315,6 +340,7 @@ def train(
 
     step, consumed = 0, 0
     rng = None
+    best: dict | None = None  # {"step", "score"} of the best validation so far
     if resume is True:
         if ckpt_path is None:
             raise ValueError("resume=True needs config.checkpoint_dir")
@@ -326,6 +352,7 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, consumed, rng = state["step"], state["consumed"], state["rng"]
+        best = state.get("best")
         if ckpt_path is None:
             ckpt_path = (
                 Path(resume) if not Path(resume).is_dir() else Path(resume) / CHECKPOINT_NAME
@@ -351,6 +378,11 @@ def train(
         Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
         _truncate_log(Path(config.log_path), step)
         log = open(config.log_path, "a")  # noqa: SIM115
+    if validate is not None and not main:
+        validate = None  # rank 0 validates and writes best.pt; the others only train
+    if validate is not None and config.val_log_path:
+        Path(config.val_log_path).parent.mkdir(parents=True, exist_ok=True)
+        _truncate_log(Path(config.val_log_path), step)
     bar = None
     if config.progress and main:
         from tqdm.auto import tqdm
@@ -370,6 +402,7 @@ def train(
                 "rng": _rng_state(),
                 "step": step,
                 "consumed": stream.index,
+                "best": best,
                 "config": {
                     k: (str(v) if isinstance(v, os.PathLike) else v)
                     for k, v in asdict(config).items()
@@ -448,22 +481,59 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", vox_s=f"{vps:.3g}")
+            improved = False
+            due = validate is not None and (step % config.val_every == 0 or step == config.steps)
+            if due:
+                # Before the checkpoint of this step, so that it records the new best.
+                row = _run_validation(validate, model, step)
+                improved = math.isfinite(row["score"]) and (
+                    best is None or row["score"] > best["score"]
+                )
+                if improved:
+                    best = {"step": step, "score": row["score"]}
+                row["best"] = improved
+                result.validations.append(row)
+                if config.val_log_path:
+                    with open(config.val_log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
             keep = config.keep_every is not None and step % config.keep_every == 0
             if ckpt_path is not None and (
-                keep or step % config.checkpoint_every == 0 or step == config.steps
+                keep or due or step % config.checkpoint_every == 0 or step == config.steps
             ):
                 save()
                 if keep:
                     _atomic_copy(ckpt_path, ckpt_path.with_name(f"step_{step:06d}.pt"))
+                if improved:
+                    _atomic_copy(ckpt_path, ckpt_path.with_name(BEST_NAME))
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
         result.step = step
+        if best is not None:
+            result.best_step, result.best_score = best["step"], best["score"]
         result.seconds = time.perf_counter() - t_start
         result.voxels_per_s = voxels_total / result.seconds if result.seconds > 0 else 0.0
     return result
+
+
+def _run_validation(validate: Callable, model: nn.Module, step: int) -> dict:
+    """One call of ``validate`` that leaves no trace on the training: the RNG states
+    (inference may draw, e.g. dropout or a randomised window order) are restored and
+    the model goes back to train mode. -> ``{"step", "score", ...}`` (floats)."""
+    rng = _rng_state()
+    inner = _module(model)
+    inner.eval()
+    try:
+        with torch.no_grad():
+            out = validate(inner)
+    finally:
+        inner.train()
+        _set_rng_state(rng)
+    if not isinstance(out, dict) or "score" not in out:
+        raise TypeError("validate(model) must return a dict with a 'score' entry")
+    return {"step": step, **{k: float(v) for k, v in out.items()}}
 
 
 def _is_main_rank() -> bool:
