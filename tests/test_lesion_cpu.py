@@ -249,6 +249,34 @@ def test_cli_train_preset_with_transplants_then_predict_and_evaluate(tmp_path, c
     assert "lesion F1" in capsys.readouterr().out
 
 
+def test_cli_train_validation_subject_stays_out_of_the_transplants(tmp_path, capsys):
+    """`train --transplant-masks M --val-subjects V`: V's own mask in M is not
+    transplanted (its lesion shapes would leak into training), V's brain is not a
+    transplant host, and V is scored (val.jsonl, best.pt)."""
+    from fasttversky.app.cli import main
+    from fasttversky.app.data.synth import write_phantom_dataset
+
+    shape = (32, 40, 32)
+    write_phantom_dataset(
+        tmp_path / "data", n_subjects=2, shape=shape, seed=2, lesion_fraction=(4e-3, 6e-3)
+    )
+    p = make_phantom(shape, 9, lesion_fraction=3e-3)
+    for name in ("patient01", "subject02"):  # subject02 = the validation subject
+        save_volume(tmp_path / "masks" / f"{name}.nii.gz", p.mask, p.affine)
+    run = tmp_path / "run"
+    tiny = ["--target-shape", "0", "0", "0", "--patch-size", "16", "16", "16", "--window"]
+    tiny += ["16", "16", "16", "--base-features", "2", "--levels", "2", "--steps", "2"]
+    args = ["train", str(tmp_path / "data"), "--preset", "lesion-cpu", "--out", str(run)]
+    args += ["--transplant-masks", str(tmp_path / "masks"), "--val-subjects", "subject02"]
+    assert main([*args, *tiny, "--quiet"]) == 0
+    transplants = json.loads((run / "transplants.json").read_text())
+    assert transplants["subjects"] == ["subject01+patient01"]
+    assert transplants["excluded"] == ["subject02"]
+    rows = [json.loads(x) for x in (run / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and rows[0]["best"] and (run / "best.pt").is_file()
+    assert rows[0]["tp"] + rows[0]["fn"] > 0  # subject02's lesions are what is scored
+
+
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [
