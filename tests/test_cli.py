@@ -275,10 +275,16 @@ def test_train_with_validation_subjects(dataset, tmp_path, capsys, monkeypatch):
     assert (best["tp"], best["fp"], best["fn"]) == ((m & t).sum(), (m & ~t).sum(), (~m & t).sum())
     assert best["dsc"] == pytest.approx(2 * (m & t).sum() / (m.sum() + t.sum()), rel=1e-12)
 
-    # A run trained without validation has no best.pt: one line, exit 1.
-    plain = tmp_path / "plain"
-    assert main(["train", str(dataset), "--out", str(plain), *TINY_TRAIN]) == 0
-    code, _, err = _run([*argv[:3], str(plain), "--out", str(tmp_path / "p2"), *argv[6:]], capsys)
+    # A resumed run keeps its held-out subjects (another set changes what is trained on).
+    resume = ["train", str(dataset), "--out", str(run), "--resume", "--steps", "8", "--quiet"]
+    code, _, err = _run([*resume, "--val-subjects", "subject02"], capsys)
+    assert code == EXIT_USAGE
+    _assert_one_line_error(err, r"--val-subjects \['subject02'\] differs from the run's")
+    # A fresh run without validation in the same folder leaves no stale best.pt or scores
+    # behind, and `predict --checkpoint best` says why there is none: one line, exit 1.
+    assert main(["train", str(dataset), "--out", str(run), *TINY_TRAIN]) == 0
+    assert not (run / "best.pt").exists() and not (run / "val.jsonl").exists()
+    code, _, err = _run([*argv[:5], str(tmp_path / "p2"), *argv[6:]], capsys)
     assert code == EXIT_ERROR
     _assert_one_line_error(err, r"best\.pt missing; the run was trained without --val-subjects")
 
@@ -339,6 +345,7 @@ BAD_TRAIN_OPTIONS = [
     ),
     (["--val-subjects", "subject01", "subject01"], r"--val-subjects names a subject twice"),
     (["--val-every", "0"], r"--val-every must be >= 1, got 0"),
+    (["--val-every", "5"], r"--val-every only applies with --val-subjects"),
 ]
 
 
@@ -483,8 +490,16 @@ def test_other_bad_inputs(dataset, tmp_path, capsys):
         (["synth", missing, "--brains", missing], 2, r"--brains and --lesion-masks go together"),
         (["reproduce", "--folds", "1", "--out", missing], 2, r"--folds must be >= 2"),
         (["reproduce", "--settings", "0,0", "--out", missing], 2, r"--alpha \+ --beta must be > 0"),
-        (["reproduce", "--settings", "x", "--out", missing], 2, r"--settings expects A,B or A,B,CE"),
-        (["reproduce", "--settings", "0.3,0.7,-1", "--out", missing], 2, r"--ce-weight must be >= 0"),
+        (
+            ["reproduce", "--settings", "x", "--out", missing],
+            2,
+            r"--settings expects A,B or A,B,CE",
+        ),
+        (
+            ["reproduce", "--settings", "0.3,0.7,-1", "--out", missing],
+            2,
+            r"--ce-weight must be >= 0",
+        ),
         (
             ["reproduce", "--threshold", "2", "--out", missing],
             2,

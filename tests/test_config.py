@@ -189,6 +189,7 @@ def test_every_cli_field_has_help_and_no_field_is_declared_twice():
         (lambda: DataConfig(modalities={}), "modalities"),
         (lambda: DataConfig(normalize="minmax"), "normalize"),
         (lambda: DataConfig(val_subjects=[]), "val_subjects"),
+        (lambda: DataConfig(val_subjects="patient02"), "val_subjects"),
         (lambda: DataConfig(val_subjects=["a", ""]), "val_subjects"),
         (lambda: DataConfig(val_subjects=["a", "a"]), "val_subjects"),
         (lambda: TrainConfig(steps=1, val_every=0), "val_every"),

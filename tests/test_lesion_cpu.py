@@ -274,7 +274,20 @@ def test_cli_train_validation_subject_stays_out_of_the_transplants(tmp_path, cap
     assert transplants["excluded"] == ["subject02"]
     rows = [json.loads(x) for x in (run / "val.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2] and rows[0]["best"] and (run / "best.pt").is_file()
-    assert rows[0]["tp"] + rows[0]["fn"] > 0  # subject02's lesions are what is scored
+    import nibabel as nib
+
+    mask = np.asanyarray(nib.load(str(tmp_path / "data" / "subject02" / "mask.nii.gz")).dataobj)
+    assert rows[0]["tp"] + rows[0]["fn"] == np.count_nonzero(mask)  # subject02 is scored
+
+
+def test_a_sweep_refuses_validation_subjects():
+    """reproduce holds subjects out by its folds; a base with val_subjects is an error."""
+    from fasttversky.app.config import ConfigError, DataConfig, RunSettings
+    from fasttversky.app.experiment import run_sweep
+
+    base = RunSettings(data=DataConfig(val_subjects=["a"]))
+    with pytest.raises(ConfigError, match="cross-validation holds out by folds"):
+        run_sweep([object(), object()], base, "unused", folds=2)
 
 
 @pytest.mark.parametrize(

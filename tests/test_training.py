@@ -503,6 +503,7 @@ def test_validation_survives_resume(tmp_path):
         train(model(), dying, cfg(cut), validate=_weights_score)
     assert load_checkpoint(cut)["step"] == 4  # validation steps are checkpointed
     r_cut = train(model(), batch, cfg(cut), resume=True, validate=_weights_score)
+    assert r_full.best_step <= 4  # so a resume that forgot the first half's best would fail
     assert (cut / "val.jsonl").read_text() == (full / "val.jsonl").read_text()
     assert (r_cut.best_step, r_cut.best_score) == (r_full.best_step, r_full.best_score)
     assert _states_equal(
@@ -517,3 +518,63 @@ def test_validate_must_return_a_score():
     cfg = TrainConfig(steps=1, progress=False, backend="torch", **HYPER)
     with pytest.raises(TypeError, match="'score'"):
         train(model, make_batch(SMALL), cfg, validate=lambda m: {"dsc": 1.0})
+
+
+def test_a_kill_between_best_and_last_leaves_them_consistent(tmp_path, monkeypatch):
+    """Killed after best.pt of a new best step is written and before last.pt: the resume
+    re-runs that step from the earlier last.pt, scores it the same and ends with the
+    best.pt, val.jsonl and weights of an uninterrupted run."""
+    from fasttversky.app.training import loop
+
+    batch = make_batch(SMALL)
+
+    def model():
+        torch.manual_seed(0)
+        return UNet3D(3, 2, BASE, LEVELS)
+
+    def cfg(d):
+        return TrainConfig(
+            steps=6, progress=False, backend="torch", checkpoint_dir=d, val_every=2,
+            val_log_path=d / "val.jsonl", **HYPER,
+        )  # fmt: skip
+
+    # minus the sum of the weights, which falls step by step on this trajectory
+    def score(m):
+        return {"score": -_weights_score(m)["score"]}
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r_full = train(model(), batch, cfg(full), validate=score)
+    assert r_full.best_step > 2  # a last.pt of an earlier step exists to resume from
+
+    class Killed(Exception):
+        pass
+
+    real, last_was_best = loop._atomic_save, []
+
+    def dying(obj, path):
+        if path.name == "last.pt" and last_was_best and obj["step"] == r_full.best_step:
+            raise Killed
+        last_was_best[:] = [path.name == "best.pt"]
+        real(obj, path)
+
+    monkeypatch.setattr(loop, "_atomic_save", dying)
+    with pytest.raises(Killed):
+        train(model(), batch, cfg(cut), validate=score)
+    monkeypatch.setattr(loop, "_atomic_save", real)
+    assert torch.load(cut / "best.pt", weights_only=True)["step"] == r_full.best_step
+    assert load_checkpoint(cut)["step"] < r_full.best_step
+    r_cut = train(model(), batch, cfg(cut), resume=True, validate=score)
+    assert r_cut.best_step == r_full.best_step
+    assert (cut / "val.jsonl").read_text() == (full / "val.jsonl").read_text()
+    for name in ("best.pt", "last.pt"):
+        a = torch.load(cut / name, weights_only=True)
+        b = torch.load(full / name, weights_only=True)
+        assert a["step"] == b["step"] and _states_equal(a["model"], b["model"]), name
+
+
+def test_a_fresh_run_removes_an_earlier_best(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"an earlier run's")
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=1, progress=False, backend="torch", checkpoint_dir=tmp_path, **HYPER)
+    train(UNet3D(3, 2, BASE, LEVELS), make_batch(SMALL), cfg)
+    assert not (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()

@@ -199,12 +199,17 @@ def cmd_train(args) -> int:
     if args.resume and (out / "run.json").is_file():
         base = RunSettings.load(out / "run.json")  # resume with the run's own settings
     settings = settings_from_args(args, base).validate()
+    if getattr(args, "train.val_every") is not None and not settings.data.val_subjects:
+        raise ConfigError("val_every", "only applies with --val-subjects (none given)")
     from .pipeline import find_dataset, train_run
 
     subjects = find_dataset(args.data, settings.data)
+    held = settings.data.val_subjects or []
     t = settings.train
     print(
-        f"training on {len(subjects)} subjects from {args.data}: alpha={t.alpha} "
+        f"training on {len(subjects) - len(held)} subjects from {args.data}"
+        + (f" ({', '.join(held)} held out for validation)" if held else "")
+        + f": alpha={t.alpha} "
         f"beta={t.beta} gamma={t.gamma}"
         + (f" + {t.ce_weight:g}×cross-entropy" if t.ce_weight else "")
         + f", {t.steps} steps"

@@ -199,9 +199,9 @@ class DataConfig:
     )
     val_subjects: list | None = _opt(
         None,
-        "subjects of DATA held out of training (and of --transplant-masks) and scored "
-        "every --val-every steps, as `predict` would (DSC pooled over them); the best "
-        "checkpoint is kept as best.pt beside last.pt",
+        "subjects of DATA held out of training (with the --transplant-masks named like "
+        "them) and scored every --val-every steps, as `predict` would (DSC pooled over "
+        "them); the best checkpoint is kept as best.pt beside last.pt",
         nargs="+",
         metavar="NAME",
     )
@@ -224,6 +224,10 @@ class DataConfig:
             _t1_channel(self.modalities)  # a missing T1 fails here, before any data is read
         _choice("transplant_contrast", self.transplant_contrast, TRANSPLANT_CONTRASTS)
         if self.val_subjects is not None:
+            if isinstance(self.val_subjects, str):
+                raise ConfigError(
+                    "val_subjects", f"must be a list of names, got {self.val_subjects!r}"
+                )
             names = list(self.val_subjects)
             if not names or not all(isinstance(n, str) and n for n in names):
                 raise ConfigError("val_subjects", f"must be subject names, got {names!r}")

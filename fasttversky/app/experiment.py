@@ -185,6 +185,8 @@ def run_sweep(
             "folds", f"{folds}-fold cross-validation needs >= {folds} subjects, got {len(subjects)}"
         )
     check_threshold(threshold)
+    if base.data.val_subjects:  # the folds hold subjects out here
+        raise ConfigError("val_subjects", "is for `train`; cross-validation holds out by folds")
     if not settings_list:
         raise ConfigError("settings", "needs at least one (alpha, beta) pair")
     settings_list = settings_with_ce(settings_list, base.train.ce_weight)

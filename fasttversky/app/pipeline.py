@@ -307,6 +307,15 @@ def train_run(
     out = Path(out)
     if resume and not (out / "last.pt").is_file():
         raise DataError(f"{out}/last.pt missing: nothing to resume (train without --resume)")
+    if resume and (out / RUN_SETTINGS).is_file():
+        held = RunSettings.load(out / RUN_SETTINGS).data.val_subjects
+        if held != settings.data.val_subjects:
+            # Another held-out set changes the training set and what "best" means.
+            raise ConfigError(
+                "val_subjects",
+                f"{settings.data.val_subjects} differs from the run's {held}: "
+                "a resumed run keeps its held-out subjects",
+            )
     if exclude and transplant_masks is None:
         raise ConfigError("exclude_masks", "only applies with --transplant-masks (none given)")
     if transplant_masks is not None:  # a bad folder or name fails before any data is read
@@ -317,10 +326,7 @@ def train_run(
             check_excluded_names(transplant_masks, exclude)  # (validation names need no mask)
         except ValueError as e:
             raise DataError(str(e)) from None
-    prepared = prepare_all(subjects, settings.data.target_shape, False, settings.data.normalisation)
-    missing = [p.name for p in prepared if p.mask is None]
-    if missing:
-        raise DataError(f"subjects without a lesion mask cannot be trained on: {missing}")
+    # The held-out subjects first: a bad choice fails before the training set is read.
     val_prepared = prepare_all(
         val_subjects, settings.data.target_shape, False, settings.data.normalisation
     )
@@ -334,6 +340,10 @@ def train_run(
                 f"{[p.name for p in val_prepared]} hold no lesion voxel, so their DSC is "
                 "undefined; hold out subjects with lesions",
             )
+    prepared = prepare_all(subjects, settings.data.target_shape, False, settings.data.normalisation)
+    missing = [p.name for p in prepared if p.mask is None]
+    if missing:
+        raise DataError(f"subjects without a lesion mask cannot be trained on: {missing}")
     extra = []
     if transplant_masks is not None:
         from .data.synth import transplanted_subjects
@@ -359,6 +369,8 @@ def train_run(
     from .training import train
 
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # an earlier run's scores must not pass for this run's
+        (out / VAL_LOG).unlink(missing_ok=True)
     settings.save(out / RUN_SETTINGS)
     if transplant_masks is not None:
         (out / "transplants.json").write_text(
@@ -434,7 +446,8 @@ def validation_scores(model, prepared, settings: RunSettings) -> dict:
     would: probabilities by :func:`predict_prepared` (the run's windows, inside the
     brain), the mask by :func:`mask_from_prob` (threshold, minimum lesion size), counts
     pooled over the subjects on the files' grids -> {"score": pooled DSC, "dsc",
-    "sensitivity", "precision", "fp", "fn", "tp"} (floats; DSC 0 when nothing is found).
+    "sensitivity", "precision" (floats; DSC 0 when nothing is found), "tp", "fp", "fn"
+    (voxel counts, ints)}. ``prepared`` must hold at least one lesion voxel.
     """
     tp = fp = fn = 0
     for p in prepared:

@@ -255,7 +255,8 @@ def _truncate_log(path: Path, step: int) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`train` (a file, or a directory holding
     ``last.pt``). Keys: "model", "optimizer", "scheduler", "scaler", "rng", "step",
-    "consumed", "config", "version". Loaded with ``weights_only=True``."""
+    "consumed", "config", "version", "best" (``{"step", "score"}`` of the best
+    validation so far, or None). Loaded with ``weights_only=True``."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -359,6 +360,11 @@ def train(
             )
     else:
         _seed_everything(config.seed)
+        if ckpt_path is not None and _is_main_rank():
+            # A fresh run in a used folder: an earlier run's best.pt must not pass for
+            # this run's (predict --checkpoint best would load it without a word).
+            with contextlib.suppress(FileNotFoundError):
+                ckpt_path.with_name(BEST_NAME).unlink()
 
     stream = _BatchStream(batches, consumed)
     if rng is not None:
@@ -379,7 +385,10 @@ def train(
         _truncate_log(Path(config.log_path), step)
         log = open(config.log_path, "a")  # noqa: SIM115
     if validate is not None and not main:
-        validate = None  # rank 0 validates and writes best.pt; the others only train
+        # Rank 0 validates and writes best.pt; the others only train (and wait for it in
+        # the next step's collectives: keep a validation well inside the process
+        # group's timeout). Their TrainResult has no validations.
+        validate = None
     if validate is not None and config.val_log_path:
         Path(config.val_log_path).parent.mkdir(parents=True, exist_ok=True)
         _truncate_log(Path(config.val_log_path), step)
@@ -391,7 +400,7 @@ def train(
     voxels_total = 0
     t_start = time.perf_counter()
 
-    def save():
+    def save(path=None):
         _atomic_save(
             {
                 "version": _CHECKPOINT_VERSION,
@@ -408,9 +417,10 @@ def train(
                     for k, v in asdict(config).items()
                 },
             },
-            ckpt_path,
+            path or ckpt_path,
         )
-        result.checkpoint = ckpt_path
+        if path is None:
+            result.checkpoint = ckpt_path
 
     try:
         while step < config.steps:
@@ -500,11 +510,15 @@ def train(
             if ckpt_path is not None and (
                 keep or due or step % config.checkpoint_every == 0 or step == config.steps
             ):
+                if improved:
+                    # best.pt before last.pt: a kill in between leaves last.pt at an
+                    # earlier step, whose resume re-runs and re-scores this one (same
+                    # score, bitwise) and writes best.pt again. The other order could
+                    # leave a last.pt that names a best step best.pt does not hold.
+                    save(ckpt_path.with_name(BEST_NAME))
                 save()
                 if keep:
                     _atomic_copy(ckpt_path, ckpt_path.with_name(f"step_{step:06d}.pt"))
-                if improved:
-                    _atomic_copy(ckpt_path, ckpt_path.with_name(BEST_NAME))
     finally:
         if bar is not None:
             bar.close()
@@ -521,7 +535,7 @@ def train(
 def _run_validation(validate: Callable, model: nn.Module, step: int) -> dict:
     """One call of ``validate`` that leaves no trace on the training: the RNG states
     (inference may draw, e.g. dropout or a randomised window order) are restored and
-    the model goes back to train mode. -> ``{"step", "score", ...}`` (floats)."""
+    the model goes back to train mode. -> ``{"step", "score", ...}`` (numbers)."""
     rng = _rng_state()
     inner = _module(model)
     inner.eval()
@@ -533,7 +547,11 @@ def _run_validation(validate: Callable, model: nn.Module, step: int) -> dict:
         _set_rng_state(rng)
     if not isinstance(out, dict) or "score" not in out:
         raise TypeError("validate(model) must return a dict with a 'score' entry")
-    return {"step": step, **{k: float(v) for k, v in out.items()}}
+    bad = [k for k, v in out.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if bad:
+        raise TypeError(f"validate(model) must return numbers; {bad} are not")
+    # Counts stay ints; the step is the loop's, whatever validate returned.
+    return {**out, "score": float(out["score"]), "step": step}
 
 
 def _is_main_rank() -> bool:
