@@ -228,7 +228,7 @@ def test_synth_train_predict_evaluate(dataset, tmp_path, capsys):
 def test_train_with_validation_subjects(dataset, tmp_path, capsys, monkeypatch):
     """--val-subjects: the subject is never trained on, it is scored every --val-every
     steps exactly as `predict` scores it (counts checked against the files `predict
-    --checkpoint best` writes), and best.pt is the checkpoint of the best score."""
+    --weights best` writes), and best.pt is the checkpoint of the best score."""
     import shutil
 
     import torch
@@ -263,11 +263,11 @@ def test_train_with_validation_subjects(dataset, tmp_path, capsys, monkeypatch):
     step_file = torch.load(run / f"step_{best['step']:06d}.pt", weights_only=True)
     assert all(torch.equal(v, step_file["model"][k]) for k, v in ckpt["model"].items())
 
-    # The logged counts are those of `predict --checkpoint best` on the held-out subject.
+    # The logged counts are those of `predict --weights best` on the held-out subject.
     only = tmp_path / "only03"
     shutil.copytree(dataset / "subject03", only / "subject03")
     pred = tmp_path / "pred"
-    argv = ["predict", str(only), "--model", str(run), "--out", str(pred), "--checkpoint", "best"]
+    argv = ["predict", str(only), "--model", str(run), "--out", str(pred), "--weights", "best"]
     assert main([*argv, "--quiet"]) == 0
     assert json.loads((pred / "inference.json").read_text())["checkpoint"] == "best.pt"
     m = np.asanyarray(nib.load(str(pred / "subject03" / "mask.nii.gz")).dataobj) > 0
@@ -281,7 +281,7 @@ def test_train_with_validation_subjects(dataset, tmp_path, capsys, monkeypatch):
     assert code == EXIT_USAGE
     _assert_one_line_error(err, r"--val-subjects \['subject02'\] differs from the run's")
     # A fresh run without validation in the same folder leaves no stale best.pt or scores
-    # behind, and `predict --checkpoint best` says why there is none: one line, exit 1.
+    # behind, and `predict --weights best` says why there is none: one line, exit 1.
     assert main(["train", str(dataset), "--out", str(run), *TINY_TRAIN]) == 0
     assert not (run / "best.pt").exists() and not (run / "val.jsonl").exists()
     code, _, err = _run([*argv[:5], str(tmp_path / "p2"), *argv[6:]], capsys)

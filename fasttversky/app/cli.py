@@ -231,7 +231,7 @@ def cmd_train(args) -> int:
     if result.best_step is not None:
         print(
             f"best validation DSC {100 * result.best_score:.2f} % at step {result.best_step}: "
-            f"{out / 'best.pt'} (`predict --checkpoint best`; every score in {out / 'val.jsonl'})"
+            f"{out / 'best.pt'} (`predict --weights best`; every score in {out / 'val.jsonl'})"
         )
     return EXIT_OK
 
@@ -257,7 +257,7 @@ def cmd_predict(args) -> int:
         weighting=getattr(args, "predict.weighting"),
         mirror=getattr(args, "predict.mirror"),
         min_lesion_size=getattr(args, "predict.min_lesion_size"),
-        checkpoint=args.checkpoint,
+        checkpoint=args.weights,
     )
     print(f"wrote probability maps and masks of {n} subjects to {args.out}")
     return EXIT_OK
@@ -537,8 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
         group=g,
     )
     g.add_argument("--device", default=None, help="cpu, cuda, ... [default: the run's]")
-    g.add_argument(
-        "--checkpoint",
+    g.add_argument(  # not --checkpoint: train's --checkpoint is activation checkpointing
+        "--weights",
         choices=list(RUN_CHECKPOINTS),
         default="last",
         help="which weights: last (the end of training) or best (the best validation "

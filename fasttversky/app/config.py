@@ -61,7 +61,7 @@ TRANSPLANT_CONTRASTS = ("typical", "wide", "varied", "varied-cortex")
 WEIGHTINGS = ("gaussian", "uniform")  # sliding-window combination
 MIRRORS = {"none": (), "lr": (0,), "all": (0, 1, 2)}  # test-time mirroring axes
 # The weights a run folder keeps: the end of training, and (with validation subjects)
-# the best validation score; `predict --checkpoint` picks one.
+# the best validation score; `predict --weights` picks one.
 RUN_CHECKPOINTS = {"last": "last.pt", "best": "best.pt"}
 
 

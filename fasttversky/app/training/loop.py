@@ -362,7 +362,7 @@ def train(
         _seed_everything(config.seed)
         if ckpt_path is not None and _is_main_rank():
             # A fresh run in a used folder: an earlier run's best.pt must not pass for
-            # this run's (predict --checkpoint best would load it without a word).
+            # this run's (predict --weights best would load it without a word).
             with contextlib.suppress(FileNotFoundError):
                 ckpt_path.with_name(BEST_NAME).unlink()
 
