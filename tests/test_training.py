@@ -425,6 +425,19 @@ def _weights_score(model) -> dict:
     return {"score": float(sum(p.double().sum() for p in model.parameters()))}
 
 
+def _seeded_unet():
+    torch.manual_seed(0)
+    return UNet3D(3, 2, BASE, LEVELS)
+
+
+def _val_config(d, **kw) -> TrainConfig:
+    """A checkpointed run in folder d validating every 2 steps into d/val.jsonl."""
+    return TrainConfig(
+        progress=False, backend="torch", checkpoint_dir=d, val_every=2,
+        val_log_path=d / "val.jsonl", **HYPER, **kw,
+    )  # fmt: skip
+
+
 def _states_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -487,15 +500,10 @@ def test_validation_survives_resume(tmp_path):
             raise Killed
         return batch(i)
 
-    def model():
-        torch.manual_seed(0)
-        return UNet3D(3, 2, BASE, LEVELS)
+    model = _seeded_unet
 
     def cfg(d):
-        return TrainConfig(
-            steps=8, progress=False, backend="torch", checkpoint_dir=d, checkpoint_every=100,
-            val_every=2, val_log_path=d / "val.jsonl", **HYPER,
-        )  # fmt: skip
+        return _val_config(d, steps=8, checkpoint_every=100)
 
     full, cut = tmp_path / "full", tmp_path / "cut"
     r_full = train(model(), batch, cfg(full), validate=_weights_score)
@@ -528,15 +536,10 @@ def test_a_kill_between_best_and_last_leaves_them_consistent(tmp_path, monkeypat
 
     batch = make_batch(SMALL)
 
-    def model():
-        torch.manual_seed(0)
-        return UNet3D(3, 2, BASE, LEVELS)
+    model = _seeded_unet
 
     def cfg(d):
-        return TrainConfig(
-            steps=6, progress=False, backend="torch", checkpoint_dir=d, val_every=2,
-            val_log_path=d / "val.jsonl", **HYPER,
-        )  # fmt: skip
+        return _val_config(d, steps=6)
 
     # minus the sum of the weights, which falls step by step on this trajectory
     def score(m):
