@@ -444,28 +444,19 @@ def split_validation(subjects, names: Sequence[str] | None) -> tuple[list, list]
 def validation_scores(model, prepared, settings: RunSettings) -> dict:
     """Score ``model`` on held-out PreparedSubjects exactly as ``predict`` + ``evaluate``
     would: probabilities by :func:`predict_prepared` (the run's windows, inside the
-    brain), the mask by :func:`mask_from_prob` (threshold, minimum lesion size), counts
-    pooled over the subjects on the files' grids -> {"score": pooled DSC, "dsc",
-    "sensitivity", "precision" (floats; DSC 0 when nothing is found), "tp", "fp", "fn"
-    (voxel counts, ints)}. ``prepared`` must hold at least one lesion voxel.
+    brain), then :func:`evaluate_volumes` with the run's threshold and minimum lesion
+    size -> its pooled row (voxel scores, APR, lesion-wise scores, counts; numbers)
+    plus ``"score"`` = the pooled DSC. ``prepared`` must hold at least one lesion voxel.
     """
-    tp = fp = fn = 0
-    for p in prepared:
-        mask = mask_from_prob(predict_prepared(model, p, settings), settings.predict) > 0
-        truth = p.full_mask > 0
-        tp += int(np.count_nonzero(mask & truth))
-        fp += int(np.count_nonzero(mask & ~truth))
-        fn += int(np.count_nonzero(~mask & truth))
-    dsc = 2 * tp / (2 * tp + fp + fn)  # > 0 denominators: the validation set has lesions
-    return {
-        "score": dsc,
-        "dsc": dsc,
-        "sensitivity": tp / (tp + fn),
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-    }
+    probs = {p.name: predict_prepared(model, p, settings) for p in prepared}
+    rows, _ = evaluate_volumes(
+        probs,
+        {p.name: p.full_mask for p in prepared},
+        settings.predict.threshold,
+        settings.predict.min_lesion_size,
+    )
+    pooled = {k: v for k, v in rows[-1].items() if k != "subject"}
+    return {"score": pooled["dsc"], **pooled}
 
 
 def load_run(run: str | Path, checkpoint: str = "last"):
