@@ -5,6 +5,7 @@ batch: two gloo processes on the CPU (loopback only), uneven local batches (1 an
 from __future__ import annotations
 
 import datetime
+import gc
 import socket
 import time
 
@@ -51,67 +52,76 @@ def _worker(rank: int, port: int, errors):
         timeout=datetime.timedelta(seconds=120),
     )
     try:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        image, label = _global_batch(0)
-        for kwargs in (
-            dict(),
-            dict(batch=True),
-            dict(gamma=0.75, include_background=False),
-            # the CE term's sums and voxel counts are gathered like the Tversky sums:
-            # its mean is over the global batch's voxels, as in one process
-            dict(ce_weight=1.0, ce_class_weights=[0.3, 1.0]),
-            dict(ce_weight=0.5, activation="sigmoid", batch=True),
-        ):
-            # Single process, whole batch.
-            single = _model()
-            loss_ref = fasttversky.tversky_loss(single(image), label, backend="torch", **kwargs)
-            loss_ref.backward()
-            # DDP, each rank its shard; the loss sees the gathered statistics.
-            ddp = DDP(_model())
-            loss = fasttversky.tversky_loss(
-                ddp(_shard(rank, image)),
-                _shard(rank, label),
-                backend="torch",
-                sync_across_ranks=True,
-                **kwargs,
-            )
-            loss.backward()
-            torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)
-            for (name, p), q in zip(
-                ddp.module.named_parameters(), single.parameters(), strict=True
-            ):
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14, msg=name)
-
-        # The training loop end to end: 3 Adam steps, DDP vs single process.
-        config = TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch")
-        single = _model()
-        r_single = train(single, _global_batch, config)
-        ddp = DDP(_model())
-        r_ddp = train(
-            ddp,
-            lambda i: tuple(_shard(rank, t) for t in _global_batch(i)),
-            TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch", sync_across_ranks=True),
-        )
-        torch.testing.assert_close(r_ddp.losses, r_single.losses, rtol=1e-10, atol=0)
-        for (name, p), q in zip(ddp.module.named_parameters(), single.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
-
-        # Bad input on one rank: every rank raises at once (none waits in the gather).
-        x = torch.randn(LOCAL_B[rank], 2, *SPATIAL, dtype=torch.float64)
-        if rank == 1:
-            x[0, 1, 0, 0, 0] = float("nan")
-        t0 = time.monotonic()
-        with pytest.raises(ValueError) as info:
-            fasttversky.tversky_loss(x, _shard(rank, label), backend="cpu", sync_across_ranks=True)
-        assert time.monotonic() - t0 < 30
-        expected = "non-finite" if rank == 1 else "another rank"
-        assert expected in str(info.value), str(info.value)
+        _checks(rank)
     except BaseException as exc:  # report to the parent, which asserts
         errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise
     finally:
+        # DDP's reducer holds the gloo process group, so destroy_process_group alone does
+        # not free it: the group then dies at interpreter exit, where gloo's threads abort
+        # the process (SIGABRT, "terminate called without an active exception", seen in 9
+        # of 25 runs). _checks has returned, so its DDP wrappers are garbage: collect them
+        # (they sit in reference cycles) while the interpreter is whole (0 of 65 runs).
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _checks(rank: int):
+    """Everything rank ``rank`` asserts; its DDP wrappers die when it returns."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    image, label = _global_batch(0)
+    for kwargs in (
+        dict(),
+        dict(batch=True),
+        dict(gamma=0.75, include_background=False),
+        # the CE term's sums and voxel counts are gathered like the Tversky sums:
+        # its mean is over the global batch's voxels, as in one process
+        dict(ce_weight=1.0, ce_class_weights=[0.3, 1.0]),
+        dict(ce_weight=0.5, activation="sigmoid", batch=True),
+    ):
+        # Single process, whole batch.
+        single = _model()
+        loss_ref = fasttversky.tversky_loss(single(image), label, backend="torch", **kwargs)
+        loss_ref.backward()
+        # DDP, each rank its shard; the loss sees the gathered statistics.
+        ddp = DDP(_model())
+        loss = fasttversky.tversky_loss(
+            ddp(_shard(rank, image)),
+            _shard(rank, label),
+            backend="torch",
+            sync_across_ranks=True,
+            **kwargs,
+        )
+        loss.backward()
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)
+        for (name, p), q in zip(ddp.module.named_parameters(), single.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14, msg=name)
+
+    # The training loop end to end: 3 Adam steps, DDP vs single process.
+    config = TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch")
+    single = _model()
+    r_single = train(single, _global_batch, config)
+    ddp = DDP(_model())
+    r_ddp = train(
+        ddp,
+        lambda i: tuple(_shard(rank, t) for t in _global_batch(i)),
+        TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch", sync_across_ranks=True),
+    )
+    torch.testing.assert_close(r_ddp.losses, r_single.losses, rtol=1e-10, atol=0)
+    for (name, p), q in zip(ddp.module.named_parameters(), single.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+
+    # Bad input on one rank: every rank raises at once (none waits in the gather).
+    x = torch.randn(LOCAL_B[rank], 2, *SPATIAL, dtype=torch.float64)
+    if rank == 1:
+        x[0, 1, 0, 0, 0] = float("nan")
+    t0 = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        fasttversky.tversky_loss(x, _shard(rank, label), backend="cpu", sync_across_ranks=True)
+    assert time.monotonic() - t0 < 30
+    expected = "non-finite" if rank == 1 else "another rank"
+    assert expected in str(info.value), str(info.value)
 
 
 def _free_port() -> int:
