@@ -305,8 +305,9 @@ def train_run(
     # Held-out subjects' own masks never reach training as transplants either.
     skip = [*exclude, *(s.name for s in val_subjects)]
     out = Path(out)
-    if resume and not (out / "last.pt").is_file():
-        raise DataError(f"{out}/last.pt missing: nothing to resume (train without --resume)")
+    last = out / RUN_CHECKPOINTS["last"]
+    if resume and not last.is_file():
+        raise DataError(f"{last} missing: nothing to resume (train without --resume)")
     if resume and (out / RUN_SETTINGS).is_file():
         held = RunSettings.load(out / RUN_SETTINGS).data.val_subjects
         if held != settings.data.val_subjects:

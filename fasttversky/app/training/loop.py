@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ...functional import tversky_loss
-from ..config import LR_SCHEDULES, TrainConfig  # noqa: F401 - re-exported
+from ..config import LR_SCHEDULES, RUN_CHECKPOINTS, TrainConfig  # noqa: F401 - re-exported
 
 __all__ = [
     "BEST_NAME",
@@ -42,8 +42,8 @@ __all__ = [
     "train",
 ]
 
-CHECKPOINT_NAME = "last.pt"
-BEST_NAME = "best.pt"  # the checkpoint of the best validation score so far
+CHECKPOINT_NAME = RUN_CHECKPOINTS["last"]
+BEST_NAME = RUN_CHECKPOINTS["best"]  # the checkpoint of the best validation score so far
 POLY_POWER = 0.9  # nnU-Net's poly learning-rate schedule: lr · (1 - step/steps)^0.9
 _CHECKPOINT_VERSION = 1
 
