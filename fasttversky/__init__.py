@@ -1,7 +1,9 @@
 """fasttversky: the Tversky loss as fused, memory-light kernels.
 
-Public API: :func:`tversky_loss`, :class:`TverskyLoss`, :func:`deep_supervision_loss`,
-:func:`available_backends`.
+Public API: :func:`tversky_loss`, :class:`TverskyLoss`, :class:`TverskyOptions`,
+:func:`deep_supervision_loss`, :func:`available_backends`, ``BACKENDS``, and the errors
+:class:`InvalidInputError` (a ValueError), :class:`NonFiniteInputError` and
+:class:`BackendUnavailableError`.
 
 The names are loaded on first access (PEP 562), so importing a subpackage that needs
 no torch (``fasttversky.app.cli`` answering ``--help``) does not pay for ``import
@@ -16,7 +18,11 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {
-    "BackendUnavailableError": "._dispatch",
+    "BACKENDS": "._dispatch",
+    "BackendUnavailableError": ".errors",
+    "InvalidInputError": ".errors",
+    "NonFiniteInputError": ".errors",
+    "TverskyOptions": ".options",
     "available_backends": "._dispatch",
     "deep_supervision_loss": ".deep_supervision",
     "tversky_loss": ".functional",
@@ -24,7 +30,11 @@ _LAZY = {
 }
 
 __all__ = [
+    "BACKENDS",
     "BackendUnavailableError",
+    "InvalidInputError",
+    "NonFiniteInputError",
+    "TverskyOptions",
     "TverskyLoss",
     "__version__",
     "available_backends",
@@ -33,7 +43,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ._dispatch import BackendUnavailableError, available_backends
+    from ._dispatch import BACKENDS, available_backends
+    from .errors import BackendUnavailableError, InvalidInputError, NonFiniteInputError
+    from .options import TverskyOptions
     from .deep_supervision import deep_supervision_loss
     from .functional import tversky_loss
     from .loss import TverskyLoss

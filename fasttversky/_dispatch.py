@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from .errors import BackendUnavailableError, InvalidInputError
+
 # Priority per device type. CPU: measured (bench/RESULTS.md). CUDA: cuda before triton
 # is a guess until a GPU run of bench/gpu_report.py measures both side by side.
 _PRIORITY = {
@@ -31,10 +33,6 @@ _MODULES = {
     "cuda": "fasttversky.ops.cuda",
 }
 BACKENDS = tuple(_MODULES)
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run these inputs; the message lists why."""
 
 
 def _load(name: str):
@@ -55,9 +53,9 @@ def _why_not(name: str, logits: torch.Tensor, target: torch.Tensor, spec) -> lis
 
 
 def check_backend_name(backend) -> None:
-    """Raise ValueError unless ``backend`` is "auto" or a known backend name."""
+    """Raise InvalidInputError unless ``backend`` is "auto" or a known backend name."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in _MODULES):
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        raise InvalidInputError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
 def select_backend(requested: str, logits: torch.Tensor, target: torch.Tensor, spec) -> str:
@@ -71,7 +69,7 @@ def select_backend(requested: str, logits: torch.Tensor, target: torch.Tensor, s
     if requested == "auto":
         env = os.environ.get("FASTTVERSKY_BACKEND", "auto") or "auto"
         if env != "auto" and env not in _MODULES:
-            raise ValueError(
+            raise InvalidInputError(
                 f"environment variable FASTTVERSKY_BACKEND must be 'auto' or one of "
                 f"{BACKENDS}, got {env!r}"
             )

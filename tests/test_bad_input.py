@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fasttversky import BackendUnavailableError, TverskyLoss, tversky_loss
+from reference import reference_tversky_loss
 
 BACKENDS = ["cpu", "torch"]
 
@@ -167,14 +168,30 @@ def test_backend_env_typo_names_the_variable(monkeypatch):
     assert torch.isfinite(tversky_loss(x, t, backend="torch"))
 
 
-def test_torch_func_transforms_get_a_clear_error():
+def test_torch_func_transforms_match_float64_autograd():
+    # torch.func.grad / vmap run the loss as plain differentiable torch (no kernel), so
+    # their results must equal ordinary autograd on the float64 reference.
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (2, 4, 4))
+    ref_x = x.clone().requires_grad_(True)
+    reference_tversky_loss(ref_x, t, 0.3, 0.7, ce_weight=0.5).backward()
+    got = torch.func.grad(lambda z: tversky_loss(z, t, ce_weight=0.5))(x)
+    torch.testing.assert_close(got, ref_x.grad, rtol=1e-10, atol=1e-12)
+    got = torch.func.grad(lambda z: TverskyLoss(ce_weight=0.5)(z, t))(x)
+    torch.testing.assert_close(got, ref_x.grad, rtol=1e-10, atol=1e-12)
+    per_sample = torch.func.vmap(lambda z, y: tversky_loss(z[None], y[None]))(x, t)
+    expected = torch.stack([reference_tversky_loss(x[i : i + 1], t[i : i + 1]) for i in range(2)])
+    torch.testing.assert_close(per_sample, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_func_transforms_check_labels_and_keep_nan():
     x, t = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
-    with pytest.raises(RuntimeError, match="fasttversky.tversky_loss does not support torch.func"):
+    t[0, 0, 0] = 7
+    with pytest.raises(ValueError, match="label"):
         torch.func.grad(lambda z: tversky_loss(z, t))(x)
-    with pytest.raises(RuntimeError, match="does not support torch.func"):
-        torch.func.vmap(lambda z: tversky_loss(z[None], t[:1]))(x)
-    with pytest.raises(RuntimeError, match="does not support torch.func"):
-        torch.func.grad(lambda z: TverskyLoss()(z, t))(x)
+    x[0, 0, 0, 0] = float("inf")
+    out = torch.func.vmap(lambda z: tversky_loss(z[None], t[:1].clamp_max(2)))(x)
+    assert torch.isnan(out[0]) and torch.isfinite(out[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
