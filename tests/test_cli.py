@@ -280,9 +280,10 @@ def test_train_with_validation_subjects(dataset, tmp_path, capsys, monkeypatch):
     code, _, err = _run([*resume, "--val-subjects", "subject02"], capsys)
     assert code == EXIT_USAGE
     _assert_one_line_error(err, r"--val-subjects \['subject02'\] differs from the run's")
-    # A fresh run without validation in the same folder leaves no stale best.pt or scores
-    # behind, and `predict --weights best` says why there is none: one line, exit 1.
-    assert main(["train", str(dataset), "--out", str(run), *TINY_TRAIN]) == 0
+    # A fresh run without validation replacing this one (--force) leaves no stale best.pt
+    # or scores behind, and `predict --weights best` says why there is none: one line,
+    # exit 1.
+    assert main(["train", str(dataset), "--out", str(run), *TINY_TRAIN, "--force"]) == 0
     assert not (run / "best.pt").exists() and not (run / "val.jsonl").exists()
     code, _, err = _run([*argv[:5], str(tmp_path / "p2"), *argv[6:]], capsys)
     assert code == EXIT_ERROR

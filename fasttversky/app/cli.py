@@ -9,11 +9,13 @@ exceptions; :func:`main` turns them into one ``error: ...`` line and an exit sta
 * 1 — bad data or a failure while running (unreadable or inconsistent file, missing
   run folder, training diverged, missing application dependencies)
 * 2 — bad usage (unknown command or option, a value out of range, an output folder
-  that exists without ``--force``)
+  that already holds a result without ``--force``)
 * 130 — interrupted (Ctrl-C)
 
-Options of train/reproduce are generated from the fields of
+Options of synth/train/predict/evaluate/reproduce are generated from the fields of
 :mod:`fasttversky.app.config` (one declaration per setting, its help in the field).
+Every command that writes a folder goes through :mod:`fasttversky.app.output_guard`:
+an existing result is refused before any work, and ``--force`` replaces it whole.
 This module imports nothing heavy: torch and the data stack load inside the commands,
 so ``--help`` is fast.
 """
@@ -29,22 +31,25 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from contextlib import nullcontext
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import (
     RUN_CHECKPOINTS,
-    TRANSPLANT_CONTRASTS,
     DataConfig,
+    ExperimentConfig,
     ModelConfig,
     PredictConfig,
     RunSettings,
+    SynthConfig,
     TrainConfig,
     check_device,
     check_threshold,
     cli_fields,
 )
 from .errors import ConfigError, DataError
+from .output_guard import OutputExistsError, guarded_output, result_kind
 from .presets import PRESETS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -53,17 +58,20 @@ EPILOG = """exit status:
   0    success
   1    bad data or a failure while running (unreadable or inconsistent file, missing
        run folder, training diverged, application dependencies not installed)
-  2    bad usage (unknown command or option, a value out of range, an existing
-       output folder without --force)
+  2    bad usage (unknown command or option, a value out of range, an output folder
+       that already holds a result without --force)
   130  interrupted"""
 
-# config section -> (class, argparse group title)
+# config section -> (class, argparse group title); the first four make a RunSettings
 SECTIONS = {
     "data": (DataConfig, "data"),
     "model": (ModelConfig, "model"),
     "train": (TrainConfig, "training"),
     "predict": (PredictConfig, "prediction"),
+    "synth": (SynthConfig, "phantoms"),
+    "experiment": (ExperimentConfig, "experiment"),
 }
+RUN_SECTIONS = ("data", "model", "train", "predict")
 # Options of `train` alone: `reproduce` holds out subjects by its folds.
 TRAIN_ONLY = ("val_subjects", "val_every")
 # Options spelt differently from their field (one flag per repeated channel).
@@ -98,15 +106,16 @@ def _show(value) -> str:
         return "none"
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
+    if isinstance(value, (list, tuple)):  # (α, β) settings show as A,B
+        return " ".join(",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
     return str(value)
 
 
 def _add_fields(p, section: str, defaults, only: Sequence[str] | None = None, group=None):
     """One option per CLI field of a config section. Every option defaults to None (=
     keep the base settings' value); the help shows the default the command uses
-    (``defaults``: an instance, or a string such as "the preset's")."""
+    (``defaults``: an instance of the section's class, or a string such as "the
+    preset's")."""
     cls, title = SECTIONS[section]
     g = group or p.add_argument_group(title)
     for f in cli_fields(cls):
@@ -118,16 +127,19 @@ def _add_fields(p, section: str, defaults, only: Sequence[str] | None = None, gr
         kw: dict = {}
         if meta.get("nargs") == 3:
             kw["type"] = int
-        elif meta.get("action") == "append":
+        elif meta.get("action") or "type" in meta:
             pass
         elif kind.startswith("int"):
             kw["type"] = int
         elif kind.startswith("float"):
             kw["type"] = float
+        if meta.get("action") == "store_true":  # a switch: no value, no default to show
+            g.add_argument(_flag(f.name), dest=f"{section}.{f.name}", help=text, **meta)
+            continue
         if isinstance(defaults, str):
             shown = defaults
         else:
-            value = getattr(getattr(defaults, section), f.name)
+            value = getattr(defaults, f.name)
             shown = _show(value) if value is not None or meta.get("nargs") != 3 else "0 0 0"
         if "metavar" not in meta and "choices" not in meta:  # choices show as {a,b}
             meta["metavar"] = f.name.upper()
@@ -141,50 +153,66 @@ def _add_fields(p, section: str, defaults, only: Sequence[str] | None = None, gr
         )
 
 
+def _given(args, section: str) -> dict:
+    """The options of a config section the user gave -> {field: value}."""
+    given = {}
+    for f in cli_fields(SECTIONS[section][0]):
+        v = getattr(args, f"{section}.{f.name}", None)
+        if v is None:
+            continue
+        if section in RUN_SECTIONS and f.metadata.get("nargs") == 3:
+            v = None if not any(v) else list(v)  # 0 0 0 = none
+        elif f.name == "modalities":
+            pairs = [m.split("=", 1) for m in v]
+            for m, pair in zip(v, pairs, strict=True):
+                if len(pair) != 2 or not all(pair):
+                    raise ConfigError("modalities", f"expects NAME=PATTERN, got {m!r}")
+            v = dict(pairs)
+        given[f.name] = v
+    return given
+
+
 def settings_from_args(args, base: RunSettings) -> RunSettings:
     """``base`` with every option the user gave applied (ConfigError when out of range)."""
-    parts = {}
-    for section, (cls, _) in SECTIONS.items():
-        upd = {}
-        for f in cli_fields(cls):
-            v = getattr(args, f"{section}.{f.name}", None)
-            if v is None:
-                continue
-            if f.metadata.get("nargs") == 3:
-                v = None if not any(v) else list(v)
-            elif f.name == "modalities":
-                pairs = [m.split("=", 1) for m in v]
-                for m, pair in zip(v, pairs, strict=True):
-                    if len(pair) != 2 or not all(pair):
-                        raise ConfigError("modalities", f"expects NAME=PATTERN, got {m!r}")
-                v = dict(pairs)
-            upd[f.name] = v
-        parts[section] = replace(getattr(base, section), **upd)
-    return RunSettings(**parts)
+    return RunSettings(**{s: replace(getattr(base, s), **_given(args, s)) for s in RUN_SECTIONS})
+
+
+def config_from_args(args, section: str):
+    """The config of a section outside a run (synth, experiment) with the options given."""
+    return SECTIONS[section][0](**_given(args, section))
 
 
 # --------------------------------------------------------------------------------------
 # commands: parse -> call the application -> print
 # --------------------------------------------------------------------------------------
+def _guarded(args, command: str, out=None, option: str = "--out"):
+    """The command's output folder through the output guard (refused if it holds a
+    result, unless --force; see fasttversky.app.output_guard)."""
+    out = args.out if out is None else out
+    return guarded_output(out, result_kind(command), force=args.force, option=option)
+
+
+def _moved(path, dest: Path, out: Path) -> Path:
+    """Where a file written under ``dest`` (a forced run's partial folder) now is."""
+    path = Path(path)
+    return out / path.relative_to(dest) if path.is_relative_to(dest) else path
+
+
 def cmd_synth(args) -> int:
     from .pipeline import synth
 
+    config = config_from_args(args, "synth")
     t0 = time.perf_counter()
-    stats = synth(
-        args.out,
-        n=args.n,
-        shape=args.shape,
-        seed=args.seed,
-        lesion_fraction=args.lesion_fraction,
-        noise=args.noise,
-        bias=args.bias,
-        keep_skull=args.keep_skull,
-        brains=args.brains,
-        lesion_masks=args.lesion_masks,
-        exclude_masks=args.exclude_masks,
-        contrast=args.contrast,
-        progress=not args.quiet,
-    )
+    with _guarded(args, "synth", option="output folder") as dest:
+        stats = synth(
+            dest,
+            n=args.n,
+            brains=args.brains,
+            lesion_masks=args.lesion_masks,
+            exclude_masks=args.exclude_masks,
+            progress=not args.quiet,
+            **asdict(config),
+        )
     fr = [s["lesion_fraction"] for s in stats]
     print(
         f"wrote {len(stats)} subjects to {args.out} in {time.perf_counter() - t0:.1f} s; "
@@ -193,40 +221,50 @@ def cmd_synth(args) -> int:
     return EXIT_OK
 
 
-def cmd_train(args) -> int:
-    out = Path(args.out)
+def _train_settings(args, out: Path) -> RunSettings:
+    """The run's settings: the preset's (or the run's own on --resume) + the options."""
+    if args.force and args.resume:
+        raise ConfigError(
+            "force", "and --resume exclude each other (continue the run, or replace it)"
+        )
     base = PRESETS[args.preset].run if args.preset else RunSettings()
     if args.resume and (out / "run.json").is_file():
         base = RunSettings.load(out / "run.json")  # resume with the run's own settings
     settings = settings_from_args(args, base).validate()
     if getattr(args, "train.val_every") is not None and not settings.data.val_subjects:
         raise ConfigError("val_every", "only applies with --val-subjects (none given)")
+    return settings
+
+
+def cmd_train(args) -> int:
+    out = Path(args.out)
+    settings = _train_settings(args, out)
     from .pipeline import find_dataset, train_run
 
-    subjects = find_dataset(args.data, settings.data)
-    held = settings.data.val_subjects or []
-    t = settings.train
-    print(
-        f"training on {len(subjects) - len(held)} subjects from {args.data}"
-        + (f" ({', '.join(held)} held out for validation)" if held else "")
-        + f": alpha={t.alpha} "
-        f"beta={t.beta} gamma={t.gamma}"
-        + (f" + {t.ce_weight:g}×cross-entropy" if t.ce_weight else "")
-        + f", {t.steps} steps"
-    )
-    _, result = train_run(
-        subjects,
-        settings,
-        out,
-        resume=args.resume,
-        progress=not args.quiet,
-        transplant_masks=args.transplant_masks,
-        exclude=args.exclude_masks,
-    )
+    with nullcontext(out) if args.resume else _guarded(args, "train") as dest:
+        subjects = find_dataset(args.data, settings.data)
+        held = settings.data.val_subjects or []
+        t = settings.train
+        print(
+            f"training on {len(subjects) - len(held)} subjects from {args.data}"
+            + (f" ({', '.join(held)} held out for validation)" if held else "")
+            + f": alpha={t.alpha} beta={t.beta} gamma={t.gamma}"
+            + (f" + {t.ce_weight:g}×cross-entropy" if t.ce_weight else "")
+            + f", {t.steps} steps"
+        )
+        _, result = train_run(
+            subjects,
+            settings,
+            dest,
+            resume=args.resume,
+            progress=not args.quiet,
+            transplant_masks=args.transplant_masks,
+            exclude=args.exclude_masks,
+        )
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     print(
         f"done: step {result.step}, last loss {last}, {result.seconds:.1f} s, "
-        f"checkpoint {result.checkpoint}"
+        f"checkpoint {_moved(result.checkpoint, Path(dest), out)}"
     )
     if result.best_step is not None:
         print(
@@ -246,19 +284,20 @@ def cmd_predict(args) -> int:
         PredictConfig(window=window)  # checks the sizes
     from .pipeline import predict_dataset
 
-    n = predict_dataset(
-        args.data,
-        args.model,
-        args.out,
-        window=window,
-        threshold=threshold,
-        device=args.device,
-        progress=not args.quiet,
-        weighting=getattr(args, "predict.weighting"),
-        mirror=getattr(args, "predict.mirror"),
-        min_lesion_size=getattr(args, "predict.min_lesion_size"),
-        checkpoint=args.weights,
-    )
+    with _guarded(args, "predict") as dest:
+        n = predict_dataset(
+            args.data,
+            args.model,
+            dest,
+            window=window,
+            threshold=threshold,
+            device=args.device,
+            progress=not args.quiet,
+            weighting=getattr(args, "predict.weighting"),
+            mirror=getattr(args, "predict.mirror"),
+            min_lesion_size=getattr(args, "predict.min_lesion_size"),
+            checkpoint=args.weights,
+        )
     print(f"wrote probability maps and masks of {n} subjects to {args.out}")
     return EXIT_OK
 
@@ -266,16 +305,20 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     settings = settings_from_args(args, RunSettings())
     threshold = settings.predict.threshold
-    from .pipeline import evaluate_folder, metric_table
+    from .pipeline import evaluate_folder
+    from .report import metric_table
 
-    rows, files = evaluate_folder(
-        args.pred,
-        args.data,
-        args.out,
-        config=settings.data,
-        threshold=threshold,
-        min_lesion_size=settings.predict.min_lesion_size,
-    )
+    out = Path(args.out or args.pred)
+    with _guarded(args, "evaluate", out=out) as dest:
+        rows, files = evaluate_folder(
+            args.pred,
+            args.data,
+            dest,
+            config=settings.data,
+            threshold=threshold,
+            min_lesion_size=settings.predict.min_lesion_size,
+        )
+    files = {k: _moved(v, Path(dest), out) for k, v in files.items()}
     print(f"threshold {threshold}; values in %\n")
     print(metric_table(rows))
     print(f"wrote {files['csv']}, {files['md']} and {files['png']}")
@@ -311,36 +354,25 @@ def cmd_bench(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    preset = PRESETS[args.preset]
-    base = settings_from_args(args, preset.run)
-    settings_list = None
-    if args.settings:
-        settings_list = []
-        for s in args.settings:
-            try:
-                t = tuple(float(v) for v in s.split(","))
-                if len(t) not in (2, 3):
-                    raise ValueError
-            except ValueError:
-                msg = f"expects A,B or A,B,CE such as 0.3,0.7 or 0.3,0.7,1, got {s!r}"
-                raise ConfigError("settings", msg) from None
-            settings_list.append(t)
-    from .experiment import PAPER_SETTINGS, reproduce
+    base = settings_from_args(args, PRESETS[args.preset].run)
+    experiment = config_from_args(args, "experiment")
+    from .experiment import reproduce
 
-    summary = reproduce(
-        base,
-        args.out,
-        preset_name=args.preset,
-        data=args.data,
-        n_subjects=args.n_subjects,
-        settings_list=settings_list or PAPER_SETTINGS,
-        folds=args.folds,
-        threshold=base.predict.threshold,
-        transplant_masks=args.transplant_masks,
-        transplant_n=args.transplant_n,
-        seeds=args.seeds,
-        progress=not args.quiet,
-    )
+    with _guarded(args, "reproduce") as dest:
+        summary = reproduce(
+            base,
+            dest,
+            preset_name=args.preset,
+            data=args.data,
+            n_subjects=args.n_subjects,
+            settings_list=experiment.settings,
+            folds=experiment.folds,
+            threshold=base.predict.threshold,
+            transplant_masks=args.transplant_masks,
+            transplant_n=args.transplant_n,
+            seeds=experiment.seeds,
+            progress=not args.quiet,
+        )
     print(summary["table"])
     print(
         f"\nwrote {Path(args.out) / 'table.md'}, {Path(args.out) / 'pr_curves.png'} and "
@@ -352,21 +384,23 @@ def cmd_reproduce(args) -> int:
 def cmd_demo(args) -> int:
     from .pipeline import demo
 
-    result = demo(
-        args.out,
-        n=args.n,
-        steps=args.steps,
-        seed=args.seed,
-        force=args.force,
-        progress=not args.quiet,
-    )
-    f = result["files"]
+    out = Path(args.out)
+    with _guarded(args, "demo") as dest:
+        result = demo(
+            dest,
+            n=args.n,
+            steps=args.steps,
+            seed=args.seed,
+            force=args.force,
+            progress=not args.quiet,
+        )
+    f = {k: _moved(v, Path(dest), out) for k, v in result["files"].items()}
     print(f"done in {result['seconds']:.0f} s: {f['md']}, {f['pr']}, {f['overlay']}")
     return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------
-# argument parsing
+# argument parsing: one _add_<command> per command
 # --------------------------------------------------------------------------------------
 def _wrap(text: str, width: int = 88) -> str:
     """Fill each paragraph (the raw formatter keeps the epilog's table and the preset
@@ -389,23 +423,20 @@ def _sub(sub, name, common, help, description, func):
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="fasttversky",
-        formatter_class=_Formatter,
-        description=_wrap(
-            "Tversky-loss 3D lesion segmentation (Salehi et al. 2017): synthesise "
-            "data, train, predict, evaluate, benchmark and reproduce the paper."
-        ),
-        epilog="Start with `fasttversky demo` (a few minutes on a CPU, no download).\n\n" + EPILOG,
+def _add_force(p, what: str) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace {what} already there: the new one is written beside it and swapped "
+        "in when complete, so an interrupted run leaves the old one as it was",
     )
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
-    )
-    quiet = argparse.ArgumentParser(add_help=False)
-    quiet.add_argument("--quiet", action="store_true", help="no progress bars")
-    common = [quiet]
 
+
+def _add_exclude_masks(p, help: str) -> None:
+    p.add_argument("--exclude-masks", nargs="+", default=[], metavar="NAME", help=help)
+
+
+def _add_synth(sub, common) -> None:
     p = _sub(
         sub,
         "synth",
@@ -422,51 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="number of subjects [default: 4 phantoms; transplant: one per lesion mask]",
     )
-    p.add_argument(
-        "--shape",
-        type=int,
-        nargs=3,
-        default=[96, 112, 96],
-        metavar=("X", "Y", "Z"),
-        help="phantom grid; the head fills an MNI-sized 182×218×182 mm box [default: 96 112 96]",
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed (>= 0) [default: 0]")
-    p.add_argument(
-        "--lesion-fraction",
-        type=float,
-        nargs="+",
-        metavar="F",
-        help="lesion voxels / all voxels, or LOW HIGH for a log-uniform range "
-        "[default: 1.2e-4 6.5e-3, i.e. 0.012–0.65 %%]",
-    )
-    p.add_argument(
-        "--noise", type=float, default=0.03, help="Rician noise / WM intensity [default: 0.03]"
-    )
-    p.add_argument(
-        "--bias", type=float, default=0.12, help="bias-field amplitude (log) [default: 0.12]"
-    )
-    p.add_argument("--keep-skull", action="store_true", help="keep scalp and skull")
+    _add_fields(p, "synth", SynthConfig())
     p.add_argument("--brains", help="transplant mode: dataset folder of real brains")
     p.add_argument("--lesion-masks", help="transplant mode: folder of lesion-mask NIfTI files")
-    p.add_argument(
-        "--exclude-masks",
-        nargs="+",
-        default=[],
-        metavar="NAME",
-        help="transplant mode: also skip these masks (e.g. held-out test patients); masks "
+    _add_exclude_masks(
+        p,
+        "transplant mode: also skip these masks (e.g. held-out test patients); masks "
         "named like one of the brains are always skipped [default: none]",
     )
-    p.add_argument(
-        "--contrast",
-        choices=list(TRANSPLANT_CONTRASTS),
-        default="varied",
-        help="transplant mode: lesion contrast: typical = one per subject, FLAIR ~1.35x "
-        "white matter; wide = one per lesion, FLAIR 1.1-1.9x; varied = one per lesion and "
-        "modality, FLAIR 1.2-1.7x; varied-cortex = varied, grey matter re-contrasted per "
-        "brain copy [default: varied, as the lesion-cpu preset trains]",
-    )
+    _add_force(p, "a dataset")
 
-    defaults = RunSettings()
+
+def _add_train(sub, common) -> None:
     p = _sub(
         sub,
         "train",
@@ -485,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from OUT/last.pt with OUT/run.json's settings (options given "
         "override them, e.g. more --steps)",
     )
+    _add_force(p, "a trained run")
     p.add_argument(
         "--preset",
         choices=list(PRESETS),
@@ -499,22 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train on every real lesion mask in DIR transplanted into the training "
         "brains (masks named like a training subject are skipped) [default: none]",
     )
-    p.add_argument(
-        "--exclude-masks",
-        nargs="+",
-        default=[],
-        metavar="NAME",
-        help="with --transplant-masks: also skip these masks, e.g. the patients you will "
+    _add_exclude_masks(
+        p,
+        "with --transplant-masks: also skip these masks, e.g. the patients you will "
         "test on, so their lesion shapes never reach training [default: none]",
     )
-    for section in SECTIONS:
-        _add_fields(
-            p,
-            section,
-            defaults,
-            only=None if section != "predict" else ["window", "min_lesion_size"],
-        )
+    defaults = RunSettings()
+    for section in RUN_SECTIONS:
+        only = ["window", "min_lesion_size"] if section == "predict" else None
+        _add_fields(p, section, getattr(defaults, section), only=only)
 
+
+def _add_predict(sub, common) -> None:
     p = _sub(
         sub,
         "predict",
@@ -528,14 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset folder")
     p.add_argument("--model", required=True, help="run folder written by `train`")
     p.add_argument("--out", required=True, help="predictions folder")
+    _add_force(p, "predictions")
     g = p.add_argument_group("prediction")
-    _add_fields(
-        p,
-        "predict",
-        "the run's",
-        only=["window", "threshold", "weighting", "mirror", "min_lesion_size"],
-        group=g,
-    )
+    only = ["window", "threshold", "weighting", "mirror", "min_lesion_size"]
+    _add_fields(p, "predict", "the run's", only=only, group=g)
     g.add_argument("--device", default=None, help="cpu, cuda, ... [default: the run's]")
     g.add_argument(  # not --checkpoint: train's --checkpoint is activation checkpointing
         "--weights",
@@ -545,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
         "score, for a run trained with --val-subjects) [default: last]",
     )
 
+
+def _add_evaluate(sub, common) -> None:
     p = _sub(
         sub,
         "evaluate",
@@ -557,9 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pred", help="predictions folder (PRED/<subject>/prob.nii.gz)")
     p.add_argument("--data", required=True, help="dataset folder with the true masks")
     p.add_argument("--out", default=None, help="output folder [default: PRED]")
-    _add_fields(p, "data", defaults, only=["modalities", "mask_pattern"])
-    _add_fields(p, "predict", defaults, only=["threshold", "min_lesion_size"])
+    _add_force(p, "an evaluation (metrics.md, metrics.csv, pr_curve.png)")
+    defaults = RunSettings()
+    _add_fields(p, "data", defaults.data, only=["modalities", "mask_pattern"])
+    _add_fields(p, "predict", defaults.predict, only=["threshold", "min_lesion_size"])
 
+
+def _add_bench(sub, common) -> None:
     p = _sub(
         sub,
         "bench",
@@ -586,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-json", metavar="FILE", help="only re-render the report of an earlier --out JSON"
     )
 
+
+def _add_reproduce(sub, common) -> None:
     presets = "\n".join(f"  {k}: {v.description}" for k, v in PRESETS.items())
     p = _sub(
         sub,
@@ -603,10 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="dataset folder [default: synthesise the preset's phantoms in OUT/data]"
     )
     p.add_argument("--out", default="reproduce_out", help="output folder [default: reproduce_out]")
+    _add_force(p, "a reproduce result (OUT/data, the phantoms, is kept)")
     p.add_argument("--n-subjects", type=int, help="phantoms to synthesise [default: the preset's]")
-    p.add_argument(
-        "--folds", type=int, default=2, help="cross-validation folds (>= 2) [default: 2]"
-    )
     p.add_argument(
         "--transplant-masks",
         metavar="DIR",
@@ -619,26 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="transplanted training subjects per fold [default: 0]",
     )
-    p.add_argument(
-        "--settings",
-        nargs="+",
-        metavar="A,B[,CE]",
-        help="(α, β) pairs instead of the paper's five, e.g. 0.5,0.5 0.3,0.7; a third "
-        "number adds that weight of cross-entropy (0.3,0.7,1 = Tversky + CE) "
-        "[default: --ce-weight for pairs]",
-    )
-    p.add_argument(
-        "--seeds",
-        nargs="+",
-        type=int,
-        metavar="N",
-        help="repeat every setting with these training seeds; the table adds mean ± sd "
-        "and a bootstrap 95 %% CI over seeds [default: --seed only]",
-    )
-    for section in SECTIONS:  # the folds choose the held-out subjects, not --val-subjects
+    _add_fields(p, "experiment", ExperimentConfig())
+    for section in RUN_SECTIONS:  # the folds choose the held-out subjects, not --val-subjects
         only = [f.name for f in cli_fields(SECTIONS[section][0]) if f.name not in TRAIN_ONLY]
         _add_fields(p, section, "the preset's", only=only)
 
+
+def _add_demo(sub, common) -> None:
     p = _sub(
         sub,
         "demo",
@@ -652,19 +636,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="fasttversky_demo", help="output folder [default: fasttversky_demo]"
     )
-    p.add_argument(
-        "--force", action="store_true", help="overwrite the demo's files in an existing --out"
-    )
+    _add_force(p, "the demo's files in an existing --out (other files are kept)")
     p.add_argument("--n", type=int, default=6, help="phantoms, a third held out [default: 6]")
+    steps = PRESETS["quick"].run.train.steps
     p.add_argument(
-        "--steps",
-        type=int,
-        default=PRESETS["quick"].run.train.steps,
-        help=f"training steps (>= 1) [default: {PRESETS['quick'].run.train.steps}]",
+        "--steps", type=int, default=steps, help=f"training steps (>= 1) [default: {steps}]"
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of data, initialisation, batches [default: 0]"
     )
+
+
+COMMAND_PARSERS = (
+    _add_synth,
+    _add_train,
+    _add_predict,
+    _add_evaluate,
+    _add_bench,
+    _add_reproduce,
+    _add_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fasttversky",
+        formatter_class=_Formatter,
+        description=_wrap(
+            "Tversky-loss 3D lesion segmentation (Salehi et al. 2017): synthesise "
+            "data, train, predict, evaluate, benchmark and reproduce the paper."
+        ),
+        epilog="Start with `fasttversky demo` (a few minutes on a CPU, no download).\n\n" + EPILOG,
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", help="no progress bars")
+    for add in COMMAND_PARSERS:
+        add(sub, [quiet])
     return parser
 
 
@@ -689,6 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     try:
         return int(args.func(args) or EXIT_OK)
+    except OutputExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as e:
         print(f"error: {describe(e)}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,6 +5,8 @@
 * :class:`TrainConfig`   -> ``fasttversky.app.training.train`` (optimiser, loss, precision)
 * :class:`PredictConfig` -> ``fasttversky.app.training.predict`` (sliding window, threshold)
 * :class:`RunSettings`   -> the four together; saved as ``run.json`` beside the checkpoint
+* :class:`SynthConfig`   -> the phantoms of ``fasttversky synth`` (``app.data.synth``)
+* :class:`ExperimentConfig` -> the cross-validated sweep of ``reproduce`` (``app.experiment``)
 
 Every setting is declared exactly once, here, with its default and a one-line help in
 the field's metadata; the command line builds its options from these fields (see
@@ -37,11 +39,14 @@ __all__ = [
     "PRECISIONS",
     "ConfigError",
     "DataConfig",
+    "ExperimentConfig",
     "ModelConfig",
     "PredictConfig",
     "RunSettings",
+    "SynthConfig",
     "TrainConfig",
     "cli_fields",
+    "field_default",
 ]
 
 CHECKPOINT_MODES = ("none", "top", "all")  # UNet3D activation checkpointing
@@ -55,8 +60,9 @@ AUGMENTS = ("none", "default", "resolution")
 # DataConfig.normalize: brain z-score per modality, or each modality over its own median
 # in normal-appearing white matter (defined by the T1 channel; data.transforms)
 NORMALIZATIONS = ("zscore", "white-matter")
-# DataConfig.transplant_contrast; the modes are defined in data.synth.TRANSPLANT_CONTRASTS
-# (this module stays numpy-free for the CLI's help; a test keeps the two in step)
+# DataConfig.transplant_contrast, SynthConfig.contrast: the names of the modes whose
+# parameters data.synth.TRANSPLANT_CONTRASTS defines (keyed by these names; this module
+# stays numpy-free for the CLI's help, and a test keeps the two in step)
 TRANSPLANT_CONTRASTS = ("typical", "wide", "varied", "varied-cortex")
 WEIGHTINGS = ("gaussian", "uniform")  # sliding-window combination
 MIRRORS = {"none": (), "lr": (0,), "all": (0, 1, 2)}  # test-time mirroring axes
@@ -77,6 +83,14 @@ def _opt(default: Any = MISSING, help: str = "", *, factory=MISSING, **cli) -> A
 def cli_fields(cls) -> Iterator[Any]:
     """The fields of a config class that are command-line options, in declaration order."""
     return (f for f in fields(cls) if f.metadata.get("help"))
+
+
+def field_default(cls, name: str) -> Any:
+    """The default a config class declares for one field: the value other modules'
+    keyword defaults take, so that it is written once (``field_default(PredictConfig,
+    "threshold")``)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default_factory is MISSING else f.default_factory()
 
 
 # -- checks ---------------------------------------------------------------------------
@@ -527,3 +541,100 @@ def _from_flat(d: dict) -> dict:
     if flat:
         raise ConfigError("run.json", f"has unknown key(s) {sorted(flat)}")
     return parts
+
+
+# -- commands outside a training run ---------------------------------------------------
+@dataclass
+class SynthConfig:
+    """The phantoms of ``fasttversky synth`` (``fasttversky.app.data.synth.make_phantom``
+    and ``write_phantom_dataset`` take their defaults from here); the transplant mode
+    uses ``seed`` and ``contrast``. Checked where the data is written
+    (``fasttversky.app.pipeline.synth``)."""
+
+    shape: tuple = _opt(
+        (96, 112, 96),
+        "phantom grid; the head fills an MNI-sized 182×218×182 mm box",
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+    )
+    seed: int = _opt(0, "random seed (>= 0)")
+    lesion_fraction: tuple = _opt(
+        # inside the 0.01-0.7 % lesion load of the Ljubljana MS data (data.synth)
+        (1.2e-4, 6.5e-3),
+        "lesion voxels / all voxels, or LOW HIGH for a log-uniform range",
+        nargs="+",
+        metavar="F",
+        type=float,
+    )
+    noise: float = _opt(0.03, "Rician noise / WM intensity")
+    bias: float = _opt(0.12, "bias-field amplitude (log)")
+    keep_skull: bool = _opt(False, "keep scalp and skull", action="store_true")
+    contrast: str = _opt(
+        "varied",
+        "transplant mode: lesion contrast: typical = one per subject, FLAIR ~1.35x "
+        "white matter; wide = one per lesion, FLAIR 1.1-1.9x; varied = one per lesion and "
+        "modality, FLAIR 1.2-1.7x; varied-cortex = varied, grey matter re-contrasted per "
+        "brain copy (varied is what the lesion-cpu preset trains on)",
+        choices=TRANSPLANT_CONTRASTS,
+    )
+
+
+# The paper's sweep (Table 1): (alpha, beta); alpha weighs false positives, beta false
+# negatives; (0.5, 0.5) is the Dice loss.
+PAPER_SETTINGS = ((0.5, 0.5), (0.4, 0.6), (0.3, 0.7), (0.2, 0.8), (0.1, 0.9))
+
+
+@dataclass
+class ExperimentConfig:
+    """The cross-validated (alpha, beta) sweep of ``fasttversky reproduce``
+    (``fasttversky.app.experiment.run_sweep``).
+
+    settings: (alpha, beta) or (alpha, beta, ce_weight) tuples, or their command-line
+        spelling "A,B[,CE]"; a pair is trained with the run's own ce_weight.
+    seeds: training seeds every setting is repeated with; None = the run's seed only.
+    """
+
+    folds: int = _opt(2, "cross-validation folds (>= 2)")
+    settings: list = _opt(
+        factory=lambda: list(PAPER_SETTINGS),
+        help="(α, β) pairs instead of the paper's five, e.g. 0.5,0.5 0.3,0.7; a third "
+        "number adds that weight of cross-entropy (0.3,0.7,1 = Tversky + CE; pairs take "
+        "--ce-weight)",
+        nargs="+",
+        metavar="A,B[,CE]",
+    )
+    seeds: list | None = _opt(
+        None,
+        "repeat every setting with these training seeds; the table adds mean ± sd and a "
+        "bootstrap 95 %% CI over seeds; none = --seed only",
+        nargs="+",
+        metavar="N",
+        type=int,
+    )
+
+    def __post_init__(self):
+        _int_at_least("folds", self.folds, 2)
+        if not self.settings:
+            raise ConfigError("settings", "needs at least one (alpha, beta) pair")
+        self.settings = [_setting(t) for t in self.settings]
+        if self.seeds is not None:
+            seeds = list(self.seeds)
+            ok = all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+            if not seeds or not ok or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+                raise ConfigError("seeds", f"must be distinct integers >= 0, got {seeds}")
+            self.seeds = seeds
+
+
+def _setting(t) -> tuple[float, ...]:
+    """(alpha, beta[, ce_weight]) from a tuple or its command-line spelling "A,B[,CE]"."""
+    try:
+        values = tuple(float(v) for v in (t.split(",") if isinstance(t, str) else t))
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) not in (2, 3):
+        if isinstance(t, str):
+            msg = f"expects A,B or A,B,CE such as 0.3,0.7 or 0.3,0.7,1, got {t!r}"
+        else:
+            msg = f"expects (alpha, beta[, ce_weight]), got {t!r}"
+        raise ConfigError("settings", msg)
+    return values

@@ -15,35 +15,32 @@ weights (α, β), written as Table 1 (``table.md``/``table.csv``), Fig. 2 (``pr_
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .config import RunSettings, check_threshold
-from .errors import ConfigError, DataError
-from .lesion_metrics import LESION_NAMES, compare_means, summarize
-from .metrics import METRIC_NAMES
+from .config import PAPER_SETTINGS, ExperimentConfig, RunSettings, check_threshold
+from .errors import ConfigError
+from .lesion_metrics import compare_means, summarize
 from .pipeline import (
     evaluate_volumes,
     find_dataset,
-    markdown_table,
     overlay_channel,
-    pct,
     predict_prepared,
     prepare_all,
-    progress_bar,
     train_run,
     with_default_window,
 )
+from .report import COMPARED_KEYS, SEED_KEYS, progress_bar, write_table
 
 __all__ = [
     "PAPER_SETTINGS",
+    "SWEEP_FILES",
     "compare_with_baseline",
     "reproduce",
     "run_sweep",
@@ -53,15 +50,19 @@ __all__ = [
     "write_table",
 ]
 
-# The paper's sweep (Table 1): (alpha, beta), alpha weighs false positives, beta false
-# negatives; (0.5, 0.5) is the Dice loss.
-PAPER_SETTINGS = ((0.5, 0.5), (0.4, 0.6), (0.3, 0.7), (0.2, 0.8), (0.1, 0.9))
-TABLE_COLUMNS = ["Penalties", *METRIC_NAMES.values(), "DSC per subject", *LESION_NAMES.values()]
-# Scores summarised over seeds (mean, sd, bootstrap CI) when a sweep repeats its runs.
-SEED_KEYS = (*METRIC_NAMES, *LESION_NAMES)
-# Scores of the comparison with the baseline setting (the paper's question: does raising
-# beta trade precision for recall, and beat Dice on DSC/F2/APR?).
-COMPARED_KEYS = ("dsc", "sensitivity", "f2", "apr", "lesion_tpr", "lesion_f1")
+# What a sweep writes into its folder (besides the phantoms of `reproduce` in data/):
+# the entries `reproduce --force` replaces (fasttversky.app.output_guard).
+SWEEP_FILES = (
+    "results.json",
+    "table.md",
+    "table.csv",
+    "runs",
+    "pr_curves.png",
+    "pr_curves.npz",
+    "overlay_*.png",
+    "overlays.png",
+    "loss_curves.png",
+)
 
 
 def setting_label(a: float, b: float, ce: float = 0.0) -> str:
@@ -111,10 +112,7 @@ def transplant_augmenter(
     """
     from .data.synth import lesion_mask_files, transplanted_subjects
 
-    try:  # a missing or empty folder fails here, before any fold trains
-        lesion_mask_files(mask_dir)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    lesion_mask_files(mask_dir)  # a missing or empty folder fails here, before any fold
     by_name = {s.name: s for s in subjects}
 
     def augment(fold, train_set, test_set):
@@ -140,20 +138,33 @@ def folds_of(names: Sequence[str], folds: int) -> dict[str, int]:
 
 def check_seeds(seeds: Sequence[int] | None, default: int) -> list[int]:
     """The training seeds of a sweep: ``[default]`` for None; ConfigError unless
-    distinct integers >= 0."""
-    seeds = [default] if seeds is None else [int(x) for x in seeds]
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError("seeds", f"must be distinct integers >= 0, got {seeds}")
-    return seeds
+    distinct integers >= 0 (:class:`~fasttversky.app.config.ExperimentConfig`)."""
+    return ExperimentConfig(seeds=seeds).seeds or [default]
+
+
+def experiment_config(settings_list=None, folds=None, seeds=None) -> ExperimentConfig:
+    """An :class:`~fasttversky.app.config.ExperimentConfig` of the parts given (None =
+    its default: the paper's five settings, 2 folds, the run's seed)."""
+    given = {"settings": settings_list, "folds": folds, "seeds": seeds}
+    return ExperimentConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+@dataclass
+class _SweepFigures:
+    """What the figures of a sweep show, collected over its runs (the first seed's)."""
+
+    curves: dict = field(default_factory=dict)  # setting label -> pooled PRCurve
+    preds: dict = field(default_factory=dict)  # setting label -> {subject: mask}
+    losses: dict = field(default_factory=dict)  # run tag -> losses per step
 
 
 def run_sweep(
     subjects,
     base: RunSettings,
     out: str | Path,
-    settings_list: Sequence[tuple[float, ...]] = PAPER_SETTINGS,
-    folds: int = 2,
-    threshold: float = 0.5,
+    settings_list: Sequence[tuple[float, ...]] | None = None,
+    folds: int | None = None,
+    threshold: float | None = None,
     progress: bool = True,
     title: str = "",
     augment: Callable | None = None,
@@ -162,7 +173,9 @@ def run_sweep(
     """Cross-validated sweep over (alpha, beta): table, PR figure, overlays -> summary dict
     (also written to ``out/results.json``). A setting is (alpha, beta) — trained with
     ``base.train.ce_weight`` — or (alpha, beta, ce_weight), so one sweep can compare the
-    Tversky loss alone with Tversky + cross-entropy.
+    Tversky loss alone with Tversky + cross-entropy. ``settings_list``, ``folds``,
+    ``seeds``: None = :class:`~fasttversky.app.config.ExperimentConfig`'s defaults (the
+    paper's five settings, 2 folds); ``threshold``: None = ``base.predict.threshold``.
 
     Subjects are split into ``folds`` interleaved folds (sorted names, i::folds); every
     subject is predicted by the model that did not see it, and metrics are pooled over
@@ -178,116 +191,30 @@ def run_sweep(
     Every other setting then gets ``vs_baseline`` (:func:`compare_with_baseline`) and the
     table a second part with those differences.
     """
-    if folds < 2:
-        raise ConfigError("folds", f"must be >= 2, got {folds}")
-    if len(subjects) < folds:
-        raise ConfigError(
-            "folds", f"{folds}-fold cross-validation needs >= {folds} subjects, got {len(subjects)}"
-        )
-    check_threshold(threshold)
-    if base.data.val_subjects:  # the folds hold subjects out here
-        raise ConfigError("val_subjects", "is for `train`; cross-validation holds out by folds")
-    if not settings_list:
-        raise ConfigError("settings", "needs at least one (alpha, beta) pair")
-    settings_list = settings_with_ce(settings_list, base.train.ce_weight)
-    seeds = check_seeds(seeds, base.train.seed)
-    runs = [with_default_window(_with_setting(base, *t)) for t in settings_list]
-    for s in runs:
-        s.validate()  # every setting before the first training starts
+    exp = experiment_config(settings_list, folds, seeds)
+    threshold = base.predict.threshold if threshold is None else threshold
+    runs = _check_sweep(subjects, base, exp, threshold)
+    seeds = check_seeds(exp.seeds, base.train.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     prepared = prepare_all(subjects, base.data.target_shape, progress, base.data.normalisation)
-    fold_of = folds_of([p.name for p in prepared], folds)
-    extra = {}
-    for k in range(folds):
-        tr = [p for p in prepared if fold_of[p.name] != k]
-        te = [p for p in prepared if fold_of[p.name] == k]
-        extra[k] = augment(k, tr, te) if augment is not None else []
+    fold_sets, extra = _fold_sets(prepared, exp.folds, augment)
     targets = {p.name: p.full_mask for p in prepared}
-    results, curves, preds, losses = [], {}, {}, {}
-    for (a, b, ce), s in zip(settings_list, runs, strict=True):
-        label = setting_label(a, b, ce)
-        per_seed, per_subject = [], []
-        for seed in seeds:
-            run = replace(s, train=replace(s.train, seed=seed))
-            tag = label + (f" seed {seed}" if len(seeds) > 1 else "")
-            slug = setting_slug(a, b, ce) + (f"_seed{seed}" if len(seeds) > 1 else "")
-            probs = {}
-            for k in range(folds):
-                train_set = [p for p in prepared if fold_of[p.name] != k] + extra[k]
-                test_set = [p for p in prepared if fold_of[p.name] == k]
-                if progress:
-                    print(
-                        f"[{tag}] fold {k + 1}/{folds}: train on {len(train_set)}, "
-                        f"test on {len(test_set)}",
-                        file=sys.stderr,
-                    )
-                model, res = train_run(
-                    train_set, run, out / "runs" / f"{slug}_fold{k}", progress=progress
-                )
-                losses[f"{tag} fold {k + 1}"] = res.losses
-                for p in test_set:
-                    probs[p.name] = predict_prepared(model, p, run)
-            rows, c = evaluate_volumes(probs, targets, threshold, s.predict.min_lesion_size)
-            per_seed.append({"seed": seed, **rows[-1]})
-            per_subject += [{"seed": seed, **r} for r in rows[:-1]]
-            if seed == seeds[0]:
-                curves[label] = c["pooled"]
-                preds[label] = {n: (v >= threshold) for n, v in probs.items()}
-        dscs = np.array([r["dsc"] for r in per_subject], dtype=float)
-        counts = ("tp", "fp", "fn", "tn", "n_true", "n_detected", "n_pred")
-        results.append(
-            {
-                "alpha": a,
-                "beta": b,
-                "ce_weight": ce,
-                "label": label,
-                "seeds": seeds,
-                **{k: float(np.mean([r[k] for r in per_seed])) for k in SEED_KEYS},
-                **{k: _mean_count([r[k] for r in per_seed]) for k in counts},
-                "dsc_mean": float(np.nanmean(dscs)),
-                "dsc_sd": float(np.nanstd(dscs)),
-                "per_subject": per_subject,
-                "per_seed": per_seed,
-                **(
-                    {"over_seeds": {k: summarize([r[k] for r in per_seed]) for k in SEED_KEYS}}
-                    if len(seeds) > 1
-                    else {}
-                ),
-            }
-        )
+    figures = _SweepFigures()
+    results = [
+        _run_setting(setting, run, seeds, fold_sets, targets, threshold, out, progress, figures)
+        for setting, run in runs
+    ]
     compare_with_baseline(results)
     seconds = time.perf_counter() - t0
-    header = (f"{title}\n\n" if title else "") + (
-        f"{folds}-fold cross-validation over {len(prepared)} subjects; metrics pooled over all "
-        f"test voxels at threshold {threshold}, in %"
-        + (
-            f"; each the mean over seeds {seeds} of the pooled score"
-            if len(seeds) > 1
-            else f"; seed {seeds[0]}"
-        )
-        + f"; sweep time {seconds:.0f} s.\n\n"
-    )
+    header = _sweep_header(title, exp.folds, len(prepared), threshold, seeds, seconds)
     table = write_table(results, out, header)
-    show = max(prepared, key=lambda p: int(p.full_mask.sum()))  # most lesions: best overlay
-    channel, k = overlay_channel(base.data.modalities)
-    figs = write_figures(
-        results,
-        curves,
-        preds,
-        losses,
-        show.to_file_grid(show.image[k]),
-        show.full_mask,
-        show.name,
-        channel,
-        out,
-        title,
-    )
+    figs = _write_sweep_figures(results, figures, prepared, base, out, title)
     summary = {
         "title": title,
         "subjects": [p.name for p in prepared],
-        "folds": folds,
+        "folds": exp.folds,
         "seeds": seeds,
         "augmented_training": {k: [p.name for p in v] for k, v in extra.items()},
         "threshold": threshold,
@@ -299,6 +226,127 @@ def run_sweep(
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
     summary["table"] = header + table  # for printing; not part of results.json
     return summary
+
+
+def _check_sweep(subjects, base: RunSettings, exp: ExperimentConfig, threshold: float):
+    """Every check of a sweep, before any subject is read -> [((α, β, ce), RunSettings)]."""
+    if len(subjects) < exp.folds:
+        raise ConfigError(
+            "folds",
+            f"{exp.folds}-fold cross-validation needs >= {exp.folds} subjects, got {len(subjects)}",
+        )
+    check_threshold(threshold)
+    if base.data.val_subjects:  # the folds hold subjects out here
+        raise ConfigError("val_subjects", "is for `train`; cross-validation holds out by folds")
+    settings = settings_with_ce(exp.settings, base.train.ce_weight)
+    runs = [with_default_window(_with_setting(base, *t)) for t in settings]
+    for s in runs:
+        s.validate()  # every setting before the first training starts
+    return list(zip(settings, runs, strict=True))
+
+
+def _fold_sets(prepared, folds: int, augment: Callable | None):
+    """-> ([(training set, test set) per fold], {fold: the extra training subjects})."""
+    fold_of = folds_of([p.name for p in prepared], folds)
+    sets, extra = [], {}
+    for k in range(folds):
+        tr = [p for p in prepared if fold_of[p.name] != k]
+        te = [p for p in prepared if fold_of[p.name] == k]
+        extra[k] = augment(k, tr, te) if augment is not None else []
+        sets.append((tr + extra[k], te))
+    return sets, extra
+
+
+def _predict_folds(run, fold_sets, tag: str, run_dir, progress: bool, losses: dict) -> dict:
+    """Train one model per fold and predict its test subjects -> {subject: probability}."""
+    probs = {}
+    for k, (train_set, test_set) in enumerate(fold_sets):
+        if progress:
+            print(
+                f"[{tag}] fold {k + 1}/{len(fold_sets)}: train on {len(train_set)}, "
+                f"test on {len(test_set)}",
+                file=sys.stderr,
+            )
+        model, res = train_run(train_set, run, f"{run_dir}_fold{k}", progress=progress)
+        losses[f"{tag} fold {k + 1}"] = res.losses
+        for p in test_set:
+            probs[p.name] = predict_prepared(model, p, run)
+    return probs
+
+
+def _run_setting(setting, s, seeds, fold_sets, targets, threshold, out, progress, figures):
+    """Every seed and fold of one (α, β, ce) setting -> its result row (scores pooled per
+    seed, then averaged over seeds); its first seed's curve and masks go to ``figures``."""
+    a, b, ce = setting
+    label = setting_label(a, b, ce)
+    per_seed, per_subject = [], []
+    for seed in seeds:
+        run = replace(s, train=replace(s.train, seed=seed))
+        tag = label + (f" seed {seed}" if len(seeds) > 1 else "")
+        slug = setting_slug(a, b, ce) + (f"_seed{seed}" if len(seeds) > 1 else "")
+        probs = _predict_folds(run, fold_sets, tag, out / "runs" / slug, progress, figures.losses)
+        rows, c = evaluate_volumes(probs, targets, threshold, s.predict.min_lesion_size)
+        per_seed.append({"seed": seed, **rows[-1]})
+        per_subject += [{"seed": seed, **r} for r in rows[:-1]]
+        if seed == seeds[0]:
+            figures.curves[label] = c["pooled"]
+            figures.preds[label] = {n: (v >= threshold) for n, v in probs.items()}
+    return _result_row(setting, label, seeds, per_seed, per_subject)
+
+
+def _result_row(setting, label: str, seeds, per_seed: list, per_subject: list) -> dict:
+    """One setting's entry of ``results`` (see :func:`run_sweep`)."""
+    a, b, ce = setting
+    dscs = np.array([r["dsc"] for r in per_subject], dtype=float)
+    counts = ("tp", "fp", "fn", "tn", "n_true", "n_detected", "n_pred")
+    row = {
+        "alpha": a,
+        "beta": b,
+        "ce_weight": ce,
+        "label": label,
+        "seeds": seeds,
+        **{k: float(np.mean([r[k] for r in per_seed])) for k in SEED_KEYS},
+        **{k: _mean_count([r[k] for r in per_seed]) for k in counts},
+        "dsc_mean": float(np.nanmean(dscs)),
+        "dsc_sd": float(np.nanstd(dscs)),
+        "per_subject": per_subject,
+        "per_seed": per_seed,
+    }
+    if len(seeds) > 1:
+        row["over_seeds"] = {k: summarize([r[k] for r in per_seed]) for k in SEED_KEYS}
+    return row
+
+
+def _sweep_header(title: str, folds: int, n: int, threshold: float, seeds, seconds) -> str:
+    """The text above Table 1: the protocol, the seeds and the sweep's time."""
+    return (f"{title}\n\n" if title else "") + (
+        f"{folds}-fold cross-validation over {n} subjects; metrics pooled over all "
+        f"test voxels at threshold {threshold}, in %"
+        + (
+            f"; each the mean over seeds {seeds} of the pooled score"
+            if len(seeds) > 1
+            else f"; seed {seeds[0]}"
+        )
+        + f"; sweep time {seconds:.0f} s.\n\n"
+    )
+
+
+def _write_sweep_figures(results, figures: _SweepFigures, prepared, base, out, title):
+    """:func:`write_figures` on the subject with the most lesion voxels (best overlay)."""
+    show = max(prepared, key=lambda p: int(p.full_mask.sum()))
+    channel, k = overlay_channel(base.data.modalities)
+    return write_figures(
+        results,
+        figures.curves,
+        figures.preds,
+        figures.losses,
+        show.to_file_grid(show.image[k]),
+        show.full_mask,
+        show.name,
+        channel,
+        out,
+        title,
+    )
 
 
 def compare_with_baseline(results: list[dict]) -> str | None:
@@ -335,101 +383,6 @@ def compare_with_baseline(results: list[dict]) -> str | None:
 def _mean_count(values: list) -> int | float:
     """A count over seeds: itself for one seed, the mean for several."""
     return int(values[0]) if len(values) == 1 else float(np.mean(values))
-
-
-def _over_seeds_cell(s: dict) -> str:
-    """'mean ± sd [CI low, high]' in % of a summarize() dict ('n/a' where no seed had
-    a finite value, e.g. lesion F1 of runs that predicted nothing)."""
-    lo, hi = s["ci95"]
-    if not np.isfinite(s["mean"]):
-        return "n/a"
-    if not np.isfinite(s["sd"]):
-        return f"{100 * s['mean']:.1f} (n = {s['n']})"
-    return f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def _comparison_table(results: list[dict]) -> str:
-    """The ``vs_baseline`` differences as a second Markdown table ('' if none)."""
-    compared = [r for r in results if "vs_baseline" in r]
-    if not compared:
-        return ""
-    names = {**METRIC_NAMES, **LESION_NAMES}
-
-    def cell(c: dict) -> str:
-        lo, hi = c["ci95"]
-        if not np.isfinite(c["diff"]):
-            return "n/a"
-        mark = " *" if c["separated"] else ""
-        return f"{100 * c['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
-
-    base = compared[0]["vs_baseline"]["baseline"]
-    columns = [f"Penalties − {base}", *(f"Δ {names[k]}" for k in COMPARED_KEYS)]
-    rows = [
-        {
-            columns[0]: r["label"],
-            **{f"Δ {names[k]}": cell(r["vs_baseline"][k]) for k in COMPARED_KEYS},
-        }
-        for r in compared
-    ]
-    return (
-        f"\n\nAgainst {base} over seeds: difference of the means in points "
-        "[bootstrap 95 % CI resampling each setting's seeds separately]; * = the CI "
-        "excludes 0 (with a few seeds the bootstrap under-covers: a lead, not a test).\n\n"
-        + markdown_table(rows, columns)
-    )
-
-
-def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
-    """Table 1: ``out/table.md`` (values in %, with ``header`` above) and ``out/table.csv``
-    (fractions and counts) from :func:`run_sweep`'s results -> the Markdown table.
-    Results repeated over seeds add the columns "DSC over seeds" and "lesion F1 over
-    seeds": mean ± sd [bootstrap 95 % CI of the mean]; results with ``vs_baseline``
-    (:func:`compare_with_baseline`) add a second table of differences to the baseline."""
-    out = Path(out)
-    repeated = any("over_seeds" in r for r in results)
-    rows = [
-        {
-            "Penalties": r["label"],
-            **{METRIC_NAMES[k]: pct(r[k]) for k in METRIC_NAMES},
-            **{v: pct(r[k]) for k, v in LESION_NAMES.items()},
-            "DSC per subject": f"{100 * r['dsc_mean']:.2f} ± {100 * r['dsc_sd']:.2f}",
-            **(
-                {
-                    f"{name} over seeds": _over_seeds_cell(r["over_seeds"][key])
-                    for key, name in (("dsc", "DSC"), ("lesion_f1", "lesion F1"))
-                    if "over_seeds" in r
-                }
-            ),
-        }
-        for r in results
-    ]
-    columns = TABLE_COLUMNS + (["DSC over seeds", "lesion F1 over seeds"] if repeated else [])
-    table = markdown_table(rows, columns) + _comparison_table(results)
-    (out / "table.md").write_text(header + table + "\n")
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        keys = [*METRIC_NAMES, *LESION_NAMES, "dsc_mean", "dsc_sd", "tp", "fp", "fn", "tn"]
-        spread = [f"{k}_{x}" for k in SEED_KEYS for x in ("sd", "ci_lo", "ci_hi")]
-        w.writerow(["alpha", "beta", "ce_weight", "seeds", *keys, *(spread if repeated else [])])
-        for r in results:
-            o = r.get("over_seeds", {})
-            extra = [
-                v
-                for k in SEED_KEYS
-                for v in ((o[k]["sd"], *o[k]["ci95"]) if k in o else ("", "", ""))
-            ]
-            seeds = " ".join(str(x) for x in r.get("seeds", []))
-            w.writerow(
-                [
-                    r["alpha"],
-                    r["beta"],
-                    r.get("ce_weight", 0.0),
-                    seeds,
-                    *(r[k] for k in keys),
-                    *(extra if repeated else []),
-                ]
-            )
-    return table
 
 
 def write_figures(
@@ -500,9 +453,9 @@ def reproduce(
     preset_name: str,
     data: str | Path | None = None,
     n_subjects: int | None = None,
-    settings_list: Sequence[tuple[float, ...]] = PAPER_SETTINGS,
-    folds: int = 2,
-    threshold: float = 0.5,
+    settings_list: Sequence[tuple[float, ...]] | None = None,
+    folds: int | None = None,
+    threshold: float | None = None,
     transplant_masks: str | Path | None = None,
     transplant_n: int = 0,
     seeds: Sequence[int] | None = None,
@@ -510,37 +463,19 @@ def reproduce(
 ) -> dict:
     """The experiment on ``data`` or, without it, on the preset's phantoms (synthesised
     into ``out/data`` unless already there) -> :func:`run_sweep`'s summary; ``seeds``
-    repeats every setting with these training seeds (see :func:`run_sweep`)."""
-    from .data import synth as synth_mod
-    from .presets import PRESETS
-
-    preset = PRESETS[preset_name]
-    if folds < 2:
-        raise ConfigError("folds", f"must be >= 2, got {folds}")
-    if n_subjects is not None and n_subjects < folds:
-        raise ConfigError("n_subjects", f"must be >= --folds ({folds}), got {n_subjects}")
+    repeats every setting with these training seeds, and the other parts default as in
+    :func:`run_sweep`. Every option is checked before anything is written."""
+    exp = experiment_config(settings_list, folds, seeds)
+    if n_subjects is not None and n_subjects < exp.folds:
+        raise ConfigError("n_subjects", f"must be >= --folds ({exp.folds}), got {n_subjects}")
     if transplant_n < 0:
         raise ConfigError("transplant_n", f"must be >= 0, got {transplant_n}")
-    check_seeds(seeds, base.train.seed)
+    check_seeds(exp.seeds, base.train.seed)
+    threshold = base.predict.threshold if threshold is None else threshold
     check_threshold(threshold)
-    for t in settings_with_ce(settings_list, base.train.ce_weight):
+    for t in settings_with_ce(exp.settings, base.train.ce_weight):
         _with_setting(base, *t).validate()
-    out = Path(out)
-    if data:
-        data = Path(data)
-        title = f"reproduce on {data.name} (preset {preset_name})"
-    else:
-        data = out / "data"
-        if not any(data.glob("*/mask.nii.gz")):
-            synth_mod.write_phantom_dataset(
-                data,
-                n_subjects=n_subjects or preset.n_subjects,
-                shape=preset.shape,
-                seed=base.train.seed,
-                lesion_fraction=preset.lesion_fraction,
-                progress=lambda it: progress_bar(it, "synth", progress),
-            )
-        title = f"reproduce on phantoms (preset {preset_name})"
+    data, title = _reproduce_data(base, Path(out), preset_name, data, n_subjects, progress)
     subjects = find_dataset(data, base.data)
     augment = None
     if transplant_masks and transplant_n:
@@ -560,11 +495,34 @@ def reproduce(
         subjects,
         base,
         out,
-        settings_list,
-        folds=folds,
+        exp.settings,
+        folds=exp.folds,
         threshold=threshold,
         progress=progress,
         title=title,
         augment=augment,
-        seeds=seeds,
+        seeds=exp.seeds,
     )
+
+
+def _reproduce_data(base, out: Path, preset_name: str, data, n_subjects, progress):
+    """-> (the dataset folder, the sweep's title): ``data``, or the preset's phantoms in
+    ``out/data`` (synthesised unless a dataset is already there)."""
+    from .data import synth as synth_mod
+    from .presets import PRESETS
+
+    if data:
+        data = Path(data)
+        return data, f"reproduce on {data.name} (preset {preset_name})"
+    preset = PRESETS[preset_name]
+    data = out / "data"
+    if not any(data.glob("*/mask.nii.gz")):
+        synth_mod.write_phantom_dataset(
+            data,
+            n_subjects=n_subjects or preset.n_subjects,
+            shape=preset.shape,
+            seed=base.train.seed,
+            lesion_fraction=preset.lesion_fraction,
+            progress=lambda it: progress_bar(it, "synth", progress),
+        )
+    return data, f"reproduce on phantoms (preset {preset_name})"

@@ -24,7 +24,6 @@ Folders:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -46,8 +45,7 @@ from .config import (
 )
 from .data.io import Subject, find_subjects, load_volume
 from .errors import ConfigError, DataError
-from .lesion_metrics import LESION_NAMES
-from .metrics import METRIC_NAMES
+from .report import metric_table, progress_bar, write_metrics_csv
 
 __all__ = [
     "build_model",
@@ -70,78 +68,6 @@ __all__ = [
 RUN_SETTINGS = "run.json"
 METRICS_LOG = "metrics.jsonl"
 VAL_LOG = "val.jsonl"
-
-
-def progress_bar(iterable, desc: str, enable: bool = True, **kw):
-    """tqdm over ``iterable`` (on stderr), or the iterable itself when disabled."""
-    if not enable:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, **kw)
-
-
-# --------------------------------------------------------------------------------------
-# tables
-# --------------------------------------------------------------------------------------
-def pct(v: float | None) -> str:
-    """A fraction as a percentage with two decimals ("n/a" when undefined)."""
-    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.2f}"
-
-
-def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:
-    """A Markdown table (also readable in a terminal)."""
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-    ]
-    for r in rows:
-        cells = (str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def metric_table(rows: list[dict]) -> str:
-    """Per-subject (+ pooled) metric rows from :func:`evaluate_volumes` as a Markdown
-    table, values in %."""
-    printable = [
-        {
-            "subject": r["subject"],
-            **{METRIC_NAMES[k]: pct(r[k]) for k in METRIC_NAMES},
-            "lesion voxels": r["tp"] + r["fn"],
-            **(
-                {
-                    **{LESION_NAMES[k]: pct(r[k]) for k in LESION_NAMES},
-                    "lesions (found / true / predicted)": (
-                        f"{r['n_detected']} / {r['n_true']} / {r['n_pred']}"
-                    ),
-                }
-                if "lesion_f1" in r
-                else {}
-            ),
-        }
-        for r in rows
-    ]
-    cols = ["subject", *METRIC_NAMES.values(), "lesion voxels"]
-    if rows and "lesion_f1" in rows[0]:
-        cols += [*LESION_NAMES.values(), "lesions (found / true / predicted)"]
-    return markdown_table(printable, cols)
-
-
-def write_metrics_csv(rows: list[dict], path: str | Path) -> Path:
-    """Metric rows as CSV (fractions in [0, 1], not %, plus the voxel counts)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = ["subject", *METRIC_NAMES, "tp", "fp", "fn", "tn"]
-    if rows and "lesion_f1" in rows[0]:
-        keys += ["lesion_tpr", "lesion_precision", "lesion_f1", "n_true", "n_detected", "n_pred"]
-        keys += ["n_pred_tp", "n_pred_fp"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 # --------------------------------------------------------------------------------------

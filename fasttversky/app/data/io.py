@@ -138,6 +138,13 @@ def find_subjects(
     return subjects
 
 
+_OS_REASONS = {
+    FileNotFoundError: "no such file",
+    PermissionError: "permission denied",
+    IsADirectoryError: "a folder, not a file",
+}
+
+
 def load_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """Read one 3-D NIfTI volume -> (array (X, Y, Z), affine (4, 4) float64).
 
@@ -154,8 +161,15 @@ def load_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, n
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
-    except Exception as e:  # nibabel raises many types for corrupt/truncated files
-        raise DataError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        reason = _OS_REASONS[type(e)]
+        raise DataError(f"{path}: cannot read ({reason})") from e
+    except Exception as e:  # nibabel/gzip/numpy raise many types for broken files
+        # Their text (byte offsets, header fields) does not tell a user what to do.
+        raise DataError(
+            f"{path}: cannot read as NIfTI (not a .nii/.nii.gz image, or truncated or "
+            "corrupt); re-export or copy the file again"
+        ) from e
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -34,9 +34,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..config import SynthConfig
+from ..errors import DataError
 from .io import DEFAULT_MODALITIES, find_subjects, load_subject, load_volume, save_volume
 from .transforms import WM_QUANTILE
 
+_DEFAULTS = SynthConfig()
 MNI_FOV_MM = (182.0, 218.0, 182.0)
 MODALITIES = ("T1", "T2", "FLAIR")
 
@@ -110,7 +113,8 @@ def transplant_contrast(name: str) -> dict:
     return dict(TRANSPLANT_CONTRASTS[name])
 
 
-LESION_FRACTION_RANGE = (1.2e-4, 6.5e-3)  # inside the 0.01–0.7 % of the README
+# Default lesion load: inside the 0.01–0.7 % of the README (declared in SynthConfig)
+LESION_FRACTION_RANGE = _DEFAULTS.lesion_fraction
 
 
 @dataclass
@@ -166,12 +170,12 @@ def _draw_lesion_fraction(
 
 
 def make_phantom(
-    shape: Sequence[int] = (96, 112, 96),
+    shape: Sequence[int] = _DEFAULTS.shape,
     rng: np.random.Generator | int | None = None,
     lesion_fraction: float | Sequence[float] | None = None,
     skull_strip: bool = True,
-    noise: float = 0.03,
-    bias: float = 0.12,
+    noise: float = _DEFAULTS.noise,
+    bias: float = _DEFAULTS.bias,
 ) -> Phantom:
     """Synthesise one brain with lesions on a grid of ``shape`` voxels (MNI-sized box).
 
@@ -179,55 +183,75 @@ def make_phantom(
         shape: grid (X, Y, Z); voxel size = 182×218×182 mm / shape, so lesion sizes in
             mm, and lesion *fractions*, are comparable with the real MNI data.
         lesion_fraction: lesion voxels / all voxels, or a (low, high) range drawn
-            log-uniformly; default log-uniform in 0.012–0.65 %.
+            log-uniformly; default log-uniform in :data:`LESION_FRACTION_RANGE`.
         skull_strip: zero everything outside the brain, as in the shared real data.
         noise: Rician noise sigma relative to white-matter intensity.
         bias: amplitude of the multiplicative bias field (log scale).
+
+    The steps draw from ``rng`` in a fixed order (anatomy, lesions, intensities), so a
+    seed gives the same subject.
     """
     rng = np.random.default_rng(rng)
     shape = tuple(int(s) for s in shape)
     vs = tuple(f / s for f, s in zip(MNI_FOV_MM, shape, strict=False))
-    # World-ish coordinates in mm, centred on the box (x left-right, y posterior-anterior,
-    # z inferior-superior); open grids keep memory at one volume per expression.
+    grid = _mm_grid(shape, vs)
+    tissue, depth = _head_and_cortex(grid, shape, vs, rng)
+    vent = _deep_grey_and_ventricles(tissue, depth > 0, grid, shape, rng)
+    if lesion_fraction is None:
+        lesion_fraction = _draw_lesion_fraction(rng)
+    elif not np.isscalar(lesion_fraction):  # a (low, high) range
+        lesion_fraction = _draw_lesion_fraction(rng, lesion_fraction)
+    mask, severity, lesions = _place_lesions(tissue, depth, vent, vs, lesion_fraction, rng)
+    images = _intensities(tissue, mask, severity, depth, vs, noise, bias, skull_strip, rng)
+    return Phantom(images, mask.astype(np.uint8), tissue, _mni_affine(shape, vs), vs, lesions)
+
+
+def _mm_grid(shape, vs):
+    """World-ish coordinates in mm, centred on the box (x left-right, y posterior-anterior,
+    z inferior-superior), as open grids: memory stays at one volume per expression."""
     x, y, z = (
         ((np.arange(n, dtype=np.float32) + 0.5) * v - f / 2)
         for n, v, f in zip(shape, vs, MNI_FOV_MM, strict=False)
     )
     x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
-    z = z - 8.0  # the brain sits above the box centre in MNI space
+    return x, y, z - 8.0  # the brain sits above the box centre in MNI space
 
-    # --- head and brain outline: perturbed ellipsoids -------------------------------
+
+def _head_and_cortex(grid, shape, vs, rng):
+    """Head and brain outline (perturbed ellipsoids), the layers outside the brain, and
+    a folded cortical ribbon with sulcal CSF -> (tissue labels, depth below the brain
+    surface in mm; > 0 inside the brain)."""
+    x, y, z = grid
     s = rng.uniform(0.93, 1.04)
     ax_b = np.array([66.0, 84.0, 60.0]) * s
     rho = np.sqrt((x / ax_b[0]) ** 2 + (y / ax_b[1]) ** 2 + (z / ax_b[2]) ** 2)
     rho = rho + 0.035 * _smooth_noise(shape, 25.0 / vs[0], rng)  # lobes, asymmetry
-    rmin = float(ax_b.min())
-    depth = (1.0 - rho) * rmin  # approximate distance below the brain surface, mm
+    depth = (1.0 - rho) * float(ax_b.min())  # approximate distance below the surface, mm
     brain = depth > 0
     tissue = np.zeros(shape, np.uint8)
     # Layers outside the brain, by depth (negative = outside): scalp, skull, CSF.
-    head = depth > -14.0
-    tissue[head] = SCALP
+    tissue[depth > -14.0] = SCALP
     tissue[(depth > -11.0) & (depth <= -3.0)] = SKULL
     tissue[(depth > -3.0) & (depth <= 0.0)] = CSF  # subarachnoid space
     tissue[brain] = WM
-
-    # --- cortex: a ribbon 2.5–7 mm thick whose inner edge folds with gyri -----------
+    # Cortex: a ribbon 2.5-7 mm thick whose inner edge folds with gyri.
     gyri = _smooth_noise(shape, 6.0 / vs[0], rng)
     thickness = 2.5 + 2.5 * (1.0 + np.tanh(1.5 * gyri))
     tissue[brain & (depth < thickness)] = GM
     # Sulci: thin sheets where a smooth field crosses zero, reaching into the ribbon.
     sulci = _smooth_noise(shape, 7.0 / vs[0], rng)
     tissue[brain & (depth < thickness + 2.0) & (np.abs(sulci) < 0.12)] = CSF
-    del gyri, sulci, thickness
+    return tissue, depth
 
-    # --- deep grey matter: thalamus, caudate/putamen ---------------------------------
+
+def _deep_grey_and_ventricles(tissue, brain, grid, shape, rng):
+    """Thalamus and caudate/putamen, two curved lateral ventricles and the third, written
+    into ``tissue`` -> the ventricle mask."""
+    x, y, z = grid
     for cx, cy, cz, a, b, c in ((10, -15, 4, 8, 14, 8), (22, 4, 0, 6, 12, 9)):
         for side in (-1, 1):
             e = ((x - side * cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2
             tissue[(e < 1.0) & brain] = DEEP_GM
-
-    # --- ventricles: two curved lateral ventricles + the third -----------------------
     atrophy = rng.uniform(0.8, 1.6)  # MS patients' ventricles are often enlarged
     L = 34.0
     yy = np.clip(y / L, -1, 1)
@@ -239,72 +263,87 @@ def make_phantom(
         vent |= (((x - side * (rx + 1.5)) / rx) ** 2 + ((z - zc) / rz) ** 2 < 1.0) & (np.abs(y) < L)
     vent |= (x / (1.5 * atrophy)) ** 2 + ((y + 5) / 11) ** 2 + ((z - 2) / 8) ** 2 < 1.0  # third
     tissue[vent & brain] = CSF
+    return vent
 
-    # --- lesions ---------------------------------------------------------------------
+
+def _place_lesions(tissue, depth, vent, vs, lesion_fraction: float, rng):
+    """White-matter lesions until ``lesion_fraction`` of the voxels: 55 % centred within
+    10 mm of the ventricles, the rest in deep white matter -> (mask, severity u in [0, 1]
+    per lesion voxel, per-lesion records)."""
+    shape = tissue.shape
     # Distance to the ventricles in mm (one EDT) places periventricular lesions.
     dist_vent = ndi.distance_transform_edt(~vent, sampling=vs).astype(np.float32)
     wm = tissue == WM
-    periv_idx = np.flatnonzero(wm & (dist_vent < 10.0))
-    deep_idx = np.flatnonzero(wm & (depth > 4.0))
+    pools = (np.flatnonzero(wm & (dist_vent < 10.0)), np.flatnonzero(wm & (depth > 4.0)))
     del dist_vent
-    if lesion_fraction is None:
-        lesion_fraction = _draw_lesion_fraction(rng)
-    elif not np.isscalar(lesion_fraction):  # a (low, high) range
-        lesion_fraction = _draw_lesion_fraction(rng, lesion_fraction)
     target = max(1, int(round(lesion_fraction * np.prod(shape))))
     mask = np.zeros(shape, bool)
-    severity = np.zeros(shape, np.float32)  # u ∈ [0, 1] per lesion voxel
-    can_host = brain & (tissue != CSF)  # lesions live in parenchyma, not in CSF
+    severity = np.zeros(shape, np.float32)
+    can_host = (depth > 0) & (tissue != CSF)  # lesions live in parenchyma, not in CSF
     lesions: list[dict] = []
     count = 0
     for _ in range(5000):
-        if count >= target or (len(periv_idx) == 0 and len(deep_idx) == 0):
+        if count >= target or (len(pools[0]) == 0 and len(pools[1]) == 0):
             break
-        periv = (rng.random() < 0.55 and len(periv_idx)) or not len(deep_idx)
-        pool = periv_idx if periv else deep_idx
-        centre = np.array(np.unravel_index(pool[rng.integers(len(pool))], shape))
-        if periv and rng.random() < 0.3:  # confluent periventricular lesion
-            diam = float(np.clip(rng.lognormal(np.log(8.0), 0.4), 4.0, 22.0))
-        else:  # typical small lesion
-            diam = float(np.clip(rng.lognormal(np.log(3.5), 0.45), 1.5, 12.0))
-        semi = diam / 2 * rng.uniform(0.7, 1.4, 3)  # ovoid, random elongation
-        half = [int(np.ceil(1.3 * a / v)) + 1 for a, v in zip(semi, vs, strict=False)]
-        lo = [max(int(c) - h, 0) for c, h in zip(centre, half, strict=False)]
-        hi = [min(int(c) + h + 1, n) for c, h, n in zip(centre, half, shape, strict=False)]
-        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=False))
-        d = [
-            ((np.arange(a, b) - c) * v / r)
-            for a, b, c, v, r in zip(lo, hi, centre, vs, semi, strict=False)
-        ]
-        r = np.sqrt(d[0][:, None, None] ** 2 + d[1][None, :, None] ** 2 + d[2][None, None, :] ** 2)
-        # Irregular border: perturb the radius with voxel-scale noise.
-        bump = ndi.gaussian_filter(rng.standard_normal(r.shape).astype(np.float32), 0.8)
-        r = r + 0.15 * bump / (bump.std() + 1e-8)
-        blob = (r < 1.0) & can_host[box]
-        if not blob.any():
-            blob = np.zeros(r.shape, bool)
-            blob[tuple(int(c) - a for c, a in zip(centre, lo, strict=False))] = True
-        new = blob & ~mask[box]
-        u = rng.uniform()
-        mask[box] |= blob
-        severity[box][new] = u
-        count += int(new.sum())
-        lesions.append(
-            {
-                "centre_vox": centre.tolist(),
-                "diameter_mm": round(diam, 2),
-                "periventricular": bool(periv),
-                "severity": round(u, 3),
-            }
-        )
+        count += _add_lesion(mask, severity, lesions, pools, can_host, vs, rng)
+    return mask, severity, lesions
 
-    # --- intensities -----------------------------------------------------------------
+
+def _add_lesion(mask, severity, lesions, pools, can_host, vs, rng) -> int:
+    """One ovoid lesion with an irregular border, drawn into ``mask``/``severity`` and
+    recorded in ``lesions`` -> the number of new lesion voxels."""
+    shape = mask.shape
+    periv_idx, deep_idx = pools
+    periv = (rng.random() < 0.55 and len(periv_idx)) or not len(deep_idx)
+    pool = periv_idx if periv else deep_idx
+    centre = np.array(np.unravel_index(pool[rng.integers(len(pool))], shape))
+    if periv and rng.random() < 0.3:  # confluent periventricular lesion
+        diam = float(np.clip(rng.lognormal(np.log(8.0), 0.4), 4.0, 22.0))
+    else:  # typical small lesion
+        diam = float(np.clip(rng.lognormal(np.log(3.5), 0.45), 1.5, 12.0))
+    semi = diam / 2 * rng.uniform(0.7, 1.4, 3)  # ovoid, random elongation
+    half = [int(np.ceil(1.3 * a / v)) + 1 for a, v in zip(semi, vs, strict=False)]
+    lo = [max(int(c) - h, 0) for c, h in zip(centre, half, strict=False)]
+    hi = [min(int(c) + h + 1, n) for c, h, n in zip(centre, half, shape, strict=False)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=False))
+    d = [
+        ((np.arange(a, b) - c) * v / r)
+        for a, b, c, v, r in zip(lo, hi, centre, vs, semi, strict=False)
+    ]
+    r = np.sqrt(d[0][:, None, None] ** 2 + d[1][None, :, None] ** 2 + d[2][None, None, :] ** 2)
+    # Irregular border: perturb the radius with voxel-scale noise.
+    bump = ndi.gaussian_filter(rng.standard_normal(r.shape).astype(np.float32), 0.8)
+    r = r + 0.15 * bump / (bump.std() + 1e-8)
+    blob = (r < 1.0) & can_host[box]
+    if not blob.any():
+        blob = np.zeros(r.shape, bool)
+        blob[tuple(int(c) - a for c, a in zip(centre, lo, strict=False))] = True
+    new = blob & ~mask[box]
+    u = rng.uniform()
+    mask[box] |= blob
+    severity[box][new] = u
+    lesions.append(
+        {
+            "centre_vox": centre.tolist(),
+            "diameter_mm": round(diam, 2),
+            "periventricular": bool(periv),
+            "severity": round(u, 3),
+        }
+    )
+    return int(new.sum())
+
+
+def _intensities(tissue, mask, severity, depth, vs, noise, bias, skull_strip, rng):
+    """T1/T2/FLAIR from per-tissue means mixed with partial-volume weights, lesion
+    contrast by severity, a smooth bias field and Rician noise -> {modality: image}."""
+    shape = tissue.shape
     # Partial-volume weights: smoothed one-hot tissue maps (sigma ~0.6 voxel).
     labels_present = [t for t in range(7) if t != BACKGROUND and (tissue == t).any()]
     frac = {t: ndi.gaussian_filter((tissue == t).astype(np.float32), 0.6) for t in labels_present}
     w_lesion = ndi.gaussian_filter(mask.astype(np.float32), 0.5)
     w_lesion = np.clip(w_lesion * 1.6, 0, 1) * (mask | (w_lesion > 0.3))
     sev = ndi.maximum_filter(severity, size=3)  # carry each lesion's severity to its rim
+    head = depth > -14.0
     strip = depth > -2.0  # skull-stripping keeps the brain and the CSF right on it
     images = {}
     for m in MODALITIES:
@@ -312,8 +351,7 @@ def make_phantom(
         img = np.zeros(shape, np.float32)
         for t in labels_present:
             img += frac[t] * means[t]
-        texture = 1.0 + 0.03 * _smooth_noise(shape, 2.0, rng)
-        img *= texture
+        img *= 1.0 + 0.03 * _smooth_noise(shape, 2.0, rng)  # texture
         f0, f1 = LESION_FACTOR[m]
         lesion_val = means[WM] * (f0 + (f1 - f0) * sev)
         img = (1.0 - w_lesion) * img + w_lesion * lesion_val
@@ -326,7 +364,7 @@ def make_phantom(
         if skull_strip:
             img[~strip] = 0.0
         images[m] = img.astype(np.float32)
-    return Phantom(images, mask.astype(np.uint8), tissue, _mni_affine(shape, vs), vs, lesions)
+    return images
 
 
 # --------------------------------------------------------------------------------------
@@ -380,7 +418,7 @@ def transplant(
     """
     rng = np.random.default_rng(rng)
     if "T1" not in images:
-        raise ValueError("transplant needs a T1 image to find normal white matter")
+        raise DataError("transplant needs a T1 image to find normal white matter")
     brain = np.zeros(lesion_mask.shape, bool)
     for v in images.values():
         brain |= v != 0
@@ -463,7 +501,7 @@ def _write_subject(
 def write_phantom_dataset(
     out: str | Path,
     n_subjects: int = 4,
-    shape: Sequence[int] = (96, 112, 96),
+    shape: Sequence[int] = _DEFAULTS.shape,
     seed: int = 0,
     progress: Callable | None = None,
     **kwargs,
@@ -502,11 +540,11 @@ def lesion_mask_files(
     """The .nii/.nii.gz lesion masks of ``mask_dir`` to transplant -> (paths, sorted;
     names of the skipped files). A mask named like one of ``skip_names``
     (``<name>.nii(.gz)``, case-insensitive) is skipped: a brain's own lesions are already
-    in it, and a held-out patient's lesion shapes must not reach training. ValueError
+    in it, and a held-out patient's lesion shapes must not reach training. DataError
     when the folder is missing or no mask is left."""
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
-        raise ValueError(f"transplant masks folder {mask_dir} does not exist")
+        raise DataError(f"transplant masks folder {mask_dir} does not exist")
     banned = {n.lower() for n in skip_names}
     all_masks = sorted(
         p for p in mask_dir.iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
@@ -514,7 +552,7 @@ def lesion_mask_files(
     kept = [p for p in all_masks if p.name.split(".")[0].lower() not in banned]
     skipped = [p.name for p in all_masks if p not in kept]
     if not kept:
-        raise ValueError(
+        raise DataError(
             f"{mask_dir}: no .nii/.nii.gz lesion masks found"
             + (f" besides the skipped {', '.join(skipped)}" if skipped else "")
         )
@@ -522,7 +560,7 @@ def lesion_mask_files(
 
 
 def check_excluded_names(mask_dir: str | Path, exclude: Sequence[str]) -> None:
-    """ValueError naming every name of ``exclude`` that no mask of ``mask_dir`` is named
+    """DataError naming every name of ``exclude`` that no mask of ``mask_dir`` is named
     like (``<name>.nii(.gz)``, case-insensitive). Called where a user names held-out
     patients: a misspelt name would otherwise exclude nothing and let that patient's
     own lesion shapes into training without a word."""
@@ -535,7 +573,7 @@ def check_excluded_names(mask_dir: str | Path, exclude: Sequence[str]) -> None:
     }
     unknown = [n for n in exclude if n.lower() not in stems]
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"--exclude-masks: no mask named {', '.join(unknown)} (.nii/.nii.gz) in {mask_dir}; "
             "check the spelling, or that patient's lesions would reach training"
         )
@@ -554,7 +592,7 @@ def _transplant_each(brains, mask_files, seeds, options, progress):
         img, own, aff = cache[brain.name]
         lm, _ = load_volume(path, kind="mask")
         if lm.shape != img.shape[1:]:
-            raise ValueError(
+            raise DataError(
                 f"{path}: shape {lm.shape} differs from brain {brain.name} {img.shape[1:]}; "
                 "masks must be on the brains' grid"
             )
