@@ -4,15 +4,17 @@ small-component removal, each against an independent reference computation."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from fasttversky.app.config import PredictConfig
 from fasttversky.app.training import predict
 from fasttversky.app.training.inference import (
-    InferenceOptions,
+    lesion_mask,
     remove_small_components,
     segment_volume,
 )
@@ -171,18 +173,25 @@ def test_remove_small_components_keeps_exactly_the_large_ones(seed):
     np.testing.assert_array_equal(remove_small_components(mask, 0), mask)
 
 
-def test_segment_volume_restricts_to_the_brain_and_records_options():
+def test_segment_volume_restricts_to_the_brain_and_follows_the_config():
     model = _Voxelwise(2)
     image = _image(6).float()
     image[:, :3] = 0  # background slab: 0 in every channel
-    opts = InferenceOptions(window=(5, 6, 4), mirror_axes=(0,), threshold=0.3, min_lesion_size=2)
-    prob, mask = segment_volume(model, image.numpy(), opts)
+    config = PredictConfig(window=[5, 6, 4], mirror="lr", threshold=0.3, min_lesion_size=2)
+    prob, mask = segment_volume(model, image.numpy(), config)
     assert prob.shape == mask.shape == tuple(image.shape[1:])
+    assert prob.dtype == np.float32 and mask.dtype == np.uint8
     assert (prob[:3] == 0).all() and not mask[:3].any()
     full = predict(model, image, window=(5, 6, 4), mirror_axes=(0,)).numpy()
     np.testing.assert_array_equal(prob[3:], full[3:])
     np.testing.assert_array_equal(mask, remove_small_components(prob >= 0.3, 2))
-    assert InferenceOptions.from_dict(opts.to_dict()) == opts
+    np.testing.assert_array_equal(mask, lesion_mask(prob, config))
+    assert PredictConfig(**asdict(config)) == config
+    # to_grid maps the probability before thresholding: the mask is the mapped one's.
+    pad = lambda v: np.pad(v, ((1, 0), (0, 0), (0, 0)))  # noqa: E731
+    prob2, mask2 = segment_volume(model, image.numpy(), config, to_grid=pad)
+    np.testing.assert_array_equal(prob2, pad(prob))
+    np.testing.assert_array_equal(mask2, lesion_mask(pad(prob), config))
 
 
 @pytest.mark.parametrize(
@@ -191,11 +200,12 @@ def test_segment_volume_restricts_to_the_brain_and_records_options():
         (dict(window=(4, 4)), "window"),
         (dict(overlap=1.0), "overlap"),
         (dict(weighting="median"), "weighting"),
-        (dict(mirror_axes=(3,)), "mirror_axes"),
+        (dict(mirror="xy"), "mirror"),
         (dict(threshold=0.0), "threshold"),
+        (dict(threshold=1.0), "threshold"),
         (dict(min_lesion_size=-1), "min_lesion_size"),
     ],
 )
 def test_options_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        InferenceOptions(**kwargs)
+        PredictConfig(**kwargs)

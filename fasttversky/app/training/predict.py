@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WEIGHTINGS", "gaussian_weights", "predict"]
+from ..config import WEIGHTINGS
 
-WEIGHTINGS = ("gaussian", "uniform")
+__all__ = ["WEIGHTINGS", "gaussian_weights", "predict"]
 
 
 def gaussian_weights(window: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -107,13 +107,7 @@ def predict(
         C = 1, else 1 - softmax background probability (= P(class 1) when C = 2).
         The model's train/eval mode is restored afterwards.
     """
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    mirror_axes = tuple(int(a) for a in mirror_axes)
-    if any(a not in (0, 1, 2) for a in mirror_axes) or len(set(mirror_axes)) != len(mirror_axes):
-        raise ValueError(f"mirror_axes must be distinct spatial axes 0, 1, 2, got {mirror_axes}")
+    mirror_axes = _check_options(overlap, weighting, mirror_axes)
     squeeze = image.dim() == 4
     if squeeze:
         image = image.unsqueeze(0)
@@ -128,63 +122,101 @@ def predict(
         else (params[0].device if params else image.device)
     )
     dtype = params[0].dtype if params else torch.float32
-    autocast = (
-        torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        if precision in ("bf16", "fp16")
-        else torch.autocast(dev.type, enabled=False)
-    )
-    m = _multiple(model)
+    forward = _MirroredForward(model, _autocast(dev, precision), mirror_axes)
     was_training = model.training
     # The model runs where it was asked to and is put back afterwards (a CPU-loaded
     # checkpoint with device="cuda" must not meet a CUDA input with CPU weights).
     home = params[0].device if params else dev
     model.to(dev)
     model.eval()
-    # Every subset of the mirror axes (the empty one = the image itself), flipped on
-    # the way in and back on the way out; the mean is symmetric in the subsets.
-    flips = [
-        [a + 2 for a in combo]
-        for k in range(len(mirror_axes) + 1)
-        for combo in itertools.combinations(mirror_axes, k)
-    ]
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        total = None
-        for f in flips:
-            xf = torch.flip(x, f) if f else x
-            with autocast:
-                p = _foreground(model(xf))
-            p = torch.flip(p, [a - 1 for a in f]) if f else p
-            total = p if total is None else total + p
-        return total / len(flips)
-
     try:
-        size = tuple(image.shape[2:])
         if window is None:
-            x, _ = _pad_to(image.to(dev, dtype), m)
-            prob = forward(x)[:, : size[0], : size[1], : size[2]]
+            prob = _whole_volume(forward, image.to(dev, dtype), _multiple(model))
         else:
-            win = (window,) * 3 if isinstance(window, int) else tuple(window)
-            win = tuple(min(w, s) for w, s in zip(win, size, strict=True))
-            steps = [max(1, int(w * (1 - overlap))) for w in win]
-            weight = (
-                gaussian_weights(win, sigma_scale)
-                if weighting == "gaussian"
-                else torch.ones(win, dtype=torch.float32)
-            ).to(dev)
-            prob = torch.zeros((image.shape[0], *size), dtype=torch.float32, device=dev)
-            count = torch.zeros(size, dtype=torch.float32, device=dev)
-            for z, y, x0 in itertools.product(
-                *(_starts(s, w, st) for s, w, st in zip(size, win, steps, strict=True))
-            ):
-                sl = (slice(z, z + win[0]), slice(y, y + win[1]), slice(x0, x0 + win[2]))
-                patch, _ = _pad_to(image[(slice(None), slice(None), *sl)].to(dev, dtype), m)
-                p = forward(patch)
-                prob[(slice(None), *sl)] += p[:, : win[0], : win[1], : win[2]] * weight
-                count[sl] += weight
-            prob /= count
+            weights = (weighting, sigma_scale)
+            prob = _sliding_windows(
+                forward, image, window, overlap, weights, _multiple(model), dev, dtype
+            )
     finally:
         model.train(was_training)
         model.to(home)
     prob = prob.to(image.device)
     return prob[0] if squeeze else prob
+
+
+def _check_options(overlap: float, weighting: str, mirror_axes: Sequence[int]) -> tuple:
+    """ValueError for an option out of range; -> the mirror axes as a tuple of ints."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    mirror_axes = tuple(int(a) for a in mirror_axes)
+    if any(a not in (0, 1, 2) for a in mirror_axes) or len(set(mirror_axes)) != len(mirror_axes):
+        raise ValueError(f"mirror_axes must be distinct spatial axes 0, 1, 2, got {mirror_axes}")
+    return mirror_axes
+
+
+def _autocast(dev: torch.device, precision: str):
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(
+            dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
+        )
+    return torch.autocast(dev.type, enabled=False)
+
+
+class _MirroredForward:
+    """x (B, Cin, d, h, w) -> foreground probability (B, d, h, w), averaged over every
+    subset of the mirror axes (the empty one = the image itself), each flipped on the
+    way in and back on the way out; the mean is symmetric in the subsets."""
+
+    def __init__(self, model: nn.Module, autocast, mirror_axes: tuple[int, ...]):
+        self.model, self.autocast = model, autocast
+        self.flips = [
+            [a + 2 for a in combo]
+            for k in range(len(mirror_axes) + 1)
+            for combo in itertools.combinations(mirror_axes, k)
+        ]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for f in self.flips:
+            xf = torch.flip(x, f) if f else x
+            with self.autocast:
+                p = _foreground(self.model(xf))
+            p = torch.flip(p, [a - 1 for a in f]) if f else p
+            total = p if total is None else total + p
+        return total / len(self.flips)
+
+
+def _whole_volume(forward: _MirroredForward, image: torch.Tensor, m: int) -> torch.Tensor:
+    """One pass over the whole volume, zero-padded to multiples of m and cropped back."""
+    size = tuple(image.shape[2:])
+    x, _ = _pad_to(image, m)
+    return forward(x)[:, : size[0], : size[1], : size[2]]
+
+
+def _sliding_windows(forward, image, window, overlap, weights, m, dev, dtype) -> torch.Tensor:
+    """Windows of ``window`` size stepping by (1 - overlap) of it, each weighted by
+    ``weights`` = (weighting, sigma_scale) and the sum divided by the summed weights."""
+    weighting, sigma_scale = weights
+    size = tuple(image.shape[2:])
+    win = (window,) * 3 if isinstance(window, int) else tuple(window)
+    win = tuple(min(w, s) for w, s in zip(win, size, strict=True))
+    steps = [max(1, int(w * (1 - overlap))) for w in win]
+    weight = (
+        gaussian_weights(win, sigma_scale)
+        if weighting == "gaussian"
+        else torch.ones(win, dtype=torch.float32)
+    ).to(dev)
+    prob = torch.zeros((image.shape[0], *size), dtype=torch.float32, device=dev)
+    count = torch.zeros(size, dtype=torch.float32, device=dev)
+    for z, y, x0 in itertools.product(
+        *(_starts(s, w, st) for s, w, st in zip(size, win, steps, strict=True))
+    ):
+        sl = (slice(z, z + win[0]), slice(y, y + win[1]), slice(x0, x0 + win[2]))
+        patch, _ = _pad_to(image[(slice(None), slice(None), *sl)].to(dev, dtype), m)
+        p = forward(patch)
+        prob[(slice(None), *sl)] += p[:, : win[0], : win[1], : win[2]] * weight
+        count[sl] += weight
+    prob /= count
+    return prob
