@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import fasttversky
 from fasttversky.app.models import UNet3D
-from fasttversky.app.training import TrainConfig, train
+from fasttversky.app.training import TrainConfig, TrainOutputs, train
 from fasttversky.distributed import gather_stats
 
 WORLD = 2
@@ -99,14 +99,16 @@ def _checks(rank: int):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14, msg=name)
 
     # The training loop end to end: 3 Adam steps, DDP vs single process.
-    config = TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch")
+    config = TrainConfig(steps=3, lr=1e-2, backend="torch")
+    quiet = TrainOutputs(progress=False)
     single = _model()
-    r_single = train(single, _global_batch, config)
+    r_single = train(single, _global_batch, config, outputs=quiet)
     ddp = DDP(_model())
     r_ddp = train(
         ddp,
         lambda i: tuple(_shard(rank, t) for t in _global_batch(i)),
-        TrainConfig(steps=3, lr=1e-2, progress=False, backend="torch", sync_across_ranks=True),
+        TrainConfig(steps=3, lr=1e-2, backend="torch", sync_across_ranks=True),
+        outputs=quiet,
     )
     torch.testing.assert_close(r_ddp.losses, r_single.losses, rtol=1e-10, atol=0)
     for (name, p), q in zip(ddp.module.named_parameters(), single.parameters(), strict=True):

@@ -21,7 +21,7 @@ from fasttversky.app.data.synth import (
     transplanted_subjects,
 )
 from fasttversky.app.models import UNet3D
-from fasttversky.app.training import TrainConfig, load_checkpoint, train
+from fasttversky.app.training import TrainConfig, TrainOutputs, load_checkpoint, train
 from fasttversky.app.training.loop import POLY_POWER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,10 +46,10 @@ def test_poly_schedule_and_kept_checkpoints(tmp_path):
             lr_schedule="poly",
             keep_every=2,
             checkpoint_every=100,
-            checkpoint_dir=tmp_path,
-            log_path=tmp_path / "m.jsonl",
-            progress=False,
             backend="torch",
+        ),
+        outputs=TrainOutputs(
+            checkpoint_dir=tmp_path, log_path=tmp_path / "m.jsonl", progress=False
         ),
     )
     rows = [json.loads(s) for s in (tmp_path / "m.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ from fasttversky.app.models import UNet3D
 from fasttversky.app.training import (
     NonFiniteLossError,
     TrainConfig,
+    TrainOutputs,
     load_checkpoint,
     predict,
     train,
@@ -33,6 +34,7 @@ SMALL = (1, 3, 16, 24, 20)
 BASE, LEVELS, STEPS = 2, 3, 20
 HYPER = dict(lr=1e-3, lr_decay=0.9, lr_decay_every=5, alpha=0.3, beta=0.7)
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+QUIET = TrainOutputs(progress=False)
 
 
 @pytest.fixture(autouse=True)
@@ -101,8 +103,8 @@ def test_loop_with_cross_entropy_matches_reference(backend):
     ignored ce_weight would pass)."""
     fast, ref = _models(torch.float64)
     hyper = {**HYPER, "ce_weight": 1.0}
-    config = TrainConfig(steps=STEPS, backend=backend, progress=False, **hyper)
-    result = train(fast, make_batch(SMALL), config)
+    config = TrainConfig(steps=STEPS, backend=backend, **hyper)
+    result = train(fast, make_batch(SMALL), config, outputs=QUIET)
     ref_losses = reference_train(ref, make_batch(SMALL), steps=STEPS, **hyper)
     _assert_close("losses", result.losses, ref_losses, RTOL[torch.float64])
     for k, v in ref.state_dict().items():
@@ -135,10 +137,8 @@ def test_loop_with_cross_entropy_matches_reference(backend):
 )
 def test_loop_matches_reference(dtype, checkpoint, backend, norm, grad_accum, shape):
     fast, _ = _models(dtype, checkpoint=checkpoint, norm=norm)
-    config = TrainConfig(
-        steps=STEPS, backend=backend, grad_accum=grad_accum, progress=False, **HYPER
-    )
-    result = train(fast, make_batch(shape), config)
+    config = TrainConfig(steps=STEPS, backend=backend, grad_accum=grad_accum, **HYPER)
+    result = train(fast, make_batch(shape), config, outputs=QUIET)
     ref_losses, ref_state = _reference_run(dtype, norm, grad_accum, shape)
     rtol = RTOL[dtype]
     assert len(result.losses) == STEPS
@@ -158,7 +158,7 @@ def test_checkpointing_does_not_change_a_step_bitwise():
     for mode in ("none", "top", "all"):
         torch.manual_seed(0)
         model = UNet3D(3, 2, BASE, LEVELS, checkpoint=mode)
-        train(model, batch, TrainConfig(steps=3, progress=False, backend="torch", **HYPER))
+        train(model, batch, TrainConfig(steps=3, backend="torch", **HYPER), outputs=QUIET)
         states.append(model.state_dict())
     for other in states[1:]:
         for k in states[0]:
@@ -189,21 +189,20 @@ def test_resume_is_bitwise(tmp_path, source, precision):
         torch.manual_seed(0)
         return UNet3D(3, 2, BASE, LEVELS)
 
-    common = dict(progress=False, backend="torch", precision=precision, grad_accum=2, **HYPER)
+    common = dict(backend="torch", precision=precision, grad_accum=2, **HYPER)
     full = model()
-    r_full = train(full, data(), TrainConfig(steps=20, seed=7, **common))
+    r_full = train(full, data(), TrainConfig(steps=20, seed=7, **common), outputs=QUIET)
 
     d = tmp_path / "run"
+    into_d = TrainOutputs(checkpoint_dir=d, progress=False)
     first = model()
-    r1 = train(first, data(), TrainConfig(steps=10, seed=7, checkpoint_dir=d, **common))
+    r1 = train(first, data(), TrainConfig(steps=10, seed=7, **common), outputs=into_d)
     assert r1.checkpoint == d / "last.pt" and r1.step == 10
     # A fresh process would rebuild the model from scratch: do the same, with a
     # different RNG state, to prove nothing leaks from the first half.
     torch.manual_seed(123)
     second = model()
-    r2 = train(
-        second, data(), TrainConfig(steps=20, seed=7, checkpoint_dir=d, **common), resume=True
-    )
+    r2 = train(second, data(), TrainConfig(steps=20, seed=7, **common), resume=True, outputs=into_d)
     assert r2.start_step == 10 and r2.step == 20
     assert r1.losses + r2.losses == r_full.losses  # bitwise, as Python floats
     for (k, a), b in zip(full.state_dict().items(), second.state_dict().values(), strict=True):
@@ -224,17 +223,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = UNet3D(3, 2, BASE, LEVELS)
     d = tmp_path / "ckpt"
-    config = TrainConfig(
-        steps=10,
-        checkpoint_dir=d,
-        checkpoint_every=2,
-        progress=False,
-        backend="torch",
-        log_path=tmp_path / "m.jsonl",
-        **HYPER,
-    )
+    config = TrainConfig(steps=10, checkpoint_every=2, backend="torch", **HYPER)
+    outputs = TrainOutputs(checkpoint_dir=d, log_path=tmp_path / "m.jsonl", progress=False)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5") as info:
-        train(model, batch, config)
+        train(model, batch, config, outputs=outputs)
     assert info.value.step == 5 and info.value.checkpoint == d / "last.pt"
     ckpt = load_checkpoint(d)
     assert ckpt["step"] == 4
@@ -259,10 +251,9 @@ def test_metrics_log_and_schedule(tmp_path):
             lr=1e-3,
             lr_decay=0.5,
             lr_decay_every=2,
-            log_path=log,
-            progress=True,
             backend="torch",
         ),
+        outputs=TrainOutputs(log_path=log, progress=True),
     )
     rows = [json.loads(s) for s in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -304,7 +295,8 @@ def test_fp16_training_against_the_reference():
     result = train(
         model,
         make_batch(SMALL),
-        TrainConfig(steps=steps, precision="fp16", progress=False, backend="torch", **HYPER),
+        TrainConfig(steps=steps, precision="fp16", backend="torch", **HYPER),
+        outputs=QUIET,
     )
     assert len(result.losses) == steps
     err = max(abs(a - b) for a, b in zip(result.losses, exact_losses, strict=True))
@@ -389,20 +381,21 @@ def test_resume_after_a_kill_logs_each_step_once(tmp_path):
         return UNet3D(3, 2, BASE, LEVELS)
 
     d, log = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
-    common = dict(progress=False, backend="cpu", checkpoint_dir=d, log_path=log, **HYPER)
+    config = TrainConfig(steps=5, checkpoint_every=2, backend="cpu", **HYPER)
+    outputs = TrainOutputs(checkpoint_dir=d, log_path=log, progress=False)
     with pytest.raises(Killed):
-        train(model(), dying, TrainConfig(steps=5, checkpoint_every=2, **common))
+        train(model(), dying, config, outputs=outputs)
     assert [json.loads(s)["step"] for s in log.read_text().splitlines()] == [1, 2, 3]
     assert load_checkpoint(d)["step"] == 2
     # kill -9 during a checkpoint write leaves a temp file behind (no cleanup runs)
     stale = d / ".last.pt.abc123.tmp"
     stale.write_bytes(b"partial")
     (d / ".step_000004.pt.x1.tmp").write_bytes(b"partial")
-    train(model(), batch, TrainConfig(steps=5, checkpoint_every=2, **common), resume=True)
+    train(model(), batch, config, resume=True, outputs=outputs)
     rows = [json.loads(s) for s in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert not list(d.glob(".*.tmp"))
-    full = train(model(), batch, TrainConfig(steps=5, progress=False, backend="cpu", **HYPER))
+    full = train(model(), batch, TrainConfig(steps=5, backend="cpu", **HYPER), outputs=QUIET)
     assert [r["loss"] for r in rows] == full.losses  # bitwise, as Python floats
 
 
@@ -411,8 +404,9 @@ def test_fresh_run_starts_a_fresh_log(tmp_path):
     log.write_text('{"step": 1, "loss": 9}\n{"step": 7, "loss": 9}\n')
     torch.manual_seed(0)
     model = UNet3D(3, 2, BASE, LEVELS)
-    cfg = TrainConfig(steps=2, progress=False, backend="torch", log_path=log, **HYPER)
-    result = train(model, make_batch(SMALL), cfg)
+    cfg = TrainConfig(steps=2, backend="torch", **HYPER)
+    outputs = TrainOutputs(log_path=log, progress=False)
+    result = train(model, make_batch(SMALL), cfg, outputs=outputs)
     rows = [json.loads(s) for s in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and [r["loss"] for r in rows] == result.losses
 
@@ -430,12 +424,13 @@ def _seeded_unet():
     return UNet3D(3, 2, BASE, LEVELS)
 
 
-def _val_config(d, **kw) -> TrainConfig:
-    """A checkpointed run in folder d validating every 2 steps into d/val.jsonl."""
-    return TrainConfig(
-        progress=False, backend="torch", checkpoint_dir=d, val_every=2,
-        val_log_path=d / "val.jsonl", **HYPER, **kw,
-    )  # fmt: skip
+def _val_config(d, **kw) -> dict:
+    """A checkpointed run in folder d validating every 2 steps into d/val.jsonl:
+    ``train(model, batches, **_val_config(d), ...)``."""
+    return dict(
+        config=TrainConfig(backend="torch", val_every=2, **HYPER, **kw),
+        outputs=TrainOutputs(checkpoint_dir=d, val_log_path=d / "val.jsonl", progress=False),
+    )
 
 
 def _states_equal(a: dict, b: dict) -> bool:
@@ -464,15 +459,19 @@ def test_validation_leaves_training_unchanged_and_keeps_the_best(tmp_path):
         torch.manual_seed(0)
         return UNet3D(3, 2, BASE, LEVELS)
 
-    common = dict(progress=False, backend="torch", keep_every=1, **HYPER)
+    common = dict(backend="torch", keep_every=1, **HYPER)
     plain = tmp_path / "plain"
-    train(model(), _AugmentedDataset(), TrainConfig(steps=9, checkpoint_dir=plain, **common))
-    d = tmp_path / "val"
-    cfg = TrainConfig(
-        steps=9, checkpoint_dir=d, val_every=2, val_log_path=d / "val.jsonl", **common
+    train(
+        model(),
+        _AugmentedDataset(),
+        TrainConfig(steps=9, **common),
+        outputs=TrainOutputs(checkpoint_dir=plain, progress=False),
     )
+    d = tmp_path / "val"
+    cfg = TrainConfig(steps=9, val_every=2, **common)
+    outputs = TrainOutputs(checkpoint_dir=d, val_log_path=d / "val.jsonl", progress=False)
     m = model()
-    result = train(m, _AugmentedDataset(), cfg, validate=validate)
+    result = train(m, _AugmentedDataset(), cfg, validate=validate, outputs=outputs)
     assert m.training and seen == [False] * 5
     assert _states_equal(load_checkpoint(d)["model"], load_checkpoint(plain)["model"])
     rows = [json.loads(s) for s in (d / "val.jsonl").read_text().splitlines()]
@@ -506,11 +505,11 @@ def test_validation_survives_resume(tmp_path):
         return _val_config(d, steps=8, checkpoint_every=100)
 
     full, cut = tmp_path / "full", tmp_path / "cut"
-    r_full = train(model(), batch, cfg(full), validate=_weights_score)
+    r_full = train(model(), batch, **cfg(full), validate=_weights_score)
     with pytest.raises(Killed):
-        train(model(), dying, cfg(cut), validate=_weights_score)
+        train(model(), dying, **cfg(cut), validate=_weights_score)
     assert load_checkpoint(cut)["step"] == 4  # validation steps are checkpointed
-    r_cut = train(model(), batch, cfg(cut), resume=True, validate=_weights_score)
+    r_cut = train(model(), batch, **cfg(cut), resume=True, validate=_weights_score)
     assert r_full.best_step <= 4  # so a resume that forgot the first half's best would fail
     assert (cut / "val.jsonl").read_text() == (full / "val.jsonl").read_text()
     assert (r_cut.best_step, r_cut.best_score) == (r_full.best_step, r_full.best_score)
@@ -523,16 +522,16 @@ def test_validation_survives_resume(tmp_path):
 def test_validate_must_return_a_score():
     torch.manual_seed(0)
     model = UNet3D(3, 2, BASE, LEVELS)
-    cfg = TrainConfig(steps=1, progress=False, backend="torch", **HYPER)
+    cfg = TrainConfig(steps=1, backend="torch", **HYPER)
     with pytest.raises(TypeError, match="'score'"):
-        train(model, make_batch(SMALL), cfg, validate=lambda m: {"dsc": 1.0})
+        train(model, make_batch(SMALL), cfg, validate=lambda m: {"dsc": 1.0}, outputs=QUIET)
 
 
 def test_a_kill_between_best_and_last_leaves_them_consistent(tmp_path, monkeypatch):
     """Killed after best.pt of a new best step is written and before last.pt: the resume
     re-runs that step from the earlier last.pt, scores it the same and ends with the
     best.pt, val.jsonl and weights of an uninterrupted run."""
-    from fasttversky.app.training import loop
+    from fasttversky.app.training import checkpoint
 
     batch = make_batch(SMALL)
 
@@ -546,13 +545,13 @@ def test_a_kill_between_best_and_last_leaves_them_consistent(tmp_path, monkeypat
         return {"score": -_weights_score(m)["score"]}
 
     full, cut = tmp_path / "full", tmp_path / "cut"
-    r_full = train(model(), batch, cfg(full), validate=score)
+    r_full = train(model(), batch, **cfg(full), validate=score)
     assert r_full.best_step > 2  # a last.pt of an earlier step exists to resume from
 
     class Killed(Exception):
         pass
 
-    real, last_was_best = loop._atomic_save, []
+    real, last_was_best = checkpoint.atomic_save, []
 
     def dying(obj, path):
         if path.name == "last.pt" and last_was_best and obj["step"] == r_full.best_step:
@@ -560,13 +559,13 @@ def test_a_kill_between_best_and_last_leaves_them_consistent(tmp_path, monkeypat
         last_was_best[:] = [path.name == "best.pt"]
         real(obj, path)
 
-    monkeypatch.setattr(loop, "_atomic_save", dying)
+    monkeypatch.setattr(checkpoint, "atomic_save", dying)
     with pytest.raises(Killed):
-        train(model(), batch, cfg(cut), validate=score)
-    monkeypatch.setattr(loop, "_atomic_save", real)
+        train(model(), batch, **cfg(cut), validate=score)
+    monkeypatch.setattr(checkpoint, "atomic_save", real)
     assert torch.load(cut / "best.pt", weights_only=True)["step"] == r_full.best_step
     assert load_checkpoint(cut)["step"] < r_full.best_step
-    r_cut = train(model(), batch, cfg(cut), resume=True, validate=score)
+    r_cut = train(model(), batch, **cfg(cut), resume=True, validate=score)
     assert r_cut.best_step == r_full.best_step
     assert (cut / "val.jsonl").read_text() == (full / "val.jsonl").read_text()
     for name in ("best.pt", "last.pt"):
@@ -578,6 +577,7 @@ def test_a_kill_between_best_and_last_leaves_them_consistent(tmp_path, monkeypat
 def test_a_fresh_run_removes_an_earlier_best(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"an earlier run's")
     torch.manual_seed(0)
-    cfg = TrainConfig(steps=1, progress=False, backend="torch", checkpoint_dir=tmp_path, **HYPER)
-    train(UNet3D(3, 2, BASE, LEVELS), make_batch(SMALL), cfg)
+    cfg = TrainConfig(steps=1, backend="torch", **HYPER)
+    outputs = TrainOutputs(checkpoint_dir=tmp_path, progress=False)
+    train(UNet3D(3, 2, BASE, LEVELS), make_batch(SMALL), cfg, outputs=outputs)
     assert not (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()

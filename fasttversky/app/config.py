@@ -3,7 +3,7 @@
 * :class:`ModelConfig`   -> ``UNet3D`` (width, depth, checkpointing, normalisation)
 * :class:`DataConfig`    -> which files, crop, patches and batches
 * :class:`TrainConfig`   -> ``fasttversky.app.training.train`` (optimiser, loss, precision)
-* :class:`PredictConfig` -> ``fasttversky.app.training.predict`` (sliding window, threshold)
+* :class:`PredictConfig` -> ``fasttversky.app.training.inference`` (windows, threshold)
 * :class:`RunSettings`   -> the four together; saved as ``run.json`` beside the checkpoint
 * :class:`SynthConfig`   -> the phantoms of ``fasttversky synth`` (``app.data.synth``)
 * :class:`ExperimentConfig` -> the cross-validated sweep of ``reproduce`` (``app.experiment``)
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -278,7 +277,6 @@ class TrainConfig:
     seed: seeds torch, numpy and ``random`` at the start of a fresh run (a resumed run
         restores the saved RNG states instead). The model is built by the caller:
         seed before constructing it for a reproducible initialisation.
-    checkpoint_dir: where ``last.pt`` is written (atomically); None = no checkpoints.
     checkpoint_every: write a checkpoint every this many steps (and after the last).
     lr_schedule: "step" (StepLR with lr_decay / lr_decay_every, the paper's) or "poly"
         (lr · (1 - step/steps)^0.9, nnU-Net's: a short CPU run ends annealed instead of
@@ -289,16 +287,14 @@ class TrainConfig:
     val_every: with validation (``train(..., validate=...)``; at the command line
         ``--val-subjects``), score the model every this many steps and after the last,
         keeping the best-scoring checkpoint as ``best.pt``.
-    log_path: JSONL metrics file, one object per step; None = none. On resume, lines
-        after the checkpoint's step are dropped before appending.
-    val_log_path: JSONL file of the validation scores, one object per validation
-        (``{"step", "score", "best", ...}``); None = none. Truncated on resume like
-        ``log_path``.
-    log_every: write a log line every this many steps.
-    progress: show a tqdm progress bar with loss and voxels/s.
+    log_every: write a metrics-log line every this many steps.
     device: where the model and batches are put ("cpu", "cuda", "cuda:1", ...).
     sync_across_ranks: under torch.distributed, compute the loss on the batch
         concatenated over ranks (see ``fasttversky.distributed``).
+
+    Where a call of ``train`` writes (checkpoint folder, log files) and whether it shows
+    progress are not settings of the run: see
+    :class:`fasttversky.app.training.TrainOutputs`.
     """
 
     steps: int = _opt(help="optimiser steps (a resumed run continues up to this total)")
@@ -315,7 +311,6 @@ class TrainConfig:
     precision: str = _opt("fp32", "compute precision (fp16 adds a GradScaler)", choices=PRECISIONS)
     grad_accum: int = _opt(1, "micro-batches per optimiser step")
     seed: int = _opt(0, "seed of the initialisation, patches and batches (>= 0)")
-    checkpoint_dir: str | os.PathLike | None = None
     checkpoint_every: int = _opt(500, "write the checkpoint every this many steps")
     lr_schedule: str = _opt(
         "step",
@@ -328,10 +323,7 @@ class TrainConfig:
     val_every: int = _opt(
         300, "with --val-subjects: score them every this many steps (and after the last)"
     )
-    log_path: str | os.PathLike | None = None
-    val_log_path: str | os.PathLike | None = None
     log_every: int = 1
-    progress: bool = True
     device: str = _opt("cpu", "where to train: cpu, cuda, cuda:1, ...")
     sync_across_ranks: bool = False
 
@@ -368,7 +360,8 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    """Inference settings (``fasttversky.app.training.predict``) and the mask threshold."""
+    """Every choice of a prediction (``fasttversky.app.training.inference.segment_volume``):
+    sliding windows, mirroring, the mask threshold and the minimum lesion size."""
 
     window: list | None = _opt(
         None,
@@ -443,8 +436,8 @@ class RunSettings:
     """One training run: the model's, the data's, the loop's and inference's settings.
 
     ``run.json`` is ``{"model": {...}, "data": {...}, "train": {...}, "predict": {...}}``
-    (:meth:`to_dict`); :meth:`from_dict` reads it back to an equal object. The per-run
-    paths of ``train`` (checkpoint_dir, log_path) are not part of it: the run folder is.
+    (:meth:`to_dict`); :meth:`from_dict` reads it back to an equal object. Where a run
+    writes is not part of it (``TrainOutputs``): the run folder is.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -480,11 +473,7 @@ class RunSettings:
     def to_dict(self) -> dict:
         out = {}
         for name in _SECTIONS:
-            d = asdict(getattr(self, name))
-            if name == "train":
-                for k in ("checkpoint_dir", "log_path", "val_log_path", "progress"):
-                    d.pop(k)
-            out[name] = d
+            out[name] = asdict(getattr(self, name))
         return out
 
     @classmethod

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from .config import (
-    MIRRORS,
     RUN_CHECKPOINTS,
     TRANSPLANT_CONTRASTS,
     DataConfig,
@@ -57,6 +56,7 @@ __all__ = [
     "metric_table",
     "predict_dataset",
     "predict_prepared",
+    "segment_prepared",
     "prepare_all",
     "split_validation",
     "synth",
@@ -184,8 +184,9 @@ def build_model(settings: RunSettings):
 def with_default_window(settings: RunSettings) -> RunSettings:
     """``settings`` with the prediction window set to the training patch size when the
     run trains on patches and no window was chosen: a network trained on patches (with
-    instance norm in particular, whose statistics are those of a patch) predicts best on
-    windows of that size; issue 11 measured 2-7 DSC points lost by whole-volume passes."""
+    instance norm in particular, whose statistics are those of a patch) sees inputs like
+    its training ones on windows of that size. Whole-volume passes against windows,
+    measured per patch size: bench/results/lesion_cpu.md."""
     if settings.predict.window is None and settings.data.patch_size is not None:
         return replace(
             settings, predict=replace(settings.predict, window=list(settings.data.patch_size))
@@ -207,7 +208,9 @@ def train_run(
 
     Checks the settings, then reads every subject, before building the model. Writes
     ``out/run.json``, ``out/last.pt`` and ``out/metrics.jsonl``. ``resume=True``
-    continues from ``out/last.pt`` (DataError if there is none).
+    continues from ``out/last.pt`` (DataError if there is none or it cannot be read).
+    Nothing written names ``out``, so ``out`` may be a temporary folder renamed to its
+    final name afterwards.
 
     ``transplant_masks``: a folder of real lesion masks, each transplanted into the
     training brains (cycling) as an extra training subject with
@@ -231,10 +234,33 @@ def train_run(
     # Held-out subjects' own masks never reach training as transplants either.
     skip = [*exclude, *(s.name for s in val_subjects)]
     out = Path(out)
+    if resume:
+        _check_resumable_run(out, settings)
+    _check_transplant_options(transplant_masks, exclude, skip, subjects)
+    # The held-out subjects first: a bad choice fails before the training set is read.
+    val_prepared = _prepare_validation(val_subjects, settings)
+    prepared = prepare_all(subjects, settings.data.target_shape, False, settings.data.normalisation)
+    missing = [p.name for p in prepared if p.mask is None]
+    if missing:
+        raise DataError(f"subjects without a lesion mask cannot be trained on: {missing}")
+    extra = _transplants(subjects, transplant_masks, skip, settings, progress)
+    settings = with_default_window(settings)
+    _write_run_record(out, settings, resume, transplant_masks, skip, extra)
+    batches = _training_batches(prepared + extra, settings)
+    return _train_model(settings, batches, out, val_prepared, resume, progress)
+
+
+def _check_resumable_run(out: Path, settings: RunSettings) -> None:
+    """DataError when ``out`` holds no readable checkpoint to resume from (checked
+    before any data is read); ConfigError when the held-out subjects differ from the
+    run's."""
+    from .training import load_checkpoint
+
     last = out / RUN_CHECKPOINTS["last"]
-    if resume and not last.is_file():
+    if not last.is_file():
         raise DataError(f"{last} missing: nothing to resume (train without --resume)")
-    if resume and (out / RUN_SETTINGS).is_file():
+    load_checkpoint(last)  # a truncated or corrupt file fails here, naming itself
+    if (out / RUN_SETTINGS).is_file():
         held = RunSettings.load(out / RUN_SETTINGS).data.val_subjects
         if held != settings.data.val_subjects:
             # Another held-out set changes the training set and what "best" means.
@@ -243,17 +269,25 @@ def train_run(
                 f"{settings.data.val_subjects} differs from the run's {held}: "
                 "a resumed run keeps its held-out subjects",
             )
+
+
+def _check_transplant_options(transplant_masks, exclude, skip, subjects) -> None:
+    """A bad transplant folder or excluded name fails before any data is read."""
     if exclude and transplant_masks is None:
         raise ConfigError("exclude_masks", "only applies with --transplant-masks (none given)")
-    if transplant_masks is not None:  # a bad folder or name fails before any data is read
-        from .data.synth import check_excluded_names, lesion_mask_files
+    if transplant_masks is None:
+        return
+    from .data.synth import check_excluded_names, lesion_mask_files
 
-        try:
-            lesion_mask_files(transplant_masks, [*skip, *(s.name for s in subjects)])
-            check_excluded_names(transplant_masks, exclude)  # (validation names need no mask)
-        except ValueError as e:
-            raise DataError(str(e)) from None
-    # The held-out subjects first: a bad choice fails before the training set is read.
+    try:
+        lesion_mask_files(transplant_masks, [*skip, *(s.name for s in subjects)])
+        check_excluded_names(transplant_masks, exclude)  # (validation names need no mask)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def _prepare_validation(val_subjects, settings: RunSettings) -> list:
+    """The held-out subjects, prepared; ConfigError when they cannot be scored."""
     val_prepared = prepare_all(
         val_subjects, settings.data.target_shape, False, settings.data.normalisation
     )
@@ -267,36 +301,36 @@ def train_run(
                 f"{[p.name for p in val_prepared]} hold no lesion voxel, so their DSC is "
                 "undefined; hold out subjects with lesions",
             )
-    prepared = prepare_all(subjects, settings.data.target_shape, False, settings.data.normalisation)
-    missing = [p.name for p in prepared if p.mask is None]
-    if missing:
-        raise DataError(f"subjects without a lesion mask cannot be trained on: {missing}")
-    extra = []
-    if transplant_masks is not None:
-        from .data.synth import transplanted_subjects
+    return val_prepared
 
-        try:
-            extra = transplanted_subjects(
-                [s for s in subjects if not hasattr(s, "image")],
-                transplant_masks,
-                skip,
-                target_shape=settings.data.target_shape,
-                seed=settings.train.seed,
-                contrast=settings.data.transplant_contrast,
-                progress=(lambda it: progress_bar(it, "transplant", True)) if progress else None,
-                normalisation=settings.data.normalisation,
-            )
-        except ValueError as e:
-            raise DataError(str(e)) from e
-    settings = with_default_window(settings)
 
-    import torch
+def _transplants(subjects, transplant_masks, skip, settings: RunSettings, progress) -> list:
+    """The extra training subjects made by transplanting real lesion masks into the
+    training brains (none without ``transplant_masks``)."""
+    if transplant_masks is None:
+        return []
+    from .data.synth import transplanted_subjects
 
-    from .data import LesionDataset, PaddedBatches, RandomBatches
-    from .training import train
+    try:
+        return transplanted_subjects(
+            [s for s in subjects if not hasattr(s, "image")],
+            transplant_masks,
+            skip,
+            target_shape=settings.data.target_shape,
+            seed=settings.train.seed,
+            contrast=settings.data.transplant_contrast,
+            progress=(lambda it: progress_bar(it, "transplant", True)) if progress else None,
+            normalisation=settings.data.normalisation,
+        )
+    except ValueError as e:
+        raise DataError(str(e)) from e
 
+
+def _write_run_record(out: Path, settings, resume, transplant_masks, skip, extra) -> None:
+    """``run.json`` (and ``transplants.json``) in ``out``; a fresh run drops an earlier
+    run's ``val.jsonl``, whose scores must not pass for this run's."""
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # an earlier run's scores must not pass for this run's
+    if not resume:
         (out / VAL_LOG).unlink(missing_ok=True)
     settings.save(out / RUN_SETTINGS)
     if transplant_masks is not None:
@@ -311,6 +345,13 @@ def train_run(
                 indent=1,
             )
         )
+
+
+def _training_batches(prepared: list, settings: RunSettings):
+    """The seeded batch source of a run: patches (augmented if asked) or whole volumes
+    padded to the U-Net's multiple."""
+    from .data import LesionDataset, PaddedBatches, RandomBatches
+
     d = settings.data
     augmenter = None
     if d.augment != "none":
@@ -318,7 +359,7 @@ def train_run(
 
         augmenter = Augmenter(augment_config(d.augment), d.patch_size)
     ds = LesionDataset(
-        prepared + extra,
+        prepared,
         d.target_shape,
         d.patch_size,
         lesion_prob=d.lesion_prob,
@@ -329,12 +370,22 @@ def train_run(
     batches = RandomBatches(ds, d.batch_size, settings.train.seed)
     if d.patch_size is None:
         batches = PaddedBatches(batches, settings.model.multiple)
+    return batches
+
+
+def _train_model(settings: RunSettings, batches, out: Path, val_prepared, resume, progress):
+    """Build the seeded model and train it into ``out`` -> (model, TrainResult)."""
+    import torch
+
+    from .training import TrainOutputs, train
+
     torch.manual_seed(settings.train.seed)  # reproducible initialisation
     model = build_model(settings)
     config = replace(
-        settings.train,
+        settings.train, checkpoint_every=min(settings.train.checkpoint_every, settings.train.steps)
+    )
+    outputs = TrainOutputs(
         checkpoint_dir=out,
-        checkpoint_every=min(settings.train.checkpoint_every, settings.train.steps),
         log_path=out / METRICS_LOG,
         val_log_path=out / VAL_LOG if val_prepared else None,
         progress=progress,
@@ -345,7 +396,8 @@ def train_run(
         def validate(m):
             return validation_scores(m, val_prepared, settings)
 
-    result = train(model, batches, config, resume=True if resume else None, validate=validate)
+    resume = True if resume else None
+    result = train(model, batches, config, resume=resume, validate=validate, outputs=outputs)
     return model, result
 
 
@@ -410,49 +462,68 @@ def load_run(run: str | Path, checkpoint: str = "last"):
             else "the run was trained without --val-subjects (or has not validated yet)"
         )
         raise DataError(f"{file} missing; {why}")
+    advice = (
+        "resume or train the run again, or predict with another run"
+        if checkpoint == "last"
+        else "predict with --weights last, or with another run"
+    )
+    state = load_checkpoint(file, advice=advice)  # CheckpointError (a DataError), one line
     model = build_model(settings)
     try:
-        model.load_state_dict(load_checkpoint(file)["model"])
-    except Exception as e:  # torch raises RuntimeError/pickle errors/EOFError for bad files
-        raise DataError(f"{file}: cannot load ({type(e).__name__}: {e})") from e
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:  # torch's text lists every key: not shown
+        raise DataError(
+            f"{file}: its weights do not fit the model {run / RUN_SETTINGS} describes "
+            f"({type(e).__name__}); the run folder mixes two runs: train it again"
+        ) from e
     model.eval()
     return model, settings
 
 
 def predict_prepared(model, prepared, settings: RunSettings, device: str | None = None):
-    """Foreground probability of a PreparedSubject on the file's grid, (X, Y, Z) float32.
+    """Foreground probability of a PreparedSubject on the file's grid, (X, Y, Z) float32
+    (the probability of :func:`segment_prepared`, without thresholding)."""
+    from .training.inference import lesion_probability
 
-    Voxels outside the brain are set to 0: lesions are inside the brain by definition,
-    and the background is not something the network was trained to judge.
-    """
-    import torch
-
-    from .training import predict
-
-    device = device or settings.train.device
-    prob = predict(
-        model,
-        torch.from_numpy(prepared.image),
-        window=settings.predict.window,
-        overlap=settings.predict.overlap,
-        weighting=settings.predict.weighting,
-        mirror_axes=MIRRORS[settings.predict.mirror],
-        precision=settings.train.precision if device != "cpu" else "fp32",
-        device=device,
+    device, precision = _inference_device(settings, device)
+    prob = lesion_probability(
+        model, prepared.image, settings.predict, prepared.brain, device=device, precision=precision
     )
-    prob = prob.cpu().numpy().astype(np.float32) * prepared.brain
     return prepared.to_file_grid(prob)
 
 
-def mask_from_prob(prob: np.ndarray, config: PredictConfig) -> np.ndarray:
-    """(X, Y, Z) probability -> uint8 lesion mask: ``prob >= threshold``, then 26-connected
-    components below ``min_lesion_size`` voxels removed."""
-    from .training.inference import remove_small_components
+def segment_prepared(model, prepared, settings: RunSettings, device: str | None = None):
+    """(probability, uint8 mask) of a PreparedSubject on the file's grid: the one
+    inference path (:func:`fasttversky.app.training.inference.segment_volume`) with the
+    run's settings. Voxels outside the brain are 0: lesions are inside the brain by
+    definition, and the background is not something the network was trained to judge."""
+    from .training.inference import segment_volume
 
-    mask = prob >= config.threshold
-    if config.min_lesion_size > 1:
-        mask = remove_small_components(mask, config.min_lesion_size)
-    return mask.astype(np.uint8)
+    device, precision = _inference_device(settings, device)
+    return segment_volume(
+        model,
+        prepared.image,
+        settings.predict,
+        prepared.brain,
+        device=device,
+        precision=precision,
+        to_grid=prepared.to_file_grid,
+    )
+
+
+def _inference_device(settings: RunSettings, device: str | None) -> tuple[str, str]:
+    """(device, precision) of inference: the run's device unless one is given; the run's
+    precision on an accelerator, fp32 on the CPU."""
+    device = device or settings.train.device
+    return device, settings.train.precision if device != "cpu" else "fp32"
+
+
+def mask_from_prob(prob: np.ndarray, config: PredictConfig) -> np.ndarray:
+    """(X, Y, Z) probability -> uint8 lesion mask (the last step of the inference path,
+    :func:`fasttversky.app.training.inference.lesion_mask`)."""
+    from .training.inference import lesion_mask
+
+    return lesion_mask(prob, config)
 
 
 def predict_dataset(
@@ -489,12 +560,13 @@ def predict_dataset(
     # are read again one at a time below, so memory holds one volume, not the dataset.
     for s in subjects:
         load_subject(s)
-    out = Path(out)
+    out = Path(out)  # written as given: the caller may pass a temporary folder and rename it
+    out.mkdir(parents=True, exist_ok=True)
     for s in progress_bar(subjects, "predict", progress):
         p = prepare_subject(s, settings.data.target_shape, settings.data.normalisation)
-        prob = predict_prepared(model, p, settings, device=device)
+        prob, mask = segment_prepared(model, p, settings, device=device)
         save_volume(out / p.name / "prob.nii.gz", prob, p.affine)
-        save_volume(out / p.name / "mask.nii.gz", mask_from_prob(prob, settings.predict), p.affine)
+        save_volume(out / p.name / "mask.nii.gz", mask, p.affine)
     # Every setting that made these files, beside them.
     (out / "inference.json").write_text(
         json.dumps(
