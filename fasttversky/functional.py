@@ -56,45 +56,6 @@ def tversky_loss(
             uint8/int16/int32/int64/bool with labels in [0, C) (in {0, 1} when C = 1),
             never expanded to one-hot; or a float (B, C, *spatial) one-hot/soft target
             in [0, 1].
-        alpha, beta: >= 0, a float or one value per class.
-        activation: "softmax" (C >= 2), "sigmoid" (binary C = 1 or multi-label) or
-            "none" (logits already are probabilities).
-        include_background: if False, class 0 adds no term (ignored when C = 1, whose
-            single channel is the foreground).
-        batch: pool the sums over the batch (one term per class).
-        reduction: "mean" (Σ w_c·term / (Σ w_c · B), B = 1 with ``batch=True``), "sum"
-            or "none", which returns the (B, C') terms (times ``class_weights`` when
-            given), or (C',) with ``batch=True``; C' = classes kept.
-        smooth_nr, smooth_dr: >= 0, added to numerator and denominator.
-        gamma: > 0, exponent of each term. The term is ``max(1 - T, 0) ** gamma``
-            for every gamma (1 - T < 0 only when smooth_nr > smooth_dr, or for
-            activation="none" inputs outside [0, 1]): continuous in
-            gamma, exactly 0 for a perfectly predicted class, with a finite gradient
-            (0 where 1 - T <= 0). ``compat.monai`` keeps MONAI's unclamped 1 - T.
-        ignore_index: label value whose voxels add nothing and get zero gradient.
-        class_weights: C non-negative weights of the terms.
-        backend: "auto", "cpu", "torch", "triton" or "cuda" (env FASTTVERSKY_BACKEND
-            overrides "auto"). An explicit backend that cannot run raises with reasons.
-        sync_across_ranks: under torch.distributed, compute the loss on the batch
-            concatenated over all ranks (the per-sample sums are all-gathered, with
-            autograd), so DDP's averaged gradients equal single-process training.
-        ce_weight: >= 0. When > 0 the result is the Tversky loss (as above) +
-            ``ce_weight`` × CE, computed in the same single pass over the volume (the
-            compound loss of nnU-Net / MONAI DiceCE). CE is always ONE mean over the
-            whole batch's non-ignored voxels, whatever ``batch`` says (like
-            ``F.cross_entropy``), and it is added once to the "mean" or "sum" of the
-            Tversky terms; ``reduction="none"`` raises. Needs an integer label map and
-            activation "softmax" or "sigmoid".
-            softmax: ``F.cross_entropy(logits, labels, weight=ce_class_weights,
-            ignore_index=ignore_index)``, i.e. Σ w_y·(−log p_y) / Σ w_y over the
-            non-ignored voxels. sigmoid: ``F.binary_cross_entropy_with_logits(logits,
-            onehot, weight=ce_class_weights[c] per channel)`` where onehot is
-            (label == c), or (label == 1) for C = 1, averaged over the C × non-ignored
-            voxels (ignored voxels add nothing, like a zero weight, and are not counted).
-            Where no voxel counts, CE is 0 rather than F.cross_entropy's NaN.
-        ce_class_weights: C non-negative weights of the CE classes (torch's ``weight``),
-            not all zero; independent of ``class_weights``.
-        clamp_terms: False keeps MONAI's unclamped ``(1 - T) ** gamma``.
 
     Raises:
         InvalidInputError (a ValueError): an invalid option or input, including NaN/inf
@@ -239,9 +200,10 @@ def _prepare(logits, target, activation, ignore_index):
 # --------------------------------------------------------------------------------------
 # the (B, C) part
 # --------------------------------------------------------------------------------------
-def _focal(d: torch.Tensor, gamma: float) -> torch.Tensor:
+def _focal(d: torch.Tensor, gamma) -> torch.Tensor:
     """max(d, 0) ** gamma, continuous in gamma, with a finite gradient everywhere.
 
+    ``gamma`` is a float or a tensor of one exponent per class (the last dim of d).
     d = 1 - T is below 0 only when smooth_nr > smooth_dr and the prediction is (nearly)
     perfect, or when activation="none" gets values outside [0, 1]. Clamping makes a
     perfect class cost 0 for every gamma, instead of a negative term at gamma = 1 and a
@@ -250,10 +212,53 @@ def _focal(d: torch.Tensor, gamma: float) -> torch.Tensor:
     as d -> 0+ and is finite for every d > 0. The inner where keeps pow's backward away
     from 0**(gamma-1) = inf (whose product with a zero upstream gradient would be NaN).
     """
-    if gamma == 1.0:
+    if isinstance(gamma, float) and gamma == 1.0:
         return d.clamp_min(0.0)
     pos = d > 0
     return torch.where(pos, torch.where(pos, d, torch.ones_like(d)) ** gamma, torch.zeros_like(d))
+
+
+def _kept_classes(opts: TverskyOptions, C: int) -> slice:
+    return slice(1, None) if not opts.include_background and C > 1 else slice(None)
+
+
+def _class_values(stats: torch.Tensor, opts: TverskyOptions, name: str, kept: slice):
+    """Option ``name`` for the kept classes: a (C',) float64 tensor, or None."""
+    values = opts.per_class(name, stats.shape[1])
+    return None if values is None else stats.new_tensor(values)[kept]
+
+
+def _terms(stats: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
+    """The Tversky terms (B, C') (or (C',) with ``batch``) of the kept classes, weighted;
+    with ``generalized`` one term per sample, (B, 1) (or (1,))."""
+    kept = _kept_classes(opts, stats.shape[1])
+    spg, sp, sg = stats[:, kept, 0], stats[:, kept, 1], stats[:, kept, 2]
+    if opts.batch:
+        spg, sp, sg = spg.sum(0), sp.sum(0), sg.sum(0)
+    a, b = _class_values(stats, opts, "alpha", kept), _class_values(stats, opts, "beta", kept)
+    tp, fp, fn = spg, sp - spg, sg - spg
+    num, den = tp + opts.smooth_nr, tp + a * fp + b * fn + opts.smooth_dr
+    if opts.generalized is not None:
+        w = _generalized_weights(sg.detach(), opts.generalized)
+        num = (w * tp).sum(-1, keepdim=True) + opts.smooth_nr
+        den = (w * (tp + a * fp + b * fn)).sum(-1, keepdim=True) + opts.smooth_dr
+    gamma = opts.gamma if isinstance(opts.gamma, float) else _class_values(stats, opts, "gamma", kept)
+    d = 1.0 - num / den
+    terms = _focal(d, gamma) if opts.clamp_terms else d**gamma
+    weights = _class_values(stats, opts, "class_weights", kept)
+    return terms if weights is None else terms * weights
+
+
+def _generalized_weights(counts: torch.Tensor, kind: str) -> torch.Tensor:
+    """Class weights from the label counts (..., C'): 1/G², 1/G or 1; a class absent from
+    a sample (G = 0) takes the largest weight of its sample's present classes (MONAI's
+    rule; 0 when no class is present), over the whole batch when counts is (C',)."""
+    if kind == "uniform":
+        return torch.ones_like(counts)
+    w = counts.reciprocal() if kind == "simple" else (counts * counts).reciprocal()
+    absent = torch.isinf(w)
+    w = torch.where(absent, torch.zeros_like(w), w)
+    return torch.where(absent, w.amax(-1, keepdim=True), w)
 
 
 def _finalize(stats: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
@@ -263,31 +268,18 @@ def _finalize(stats: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
     (B, C, 5) for sigmoid, whose column 4 holds the sample's non-ignored voxel count
     (the same in every class), so that both travel through the DDP all-gather.
     """
-    B, C, _ = stats.shape
-    spg, sp, sg = stats[..., 0], stats[..., 1], stats[..., 2]
-    if opts.batch:
-        spg, sp, sg = spg.sum(0), sp.sum(0), sg.sum(0)
-    a = stats.new_tensor(opts.per_class("alpha", C))
-    b = stats.new_tensor(opts.per_class("beta", C))
-    tp, fp, fn = spg, sp - spg, sg - spg
-    t = (tp + opts.smooth_nr) / (tp + a * fp + b * fn + opts.smooth_dr)
-    terms = _focal(1.0 - t, opts.gamma) if opts.clamp_terms else (1.0 - t) ** opts.gamma
-    weights = opts.per_class("class_weights", C)
-    w = stats.new_tensor(weights) if weights is not None else None
-    if not opts.include_background and C > 1:
-        terms = terms[..., 1:]
-        w = w[1:] if w is not None else None
-    if w is not None:
-        terms = terms * w
+    terms = _terms(stats, opts)
     if opts.reduction == "none":
         return terms
     if opts.reduction == "sum":
         loss = terms.sum()
     else:
-        n = 1 if opts.batch else B
-        loss = terms.sum() / ((w.sum() if w is not None else terms.shape[-1]) * n)
+        kept = _kept_classes(opts, stats.shape[1])
+        weights = _class_values(stats, opts, "class_weights", kept)
+        per_sample = weights.sum() if weights is not None else terms.shape[-1]
+        loss = terms.sum() / (per_sample * (1 if opts.batch else stats.shape[0]))
     if opts.ce_weight > 0:
-        ce_w = opts.per_class("ce_class_weights", C)
+        ce_w = opts.per_class("ce_class_weights", stats.shape[1])
         loss = loss + opts.ce_weight * _cross_entropy(stats, ce_w, opts.activation)
     return loss
 

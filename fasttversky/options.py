@@ -20,7 +20,10 @@ from ._spec import ACTIVATIONS
 from .errors import InvalidInputError, InvalidInputTypeError
 
 REDUCTIONS = ("mean", "sum", "none")
-_PER_CLASS = ("alpha", "beta", "class_weights", "ce_class_weights")
+# Generalized Dice (Sudre et al., 2017; MONAI's GeneralizedDiceLoss w_type): class c
+# weighs 1/G_c² ("square"), 1/G_c ("simple") or 1 ("uniform"), G_c its label count.
+GENERALIZED_WEIGHTS = ("square", "simple", "uniform")
+_PER_CLASS = ("alpha", "beta", "gamma", "class_weights", "ce_class_weights")
 
 PerClass = float | tuple[float, ...]
 
@@ -41,18 +44,18 @@ def _real(name: str, value, *, positive: bool = False) -> float:
     return value
 
 
-def _per_class(name: str, value) -> PerClass:
+def _per_class(name: str, value, *, positive: bool = False) -> PerClass:
     """One number for every class, or a tuple of one per class (from a sequence or tensor)."""
     if hasattr(value, "detach"):  # torch.Tensor: read once, here, not at every call
         value = value.detach().cpu()
         value = value.item() if value.dim() == 0 else value.flatten().tolist()
     if _is_real(value):
-        return _real(name, value)
+        return _real(name, value, positive=positive)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) == 0:
             raise InvalidInputError(f"{name} is empty; give a number or one per class")
         try:
-            return tuple(_real(name, v) for v in value)
+            return tuple(_real(name, v, positive=positive) for v in value)
         except InvalidInputError as exc:  # name the whole value, not one entry of it
             raise type(exc)(str(exc).rsplit(", got", 1)[0] + f", got {value}") from None
     raise InvalidInputTypeError(f"{name} must be a float or a sequence of C floats, got {value!r}")
@@ -72,11 +75,59 @@ def _choice(name: str, value, allowed) -> str:
 
 @dataclass(frozen=True)
 class TverskyOptions:
-    """Every option of :func:`fasttversky.tversky_loss` (see there for their meaning).
+    """Every option of :func:`fasttversky.tversky_loss`, declared and checked here.
 
-    Per-class values (``alpha``, ``beta``, ``class_weights``, ``ce_class_weights``) are
-    stored as a float or a tuple of floats; tensors are read once, at construction.
-    ``clamp_terms=False`` keeps MONAI's unclamped ``(1 - T) ** gamma`` (``compat.monai``).
+    Per-class values (``alpha``, ``beta``, ``gamma``, ``class_weights``,
+    ``ce_class_weights``) are stored as a float or a tuple of floats; tensors are read
+    once, at construction.
+
+    Attributes:
+        alpha, beta: >= 0, a float or one value per class.
+        activation: "softmax" (C >= 2), "sigmoid" (binary C = 1 or multi-label) or
+            "none" (logits already are probabilities).
+        include_background: if False, class 0 adds no term (ignored when C = 1, whose
+            single channel is the foreground).
+        batch: pool the sums over the batch (one term per class).
+        reduction: "mean" (Σ w_c·term / (Σ w_c · B), B = 1 with ``batch=True``), "sum"
+            or "none", which returns the (B, C') terms (times ``class_weights`` when
+            given), or (C',) with ``batch=True``; C' = classes kept.
+        smooth_nr, smooth_dr: >= 0, added to numerator and denominator.
+        gamma: > 0, exponent of each term, a float or one value per class. The term is ``max(1 - T, 0) ** gamma``
+            for every gamma (1 - T < 0 only when smooth_nr > smooth_dr, or for
+            activation="none" inputs outside [0, 1]): continuous in
+            gamma, exactly 0 for a perfectly predicted class, with a finite gradient
+            (0 where 1 - T <= 0). ``compat.monai`` keeps MONAI's unclamped 1 - T.
+        generalized: None, or "square", "simple", "uniform": the generalized Tversky
+            (Dice for alpha = beta = 0.5) of Sudre et al. 2017, one term per sample (per
+            batch with ``batch``): ``(Σ_c w_c TP_c + smooth_nr) / (Σ_c w_c (TP_c +
+            alpha_c FP_c + beta_c FN_c) + smooth_dr)``, ``w_c`` = 1/G_c², 1/G_c or 1 for
+            G_c the count of class c (no gradient through it); a class absent from the
+            sample takes the largest weight of the present ones (MONAI's rule).
+            "none" reduction gives (B, 1) (or (1,)). Needs one gamma, no class_weights.
+        ignore_index: label value whose voxels add nothing and get zero gradient.
+        class_weights: C non-negative weights of the terms.
+        backend: "auto", "cpu", "torch", "triton" or "cuda" (env FASTTVERSKY_BACKEND
+            overrides "auto"). An explicit backend that cannot run raises with reasons.
+        sync_across_ranks: under torch.distributed, compute the loss on the batch
+            concatenated over all ranks (the per-sample sums are all-gathered, with
+            autograd), so DDP's averaged gradients equal single-process training.
+        ce_weight: >= 0. When > 0 the result is the Tversky loss (as above) +
+            ``ce_weight`` × CE, computed in the same single pass over the volume (the
+            compound loss of nnU-Net / MONAI DiceCE). CE is always ONE mean over the
+            whole batch's non-ignored voxels, whatever ``batch`` says (like
+            ``F.cross_entropy``), and it is added once to the "mean" or "sum" of the
+            Tversky terms; ``reduction="none"`` raises. Needs an integer label map and
+            activation "softmax" or "sigmoid".
+            softmax: ``F.cross_entropy(logits, labels, weight=ce_class_weights,
+            ignore_index=ignore_index)``, i.e. Σ w_y·(−log p_y) / Σ w_y over the
+            non-ignored voxels. sigmoid: ``F.binary_cross_entropy_with_logits(logits,
+            onehot, weight=ce_class_weights[c] per channel)`` where onehot is
+            (label == c), or (label == 1) for C = 1, averaged over the C × non-ignored
+            voxels (ignored voxels add nothing, like a zero weight, and are not counted).
+            Where no voxel counts, CE is 0 rather than F.cross_entropy's NaN.
+        ce_class_weights: C non-negative weights of the CE classes (torch's ``weight``),
+            not all zero; independent of ``class_weights``.
+        clamp_terms: False keeps MONAI's unclamped ``(1 - T) ** gamma`` (compat.monai).
     """
 
     alpha: PerClass = 0.3
@@ -87,7 +138,8 @@ class TverskyOptions:
     reduction: str = "mean"
     smooth_nr: float = 1e-5
     smooth_dr: float = 1e-5
-    gamma: float = 1.0
+    gamma: PerClass = 1.0
+    generalized: str | None = None
     ignore_index: int | None = None
     class_weights: tuple[float, ...] | None = None
     backend: str = "auto"
@@ -116,7 +168,9 @@ class TverskyOptions:
             out[name] = _flag(name, getattr(self, name))
         out["smooth_nr"] = _real("smooth_nr", self.smooth_nr)
         out["smooth_dr"] = _real("smooth_dr", self.smooth_dr)
-        out["gamma"] = _real("gamma", self.gamma, positive=True)
+        out["gamma"] = _per_class("gamma", self.gamma, positive=True)
+        if self.generalized is not None:
+            out["generalized"] = _choice("generalized", self.generalized, GENERALIZED_WEIGHTS)
         out["ce_weight"] = _real("ce_weight", self.ce_weight)
         ii = self.ignore_index
         if ii is not None and (isinstance(ii, bool) or not isinstance(ii, numbers.Integral)):
@@ -134,6 +188,13 @@ class TverskyOptions:
             raise InvalidInputError(
                 "reduction='none' is not defined with ce_weight > 0 (the cross-entropy is "
                 "one mean over the batch); use 'mean' or 'sum'"
+            )
+        if self.generalized is not None and (
+            isinstance(self.gamma, tuple) or self.class_weights is not None
+        ):
+            raise InvalidInputError(
+                "generalized weights make one term per sample: give one gamma and no "
+                "class_weights with them"
             )
         if self.ce_weight > 0 and self.activation not in ("softmax", "sigmoid"):
             raise InvalidInputError(

@@ -32,7 +32,8 @@ def reference_tversky_loss(
     reduction: str = "mean",
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
-    gamma: float = 1.0,
+    gamma: float | Sequence[float] = 1.0,
+    generalized: str | None = None,
     ignore_index: int | None = None,
     class_weights: Sequence[float] | None = None,
     ce_weight: float = 0.0,
@@ -60,6 +61,7 @@ def reference_tversky_loss(
             smooth_nr=smooth_nr,
             smooth_dr=smooth_dr,
             gamma=gamma,
+            generalized=generalized,
             ignore_index=ignore_index,
             class_weights=class_weights,
         )
@@ -117,19 +119,32 @@ def reference_tversky_loss(
     # 4. the index and the loss
     a = _per_class(alpha, C, p)
     b = _per_class(beta, C, p)
-    t = (tp + smooth_nr) / (tp + a * fp + b * fn + smooth_dr)
-    # max(1 - T, 0) ** gamma for every gamma (fasttversky's stated semantics; 1 - T < 0
-    # only when smooth_nr > smooth_dr). Plain pow: its gradient at exactly 0 is not used.
-    terms = torch.clamp(1 - t, min=0) ** gamma
-
+    g_exp = _per_class(gamma, C, p)
     w = (
         _per_class(class_weights, C, p)
         if class_weights is not None
         else torch.ones(C, dtype=p.dtype, device=p.device)
     )
     if not include_background and C > 1:
-        terms = terms[..., 1:]
-        w = w[1:]
+        tp, fp, fn, a, b, g_exp, w = (v[..., 1:] for v in (tp, fp, fn, a, b, g_exp, w))
+    if generalized is not None:
+        # Generalized Tversky: weighted sums over the classes first, one ratio per sample.
+        count = (tp + fn).detach()
+        gw = {"square": 1 / count**2, "simple": 1 / count, "uniform": torch.ones_like(count)}[
+            generalized
+        ]
+        absent = torch.isinf(gw)
+        gw = gw.masked_fill(absent, 0.0)
+        gw = gw + absent * gw.max(-1, keepdim=True).values
+        t = ((gw * tp).sum(-1, keepdim=True) + smooth_nr) / (
+            (gw * (tp + a * fp + b * fn)).sum(-1, keepdim=True) + smooth_dr
+        )
+        g_exp, w = g_exp[..., :1], w[..., :1]
+    else:
+        t = (tp + smooth_nr) / (tp + a * fp + b * fn + smooth_dr)
+    # max(1 - T, 0) ** gamma for every gamma (fasttversky's stated semantics; 1 - T < 0
+    # only when smooth_nr > smooth_dr). Plain pow: its gradient at exactly 0 is not used.
+    terms = torch.clamp(1 - t, min=0) ** g_exp
     weighted = terms * w
 
     if reduction == "none":
