@@ -464,7 +464,7 @@ class RunSettings:
             raise ConfigError("steps", f"must be >= 1, got {self.train.steps}")
         if self.data.augment != "none" and self.data.patch_size is None:
             raise ConfigError("augment", "needs patch training (a --patch-size)")
-        from .._dispatch import BACKENDS
+        from fasttversky import BACKENDS
 
         _choice("backend", self.train.backend, ("auto", *BACKENDS))
         check_device(self.train.device)
