@@ -87,6 +87,35 @@ def run_benchmark(
 
     import fasttversky
 
+    shape, device, backends = _check_options(shape, device, backends, repeats, warmup)
+    providers = {"plain torch": plain_tversky}
+    for b in backends:
+        providers[f"fused {b}"] = lambda x, y, b=b: fasttversky.tversky_loss(
+            x, y, ALPHA, BETA, backend=b
+        )
+    results = _time_providers(providers, _inputs(shape, device), device, repeats, warmup, log)
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(device),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "fasttversky": fasttversky.__version__,
+        },
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "shape": list(shape),
+        "repeats": repeats,
+        "results": results,
+    }
+
+
+def _check_options(shape, device, backends, repeats: int, warmup: int):
+    """ConfigError for any option that cannot run here -> (shape, device, backends)."""
+    import torch
+
+    import fasttversky
+
     if repeats < 1:
         raise ConfigError("repeats", f"must be >= 1, got {repeats}")
     if warmup < 0:
@@ -106,17 +135,19 @@ def run_benchmark(
             raise ConfigError("backends", f"unknown backend {b!r}; one of {', '.join(available)}")
         if b not in usable:
             raise ConfigError("backends", f"{b} cannot run here: {available[b]}")
+    return shape, device, backends
+
+
+def _time_providers(providers: dict, inputs, device: str, repeats, warmup, log) -> list:
+    """Forward and forward + backward of every provider on the same inputs -> rows."""
+    import torch
+
+    logits, labels = inputs
 
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    logits, labels = _inputs(shape, device)
-    providers = {"plain torch": plain_tversky}
-    for b in backends:
-        providers[f"fused {b}"] = lambda x, y, b=b: fasttversky.tversky_loss(
-            x, y, ALPHA, BETA, backend=b
-        )
     want = float(plain_tversky(logits.detach(), labels))
     results = []
     for name, loss_fn in providers.items():
@@ -144,20 +175,7 @@ def run_benchmark(
                     "abs_diff_vs_plain": abs(value - want),
                 }
             )
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _machine(device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "fasttversky": fasttversky.__version__,
-        },
-        "threads": torch.get_num_threads(),
-        "device": device,
-        "shape": list(shape),
-        "repeats": repeats,
-        "results": results,
-    }
+    return results
 
 
 def _machine(device: str) -> str:

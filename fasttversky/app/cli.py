@@ -638,12 +638,18 @@ def _add_demo(sub, common) -> None:
     )
     _add_force(p, "the demo's files in an existing --out (other files are kept)")
     p.add_argument("--n", type=int, default=6, help="phantoms, a third held out [default: 6]")
-    steps = PRESETS["quick"].run.train.steps
+    quick = PRESETS["quick"].run.train  # what the demo trains
     p.add_argument(
-        "--steps", type=int, default=steps, help=f"training steps (>= 1) [default: {steps}]"
+        "--steps",
+        type=int,
+        default=quick.steps,
+        help=f"training steps (>= 1) [default: {quick.steps}]",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of data, initialisation, batches [default: 0]"
+        "--seed",
+        type=int,
+        default=quick.seed,
+        help=f"seed of data, initialisation, batches [default: {quick.seed}]",
     )
 
 

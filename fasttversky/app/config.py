@@ -60,8 +60,8 @@ AUGMENTS = ("none", "default", "resolution")
 # in normal-appearing white matter (defined by the T1 channel; data.transforms)
 NORMALIZATIONS = ("zscore", "white-matter")
 # DataConfig.transplant_contrast, SynthConfig.contrast: the names of the modes whose
-# parameters data.synth.TRANSPLANT_CONTRASTS defines (keyed by these names; this module
-# stays numpy-free for the CLI's help, and a test keeps the two in step)
+# parameters data.synth.TRANSPLANT_CONTRASTS gives, keyed by these names (this module
+# stays numpy-free for the CLI's help)
 TRANSPLANT_CONTRASTS = ("typical", "wide", "varied", "varied-cortex")
 WEIGHTINGS = ("gaussian", "uniform")  # sliding-window combination
 MIRRORS = {"none": (), "lr": (0,), "all": (0, 1, 2)}  # test-time mirroring axes

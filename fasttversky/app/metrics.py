@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import PredictConfig, field_default
+
 # The paper's metrics (Salehi et al. 2017, Table 1): result key -> display name.
 METRIC_NAMES = {
     "dsc": "DSC",
@@ -46,6 +48,8 @@ METRIC_NAMES = {
 }
 
 METRIC_KEYS = ("dsc", "sensitivity", "specificity", "f2", "apr")
+# The default threshold of the thresholded metrics: the run settings' (the paper's 0.5).
+THRESHOLD = field_default(PredictConfig, "threshold")
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -144,7 +148,7 @@ def _counts(p: np.ndarray, t: np.ndarray, threshold: float) -> tuple[int, int, i
     return tp, fp, fn, p.size - tp - fp - fn
 
 
-def segmentation_metrics(prob, target, threshold: float = 0.5, *, return_curve: bool = False):
+def segmentation_metrics(prob, target, threshold: float = THRESHOLD, *, return_curve: bool = False):
     """Metrics of one foreground-probability volume against a binary mask.
 
     Args:
@@ -168,7 +172,7 @@ def segmentation_metrics(prob, target, threshold: float = 0.5, *, return_curve: 
 
 
 def pooled_metrics(
-    probs: Sequence, targets: Sequence, threshold: float = 0.5, *, return_curve: bool = False
+    probs: Sequence, targets: Sequence, threshold: float = THRESHOLD, *, return_curve: bool = False
 ):
     """Metrics over all voxels of several subjects, as if their volumes were concatenated.
 

@@ -98,73 +98,85 @@ def synth(
     out: str | Path,
     *,
     n: int | None = None,
-    shape: Sequence[int] = (96, 112, 96),
-    seed: int = 0,
+    shape: Sequence[int] | None = None,
+    seed: int | None = None,
     lesion_fraction: Sequence[float] | None = None,
-    noise: float = 0.03,
-    bias: float = 0.12,
-    keep_skull: bool = False,
+    noise: float | None = None,
+    bias: float | None = None,
+    keep_skull: bool | None = None,
     brains: str | Path | None = None,
     lesion_masks: str | Path | None = None,
     exclude_masks: Sequence[str] = (),
-    contrast: str = "varied",
+    contrast: str | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Write a phantom dataset (or, with ``brains`` and ``lesion_masks``, real lesion
     masks transplanted into real brains) -> per-subject stats (``lesion_fraction``...).
     Transplant mode skips masks named like a brain or in ``exclude_masks``; ``contrast``
-    a mode of :data:`fasttversky.app.config.TRANSPLANT_CONTRASTS`."""
+    a mode of :data:`fasttversky.app.config.TRANSPLANT_CONTRASTS`. An option left None
+    takes :class:`~fasttversky.app.config.SynthConfig`'s default."""
+    from .config import SynthConfig
     from .data import synth as synth_mod
 
+    given = dict(
+        shape=shape, seed=seed, noise=noise, bias=bias, keep_skull=keep_skull, contrast=contrast
+    )
+    d = SynthConfig(**{k: v for k, v in given.items() if v is not None})
     if n is not None and n < 1:
         raise ConfigError("n", f"must be >= 1, got {n}")
-    if seed < 0:
-        raise ConfigError("seed", f"must be >= 0, got {seed}")
+    if d.seed < 0:
+        raise ConfigError("seed", f"must be >= 0, got {d.seed}")
     if exclude_masks and not lesion_masks:
         raise ConfigError("exclude_masks", "only applies with --lesion-masks (transplant mode)")
     if brains or lesion_masks:
         if not (brains and lesion_masks):
             raise ConfigError("brains", "and --lesion-masks go together (transplant mode)")
-        if contrast not in TRANSPLANT_CONTRASTS:
+        if d.contrast not in TRANSPLANT_CONTRASTS:
             raise ConfigError(
-                "contrast", f"must be one of {list(TRANSPLANT_CONTRASTS)}, got {contrast!r}"
+                "contrast", f"must be one of {list(TRANSPLANT_CONTRASTS)}, got {d.contrast!r}"
             )
         return synth_mod.write_transplant_dataset(
             out,
             brains,
             lesion_masks,
             n_subjects=n,
-            seed=seed,
+            seed=d.seed,
             progress=lambda it: progress_bar(it, "transplant", progress),
             exclude=exclude_masks,
-            contrast=contrast,
+            contrast=d.contrast,
         )
+    return synth_mod.write_phantom_dataset(
+        out,
+        n_subjects=n or 4,
+        shape=tuple(d.shape),
+        seed=d.seed,
+        progress=lambda it: progress_bar(it, "synth", progress),
+        lesion_fraction=_checked_phantom_options(d.shape, d.noise, d.bias, lesion_fraction),
+        skull_strip=not d.keep_skull,
+        noise=d.noise,
+        bias=d.bias,
+    )
+
+
+def _checked_phantom_options(shape, noise, bias, lesion_fraction):
+    """ConfigError for a phantom option out of range -> the lesion fraction as
+    make_phantom takes it (F, (LOW, HIGH), or None for its default)."""
     if len(shape) != 3 or min(shape) < 8:
         raise ConfigError("shape", f"must be 3 sizes >= 8, got {list(shape)}")
     if noise < 0 or not math.isfinite(noise):
         raise ConfigError("noise", f"must be >= 0, got {noise}")
     if not math.isfinite(bias):
         raise ConfigError("bias", f"must be finite, got {bias}")
-    lf = None
-    if lesion_fraction:
-        if len(lesion_fraction) > 2 or not all(0 < f < 1 for f in lesion_fraction):
-            raise ConfigError(
-                "lesion_fraction", f"must be F or LOW HIGH in (0, 1), got {list(lesion_fraction)}"
-            )
-        lf = lesion_fraction[0] if len(lesion_fraction) == 1 else tuple(lesion_fraction)
-        if isinstance(lf, tuple) and lf[0] > lf[1]:
-            raise ConfigError("lesion_fraction", f"LOW must be <= HIGH, got {list(lf)}")
-    return synth_mod.write_phantom_dataset(
-        out,
-        n_subjects=n or 4,
-        shape=tuple(shape),
-        seed=seed,
-        progress=lambda it: progress_bar(it, "synth", progress),
-        lesion_fraction=lf,
-        skull_strip=not keep_skull,
-        noise=noise,
-        bias=bias,
-    )
+    if not lesion_fraction:
+        return None
+    if len(lesion_fraction) > 2 or not all(0 < f < 1 for f in lesion_fraction):
+        raise ConfigError(
+            "lesion_fraction", f"must be F or LOW HIGH in (0, 1), got {list(lesion_fraction)}"
+        )
+    lf = lesion_fraction[0] if len(lesion_fraction) == 1 else tuple(lesion_fraction)
+    if isinstance(lf, tuple) and lf[0] > lf[1]:
+        raise ConfigError("lesion_fraction", f"LOW must be <= HIGH, got {list(lf)}")
+    return lf
 
 
 # --------------------------------------------------------------------------------------
@@ -585,20 +597,26 @@ def predict_dataset(
 # --------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------
-def evaluate_volumes(probs: dict, targets: dict, threshold: float = 0.5, min_lesion_size: int = 0):
+def evaluate_volumes(
+    probs: dict, targets: dict, threshold: float | None = None, min_lesion_size: int = 0
+):
     """Per-subject and pooled metrics -> (rows, curves) with curves[name] = PRCurve;
     the last row is ``"pooled"``.
 
     Thresholded scores (DSC, sensitivity, specificity, F2) and the lesion-wise ones
     (``fasttversky.app.lesion_metrics``: lesion TPR/precision/F1 and counts) are those
     of the mask ``prob >= threshold`` with components below ``min_lesion_size`` voxels
-    removed; APR and the curves use the probabilities.
+    removed; APR and the curves use the probabilities. ``threshold``: None =
+    :class:`~fasttversky.app.config.PredictConfig`'s.
     """
     from .lesion_metrics import lesion_metrics, pool_lesion_counts
     from .metrics import pooled_metrics, segmentation_metrics
 
-    check_threshold(threshold)
-    config = PredictConfig(threshold=threshold, min_lesion_size=min_lesion_size)
+    config = PredictConfig(min_lesion_size=min_lesion_size)
+    if threshold is not None:
+        check_threshold(threshold)
+        config = replace(config, threshold=threshold)
+    threshold = config.threshold
     masks = {k: mask_from_prob(v, config) for k, v in probs.items()}
     rows, curves = [], {}
     for name in probs:
@@ -625,14 +643,15 @@ def evaluate_folder(
     out: str | Path | None = None,
     *,
     config: DataConfig | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     min_lesion_size: int = 0,
 ) -> tuple[list[dict], dict[str, Path]]:
     """Score ``pred/<subject>/prob.nii.gz`` against the masks of ``data`` -> (rows,
     files): writes ``out/metrics.{md,csv}`` and ``out/pr_curve.png`` (out defaults to
-    ``pred``)."""
+    ``pred``; ``threshold``: None = :class:`~fasttversky.app.config.PredictConfig`'s)."""
     from .plots import plot_pr_curves
 
+    threshold = PredictConfig().threshold if threshold is None else threshold
     check_threshold(threshold)
     config = config or DataConfig()
     pred_dir = Path(pred)
@@ -742,7 +761,7 @@ def demo(
     prepared = prepare_all(test_s, settings.data.target_shape, False, settings.data.normalisation)
     probs = {p.name: predict_prepared(model, p, settings) for p in prepared}
     targets = {p.name: p.full_mask for p in prepared}
-    log("4/4 evaluating (threshold 0.5, values in %)")
+    log(f"4/4 evaluating (threshold {settings.predict.threshold}, values in %)")
     rows, curves = evaluate_volumes(probs, targets, settings.predict.threshold)
     text = metric_table(rows)
     log(text)

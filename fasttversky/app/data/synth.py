@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..config import TRANSPLANT_CONTRASTS as CONTRAST_NAMES
 from ..config import SynthConfig
 from ..errors import DataError
 from .io import DEFAULT_MODALITIES, find_subjects, load_subject, load_volume, save_volume
@@ -84,25 +85,34 @@ VARIED_LESION_FACTOR = {"T1": (1.0, 0.55), "T2": (1.3, 2.2), "FLAIR": (1.2, 1.7)
 # place, not by intensity alone.
 CORTEX_FACTOR = {"T2": (1.1, 1.45), "FLAIR": (1.0, 1.3)}
 
-# Named contrast modes of transplanted lesions -> the keyword arguments of transplant():
-# the one place a mode is defined (synth --contrast, train/reproduce --transplant-masks,
-# transplanted_subjects all look it up here).
+# The parameters of the contrast modes of transplanted lesions -> the keyword arguments
+# of transplant(), in the order of the mode names config.TRANSPLANT_CONTRASTS declares
+# (synth --contrast, train/reproduce --transplant-masks, transplanted_subjects all look
+# a mode up here).
 _VARIED = {
     "factors": VARIED_LESION_FACTOR,
     "severity": (0.0, 1.0),
     "per_lesion": True,
     "per_modality": True,
 }
-TRANSPLANT_CONTRASTS: dict[str, dict] = {
-    # one severity per subject in the typical band (FLAIR 1.31-1.41x)
-    "typical": {"factors": None, "severity": (0.3, 0.8), "per_lesion": False},
-    # one severity per lesion, faint (FLAIR 1.1x) to bright (1.9x), modalities coupled
-    "wide": {"factors": WIDE_LESION_FACTOR, "severity": (0.0, 1.0), "per_lesion": True},
-    # per lesion and per modality, faint end above cortex (FLAIR 1.2-1.7x)
-    "varied": _VARIED,
-    # varied lesions, and the brain's grey matter re-contrasted per copy (CORTEX_FACTOR)
-    "varied-cortex": {**_VARIED, "cortex": CORTEX_FACTOR},
-}
+TRANSPLANT_CONTRASTS: dict[str, dict] = dict(
+    zip(
+        CONTRAST_NAMES,
+        (
+            # typical: one severity per subject in the typical band (FLAIR 1.31-1.41x)
+            {"factors": None, "severity": (0.3, 0.8), "per_lesion": False},
+            # wide: one severity per lesion, faint (FLAIR 1.1x) to bright (1.9x),
+            # modalities coupled
+            {"factors": WIDE_LESION_FACTOR, "severity": (0.0, 1.0), "per_lesion": True},
+            # varied: per lesion and per modality, faint end above cortex (FLAIR 1.2-1.7x)
+            _VARIED,
+            # varied-cortex: varied lesions, and the brain's grey matter re-contrasted
+            # per copy (CORTEX_FACTOR)
+            {**_VARIED, "cortex": CORTEX_FACTOR},
+        ),
+        strict=True,
+    )
+)
 
 
 def transplant_contrast(name: str) -> dict:
@@ -613,7 +623,7 @@ def transplanted_subjects(
     *,
     target_shape: Sequence[int] | None = None,
     seed: int | Sequence[int] = 0,
-    contrast: str = "varied",
+    contrast: str = _DEFAULTS.contrast,
     n: int | None = None,
     progress: Callable | None = None,
     normalisation: tuple[str, int] = ("zscore", 0),
@@ -665,7 +675,7 @@ def write_transplant_dataset(
     seed: int = 0,
     progress: Callable | None = None,
     exclude: Sequence[str] = (),
-    contrast: str = "varied",
+    contrast: str = _DEFAULTS.contrast,
 ) -> list[dict]:
     """Transplant the masks in ``lesion_masks`` (a folder of NIfTI masks) into the
     subjects of ``brains`` (a dataset folder), cycling through the brains, and write
