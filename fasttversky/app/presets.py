@@ -44,9 +44,9 @@ PRESETS: dict[str, Preset] = {
         ),
         "seconds; for tests: 4 phantoms 32×40×32, 2-level U-Net with 2 features, 2 steps",
     ),
-    # Instance norm and lr 3e-3 (not the paper's plain net at 1e-4): measured on these
-    # phantoms, the plain 8-feature net collapses to all-background within ~10 steps at
-    # lr 1e-3 or 3e-4, and lr 1e-4 learns nothing in a CPU budget.
+    # Instance norm and lr 3e-3, not the paper's plain net at 1e-4: on these phantoms the
+    # plain small net collapses to all-background or learns nothing in a CPU budget
+    # (bench/results/presets.md).
     "quick": Preset(
         6,
         (64, 80, 64),
@@ -59,18 +59,14 @@ PRESETS: dict[str, Preset] = {
         "≤ 20 min on a 2-core CPU: 6 phantoms 64×80×64 (2.8 mm voxels), 3-level U-Net "
         "with 8 features + instance norm, 32³ patches, 100 Adam steps (lr 3e-3) per fold",
     ),
-    # The real-data CPU recipe of issue 11 (bench/results/lesion_cpu.md): meant for
-    # `train DATA --preset lesion-cpu --transplant-masks MASKS` and `reproduce --preset
-    # lesion-cpu --data DATA --transplant-masks MASKS --transplant-n 28`. 64³ patches and
-    # 1,800 steps: the scale at which the issue's hand-tuned run generalised to a patient
-    # outside ../shared (0.75 DSC); ~29 min on an idle 2-core CPU at 2 threads (1,723 s
-    # measured). 48³ × 600 steps (the first version) was what a loaded machine allowed; on
-    # the shared patients the two are within seed noise of each other (lesion_cpu.md).
-    # Poly decay so that the last weights are annealed;
-    # components < 10 voxels (10 mm³) removed. Transplant contrast "varied" (per lesion and
-    # per modality, faint end above cortex) since 2026-12-02: leave-one-patient-out on
-    # patient19, seeds 0/1/2, DSC 72.1/74.0/71.3 % against "wide"'s 39.4/62.8/45.0 %;
-    # on patient07 both fail (2.4 vs 3.4 %, one seed each) — lesion_cpu.md, version 3.
+    # The real-data CPU recipe (bench/results/lesion_cpu.md; why each choice:
+    # bench/results/presets.md): meant for `train DATA --preset lesion-cpu
+    # --transplant-masks MASKS` and `reproduce --preset lesion-cpu --data DATA
+    # --transplant-masks MASKS --transplant-n 28`. 64³ patches and 1,800 steps: the scale
+    # at which a run generalised to a patient outside the training data; poly decay so
+    # that the last weights are annealed; components < 10 voxels (10 mm³) removed;
+    # transplant contrast "varied" (per lesion and per modality, faint end above cortex),
+    # which held up on a held-out patient where "wide" did not.
     "lesion-cpu": Preset(
         6,
         (64, 80, 64),

@@ -51,16 +51,16 @@ concatenation, the pooling indices) plus the loss's softmax/one-hot copies.
 The split concat-conv and the matmul head change only the summation order with respect
 to ``reference.unet`` (float64 agreement ~1e-15).
 
-Measured (bench/results/training_cpu.md, 2-core CPU, 1x3x64x112x128, base 8):
+Defaults chosen by measurement (the figures: bench/results/training_cpu.md):
 
 * channels_last_3d is the default for float32 CPU input: it removes the oneDNN
-  reorder copies of the forward convs (step peak 177 vs 193 MiB) and was 1.8x faster
-  than the contiguous layout. It is off by default on GPUs, where it is unmeasured
-  here and reported to slow some 3D nets (``channels_last=True`` to try it).
-* Depth folding of small batch-1 CPU convs (:func:`_conv3x3`): 99 MB -> 21 MB of
-  scratch at level 1 and a ~3x faster backward.
-* bf16 autocast on the CPU is not worth it here (no fast bf16 conv3d CPU kernel:
-  1.2 GB peak, ~10x the time); on the GPU it is the intended setting.
+  reorder copies of the forward convs (a lower step peak, and faster than the
+  contiguous layout). It is off by default on GPUs, where it is unmeasured here and
+  reported to slow some 3D nets (``channels_last=True`` to try it).
+* Depth folding of small batch-1 CPU convs (:func:`_conv3x3`): a fraction of the
+  scratch memory at level 1 and a faster backward.
+* bf16 autocast on the CPU is not worth it here (no fast bf16 conv3d CPU kernel: more
+  memory and many times the time); on the GPU it is the intended setting.
 """
 
 from __future__ import annotations
@@ -153,10 +153,10 @@ def _conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     """Padded 3x3x3 conv, (1 or B, c_in, D, H, W) -> (B, c_out, D, H, W).
 
     On the CPU, PyTorch sends batch-1 convs with few channels to its im2col path, whose
-    column buffer is 27 x c_in x voxels (99 MB for a 7 MB output at the CPU bench's
-    level 1) in forward and again in backward. Folding the two depth halves (each with a
-    one-voxel halo) into a batch of 2 takes the oneDNN path instead: same sums, ~1/5 of
-    the memory and ~3x faster backward (measured). The halo copy is input-sized.
+    column buffer is 27 x c_in x voxels (many times the output) in forward and again in
+    backward. Folding the two depth halves (each with a one-voxel halo) into a batch of
+    2 takes the oneDNN path instead: same sums, a fraction of the memory and a faster
+    backward (bench/results/training_cpu.md). The halo copy is input-sized.
     """
     if not _fold_depth(x):
         return F.conv3d(x, weight, bias, padding=1)
