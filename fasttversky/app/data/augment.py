@@ -18,10 +18,9 @@ cores, so augmentation may cost a few tens of ms per patch):
   ``torch.nn.functional.grid_sample`` of image and mask together (trilinear; the mask
   is thresholded at 0.5, a smoother boundary than nearest), sampled from the margin so
   that the rotated patch rarely reaches outside it. MONAI's ``RandAffined`` does the
-  same resampling but measured 2.5-3× slower here (0.35 vs 0.13 s for 3×92³ -> 64³ on
-  the loaded 2-core machine), because it builds its grid and resamples image and
-  label separately; that difference is a third of a training step, so we keep the
-  one-call version.
+  same resampling several times slower (bench/results/phantom_contrast.md), because it
+  builds its grid and resamples image and label separately; the difference is a third
+  of a training step on a CPU, so we keep the one-call version.
 * **Intensity**, drawn *per modality* (scanners differ per sequence, and varying
   T1/T2/FLAIR independently also varies the lesion-to-white-matter contrast the
   network relies on), each applied inside the brain only — the background of a

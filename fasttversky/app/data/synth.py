@@ -69,20 +69,18 @@ LESION_FACTOR = {"T1": (0.9, 0.65), "T2": (1.45, 1.85), "FLAIR": (1.25, 1.45)}
 WIDE_LESION_FACTOR = {"T1": (1.0, 0.55), "T2": (1.2, 2.2), "FLAIR": (1.1, 1.9)}
 
 # "varied": each modality drawn on its own per lesion, and the faint end kept above
-# cortical grey matter. Measured on the shared patients (2026-12-02, vs normal WM):
-# cortex is FLAIR 1.09-1.14x, T2 1.19-1.27x, T1 0.68-0.74x, so a "wide" lesion at its
-# faint end (FLAIR 1.1x) looks like cortex, and a model trained on such lesions marked
-# cortex as lesion on the other patient; real missed lesions were T1 0.61x / T2 2.07x /
-# FLAIR 1.35x, which one severity moving all modalities never produces.
+# cortical grey matter: on the shared patients cortex is about as bright as a "wide"
+# lesion's faint end (a model trained on such lesions marked cortex as lesion), and the
+# real lesions a model missed had modality ratios that one severity moving every
+# modality together never produces (figures: bench/results/phantom_contrast.md).
 VARIED_LESION_FACTOR = {"T1": (1.0, 0.55), "T2": (1.3, 2.2), "FLAIR": (1.2, 1.7)}
 
 # Grey matter's contrast relative to normal WM, drawn once per transplanted copy of a
 # brain (mode "varied-cortex"). Cortex/insula FLAIR brightness varies between scanners
-# and sequences (measured 1.09x and 1.14x on the two shared patients, their brightest
-# grey matter - insula, cingulate - ~1.3x, where a model trained on one brain marked
-# 80 k voxels as lesion). A brain whose grey matter is as bright as a faint lesion,
-# labelled background, makes the network separate lesions from cortex by shape and
-# place, not by intensity alone.
+# and sequences, and a model trained on one brain marked the brightest grey matter of
+# another as lesion (bench/results/phantom_contrast.md). A brain whose grey matter is
+# as bright as a faint lesion, labelled background, makes the network separate lesions
+# from cortex by shape and place, not by intensity alone.
 CORTEX_FACTOR = {"T2": (1.1, 1.45), "FLAIR": (1.0, 1.3)}
 
 # The parameters of the contrast modes of transplanted lesions -> the keyword arguments
@@ -478,9 +476,9 @@ def _recontrast_grey_matter(images, brain, lesion, csf_thr, ref, cortex, rng):
     ``cortex[m]`` for each listed modality. Grey matter = parenchyma between the CSF and
     WM T1 thresholds (what transplant's WM estimate leaves), outside lesions; the scale
     fades over ~1 voxel so no edge is drawn, and lesions and WM keep their values."""
-    # Cortex is T1 ~0.7x normal WM (measured 0.68-0.74x on the shared patients): below
-    # the midpoint 0.85x of the T1 smoothed over ~1 voxel, so neither noisy WM voxels nor
-    # WM darker than transplant's top-35 % sample are made lesion-bright as background.
+    # Cortex is T1 ~0.7x normal WM (bench/results/phantom_contrast.md): below the
+    # midpoint 0.85x of the T1 smoothed over ~1 voxel, so neither noisy WM voxels nor WM
+    # darker than transplant's top-35 % sample are made lesion-bright as background.
     t1 = ndi.gaussian_filter(images["T1"], 1.0)
     gm = brain & ~lesion & (t1 > csf_thr) & (t1 < 0.85 * ref["T1"])
     if not gm.any():
