@@ -13,7 +13,6 @@ Every provider gets the same inputs: logits (B, C, D, H, W) standard normal with
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import platform
 import statistics
@@ -21,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .config import read_json
 from .errors import ConfigError, DataError
 
 __all__ = ["SHAPES", "plain_tversky", "render", "run_benchmark"]
@@ -226,10 +226,4 @@ def render(report: dict) -> str:
 
 def load_report(path: str | Path) -> dict:
     """A JSON written by ``fasttversky bench --json`` (DataError if it cannot be read)."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot be read as JSON ({e})") from e
+    return read_json(path)

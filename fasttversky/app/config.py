@@ -508,14 +508,27 @@ class RunSettings:
     def load(cls, path: str | Path) -> RunSettings:
         """Read a ``run.json``; a missing, unreadable or invalid file is a DataError (a
         bad file, exit status 1 at the CLI) naming it."""
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: cannot be read as JSON ({e})") from e
+        d = read_json(path)
         try:
             return cls.from_dict(d)
         except ConfigError as e:
             raise DataError(f"{path}: {e}") from e
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; DataError naming the file and what is wrong with it, in
+    words rather than the decoder's or the OS's own text."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: cannot be read as JSON (not a text file)") from e
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno}, column {e.colno}"
+        raise DataError(f"{path}: cannot be read as JSON (invalid at {where})") from e
 
 
 def _from_flat(d: dict) -> dict:
