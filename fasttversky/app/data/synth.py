@@ -440,21 +440,7 @@ def transplant(
     w *= brain
     table = LESION_FACTOR if factors is None else factors
     n_fields = len(images) if per_modality else 1
-    if per_lesion:
-        # Severity field: each lesion's own draw, carried into its blurred border by
-        # the nearest lesion voxel (so a border blends towards its own lesion's value).
-        labels, n = ndi.label(new, structure=np.ones((3, 3, 3), bool))
-        draws = rng.uniform(*severity, size=(n_fields, n + 1))
-        u = [np.full(new.shape, d[0], np.float32) for d in draws]
-        if n:
-            bb = ndi.find_objects((w > 0).astype(np.uint8))[0]
-            sub = labels[bb]
-            near = ndi.distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
-            nearest = sub[tuple(near)]
-            for f, d in zip(u, draws, strict=True):
-                f[bb] = d[nearest]
-    else:
-        u = list(rng.uniform(*severity, size=n_fields))
+    u = _severities(new, w, severity, n_fields, per_lesion, rng)
     out = {}
     for k, (m, img) in enumerate(images.items()):
         if m in table:
@@ -469,6 +455,26 @@ def transplant(
         lesion = own | (w > 0)
         out = _recontrast_grey_matter(out, brain, lesion, csf_thr, ref, cortex, rng)
     return out, (own | new).astype(np.uint8)
+
+
+def _severities(new, w, severity, n_fields: int, per_lesion: bool, rng) -> list:
+    """The lesion severity of each of ``n_fields`` modality groups: one number per
+    subject, or (``per_lesion``) a field holding each lesion's own draw, carried into its
+    blurred border (``w`` > 0) by the nearest lesion voxel, so that a border blends
+    towards its own lesion's value."""
+    if not per_lesion:
+        return list(rng.uniform(*severity, size=n_fields))
+    labels, n = ndi.label(new, structure=np.ones((3, 3, 3), bool))
+    draws = rng.uniform(*severity, size=(n_fields, n + 1))
+    u = [np.full(new.shape, d[0], np.float32) for d in draws]
+    if n:
+        bb = ndi.find_objects((w > 0).astype(np.uint8))[0]
+        sub = labels[bb]
+        near = ndi.distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
+        nearest = sub[tuple(near)]
+        for f, d in zip(u, draws, strict=True):
+            f[bb] = d[nearest]
+    return u
 
 
 def _recontrast_grey_matter(images, brain, lesion, csf_thr, ref, cortex, rng):
