@@ -169,17 +169,22 @@ class Checkpointer:
         self.last: Path | None = Path(folder) / CHECKPOINT_NAME if folder else None
         self.written: Path | None = None  # last.pt once this call has written it
 
-    def load(self, resume: str | os.PathLike | bool | None, device) -> dict | None:
+    def load(self, resume: str | os.PathLike | bool | None) -> dict | None:
         """The checkpoint to resume from (None for a fresh run): ``resume`` True = this
         folder's ``last.pt``; a file or folder otherwise. Without a folder of its own
-        the run then writes where it resumed from."""
+        the run then writes where it resumed from.
+
+        Loaded on the CPU whatever the training device: the RNG states must be CPU
+        byte tensors (``torch.set_rng_state`` and ``torch.cuda.set_rng_state_all``
+        refuse others), and ``load_state_dict`` moves model and optimiser tensors to
+        their parameters' device itself."""
         if resume is True:
             if self.last is None:
                 raise ValueError("resume=True needs a checkpoint folder (outputs.checkpoint_dir)")
             resume = self.last
         if not resume:
             return None
-        state = load_checkpoint(resume, map_location=device)
+        state = load_checkpoint(resume, map_location="cpu")
         file = Path(resume) / CHECKPOINT_NAME if Path(resume).is_dir() else Path(resume)
         check_resumable(state, file)
         if self.last is None:

@@ -244,7 +244,7 @@ def _start(model, batches, config: TrainConfig, resume, outputs: TrainOutputs, d
     model.train()
     state = _TrainState(model, config, device)
     checkpoints = Checkpointer(outputs.checkpoint_dir)
-    ckpt = checkpoints.load(resume, device)
+    ckpt = checkpoints.load(resume)
     if ckpt is None:
         seed_everything(config.seed)
     else:
