@@ -227,9 +227,11 @@ def _train_settings(args, out: Path) -> RunSettings:
         raise ConfigError(
             "force", "and --resume exclude each other (continue the run, or replace it)"
         )
+    from .pipeline import RUN_SETTINGS
+
     base = PRESETS[args.preset].run if args.preset else RunSettings()
-    if args.resume and (out / "run.json").is_file():
-        base = RunSettings.load(out / "run.json")  # resume with the run's own settings
+    if args.resume and (out / RUN_SETTINGS).is_file():
+        base = RunSettings.load(out / RUN_SETTINGS)  # resume with the run's own settings
     settings = settings_from_args(args, base).validate()
     if getattr(args, "train.val_every") is not None and not settings.data.val_subjects:
         raise ConfigError("val_every", "only applies with --val-subjects (none given)")
