@@ -588,3 +588,153 @@ def test_dice_ce_torch_export_round_trip():
         got = torch.export.load(buf).module()(x, y)
         want = monai_losses.DiceCELoss(**kw)(x, y.float())
         _assert_close(f"export {kw}", got, want, TOLERANCES[torch.float32][0], 0)
+
+
+# ======================================================================================
+# Edge semantics: where MONAI gives NaN or raises, the drop-ins do too; constructors
+# check every argument they store.
+# ======================================================================================
+def _all_nan(t):
+    return t is not None and bool(torch.isnan(t).all())
+
+
+@pytest.mark.parametrize(
+    "weight,labels",
+    [
+        ([0.0, 1.0, 2.0], "all0"),  # every voxel in the zero-weight class
+        ([0.0, 0.0, 2.0], "0or1"),
+        ([0.0, 0.0, 0.0], "random"),  # every weight 0
+    ],
+)
+@pytest.mark.parametrize("include_background", [True, False])
+def test_dice_ce_nan_when_no_voxel_has_a_weighted_class(
+    backend, weight, labels, include_background
+):
+    # MONAI's weighted CE is Σ w·ce / Σ w over the voxels = 0/0: NaN value, NaN gradient.
+    x, y = _make_case(3, "labels_int64", None, seed=4)
+    y = {"all0": y * 0, "0or1": y.clamp_max(1), "random": y}[labels]
+    kw = dict(
+        softmax=True,
+        to_onehot_y=True,
+        include_background=include_background,
+        weight=torch.tensor(weight, dtype=torch.float64),
+    )
+    want = _run(monai_losses.DiceCELoss(**kw), x, y)
+    got = _run(DiceCELoss(**kw, backend=backend), x, y)
+    assert _all_nan(want[0]) and _all_nan(want[1])
+    assert _all_nan(got[0]) and _all_nan(got[1]), got[0]
+    assert not got[4], got[4]  # the plan knows: no refusal, no SlowPathWarning
+    assert DiceCELoss(**kw).explain(x, y).startswith("fallback: ")
+
+
+def test_dice_ce_zero_weights_that_leave_a_counted_voxel_stay_fused(backend):
+    # One voxel of a weighted class is enough for MONAI's CE to be a number: fused, equal.
+    x, y = _make_case(3, "labels_int64", None, seed=4)
+    y = y * 0
+    y[1, 0, 2, 3, 4] = 2
+    for w in ([0.0, 1.0, 2.0], [0.0, 0.0, 0.5]):
+        kw = dict(softmax=True, to_onehot_y=True, weight=torch.tensor(w, dtype=torch.float64))
+        _dce_parity(kw, x, y, backend, expect_fused=True)
+        _dce_parity({**kw, "include_background": False}, x, y, backend, expect_fused=True)
+
+
+def test_dice_ce_zero_dice_weights_of_the_kept_classes_match_monai(backend):
+    # weight [1, 0, 0] without the background: MONAI's Dice weights are all 0 (the Dice
+    # term is 0), its CE is a number; the fused loss takes no all-zero class weights, so
+    # the plan sends it to MONAI's computation without a refusal.
+    x, y = _make_case(3, "labels_int64", None, seed=5)
+    kw = dict(
+        softmax=True,
+        to_onehot_y=True,
+        include_background=False,
+        weight=torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+    )
+    _dce_parity(kw, x, y, backend)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("target_kind", ["labels_uint8", "onehot_float"])
+def test_dice_ce_weight_of_another_dtype_matches_monai(wdtype, target_kind):
+    # torch's CE raises for a label map with a weight of another dtype than the logits
+    # (MONAI too); with a one-hot target it computes. Either way the drop-in does the same.
+    x, y = _make_case(3, target_kind, None, dtype=torch.float32, seed=6)
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=wdtype)
+    for red in ("mean", "sum"):
+        onehot_y = target_kind.startswith("labels")
+        kw = dict(softmax=True, to_onehot_y=onehot_y, weight=w, reduction=red)
+        if onehot_y:
+            with pytest.raises(RuntimeError):
+                monai_losses.DiceCELoss(**kw)(x, y)
+        assert DiceCELoss(**kw).explain(x, y).startswith("fallback: ")
+        _dce_parity(kw, x, y, rtol=TOLERANCES[torch.float32][0], atol=0)
+
+
+_BOOL_CASES = [
+    # (kwargs, C, target kind): MONAI feeds the bool target to its sums and raises
+    (dict(sigmoid=True), 3, "onehot"),
+    (dict(softmax=True), 3, "onehot"),
+    (dict(), 3, "onehot"),
+    (dict(sigmoid=True), 1, "mask"),
+    (dict(softmax=True, to_onehot_y=True), 1, "mask"),
+    (dict(sigmoid=True, soft_label=True), 3, "onehot"),
+    (dict(sigmoid=True, soft_label=True), 1, "mask"),
+    # ... and where it converts it first (one-hot encoding, the ignore mask) it computes
+    (dict(softmax=True, to_onehot_y=True), 3, "labels"),
+    (dict(softmax=True, to_onehot_y=True, ignore_index=1), 3, "labels"),
+    (dict(sigmoid=True, ignore_index=1), 1, "mask"),
+    (dict(sigmoid=True, ignore_index=255), 1, "mask"),
+    (dict(sigmoid=True, ignore_index=0), 3, "onehot"),
+]
+
+
+@pytest.mark.parametrize("kwargs,C,kind", _BOOL_CASES)
+def test_bool_targets_match_monai(backend, kwargs, C, kind):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, C, 4, 5, 3, generator=gen, dtype=torch.float64)
+    n = 1 if kind in ("mask", "labels") else C
+    y = torch.rand(2, n, 4, 5, 3, generator=gen) < 0.4
+    want = _run(monai_losses.TverskyLoss(**kwargs), x, y)
+    got = _run(TverskyLoss(**kwargs, backend=backend), x, y)
+    assert got[2] is want[2], f"{kwargs}: exception {got[2]} vs MONAI {want[2]}"
+    if want[2] is None:
+        _check_parity(kwargs, x, y, backend)
+
+
+_BAD_CONSTRUCTOR_ARGS = [
+    # (class, kwargs, error): values MONAI's constructors store unchecked
+    ("tversky", dict(alpha="0.3"), TypeError),
+    ("tversky", dict(beta=None), TypeError),
+    ("tversky", dict(include_background="no"), TypeError),
+    ("tversky", dict(batch=2), TypeError),
+    ("tversky", dict(soft_label="yes"), TypeError),
+    ("tversky", dict(ignore_index=1.5), TypeError),
+    ("tversky", dict(ignore_index=True), TypeError),
+    ("tversky", dict(smooth_nr=True), TypeError),
+    ("tversky", dict(backend="gpu"), ValueError),
+    ("dice_ce", dict(jaccard="yes"), TypeError),
+    ("dice_ce", dict(squared_pred=None), TypeError),
+    ("dice_ce", dict(label_smoothing="0.1"), TypeError),
+    ("dice_ce", dict(lambda_ce=True), TypeError),
+    ("dice_ce", dict(to_onehot_y="True"), TypeError),
+    ("dice_ce", dict(backend=3), ValueError),
+]
+
+
+@pytest.mark.parametrize("which,kwargs,error", _BAD_CONSTRUCTOR_ARGS)
+def test_constructors_check_every_argument(which, kwargs, error):
+    cls = {"tversky": TverskyLoss, "dice_ce": DiceCELoss}[which]
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
+        cls(**kwargs)
+
+
+def test_constructors_keep_monai_accepted_values():
+    # What MONAI computes with stays accepted: 0/1 flags, numpy scalars, tensor alpha,
+    # negative alpha (MONAI's computation), a LossReduction.
+    import numpy as np
+
+    loss = TverskyLoss(include_background=0, batch=np.bool_(True), alpha=torch.tensor(0.2))
+    assert loss.include_background is False and loss.batch is True
+    x, y = _make_case(3, "soft_float", None)
+    _check_parity(dict(sigmoid=True, alpha=np.float64(-0.2), beta=1), x, y, "auto")
+    DiceCELoss(lambda_dice=np.float32(0.5), smooth_nr=torch.tensor(1e-4))

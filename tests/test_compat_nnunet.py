@@ -139,10 +139,11 @@ def test_float64_matches_nnunet_formula_exactly(nn_losses, batch_dice, ignore_la
     _assert_close(got, _value_and_grad(formula, x, y), torch.float64, "float64 formula")
 
 
-@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int64])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int64])
 def test_integer_label_maps_and_2d(nn_losses, label_dtype):
     ref, ours = _pair(nn_losses, **_kwargs(False, 2))
     x, y = _case(C=2, shape=(9, 11), B=3, ignore_label=2, seed=1)
+    assert ours.explain(x, y.to(label_dtype)) == "fused"
     got = _no_slow_path(_value_and_grad, ours, x, y.to(label_dtype))
     _assert_close(got, _value_and_grad(ref, x, y), torch.float32, f"labels {label_dtype}")
 
@@ -275,3 +276,137 @@ def test_tversky_and_ce_matches_reference(batch_dice, ignore_label):
     want = _value_and_grad(ref, x, y)
     _assert_close(_no_slow_path(_value_and_grad, loss, x, y), want, torch.float64, "fused")
     _assert_close(_value_and_grad(loss._torch_forward, x, y), want, torch.float64, "torch path")
+
+
+# ------------------------------------------------------------------------------------
+# Edge semantics: NaN and errors where nnU-Net gives them; explain() agrees with forward;
+# the constructors check every argument they store.
+# ------------------------------------------------------------------------------------
+def _assert_nan_like(got, want, what):
+    """NaN value, and the gradient NaN exactly where nnU-Net's is (elsewhere equal)."""
+    assert bool(torch.isnan(want[0])), f"{what}: nnU-Net's value {want[0]} is not NaN"
+    assert bool(torch.isnan(got[0])), f"{what}: value {got[0]} where nnU-Net gives NaN"
+    for g, rg in zip(got[1], want[1], strict=True):
+        assert bool(torch.isnan(rg).any())
+        assert torch.equal(torch.isnan(g), torch.isnan(rg)), f"{what}: NaN gradients differ"
+    finite = (torch.nan_to_num(got[0], 0.0), [torch.nan_to_num(g, 0.0) for g in got[1]])
+    ref = (torch.nan_to_num(want[0], 0.0), [torch.nan_to_num(g, 0.0) for g in want[1]])
+    _assert_close(finite, ref, torch.float32, what)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize(
+    "ignore_label,weight,fill",
+    [
+        (None, [0.0, 1.0, 2.0], 0),  # every voxel in the zero-weight class
+        (3, [0.0, 1.0, 2.0], 0),  # ... and the others ignored
+        (1, [0.0, 1.0, 0.0], 2),  # the weighted class is the ignored one
+        (None, [0.0, 0.0, 0.0], None),  # every weight 0
+    ],
+)
+def test_nan_when_no_counted_voxel_has_a_weighted_class(
+    nn_losses, backend, ignore_label, weight, fill
+):
+    # nnU-Net's weighted CE is 0/0 over the counted voxels: NaN, value and gradient.
+    kw = _kwargs(False, ignore_label, ce_kwargs={"weight": torch.tensor(weight).double()})
+    ref, ours = _pair(nn_losses, **kw)
+    ours.backend = backend
+    x, y = _case(ignore_label=3 if ignore_label == 3 else None, seed=7)
+    if fill is not None:
+        y = torch.where(y == 3, y, float(fill))
+    want = _value_and_grad(ref, x, y)
+    assert ours.explain(x, y).startswith("fallback: ")
+    got = _no_slow_path(_value_and_grad, ours, x, y)
+    _assert_nan_like(got, want, f"weight {weight}, ignore_label {ignore_label}")
+
+
+def test_zero_ce_weights_that_leave_a_counted_voxel_stay_fused(nn_losses):
+    # One counted voxel of a weighted class (or every voxel ignored: nnU-Net skips CE)
+    # and the fused value is nnU-Net's.
+    kw = _kwargs(True, 3, ce_kwargs={"weight": torch.tensor([0.0, 1.0, 0.0]).double()})
+    ref, ours = _pair(nn_losses, **kw)
+    x, _ = _case(seed=8)
+    y = torch.zeros(2, 1, 6, 7, 5)
+    y[0, 0, 1, 2, 3] = 1.0
+    for yy in (y, torch.where(y == 1, 1.0, 3.0), torch.full_like(y, 3.0)):
+        assert ours.explain(x, yy) == "fused"
+        got = _no_slow_path(_value_and_grad, ours, x, yy)
+        want = _value_and_grad(ref, x, yy)
+        got = (got[0].to(want[0].dtype), got[1])  # nnU-Net's Dice alone is float32
+        _assert_close(got, want, torch.float32, f"labels {yy.unique().tolist()}")
+
+
+@pytest.mark.parametrize("wdtype", [torch.float64, torch.float16])
+def test_ce_weight_of_another_dtype_raises_like_nnunet(nn_losses, wdtype):
+    kw = _kwargs(False, 3, ce_kwargs={"weight": torch.tensor([0.5, 1.0, 2.0], dtype=wdtype)})
+    ref, ours = _pair(nn_losses, **kw)
+    x, y = _case(ignore_label=3, dtype=torch.float32, seed=9)
+    with pytest.raises(RuntimeError) as want:
+        ref(x, y)
+    assert ours.explain(x, y).startswith("fallback: ")
+    with pytest.raises(want.type):
+        ours(x, y)
+
+
+def test_ce_ignore_index_without_ignore_label_masks_ce_only(nn_losses):
+    # ce_kwargs' own ignore_index: nnU-Net's CE skips those voxels, its Dice does not.
+    kw = _kwargs(False, None, ce_kwargs={"ignore_index": 2})
+    ref, ours = _pair(nn_losses, **kw)
+    x, y = _case(seed=10)
+    assert ours.explain(x, y).startswith("fallback: ")
+    got = _no_slow_path(_value_and_grad, ours, x, y)
+    _assert_close(got, _value_and_grad(ref, x, y), torch.float32, "ce ignore_index")
+
+
+def test_non_integer_float_labels_explained_and_warned(nn_losses):
+    # nnU-Net truncates them (.long()) where its ignore mask compares the raw value: the
+    # plan says fallback, forward warns and gives nnU-Net's value.
+    from fasttversky.compat.nnunet import SlowPathWarning
+
+    ref, ours = _pair(nn_losses, **_kwargs(False, 3))
+    x, y = _case(ignore_label=3, seed=11)
+    y = torch.where(y == 3, y, y + 0.25)
+    assert ours.explain(x, y).startswith("fallback: ")
+    with pytest.warns(SlowPathWarning, match="non-integer"):
+        got = _value_and_grad(ours, x, y)
+    _assert_close(got, _value_and_grad(ref, x, y), torch.float32, "fractional labels")
+
+
+_BAD_ARGS = [
+    # (class, kwargs, error, name in the message): values stored unchecked before
+    ("dc_ce", dict(weight_ce="1"), TypeError, "weight_ce"),
+    ("dc_ce", dict(weight_dice=None), TypeError, "weight_dice"),
+    ("dc_ce", dict(ignore_label=2.5), TypeError, "ignore_label"),
+    ("dc_ce", dict(backend="gpu"), ValueError, "backend"),
+    ("dc_ce", dict(soft_dice_kwargs={"batch_dice": "yes"}), TypeError, "batch_dice"),
+    ("dc_ce", dict(soft_dice_kwargs={"smooth": "1e-5"}), TypeError, "smooth"),
+    ("dc_ce", dict(soft_dice_kwargs=[("smooth", 1.0)]), TypeError, "soft_dice_kwargs"),
+    ("dc_ce", dict(dice_class=3), TypeError, "dice_class"),
+    ("tv_ce", dict(alpha="0.3"), TypeError, "alpha"),
+    ("tv_ce", dict(weight_ce=True), TypeError, "weight_ce"),
+    ("tv_ce", dict(batch_dice="no"), TypeError, "batch_dice"),
+    ("tv_ce", dict(ignore_label="3"), TypeError, "ignore_label"),
+    ("tv_ce", dict(backend="gpu"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("which,kwargs,error,name", _BAD_ARGS)
+def test_constructors_check_every_argument(which, kwargs, error, name):
+    from fasttversky.compat.nnunet import DC_and_CE_loss, Tversky_and_CE_loss
+
+    if which == "dc_ce":
+        kwargs = {**_kwargs(False, None), **kwargs}
+        cls = DC_and_CE_loss
+    else:
+        cls = Tversky_and_CE_loss
+    with pytest.raises(error, match=name):
+        cls(**kwargs)
+
+
+def test_tversky_and_ce_raises_for_a_wrong_target_shape():
+    # A real bad input raises, naming the problem, instead of running the torch path.
+    from fasttversky.compat.nnunet import Tversky_and_CE_loss
+
+    x, y = _case(seed=12)
+    with pytest.raises(ValueError, match="target of shape"):
+        Tversky_and_CE_loss()(x, y[:, :, :3])

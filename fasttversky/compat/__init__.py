@@ -8,7 +8,9 @@ migrating is one import line::
     from fasttversky.compat.monai import TverskyLoss
 
 Nothing here imports MONAI: it is a test dependency only. ``fasttversky.compat.nnunet``
-(imported on its own) holds nnU-Net v2's ``DC_and_CE_loss`` and trainers.
+(imported on its own) holds nnU-Net v2's ``DC_and_CE_loss`` and trainers. Both shims
+share ``_common`` (the call into the fused loss, :class:`SlowPathWarning`, label
+conversion, argument checks) and import only the core's public API.
 """
 
 from .monai import DiceCELoss, SlowPathWarning, TverskyLoss

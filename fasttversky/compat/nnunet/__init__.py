@@ -17,9 +17,10 @@ Importing this package does not import nnunetv2; the trainers module does.
 
 from pathlib import Path
 
+from .._common import SlowPathWarning
 from .loss import DC_and_CE_loss, Tversky_and_CE_loss
 
 #: The folder to put in ``nnUNet_extTrainer`` (nnU-Net imports the modules in it by name).
 TRAINER_DIR = str(Path(__file__).resolve().parent / "trainers")
 
-__all__ = ["DC_and_CE_loss", "TRAINER_DIR", "Tversky_and_CE_loss"]
+__all__ = ["DC_and_CE_loss", "SlowPathWarning", "TRAINER_DIR", "Tversky_and_CE_loss"]

@@ -26,10 +26,16 @@ no ``clip_tp``, ``weight_dice > 0``, ``ce_kwargs`` empty or ``weight`` (class we
 only, a (B, 1, *spatial) label map (integer, or float holding integers as nnU-Net's
 data loader gives them), C >= 2, 1-3 spatial dims.
 
-Otherwise (any other ``dice_class`` or ``ce_kwargs``, one-hot targets, ``weight_dice == 0``)
-and whenever the kernels refuse the inputs while running (NaN/Inf logits, labels outside
-[0, C) other than ``ignore_label``) the loss is computed like nnU-Net does, in plain
-torch (a :class:`~fasttversky.compat.monai.SlowPathWarning` says so for refusals).
+Otherwise the loss is computed like nnU-Net does, in plain torch (``_mirror``): any
+other ``dice_class`` or ``ce_kwargs``, one-hot targets, ``weight_dice == 0``, a CE
+``weight`` whose dtype is not the logits' (torch's CE raises, as in nnU-Net) or that is
+negative or non-finite, and a ``weight`` whose non-zero classes label none of the
+counted voxels (nnU-Net's weighted CE is then 0/0 = NaN; one scan of the labels, only
+when a weight is 0). A :class:`~fasttversky.compat.monai.SlowPathWarning` says so when
+the reason lies in the values: float labels holding non-integers (nnU-Net truncates
+them; its loader never gives them), or inputs the kernels refuse while running (NaN/Inf
+logits, labels outside [0, C) other than ``ignore_label``). ``explain`` tells which path
+``forward`` takes, from the same plan.
 
 Differences that remain: the fused path sums in float64 where nnU-Net sums in float32
 (even for float64 logits), so values agree to float32 rounding; under DDP with
@@ -42,20 +48,20 @@ Nothing here imports nnunetv2.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..._dispatch import BackendUnavailableError
-from ...functional import _tversky_loss, tversky_loss
-from ..monai import SlowPathWarning, _float_labels_to_int
+from .. import _common
+from .._common import Fallback
+from . import _mirror
 
 _FUSABLE_DICE = ("MemoryEfficientSoftDiceLoss", "SoftDiceLoss")
 _DICE_KEYS = {"batch_dice", "do_bg", "smooth", "ddp", "clip_tp"}
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
+_WHO = "fasttversky.compat.nnunet.DC_and_CE_loss"
 
 
 def _softmax_dim1(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +72,47 @@ def _is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _label_map_problem(x, y) -> str | None:
+    """Why (net_output, target) is not (B, C >= 2, *spatial) logits with a
+    (B, 1, *spatial) label map the kernels take, or None."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return "net_output and target must be tensors"
+    if not 3 <= x.dim() <= 5 or x.shape[1] < 2 or x.numel() == 0:
+        return f"net_output of shape {tuple(x.shape)} (the kernels take (B, C>=2, 1-3 dims))"
+    if not x.is_floating_point():
+        return f"net_output dtype {x.dtype}"
+    if tuple(y.shape) != (x.shape[0], 1, *x.shape[2:]):
+        return f"target of shape {tuple(y.shape)} is not a (B, 1, *spatial) label map"
+    if not (y.is_floating_point() or y.dtype in _LABEL_DTYPES):
+        return f"target dtype {y.dtype}"
+    if y.requires_grad:
+        return "target requires grad"
+    return None
+
+
+def _integer_labels(y: torch.Tensor) -> torch.Tensor | None:
+    """The label map as the kernels take it, or None for float labels holding non-integers.
+
+    nnU-Net's loader gives float labels; both of its terms use ``.long()`` and its ignore
+    mask compares the unrounded value, so only integral values can be fused. int8 (which
+    the kernels do not read) becomes int16, the same values.
+    """
+    if y.is_floating_point():
+        return _common.float_labels_to_int(y, need_integral=True)
+    return y.to(torch.int16) if y.dtype == torch.int8 else y
+
+
+def _check_mapping(name: str, value) -> dict:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping (dict), got {type(value).__name__}")
+    return dict(value)
+
+
+class _FusedCall(NamedTuple):
+    labels: torch.Tensor  # (B, 1, *spatial) integer label map
+    options: dict  # the fused loss's options
+
+
 class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a drop-in import
     """Soft Dice + cross-entropy with nnU-Net v2's ``DC_and_CE_loss`` interface.
 
@@ -74,19 +121,22 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
     * ``net_output``: (B, C, *spatial) logits, C >= 2, float32/float16/bfloat16/float64.
     * ``target``: (B, 1, *spatial) label map (nnU-Net's float or any integer dtype).
     * returns a scalar: ``weight_ce * CE + weight_dice * (-mean dc)``, in
-      ``promote(net_output.dtype, float32)`` like nnU-Net.
+      ``promote(net_output.dtype, float32)`` like nnU-Net (NaN where nnU-Net's is NaN).
 
     Args (nnU-Net's):
         soft_dice_kwargs: ``batch_dice`` (False), ``do_bg`` (True), ``smooth`` (1.0),
             ``ddp`` (True), and ``clip_tp`` for ``SoftDiceLoss``.
         ce_kwargs: keyword arguments of ``torch.nn.CrossEntropyLoss`` (``weight`` is
             fused; anything else takes the slower path).
-        weight_ce, weight_dice: weights of the two terms.
-        ignore_label: label whose voxels add to neither term (nnU-Net's ignore label).
+        weight_ce, weight_dice: weights of the two terms (real numbers).
+        ignore_label: label (an int) whose voxels add to neither term.
         dice_class: nnU-Net's Dice class (by default, like nnU-Net, ``SoftDiceLoss``,
             whose value equals ``MemoryEfficientSoftDiceLoss``'s); another class is
             instantiated and used as nnU-Net would.
         backend: fasttversky's backend for the fused path; keyword-only, not nnU-Net's.
+
+    A value of the wrong type (a flag that is not a bool, a weight that is not a real
+    number, a non-integer ignore label) is a TypeError naming the argument.
     """
 
     def __init__(
@@ -101,110 +151,110 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        soft_dice_kwargs = dict(soft_dice_kwargs)
-        ce_kwargs = dict(ce_kwargs)
+        soft_dice_kwargs = _check_mapping("soft_dice_kwargs", soft_dice_kwargs)
+        ce_kwargs = _check_mapping("ce_kwargs", ce_kwargs)
+        self.ignore_label = _common.check_index("ignore_label", ignore_label)
+        fused_ce_keys = {"weight"}
         if ignore_label is not None:
             ce_kwargs["ignore_index"] = ignore_label
-        self.weight_dice = weight_dice
-        self.weight_ce = weight_ce
-        self.ignore_label = ignore_label
-        self.backend = backend
-        self.soft_dice_kwargs = soft_dice_kwargs
+            fused_ce_keys.add("ignore_index")
+        self.weight_dice = _common.check_real("weight_dice", weight_dice)
+        self.weight_ce = _common.check_real("weight_ce", weight_ce)
+        self.backend = _common.check_backend(backend)
         self.ce = nn.CrossEntropyLoss(**ce_kwargs)  # nnU-Net's RobustCrossEntropyLoss
-        self.batch_dice = bool(soft_dice_kwargs.get("batch_dice", False))
-        self.do_bg = bool(soft_dice_kwargs.get("do_bg", True))
-        self.smooth = soft_dice_kwargs.get("smooth", 1.0)
-        self.ddp = bool(soft_dice_kwargs.get("ddp", True))
+        # an ignore_index of its own (without ignore_label) masks CE only, not the Dice
+        self._unfused_ce_keys = sorted(set(ce_kwargs) - fused_ce_keys)
+        self._store_dice(soft_dice_kwargs, dice_class)
 
-        name = getattr(dice_class, "__name__", None) if dice_class is not None else "SoftDiceLoss"
-        self._why_slow = None
+    def _store_dice(self, kwargs: dict, dice_class) -> None:
+        """nnU-Net's Dice options, checked; instantiates a Dice class that is not fused."""
+        if dice_class is not None and not callable(dice_class):
+            raise TypeError(f"dice_class must be a class or None, got {dice_class!r}")
+        name = "SoftDiceLoss" if dice_class is None else getattr(dice_class, "__name__", None)
+        self.soft_dice_kwargs = kwargs
         self.dc = None
+        self._dice_class_problem = None
         if name not in _FUSABLE_DICE:
-            self._why_slow = f"dice_class {name!r} is not nnU-Net's soft Dice"
-            self.dc = dice_class(apply_nonlin=_softmax_dim1, **soft_dice_kwargs)
-        elif set(soft_dice_kwargs) - _DICE_KEYS:
-            raise TypeError(
-                f"soft_dice_kwargs: unexpected keys {sorted(set(soft_dice_kwargs) - _DICE_KEYS)}"
-            )
-        elif soft_dice_kwargs.get("clip_tp") is not None:
-            self._why_slow = "clip_tp is set"
-        elif not (math.isfinite(float(self.smooth)) and float(self.smooth) >= 1e-8):
-            self._why_slow = f"smooth={self.smooth!r} (< 1e-8: nnU-Net's 1e-8 clamp can act)"
-        elif set(ce_kwargs) - {"weight", "ignore_index"}:
-            self._why_slow = f"ce_kwargs {sorted(set(ce_kwargs) - {'weight', 'ignore_index'})}"
-        elif not weight_dice > 0:
-            self._why_slow = f"weight_dice={weight_dice!r} (the Dice term carries the CE)"
-        elif not (math.isfinite(float(weight_ce)) and weight_ce >= 0):
-            self._why_slow = f"weight_ce={weight_ce!r}"
+            self._dice_class_problem = f"dice_class {name!r} is not nnU-Net's soft Dice"
+            self.dc = dice_class(apply_nonlin=_softmax_dim1, **kwargs)
+        elif set(kwargs) - _DICE_KEYS:
+            raise TypeError(f"soft_dice_kwargs: unexpected keys {sorted(set(kwargs) - _DICE_KEYS)}")
+        key = "soft_dice_kwargs[{!r}]".format
+        self.batch_dice = _common.check_flag(key("batch_dice"), kwargs.get("batch_dice", False))
+        self.do_bg = _common.check_flag(key("do_bg"), kwargs.get("do_bg", True))
+        self.ddp = _common.check_flag(key("ddp"), kwargs.get("ddp", True))
+        self.smooth = _common.check_real(key("smooth"), kwargs.get("smooth", 1.0))
+        if kwargs.get("clip_tp") is not None:
+            _common.check_real(key("clip_tp"), kwargs["clip_tp"])
 
     # ----------------------------------------------------------------------------------
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        why = self._why_not_fused(net_output, target)
-        if why is not None:
-            return self._nnunet_forward(net_output, target)
-        labels = target
-        if target.is_floating_point():
-            # nnU-Net's loader gives float labels; both of its terms use .long() and its
-            # mask compares the unrounded value, so only integral values can be fused.
-            labels = _float_labels_to_int(target, need_integral=True)
-            if labels is None:
-                return self._nnunet_forward(net_output, target)
-        try:
-            # With every voxel ignored the fused CE is 0, as nnU-Net skips it (num_fg == 0).
-            loss = self._fused(net_output, labels, self.weight_ce)
-        except (ValueError, TypeError, BackendUnavailableError) as exc:
-            warnings.warn(
-                f"fasttversky.compat.nnunet.DC_and_CE_loss: the fused path refused these "
-                f"inputs ({exc}); computing nnU-Net's result with the slower torch path.",
-                SlowPathWarning,
-                stacklevel=2,
-            )
-            return self._nnunet_forward(net_output, target)
-        # nnU-Net's Dice is float32 whatever the logits' dtype; without a CE term its
-        # result stays float32.
-        return loss.to(torch.float32) if self.weight_ce == 0 else loss
+        plan = self._plan(net_output, target)
+        if isinstance(plan, Fallback):
+            _common.warn_fallback(plan, _WHO)
+            return _mirror.dc_and_ce_forward(self, net_output, target)
+        return _common.run_or_fall_back(
+            lambda: self._fused(net_output, plan),
+            lambda: _mirror.dc_and_ce_forward(self, net_output, target),
+            _WHO,
+        )
 
     def explain(self, net_output: torch.Tensor, target: torch.Tensor) -> str:
-        """``"fused"`` or ``"fallback: <why>"`` for ``forward(net_output, target)``
-        (data-dependent refusals such as NaN are only found while the kernels run)."""
-        why = self._why_not_fused(net_output, target)
-        return "fused" if why is None else f"fallback: {why}"
+        """``"fused"`` or ``"fallback: <why>"`` for ``forward(net_output, target)``, from
+        the same plan (refusals found while the kernels run, such as NaN, are not
+        predicted here)."""
+        plan = self._plan(net_output, target)
+        return f"fallback: {plan.reason}" if isinstance(plan, Fallback) else "fused"
 
     # ----------------------------------------------------------------------------------
-    def _why_not_fused(self, x, y) -> str | None:
-        if self._why_slow is not None:
-            return self._why_slow
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            return "net_output and target must be tensors"
-        if not 3 <= x.dim() <= 5 or x.shape[1] < 2 or x.numel() == 0:
-            return f"net_output of shape {tuple(x.shape)} (the kernels take (B, C>=2, 1-3 dims))"
-        if not x.is_floating_point():
-            return f"net_output dtype {x.dtype}"
-        if tuple(y.shape) != (x.shape[0], 1, *x.shape[2:]):
-            return f"target of shape {tuple(y.shape)} is not a (B, 1, *spatial) label map"
-        if not (y.is_floating_point() or y.dtype in _LABEL_DTYPES):
-            return f"target dtype {y.dtype}"
-        if y.dtype == torch.int8:
-            return "int8 labels"
-        if y.requires_grad:
-            return "target requires grad"
-        w = self.ce.weight
-        if w is not None and (w.dim() != 1 or w.shape[0] != x.shape[1]):
-            return f"ce weight of shape {tuple(w.shape)} for C={x.shape[1]}"
+    def _plan(self, x, y) -> _FusedCall | Fallback:
+        """The fused call equal to nnU-Net's forward on these inputs, or why there is none."""
+        why = self._option_problem() or _label_map_problem(x, y)
+        if why is not None:
+            return Fallback(why)
+        labels = _integer_labels(y)
+        if labels is None:
+            return Fallback("float target holding non-integer labels", warn=True)
+        why = self._ce_weight_problem(x, labels)
+        if why is not None:
+            return Fallback(why)
+        return _FusedCall(labels, self._options())
+
+    def _option_problem(self) -> str | None:
+        if self._dice_class_problem is not None:
+            return self._dice_class_problem
+        if self.soft_dice_kwargs.get("clip_tp") is not None:
+            return "clip_tp is set"
+        if not (math.isfinite(float(self.smooth)) and float(self.smooth) >= 1e-8):
+            return f"smooth={self.smooth!r} (< 1e-8: nnU-Net's 1e-8 clamp can act)"
+        if self._unfused_ce_keys:
+            return f"ce_kwargs {self._unfused_ce_keys}"
+        if not self.weight_dice > 0:
+            return f"weight_dice={self.weight_dice!r} (the Dice term carries the CE)"
+        if not _common.nonneg_real(self.weight_ce):
+            return f"weight_ce={self.weight_ce!r}"
         return None
 
-    def _fused(self, x: torch.Tensor, labels: torch.Tensor, weight_ce: float) -> torch.Tensor:
+    def _ce_weight_problem(self, x, labels) -> str | None:
+        w = self.ce.weight
+        if w is None or self.weight_ce == 0:  # nnU-Net skips CE when weight_ce == 0
+            return None
+        why = _common.ce_weight_problem(w, x)
+        if why is not None:
+            return why
+        # (nnU-Net skips CE when every voxel is ignored, num_fg == 0, as the fused CE does)
+        if _common.weighted_ce_is_nan(labels, w, self.ignore_label):
+            return "no counted voxel's class has a non-zero CE weight (nnU-Net's CE is 0/0 = NaN)"
+        return None
+
+    def _options(self) -> dict:
         # dc = (2TP + s) / (Σp + Σg + s) = (TP + s/2) / (TP + FP/2 + FN/2 + s/2)
         s = float(self.smooth) / 2
-        wd = float(self.weight_dice)
-        tv = _tversky_loss(
-            x,
-            labels,
-            0.5,
-            0.5,
-            clamp_terms=False,  # nnU-Net's -dc is unclamped (1 - T may round below 0)
-            ce_weight=float(weight_ce) / wd,
-            ce_class_weights=self.ce.weight,
+        return _common.loss_options(
+            alpha=0.5,
+            beta=0.5,
+            ce_weight=float(self.weight_ce) / float(self.weight_dice),
+            ce_class_weights=self.ce.weight if self.weight_ce != 0 else None,
             activation="softmax",
             ignore_index=self.ignore_label,
             include_background=self.do_bg,
@@ -215,74 +265,14 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
             backend=self.backend,
             sync_across_ranks=self.batch_dice and self.ddp and _is_distributed(),
         )
-        # nnU-Net's Dice term is -dc = (1 - dc) - 1.
-        return wd * tv - wd
 
-    # ----------------------------------------------------------------------------------
-    def _nnunet_forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """nnU-Net 2.8's ``DC_and_CE_loss.forward``, step by step, in plain torch."""
-        if self.ignore_label is not None:
-            assert target.shape[1] == 1, (
-                "ignore label is not implemented for one hot encoded target variables "
-                "(DC_and_CE_loss)"
-            )
-            mask = target != self.ignore_label
-            target_dice = torch.where(mask, target, 0)
-            num_fg = mask.sum()
-        else:
-            target_dice = target
-            mask = None
-        if self.weight_dice == 0:
-            dc_loss = 0
-        elif self.dc is not None:
-            dc_loss = self.dc(x, target_dice, loss_mask=mask)
-        else:
-            dc_loss = self._soft_dice(x, target_dice, mask)
-        if self.weight_ce != 0 and (self.ignore_label is None or num_fg > 0):
-            t = target[:, 0]
-            if t.ndim == x.ndim:  # RobustCrossEntropyLoss drops a remaining channel dim
-                t = t[:, 0]
-            ce_loss = self.ce(x, t.long())
-        else:
-            ce_loss = 0
-        return self.weight_ce * ce_loss + self.weight_dice * dc_loss
-
-    def _soft_dice(self, x, y, loss_mask):
-        """nnU-Net's ``MemoryEfficientSoftDiceLoss.forward`` (no DDP gather), or with
-        ``clip_tp`` its ``SoftDiceLoss`` (same value otherwise)."""
-        x = torch.softmax(x, 1)
-        axes = tuple(range(2, x.ndim))
-        with torch.no_grad():
-            if x.ndim != y.ndim:
-                y = y.view((y.shape[0], 1, *y.shape[1:]))
-            if x.shape == y.shape:
-                y_onehot = y.to(torch.float32)
-            else:
-                y_onehot = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-                y_onehot.scatter_(1, y.long(), 1)
-            if not self.do_bg:
-                y_onehot = y_onehot[:, 1:]
-            m = 1 if loss_mask is None else loss_mask
-            sum_gt = (y_onehot * m).sum(axes, dtype=torch.float32)
-        if not self.do_bg:
-            x = x[:, 1:]
-        m = 1 if loss_mask is None else loss_mask
-        intersect = (x * y_onehot * m).sum(axes, dtype=torch.float32)
-        sum_pred = (x * m).sum(axes, dtype=torch.float32)
-        if self.batch_dice:
-            intersect, sum_pred, sum_gt = intersect.sum(0), sum_pred.sum(0), sum_gt.sum(0)
-        clip_tp = self.soft_dice_kwargs.get("clip_tp")
-        if clip_tp is not None:
-            fp_fn = sum_pred + sum_gt - 2 * intersect
-            intersect = torch.clip(intersect, min=clip_tp)
-            dc = (2 * intersect + self.smooth) / torch.clip(
-                2 * intersect + fp_fn + self.smooth, 1e-8
-            )
-        else:
-            dc = (2 * intersect + self.smooth) / (sum_gt + sum_pred + float(self.smooth)).clamp_min(
-                1e-8
-            )
-        return -dc.mean()
+    def _fused(self, x: torch.Tensor, plan: _FusedCall) -> torch.Tensor:
+        # With every voxel ignored the fused CE is 0, as nnU-Net skips it (num_fg == 0).
+        wd = float(self.weight_dice)
+        loss = wd * _common.fused_loss(x, plan.labels, plan.options) - wd  # -dc = (1 - dc) - 1
+        # nnU-Net's Dice is float32 whatever the logits' dtype; without a CE term its
+        # result stays float32.
+        return loss.to(torch.float32) if self.weight_ce == 0 else loss
 
 
 class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's compound losses
@@ -298,8 +288,9 @@ class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's comp
     ``DC_and_CE_loss``, 0 when every voxel is ignored. ``forward(net_output, target)``
     takes (B, C >= 2, *spatial) logits and a (B, 1, *spatial) label map (float holding
     integers, or integer) and returns a scalar in ``promote(net_output.dtype, float32)``.
-    Inputs the kernels refuse (NaN/Inf logits, labels out of range) are computed in
-    plain torch with a :class:`~fasttversky.compat.monai.SlowPathWarning`.
+    Inputs the kernels refuse while running (NaN/Inf logits, labels out of range) are
+    computed in plain torch with a :class:`~fasttversky.compat.monai.SlowPathWarning`;
+    other bad inputs raise a ValueError naming the argument.
     """
 
     def __init__(
@@ -317,46 +308,45 @@ class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's comp
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        for name, v in (("alpha", alpha), ("beta", beta), ("smooth", smooth)):
-            if not (math.isfinite(float(v)) and v >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
-        for name, v in (("weight_ce", weight_ce), ("weight_tversky", weight_tversky)):
-            if not (math.isfinite(float(v)) and v >= 0):
+        for name, v in (
+            ("alpha", alpha),
+            ("beta", beta),
+            ("smooth", smooth),
+            ("weight_ce", weight_ce),
+            ("weight_tversky", weight_tversky),
+        ):
+            if not _common.nonneg_real(_common.check_real(name, v)):
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
         if not weight_tversky > 0:
             raise ValueError("weight_tversky must be > 0 (use nn.CrossEntropyLoss for CE alone)")
         self.alpha, self.beta, self.smooth = float(alpha), float(beta), float(smooth)
-        self.batch_dice, self.do_bg, self.ddp = bool(batch_dice), bool(do_bg), bool(ddp)
+        self.batch_dice = _common.check_flag("batch_dice", batch_dice)
+        self.do_bg = _common.check_flag("do_bg", do_bg)
+        self.ddp = _common.check_flag("ddp", ddp)
         self.weight_ce, self.weight_tversky = float(weight_ce), float(weight_tversky)
-        self.ignore_label = ignore_label
-        self.backend = backend
+        self.ignore_label = _common.check_index("ignore_label", ignore_label)
+        self.backend = _common.check_backend(backend)
 
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        labels = target
-        if target.is_floating_point():
-            labels = _float_labels_to_int(target, need_integral=True)
-            if labels is None:
-                raise ValueError("target: float labels must hold integers")
-        try:
-            loss = self._fused(net_output, labels, self.weight_ce)
-        except (ValueError, TypeError, BackendUnavailableError) as exc:
-            warnings.warn(
-                f"fasttversky.compat.nnunet.Tversky_and_CE_loss: the fused path refused "
-                f"these inputs ({exc}); computing the loss with the slower torch path.",
-                SlowPathWarning,
-                stacklevel=2,
-            )
-            return self._torch_forward(net_output, labels)
-        return loss
+        why = _label_map_problem(net_output, target)
+        if why is not None:
+            raise ValueError(f"Tversky_and_CE_loss: {why}")
+        labels = _integer_labels(target)
+        if labels is None:
+            raise ValueError("target: float labels must hold integers")
+        options = self._options()
+        return _common.run_or_fall_back(
+            lambda: self.weight_tversky * _common.fused_loss(net_output, labels, options),
+            lambda: self._torch_forward(net_output, labels),
+            "fasttversky.compat.nnunet.Tversky_and_CE_loss",
+        )
 
-    def _fused(self, x, labels, weight_ce):
-        wt = self.weight_tversky
-        tv = tversky_loss(
-            x,
-            labels,
-            self.alpha,
-            self.beta,
-            ce_weight=float(weight_ce) / wt,
+    def _options(self) -> dict:
+        return _common.loss_options(
+            clamp_terms=True,  # fasttversky's own Tversky term
+            alpha=self.alpha,
+            beta=self.beta,
+            ce_weight=self.weight_ce / self.weight_tversky,
             activation="softmax",
             ignore_index=self.ignore_label,
             include_background=self.do_bg,
@@ -367,29 +357,10 @@ class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's comp
             backend=self.backend,
             sync_across_ranks=self.batch_dice and self.ddp and _is_distributed(),
         )
-        return wt * tv
 
     def _torch_forward(self, x, labels):
         """The same loss in plain torch (NaN in, NaN out)."""
-        keep = None if self.ignore_label is None else labels != self.ignore_label
-        lab = labels if keep is None else torch.where(keep, labels, 0)
-        p = torch.softmax(x, 1)
-        g = torch.zeros_like(p).scatter_(1, lab.long(), 1)
-        if keep is not None:
-            p, g = p * keep, g * keep
-        if not self.do_bg:
-            p, g = p[:, 1:], g[:, 1:]
-        axes = tuple(range(2, x.ndim))
-        if self.batch_dice:
-            axes = (0, *axes)
-        tp = (p * g).sum(axes)
-        fp, fn = p.sum(axes) - tp, g.sum(axes) - tp
-        t = (tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)
-        loss = self.weight_tversky * (1 - t).mean()
-        if self.weight_ce != 0 and (keep is None or bool(keep.any())):
-            ii = -100 if self.ignore_label is None else self.ignore_label
-            loss = loss + self.weight_ce * F.cross_entropy(x, labels[:, 0].long(), ignore_index=ii)
-        return loss.to(torch.promote_types(x.dtype, torch.float32))
+        return _mirror.tversky_and_ce_forward(self, x, labels)
 
 
 __all__ = ["DC_and_CE_loss", "Tversky_and_CE_loss"]

@@ -1,0 +1,232 @@
+"""What both drop-in families (MONAI, nnU-Net) share: the one call into the fused loss,
+the slow-path warning, label conversion and argument checks.
+
+Private to ``fasttversky.compat``; it imports only the core's public API.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+import fasttversky
+
+LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
+
+
+class SlowPathWarning(UserWarning):
+    """The fused kernels refused these inputs; the original's computation ran in torch."""
+
+
+class Fallback(NamedTuple):
+    """Why a call takes the original's computation instead of the fused kernels.
+
+    ``warn``: the reason lies in the input's values (not in the options, shapes or
+    dtypes that ``explain`` reports from metadata), so ``forward`` says so with a
+    :class:`SlowPathWarning`.
+    """
+
+    reason: str
+    warn: bool = False
+
+
+# ------------------------------------------------------------------------------------
+# the fused loss
+# ------------------------------------------------------------------------------------
+# What the kernels refuse while they run: values (non-finite logits, labels outside
+# [0, C), a soft target outside [0, 1]) that the originals compute with or raise on in
+# their own way, and a backend that cannot run these inputs. Options and shapes are
+# checked by each shim's plan before the call and never reach this point.
+_RUN_REFUSALS = (ValueError, fasttversky.BackendUnavailableError)
+
+
+def loss_options(*, clamp_terms: bool = False, **options) -> dict:
+    """The fused loss's options for one call. By default with the originals' unclamped
+    ``1 - T`` (``clamp_terms=False``): MONAI and nnU-Net sum ``1 - T`` (or ``-dc``) as it
+    comes out, even below 0.
+    """
+    return dict(options, clamp_terms=clamp_terms)
+
+
+def fused_loss(logits: torch.Tensor, target: torch.Tensor, options: dict) -> torch.Tensor:
+    """``fasttversky.tversky_loss(logits, target)`` with ``options`` (from :func:`loss_options`)."""
+    from ..functional import _tversky_loss
+
+    return _tversky_loss(logits, target, **options)
+
+
+def run_or_fall_back(
+    fused: Callable[[], torch.Tensor], original: Callable[[], torch.Tensor], who: str
+) -> torch.Tensor:
+    """``fused()``, or, when the kernels refuse the inputs' values while running,
+    ``original()`` (the original's value or its error) with a :class:`SlowPathWarning`."""
+    try:
+        return fused()
+    except _RUN_REFUSALS as exc:
+        warnings.warn(
+            f"{who}: the fused kernels refused these inputs ({exc}); computing the "
+            "original's result with the slower torch path.",
+            SlowPathWarning,
+            stacklevel=3,
+        )
+        return original()
+
+
+def warn_fallback(plan: Fallback, who: str) -> None:
+    if plan.warn:
+        warnings.warn(
+            f"{who}: {plan.reason}; computing the original's result with the slower torch path.",
+            SlowPathWarning,
+            stacklevel=3,
+        )
+
+
+# ------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------
+def plain(t):
+    """A MONAI MetaTensor as a plain tensor (an autograd-tracked alias, no copy).
+
+    MetaTensor's ``__torch_function__`` would wrap the custom ops' outputs; the loss
+    needs none of its metadata.
+    """
+    if type(t).__name__ == "MetaTensor" and hasattr(t, "as_tensor"):
+        return t.as_tensor()
+    return t
+
+
+def float_labels_to_int(labels: torch.Tensor, need_integral: bool) -> torch.Tensor | None:
+    """Float label map -> integer labels, truncated toward zero like ``.long()``.
+
+    ``labels``: (B, 1, *spatial) float. Returns uint8 when every value is in [0, 255]
+    (1 byte per voxel instead of 8), else int64; ``None`` when ``need_integral`` and a
+    value is not an integer (then an unrounded comparison with an ignore label cannot
+    be reproduced by a label map). Costs one reduction pass and one conversion.
+    """
+    # TODO(perf): two host syncs on CUDA (aminmax, integrality); label maps are small.
+    if need_integral and bool((labels != labels.trunc()).any()):
+        return None
+    lo, hi = torch.aminmax(labels)
+    if bool(lo >= 0) and bool(hi <= 255):  # NaN fails both and takes the int64 path
+        return labels.to(torch.uint8)
+    return labels.long()
+
+
+def onehot_to_labels(target: torch.Tensor) -> torch.Tensor | None:
+    """An exactly one-hot (B, C, *spatial) target as a (B, 1, *spatial) label map.
+
+    Returns uint8 labels (int64 for C > 256), or ``None`` when a value is not 0/1 or a
+    voxel does not have exactly one 1 (soft labels, NaN, empty voxels).
+    """
+    # TODO(perf): three passes over the one-hot target (two checks, argmax) and two host
+    # syncs; the label map it gives is C times smaller than the target.
+    t = target.to(torch.uint8) if target.dtype == torch.bool else target
+    if not bool(((t == 0) | (t == 1)).all()) or not bool((t.sum(1) == 1).all()):
+        return None
+    labels = t.argmax(1, keepdim=True)
+    return labels.to(torch.uint8) if target.shape[1] <= 256 else labels
+
+
+def ce_weight_problem(weight: torch.Tensor, logits: torch.Tensor) -> str | None:
+    """Why a cross-entropy class weight cannot be fused with these logits, or None.
+
+    torch's cross-entropy (both originals') raises for a weight whose dtype is not the
+    logits' and computes with negative, non-finite or all-zero weights, where the fused
+    loss refuses them: those calls take the original's computation.
+    """
+    C = logits.shape[1]
+    if weight.dim() != 1 or weight.shape[0] != C or weight.dtype != logits.dtype:
+        return f"CE weight of shape {tuple(weight.shape)} and dtype {weight.dtype} for C={C}"
+    vals = weight.tolist()  # TODO(perf): one host sync on CUDA; C values
+    if not all(math.isfinite(v) and v >= 0 for v in vals) or not any(vals):
+        return "a negative, non-finite or all-zero CE weight"
+    return None
+
+
+def weighted_ce_is_nan(labels: torch.Tensor, weight: torch.Tensor, ignore=None) -> bool:
+    """True when torch's cross-entropy with class ``weight`` is 0/0 = NaN on ``labels``:
+    some voxel's label is not ``ignore``, and none of those has a class of non-zero weight.
+
+    That NaN is the originals' value where the fused CE, a mean over nothing, is 0. Only
+    a weight holding a zero (or an ignored class) needs the scan.
+    """
+    counted = [c for c, w in enumerate(weight.tolist()) if w != 0 and c != ignore]
+    if len(counted) == weight.shape[0]:
+        return False  # every kept voxel with a label in [0, C) counts
+    # TODO(perf): one pass over the label map and a host sync, only for a zero weight.
+    lab = labels.long()  # no uint8 wrap-around in the comparisons below
+    ids = torch.tensor(counted, dtype=torch.int64, device=labels.device)
+    if bool(torch.isin(lab, ids).any()):
+        return False
+    return ignore is None or bool((lab != ignore).any())
+
+
+# ------------------------------------------------------------------------------------
+# argument checks (the constructors call them on every argument they store)
+# ------------------------------------------------------------------------------------
+def check_flag(name: str, value) -> bool:
+    """A bool (or 0/1, numpy's bool); anything else is a TypeError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_real(name: str, value, *, tensor_ok: bool = False):
+    """A real number (not a bool or str), or with ``tensor_ok`` a tensor; returned as given."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return value
+    if tensor_ok and isinstance(value, torch.Tensor) and value.dtype != torch.bool:
+        return value
+    kind = "a real number or a tensor" if tensor_ok else "a real number"
+    raise TypeError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_scalar(name: str, value) -> float:
+    """A real number or a one-element tensor, as a float (MONAI's ``float(smooth_nr)``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return float(check_real(name, value))
+
+
+def check_index(name: str, value) -> int | None:
+    """None or an integer (not a bool): a label to ignore."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"{name} must be an int or None, got {value!r}")
+
+
+def check_backend(value) -> str:
+    """ "auto" or one of fasttversky's backends (the fused path's)."""
+    from .._dispatch import BACKENDS
+
+    names = ("auto", *BACKENDS)
+    if not isinstance(value, str) or value not in names:
+        raise ValueError(f"backend must be one of {names}, got {value!r}")
+    return value
+
+
+def check_weight(name: str, value) -> torch.Tensor | None:
+    """None or a tensor (what torch's losses register as a buffer)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+
+
+def nonneg_real(v) -> bool:
+    """A finite real number >= 0 (what the kernels take for a scalar option)."""
+    return (
+        isinstance(v, numbers.Real)
+        and not isinstance(v, bool)
+        and math.isfinite(float(v))
+        and float(v) >= 0
+    )

@@ -1,0 +1,77 @@
+"""What MONAI's ``TverskyLoss`` and ``DiceLoss`` (inside ``DiceCELoss``) share: the
+activation, one-hot, background, batch and smoothing options, checked and stored once."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch.nn.modules.loss import _Loss
+
+from .. import _common
+from ._mirror import SINGLE_CHANNEL
+
+
+class MonaiLoss(_Loss):
+    """Base of the MONAI drop-ins: MONAI's shared constructor arguments and warnings."""
+
+    def _store_shared(
+        self,
+        *,
+        include_background,
+        to_onehot_y,
+        sigmoid,
+        softmax,
+        other_act: Callable | None,
+        smooth_nr,
+        smooth_dr,
+        batch,
+        backend,
+    ) -> None:
+        """Check and store the options both MONAI constructors take, raising MONAI's
+        errors (and a TypeError naming the argument for a value of the wrong type)."""
+        if other_act is not None and not callable(other_act):
+            raise TypeError(
+                f"other_act must be None or callable but is {type(other_act).__name__}."
+            )
+        self.include_background = _common.check_flag("include_background", include_background)
+        self.to_onehot_y = _common.check_flag("to_onehot_y", to_onehot_y)
+        self.sigmoid = _common.check_flag("sigmoid", sigmoid)
+        self.softmax = _common.check_flag("softmax", softmax)
+        if int(self.sigmoid) + int(self.softmax) + int(other_act is not None) > 1:
+            raise ValueError(
+                "Incompatible values: more than 1 of "
+                "[sigmoid=True, softmax=True, other_act is not None]."
+            )
+        self.other_act = other_act
+        self.smooth_nr = _common.check_scalar("smooth_nr", smooth_nr)
+        self.smooth_dr = _common.check_scalar("smooth_dr", smooth_dr)
+        self.batch = _common.check_flag("batch", batch)
+        self.backend = _common.check_backend(backend)
+
+    def _single_channel_warnings(self, n_pred_ch: int) -> None:
+        """MONAI's warnings for one channel (text, order and category), on the fused path."""
+        if n_pred_ch != 1:
+            return
+        if self.softmax:
+            warnings.warn(SINGLE_CHANNEL.format("softmax=True"), stacklevel=3)
+        if self.to_onehot_y:
+            warnings.warn(SINGLE_CHANNEL.format("to_onehot_y=True"), stacklevel=3)
+        if not self.include_background:
+            warnings.warn(SINGLE_CHANNEL.format("include_background=False"), stacklevel=3)
+
+
+def tensor_problem(input, target) -> str | None:
+    """Why these tensors cannot reach the kernels whatever the options, or None."""
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return "input and target must both be tensors"
+    if not 3 <= input.dim() <= 5:
+        return f"input has {input.dim() - 2} spatial dims; the kernels take 1-3"
+    if input.numel() == 0 or target.numel() == 0:
+        return "empty tensors"
+    if not input.is_floating_point():
+        return f"input dtype {input.dtype} is not floating point"
+    if target.requires_grad:
+        return "target requires grad; the fused path has no gradient w.r.t. the target"
+    return None
