@@ -738,3 +738,16 @@ def test_constructors_keep_monai_accepted_values():
     x, y = _make_case(3, "soft_float", None)
     _check_parity(dict(sigmoid=True, alpha=np.float64(-0.2), beta=1), x, y, "auto")
     DiceCELoss(lambda_dice=np.float32(0.5), smooth_nr=torch.tensor(1e-4))
+
+
+@pytest.mark.parametrize("cls", [TverskyLoss, DiceCELoss])
+def test_an_invalid_option_raises_instead_of_taking_the_slower_path(cls):
+    # Only what the kernels refuse in the values (NaN, labels out of range) takes MONAI's
+    # path; an option the fused call rejects is a bug to see, not a slow path to hide.
+    x, y = _make_case(3, "labels_uint8", None)
+    loss = cls(softmax=True, to_onehot_y=True)
+    loss.backend = "gpu"  # set after construction, which checks it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)
+        with pytest.raises(fasttversky.InvalidInputError, match="backend"):
+            loss(x, y)

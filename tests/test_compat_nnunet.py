@@ -410,3 +410,15 @@ def test_tversky_and_ce_raises_for_a_wrong_target_shape():
     x, y = _case(seed=12)
     with pytest.raises(ValueError, match="target of shape"):
         Tversky_and_CE_loss()(x, y[:, :, :3])
+
+
+def test_an_invalid_option_raises_instead_of_taking_the_slower_path(nn_losses):
+    # Only what the kernels refuse in the values takes nnU-Net's path; an option the
+    # fused call rejects is a bug to see, not a slow path to hide.
+    import fasttversky
+
+    _, ours = _pair(nn_losses, **_kwargs(False, 3))
+    ours.backend = "gpu"  # set after construction, which checks it
+    x, y = _case(ignore_label=3, seed=13)
+    with pytest.raises(fasttversky.InvalidInputError, match="backend"):
+        _no_slow_path(ours, x, y)

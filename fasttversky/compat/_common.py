@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import fasttversky
+from fasttversky.errors import InvalidInputTypeError
 
 LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
 
@@ -39,43 +40,54 @@ class Fallback(NamedTuple):
 # ------------------------------------------------------------------------------------
 # the fused loss
 # ------------------------------------------------------------------------------------
-# What the kernels refuse while they run: values (non-finite logits, labels outside
-# [0, C), a soft target outside [0, 1]) that the originals compute with or raise on in
-# their own way, and a backend that cannot run these inputs. Options and shapes are
-# checked by each shim's plan before the call and never reach this point.
-_RUN_REFUSALS = (ValueError, fasttversky.BackendUnavailableError)
+def loss_options(
+    num_classes: int, *, clamp_terms: bool = False, **options
+) -> fasttversky.TverskyOptions:
+    """The fused loss's options for a call on ``num_classes`` classes, checked now (before
+    any work), so that an option the plan let through by mistake raises instead of
+    passing for a refusal of the inputs.
 
-
-def loss_options(*, clamp_terms: bool = False, **options) -> dict:
-    """The fused loss's options for one call. By default with the originals' unclamped
-    ``1 - T`` (``clamp_terms=False``): MONAI and nnU-Net sum ``1 - T`` (or ``-dc``) as it
-    comes out, even below 0.
+    By default with the originals' unclamped ``1 - T`` (``clamp_terms=False``): MONAI and
+    nnU-Net sum ``1 - T`` (or ``-dc``) as it comes out, even below 0.
     """
-    return dict(options, clamp_terms=clamp_terms)
+    opts = fasttversky.TverskyOptions(clamp_terms=clamp_terms, **options)
+    opts.validate(num_classes)
+    return opts
 
 
-def fused_loss(logits: torch.Tensor, target: torch.Tensor, options: dict) -> torch.Tensor:
-    """``fasttversky.tversky_loss(logits, target)`` with ``options`` (from :func:`loss_options`)."""
-    from ..functional import _tversky_loss
-
-    return _tversky_loss(logits, target, **options)
+def fused_loss(
+    logits: torch.Tensor, target: torch.Tensor, options: fasttversky.TverskyOptions
+) -> torch.Tensor:
+    """``fasttversky.tversky_loss(logits, target, options=options)``."""
+    return fasttversky.tversky_loss(logits, target, options=options)
 
 
 def run_or_fall_back(
     fused: Callable[[], torch.Tensor], original: Callable[[], torch.Tensor], who: str
 ) -> torch.Tensor:
-    """``fused()``, or, when the kernels refuse the inputs' values while running,
-    ``original()`` (the original's value or its error) with a :class:`SlowPathWarning`."""
+    """``fused()``, or, when the kernels refuse the inputs while running, ``original()``
+    (the original's value or its error) with a :class:`SlowPathWarning`.
+
+    The plan has checked the options, shapes and dtypes before this call, so what the
+    kernels refuse here lies in the values: non-finite logits
+    (``NonFiniteInputError``), labels outside [0, C) or a soft target outside [0, 1]
+    (``InvalidInputError``), which the originals compute with or raise on in their own
+    way; or a backend that cannot run these inputs. A wrong type cannot be a value:
+    that is a bug here and raises.
+    """
     try:
         return fused()
-    except _RUN_REFUSALS as exc:
-        warnings.warn(
-            f"{who}: the fused kernels refused these inputs ({exc}); computing the "
-            "original's result with the slower torch path.",
-            SlowPathWarning,
-            stacklevel=3,
-        )
-        return original()
+    except (fasttversky.InvalidInputError, fasttversky.BackendUnavailableError) as exc:
+        if isinstance(exc, TypeError):
+            raise
+        refusal = exc
+    warnings.warn(
+        f"{who}: the fused kernels refused these inputs ({refusal}); computing the "
+        "original's result with the slower torch path.",
+        SlowPathWarning,
+        stacklevel=3,
+    )
+    return original()
 
 
 def warn_fallback(plan: Fallback, who: str) -> None:
@@ -168,7 +180,9 @@ def weighted_ce_is_nan(labels: torch.Tensor, weight: torch.Tensor, ignore=None) 
 
 
 # ------------------------------------------------------------------------------------
-# argument checks (the constructors call them on every argument they store)
+# argument checks (the constructors call them on every argument they store): a wrong
+# type is an InvalidInputTypeError (a TypeError, as MONAI's own checks raise, and a
+# fasttversky.InvalidInputError), a value out of range a fasttversky.InvalidInputError
 # ------------------------------------------------------------------------------------
 def check_flag(name: str, value) -> bool:
     """A bool (or 0/1, numpy's bool); anything else is a TypeError naming ``name``."""
@@ -176,7 +190,7 @@ def check_flag(name: str, value) -> bool:
         return bool(value)
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
-    raise TypeError(f"{name} must be a bool, got {value!r}")
+    raise InvalidInputTypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_real(name: str, value, *, tensor_ok: bool = False):
@@ -186,7 +200,7 @@ def check_real(name: str, value, *, tensor_ok: bool = False):
     if tensor_ok and isinstance(value, torch.Tensor) and value.dtype != torch.bool:
         return value
     kind = "a real number or a tensor" if tensor_ok else "a real number"
-    raise TypeError(f"{name} must be {kind}, got {value!r}")
+    raise InvalidInputTypeError(f"{name} must be {kind}, got {value!r}")
 
 
 def check_scalar(name: str, value) -> float:
@@ -202,16 +216,14 @@ def check_index(name: str, value) -> int | None:
         return None
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
-    raise TypeError(f"{name} must be an int or None, got {value!r}")
+    raise InvalidInputTypeError(f"{name} must be an int or None, got {value!r}")
 
 
 def check_backend(value) -> str:
     """ "auto" or one of fasttversky's backends (the fused path's)."""
-    from .._dispatch import BACKENDS
-
-    names = ("auto", *BACKENDS)
+    names = ("auto", *fasttversky.BACKENDS)
     if not isinstance(value, str) or value not in names:
-        raise ValueError(f"backend must be one of {names}, got {value!r}")
+        raise fasttversky.InvalidInputError(f"backend must be one of {names}, got {value!r}")
     return value
 
 
@@ -219,7 +231,8 @@ def check_weight(name: str, value) -> torch.Tensor | None:
     """None or a tensor (what torch's losses register as a buffer)."""
     if value is None or isinstance(value, torch.Tensor):
         return value
-    raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    kind = type(value).__name__
+    raise InvalidInputTypeError(f"{name} must be a torch.Tensor or None, got {kind}")
 
 
 def nonneg_real(v) -> bool:

@@ -9,6 +9,9 @@ from collections.abc import Callable
 import torch
 from torch.nn.modules.loss import _Loss
 
+import fasttversky
+from fasttversky.errors import InvalidInputTypeError
+
 from .. import _common
 from ._mirror import SINGLE_CHANNEL
 
@@ -32,7 +35,7 @@ class MonaiLoss(_Loss):
         """Check and store the options both MONAI constructors take, raising MONAI's
         errors (and a TypeError naming the argument for a value of the wrong type)."""
         if other_act is not None and not callable(other_act):
-            raise TypeError(
+            raise InvalidInputTypeError(
                 f"other_act must be None or callable but is {type(other_act).__name__}."
             )
         self.include_background = _common.check_flag("include_background", include_background)
@@ -40,7 +43,7 @@ class MonaiLoss(_Loss):
         self.sigmoid = _common.check_flag("sigmoid", sigmoid)
         self.softmax = _common.check_flag("softmax", softmax)
         if int(self.sigmoid) + int(self.softmax) + int(other_act is not None) > 1:
-            raise ValueError(
+            raise fasttversky.InvalidInputError(
                 "Incompatible values: more than 1 of "
                 "[sigmoid=True, softmax=True, other_act is not None]."
             )

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import torch
 
+import fasttversky
+
 from .. import _common
 from .._common import Fallback
 from . import _mirror
@@ -19,7 +21,7 @@ _INT_LABELS = (torch.uint8, torch.int16, torch.int32, torch.int64)
 
 class _FusedCall(NamedTuple):
     labels: torch.Tensor  # (B, 1, *spatial) integer label map (a {0, 1} mask for sigmoid)
-    options: dict  # the fused loss's options: Tversky sums with reduction "sum" + CE
+    options: fasttversky.TverskyOptions  # Tversky sums with reduction "sum" + CE
     scale: float  # the loss is scale * fused_loss(...)
     out_dtype: torch.dtype  # the dtype MONAI's result would have
 
@@ -88,7 +90,7 @@ class DiceCELoss(MonaiLoss):
         super().__init__()
         red = getattr(reduction, "value", reduction)
         if red not in ("mean", "sum"):
-            raise ValueError(
+            raise fasttversky.InvalidInputError(
                 f"Unsupported option '{reduction}', available options are ['mean', 'sum']."
             )
         self.reduction = red
@@ -114,7 +116,7 @@ class DiceCELoss(MonaiLoss):
         self.binary_cross_entropy = torch.nn.BCEWithLogitsLoss(pos_weight=weight, reduction=red)
         for name, lam in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
             if _common.check_real(name, lam) < 0.0:
-                raise ValueError(f"{name} should be no less than 0.0.")
+                raise fasttversky.InvalidInputError(f"{name} should be no less than 0.0.")
         self.lambda_dice = lambda_dice
         self.lambda_ce = lambda_ce
 
@@ -141,7 +143,7 @@ class DiceCELoss(MonaiLoss):
         plan = self._plan(_common.plain(input), _common.plain(target))
         if isinstance(plan, Fallback):
             return f"fallback: {plan.reason}"
-        return f"fused: activation={plan.options['activation']!r}, labels {plan.labels.dtype}"
+        return f"fused: activation={plan.options.activation!r}, labels {plan.labels.dtype}"
 
     # ----------------------------------------------------------------------------------
     def _plan(self, input, target) -> _FusedCall | Fallback:
@@ -253,6 +255,7 @@ class DiceCELoss(MonaiLoss):
             scale = self.lambda_dice * 1.0
         ce_mult = 1.0 if self.reduction == "mean" else float(labels.numel())
         options = _common.loss_options(
+            C,
             alpha=k,
             beta=k,
             activation=activation,

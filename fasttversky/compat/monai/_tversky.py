@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import torch
 
+import fasttversky
+
 from .. import _common
 from .._common import Fallback
 from . import _mirror
@@ -22,7 +24,7 @@ class _FusedCall(NamedTuple):
 
     input: torch.Tensor  # (B, C, *spatial) logits, or probabilities after other_act
     target: torch.Tensor  # label map (B, 1, *spatial) or float (B, C, *spatial)
-    options: dict  # the fused loss's options (activation, ignore_index, ...)
+    options: fasttversky.TverskyOptions  # checked for this call's C
     out_dtype: torch.dtype  # the dtype MONAI's result would have
 
 
@@ -75,7 +77,7 @@ class TverskyLoss(MonaiLoss):
         # MONAI accepts its LossReduction StrEnum or a str and stores the plain value.
         red = getattr(reduction, "value", reduction)
         if red not in _REDUCTIONS:
-            raise ValueError(f"{reduction!r} is not a valid LossReduction")
+            raise fasttversky.InvalidInputError(f"{reduction!r} is not a valid LossReduction")
         super().__init__(reduction=red)
         self._store_shared(
             include_background=include_background,
@@ -117,8 +119,8 @@ class TverskyLoss(MonaiLoss):
             return f"fallback: {plan.reason}"
         o = plan.options
         return (
-            f"fused: activation={o['activation']!r}, target {tuple(plan.target.shape)} "
-            f"{plan.target.dtype}, ignore_index={o['ignore_index']}, backend={self.backend!r}"
+            f"fused: activation={o.activation!r}, target {tuple(plan.target.shape)} "
+            f"{plan.target.dtype}, ignore_index={o.ignore_index}, backend={self.backend!r}"
         )
 
     # ----------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ class TverskyLoss(MonaiLoss):
         out_dtype = torch.promote_types(x.dtype, target_dtype)
         if ii is not None:
             out_dtype = torch.promote_types(out_dtype, torch.float32)
-        return _FusedCall(x, tgt, self._options(activation, ii), out_dtype)
+        return _FusedCall(x, tgt, self._options(C, activation, ii), out_dtype)
 
     def _option_problem(self) -> str | None:
         if self.reduction not in _REDUCTIONS:
@@ -170,8 +172,9 @@ class TverskyLoss(MonaiLoss):
             return f"ignore_index={ii!r} is not an integer"
         return None
 
-    def _options(self, activation: str, ignore_index: int | None) -> dict:
+    def _options(self, C: int, activation: str, ignore_index: int | None):
         return _common.loss_options(
+            C,
             alpha=float(self.alpha),
             beta=float(self.beta),
             activation=activation,

@@ -54,6 +54,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+import fasttversky
+from fasttversky.errors import InvalidInputTypeError
+
 from .. import _common
 from .._common import Fallback
 from . import _mirror
@@ -104,13 +107,13 @@ def _integer_labels(y: torch.Tensor) -> torch.Tensor | None:
 
 def _check_mapping(name: str, value) -> dict:
     if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a mapping (dict), got {type(value).__name__}")
+        raise InvalidInputTypeError(f"{name} must be a mapping (dict), got {type(value).__name__}")
     return dict(value)
 
 
 class _FusedCall(NamedTuple):
     labels: torch.Tensor  # (B, 1, *spatial) integer label map
-    options: dict  # the fused loss's options
+    options: fasttversky.TverskyOptions  # checked for this call's C
 
 
 class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a drop-in import
@@ -169,7 +172,7 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
     def _store_dice(self, kwargs: dict, dice_class) -> None:
         """nnU-Net's Dice options, checked; instantiates a Dice class that is not fused."""
         if dice_class is not None and not callable(dice_class):
-            raise TypeError(f"dice_class must be a class or None, got {dice_class!r}")
+            raise InvalidInputTypeError(f"dice_class must be a class or None, got {dice_class!r}")
         name = "SoftDiceLoss" if dice_class is None else getattr(dice_class, "__name__", None)
         self.soft_dice_kwargs = kwargs
         self.dc = None
@@ -178,7 +181,8 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
             self._dice_class_problem = f"dice_class {name!r} is not nnU-Net's soft Dice"
             self.dc = dice_class(apply_nonlin=_softmax_dim1, **kwargs)
         elif set(kwargs) - _DICE_KEYS:
-            raise TypeError(f"soft_dice_kwargs: unexpected keys {sorted(set(kwargs) - _DICE_KEYS)}")
+            unknown = sorted(set(kwargs) - _DICE_KEYS)
+            raise InvalidInputTypeError(f"soft_dice_kwargs: unexpected keys {unknown}")
         key = "soft_dice_kwargs[{!r}]".format
         self.batch_dice = _common.check_flag(key("batch_dice"), kwargs.get("batch_dice", False))
         self.do_bg = _common.check_flag(key("do_bg"), kwargs.get("do_bg", True))
@@ -218,7 +222,7 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
         why = self._ce_weight_problem(x, labels)
         if why is not None:
             return Fallback(why)
-        return _FusedCall(labels, self._options())
+        return _FusedCall(labels, self._options(x.shape[1]))
 
     def _option_problem(self) -> str | None:
         if self._dice_class_problem is not None:
@@ -247,10 +251,11 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
             return "no counted voxel's class has a non-zero CE weight (nnU-Net's CE is 0/0 = NaN)"
         return None
 
-    def _options(self) -> dict:
+    def _options(self, C: int) -> fasttversky.TverskyOptions:
         # dc = (2TP + s) / (Σp + Σg + s) = (TP + s/2) / (TP + FP/2 + FN/2 + s/2)
         s = float(self.smooth) / 2
         return _common.loss_options(
+            C,
             alpha=0.5,
             beta=0.5,
             ce_weight=float(self.weight_ce) / float(self.weight_dice),
@@ -316,9 +321,11 @@ class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's comp
             ("weight_tversky", weight_tversky),
         ):
             if not _common.nonneg_real(_common.check_real(name, v)):
-                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+                raise fasttversky.InvalidInputError(f"{name} must be finite and >= 0, got {v!r}")
         if not weight_tversky > 0:
-            raise ValueError("weight_tversky must be > 0 (use nn.CrossEntropyLoss for CE alone)")
+            raise fasttversky.InvalidInputError(
+                "weight_tversky must be > 0 (use nn.CrossEntropyLoss for CE alone)"
+            )
         self.alpha, self.beta, self.smooth = float(alpha), float(beta), float(smooth)
         self.batch_dice = _common.check_flag("batch_dice", batch_dice)
         self.do_bg = _common.check_flag("do_bg", do_bg)
@@ -330,19 +337,20 @@ class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's comp
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         why = _label_map_problem(net_output, target)
         if why is not None:
-            raise ValueError(f"Tversky_and_CE_loss: {why}")
+            raise fasttversky.InvalidInputError(f"Tversky_and_CE_loss: {why}")
         labels = _integer_labels(target)
         if labels is None:
-            raise ValueError("target: float labels must hold integers")
-        options = self._options()
+            raise fasttversky.InvalidInputError("target: float labels must hold integers")
+        options = self._options(net_output.shape[1])
         return _common.run_or_fall_back(
             lambda: self.weight_tversky * _common.fused_loss(net_output, labels, options),
             lambda: self._torch_forward(net_output, labels),
             "fasttversky.compat.nnunet.Tversky_and_CE_loss",
         )
 
-    def _options(self) -> dict:
+    def _options(self, C: int) -> fasttversky.TverskyOptions:
         return _common.loss_options(
+            C,
             clamp_terms=True,  # fasttversky's own Tversky term
             alpha=self.alpha,
             beta=self.beta,
