@@ -19,15 +19,18 @@ from fasttversky.app.cli import SECTIONS, _flag
 APP = Path(config.__file__).parent
 MODULES = sorted(p for p in APP.rglob("*.py") if p.name != "config.py")
 
-# argument name -> the default config.py declares for it
+# argument name -> the defaults config.py declares for a setting of that name
 SETTINGS = {
-    "threshold": config.field_default(config.PredictConfig, "threshold"),
-    "folds": config.field_default(config.ExperimentConfig, "folds"),
-    "shape": config.field_default(config.SynthConfig, "shape"),
-    "noise": config.field_default(config.SynthConfig, "noise"),
-    "bias": config.field_default(config.SynthConfig, "bias"),
-    "lesion_fraction": config.field_default(config.SynthConfig, "lesion_fraction"),
-    "contrast": config.field_default(config.SynthConfig, "contrast"),
+    "threshold": [config.field_default(config.PredictConfig, "threshold")],
+    "folds": [config.field_default(config.ExperimentConfig, "folds")],
+    "shape": [config.field_default(config.SynthConfig, "shape")],
+    "noise": [config.field_default(config.SynthConfig, "noise")],
+    "bias": [config.field_default(config.SynthConfig, "bias")],
+    "lesion_fraction": [config.field_default(config.SynthConfig, "lesion_fraction")],
+    "contrast": [
+        config.field_default(config.SynthConfig, "contrast"),
+        config.field_default(config.DataConfig, "transplant_contrast"),
+    ],
 }
 CHOICES = {
     name: set(getattr(config, name))
@@ -80,8 +83,9 @@ def test_no_module_redeclares_a_setting(path):
     tree = ast.parse(path.read_text())
     found = []
     for line, name, default in _defaults(tree):
-        if name in SETTINGS and _literal(default) == SETTINGS[name]:
-            found.append(f"line {line}: {name}={SETTINGS[name]!r} (config.py declares it)")
+        value = _literal(default)
+        if name in SETTINGS and value in SETTINGS[name]:
+            found.append(f"line {line}: {name}={value!r} (config.py declares it)")
     for node in ast.walk(tree):
         if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
             values = _literal(node)

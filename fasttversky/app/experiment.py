@@ -24,7 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PAPER_SETTINGS, ExperimentConfig, RunSettings, check_threshold
+from .config import (
+    PAPER_SETTINGS,
+    DataConfig,
+    ExperimentConfig,
+    RunSettings,
+    check_threshold,
+    field_default,
+)
 from .errors import ConfigError
 from .lesion_metrics import compare_means, summarize
 from .pipeline import (
@@ -99,7 +106,7 @@ def transplant_augmenter(
     seed: int,
     target_shape,
     progress=True,
-    contrast: str = "typical",
+    contrast: str | None = None,
     normalisation=("zscore", 0),
 ) -> Callable:
     """augment(fold, train_set, test_set) -> extra training subjects: real lesion masks
@@ -107,10 +114,14 @@ def transplant_augmenter(
 
     Masks named like a test subject (``masks/patient19.nii.gz`` when patient19 is
     tested) are never used, so no test lesion reaches training in another brain.
-    ``contrast``: a mode of :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`;
-    ``normalisation``: ``DataConfig.normalisation`` (the real subjects' own).
+    ``contrast``: a mode of :data:`~fasttversky.app.data.synth.TRANSPLANT_CONTRASTS`
+    (None = ``DataConfig``'s default); ``normalisation``: ``DataConfig.normalisation``
+    (the real subjects' own).
     """
     from .data.synth import lesion_mask_files, transplanted_subjects
+
+    if contrast is None:
+        contrast = field_default(DataConfig, "transplant_contrast")
 
     lesion_mask_files(mask_dir)  # a missing or empty folder fails here, before any fold
     by_name = {s.name: s for s in subjects}
@@ -134,12 +145,6 @@ def transplant_augmenter(
 def folds_of(names: Sequence[str], folds: int) -> dict[str, int]:
     """Interleaved folds over the given (sorted) order: subject i -> fold i % folds."""
     return {n: i % folds for i, n in enumerate(names)}
-
-
-def check_seeds(seeds: Sequence[int] | None, default: int) -> list[int]:
-    """The training seeds of a sweep: ``[default]`` for None; ConfigError unless
-    distinct integers >= 0 (:class:`~fasttversky.app.config.ExperimentConfig`)."""
-    return ExperimentConfig(seeds=seeds).seeds or [default]
 
 
 def experiment_config(settings_list=None, folds=None, seeds=None) -> ExperimentConfig:
@@ -194,7 +199,7 @@ def run_sweep(
     exp = experiment_config(settings_list, folds, seeds)
     threshold = base.predict.threshold if threshold is None else threshold
     runs = _check_sweep(subjects, base, exp, threshold)
-    seeds = check_seeds(exp.seeds, base.train.seed)
+    seeds = exp.seeds or [base.train.seed]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -470,7 +475,6 @@ def reproduce(
         raise ConfigError("n_subjects", f"must be >= --folds ({exp.folds}), got {n_subjects}")
     if transplant_n < 0:
         raise ConfigError("transplant_n", f"must be >= 0, got {transplant_n}")
-    check_seeds(exp.seeds, base.train.seed)
     threshold = base.predict.threshold if threshold is None else threshold
     check_threshold(threshold)
     for t in settings_with_ce(exp.settings, base.train.ce_weight):
