@@ -751,3 +751,13 @@ def test_an_invalid_option_raises_instead_of_taking_the_slower_path(cls):
         warnings.simplefilter("error", SlowPathWarning)
         with pytest.raises(fasttversky.InvalidInputError, match="backend"):
             loss(x, y)
+
+
+def test_dice_ce_label_smoothing_out_of_range_raises_at_construction():
+    # torch's CE (so MONAI) raises at the first forward; the drop-in checks it up front.
+    x, y = _make_case(3, "labels_uint8", None)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        monai_losses.DiceCELoss(softmax=True, to_onehot_y=True, label_smoothing=1.5)(x, y)
+    for bad in (1.5, -0.1):
+        with pytest.raises(fasttversky.InvalidInputError, match="label_smoothing"):
+            DiceCELoss(softmax=True, to_onehot_y=True, label_smoothing=bad)

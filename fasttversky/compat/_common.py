@@ -22,15 +22,18 @@ LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
 class SlowPathWarning(UserWarning):
-    """The fused kernels refused these inputs; the original's computation ran in torch."""
+    """A call the drop-in would fuse ran the original's computation in torch instead:
+    the kernels refused the inputs' values (NaN logits, labels out of range), or the
+    values are ones the original's own pipeline never produces."""
 
 
 class Fallback(NamedTuple):
     """Why a call takes the original's computation instead of the fused kernels.
 
-    ``warn``: the reason lies in the input's values (not in the options, shapes or
-    dtypes that ``explain`` reports from metadata), so ``forward`` says so with a
-    :class:`SlowPathWarning`.
+    ``explain`` reports every fallback. ``warn``: ``forward`` also says so with a
+    :class:`SlowPathWarning`, for values the original's own pipeline never produces
+    (nnU-Net's loader gives integer labels) -- a slower path the user would not expect.
+    The other fallbacks follow from options and inputs the drop-in's docstring lists.
     """
 
     reason: str
@@ -165,12 +168,13 @@ def weighted_ce_is_nan(labels: torch.Tensor, weight: torch.Tensor, ignore=None) 
     """True when torch's cross-entropy with class ``weight`` is 0/0 = NaN on ``labels``:
     some voxel's label is not ``ignore``, and none of those has a class of non-zero weight.
 
-    That NaN is the originals' value where the fused CE, a mean over nothing, is 0. Only
-    a weight holding a zero (or an ignored class) needs the scan.
+    That NaN is the originals' value where the fused CE, a mean over nothing, is 0.
+    Labels outside [0, C) are the kernels' to refuse; only a zero weight needs the scan.
     """
-    counted = [c for c, w in enumerate(weight.tolist()) if w != 0 and c != ignore]
-    if len(counted) == weight.shape[0]:
-        return False  # every kept voxel with a label in [0, C) counts
+    vals = weight.tolist()
+    if all(vals):
+        return False  # every voxel that is not ignored counts
+    counted = [c for c, w in enumerate(vals) if w != 0 and c != ignore]
     # TODO(perf): one pass over the label map and a host sync, only for a zero weight.
     lab = labels.long()  # no uint8 wrap-around in the comparisons below
     ids = torch.tensor(counted, dtype=torch.int64, device=labels.device)

@@ -64,7 +64,8 @@ class DiceCELoss(MonaiLoss):
     (B, 1, *spatial) or (B, C, *spatial). Returns a scalar in MONAI's dtype.
     ``backend`` (keyword-only, not MONAI's) picks fasttversky's backend. Flags must be
     bools, the lambdas, smoothing and ``label_smoothing`` real numbers and ``weight`` a
-    tensor or None: anything else is a TypeError naming the argument.
+    tensor or None: anything else is a TypeError naming the argument; a negative lambda
+    or a ``label_smoothing`` outside [0, 1] is a ValueError.
     """
 
     def __init__(
@@ -109,6 +110,10 @@ class DiceCELoss(MonaiLoss):
         self.jaccard = _common.check_flag("jaccard", jaccard)
         weight = _common.check_weight("weight", weight)
         self.label_smoothing = _common.check_real("label_smoothing", label_smoothing)
+        if not 0.0 <= label_smoothing <= 1.0:  # torch's CE raises this at the first forward
+            raise fasttversky.InvalidInputError(
+                f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"
+            )
         # MONAI's modules, same attribute names (their buffers move with .to()).
         self.cross_entropy = torch.nn.CrossEntropyLoss(
             weight=weight, reduction=red, label_smoothing=label_smoothing
