@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...functional import tversky_loss
+from ... import NonFiniteInputError, tversky_loss
 from ..config import TrainConfig
 from .batches import BatchStream
 from .checkpoint import (
@@ -328,11 +328,8 @@ def _loss(model, image, label, config: TrainConfig, device, step: int, last_good
             backend=config.backend,
             sync_across_ranks=config.sync_across_ranks,
         )
-    except ValueError as exc:
-        # The fused loss refuses non-finite logits with a ValueError.
-        if "non-finite" in str(exc):
-            raise NonFiniteLossError(step, None, last_good(), str(exc)) from exc
-        raise
+    except NonFiniteInputError as exc:
+        raise NonFiniteLossError(step, None, last_good(), str(exc)) from exc
 
 
 def _validate(validate: Callable, state: _TrainState, result: TrainResult, log: StepLog) -> bool:
