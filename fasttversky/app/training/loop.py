@@ -76,7 +76,7 @@ class NonFiniteLossError(RuntimeError):
             f"the last good checkpoint is {checkpoint} (step {step - 1} or earlier); "
             "resume from it with a lower lr or another precision"
             if checkpoint is not None
-            else "no checkpoint was written (set checkpoint_dir to keep one)"
+            else "no checkpoint was written (TrainOutputs.checkpoint_dir keeps one)"
         )
         super().__init__(f"non-finite loss at step {step} ({what}); training stopped, {where}")
 
