@@ -425,12 +425,12 @@ def _sub(sub, name, common, help, description, func):
     return p
 
 
-def _add_force(p, what: str) -> None:
+def _add_force(p, what: str, note: str = "") -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help=f"replace {what} already there: the new one is written beside it and swapped "
-        "in when complete, so an interrupted run leaves the old one as it was",
+        help=f"replace {what} already in the folder: the new one is written beside it and "
+        f"swapped in when complete, so an interrupted run leaves the old one as it was{note}",
     )
 
 
@@ -463,7 +463,7 @@ def _add_synth(sub, common) -> None:
         "transplant mode: also skip these masks (e.g. held-out test patients); masks "
         "named like one of the brains are always skipped [default: none]",
     )
-    _add_force(p, "a dataset")
+    _add_force(p, "a dataset", "; other files (not folders) are kept")
 
 
 def _add_train(sub, common) -> None:
@@ -485,7 +485,7 @@ def _add_train(sub, common) -> None:
         help="continue from OUT/last.pt with OUT/run.json's settings (options given "
         "override them, e.g. more --steps)",
     )
-    _add_force(p, "a trained run")
+    _add_force(p, "a trained run", "; other files are kept (--resume continues it instead)")
     p.add_argument(
         "--preset",
         choices=list(PRESETS),
@@ -525,7 +525,7 @@ def _add_predict(sub, common) -> None:
     p.add_argument("data", help="dataset folder")
     p.add_argument("--model", required=True, help="run folder written by `train`")
     p.add_argument("--out", required=True, help="predictions folder")
-    _add_force(p, "predictions")
+    _add_force(p, "predictions", "; other files (not folders) are kept")
     g = p.add_argument_group("prediction")
     only = ["window", "threshold", "weighting", "mirror", "min_lesion_size"]
     _add_fields(p, "predict", "the run's", only=only, group=g)
@@ -552,7 +552,7 @@ def _add_evaluate(sub, common) -> None:
     p.add_argument("pred", help="predictions folder (PRED/<subject>/prob.nii.gz)")
     p.add_argument("--data", required=True, help="dataset folder with the true masks")
     p.add_argument("--out", default=None, help="output folder [default: PRED]")
-    _add_force(p, "an evaluation (metrics.md, metrics.csv, pr_curve.png)")
+    _add_force(p, "an evaluation", " (metrics.md, metrics.csv, pr_curve.png; PRED keeps the rest)")
     defaults = RunSettings()
     _add_fields(p, "data", defaults.data, only=["modalities", "mask_pattern"])
     _add_fields(p, "predict", defaults.predict, only=["threshold", "min_lesion_size"])
@@ -604,7 +604,7 @@ def _add_reproduce(sub, common) -> None:
         "--data", help="dataset folder [default: synthesise the preset's phantoms in OUT/data]"
     )
     p.add_argument("--out", default="reproduce_out", help="output folder [default: reproduce_out]")
-    _add_force(p, "a reproduce result (OUT/data, the phantoms, is kept)")
+    _add_force(p, "a reproduce result", "; OUT/data (the phantoms) is kept and re-used")
     p.add_argument("--n-subjects", type=int, help="phantoms to synthesise [default: the preset's]")
     p.add_argument(
         "--transplant-masks",
@@ -638,7 +638,7 @@ def _add_demo(sub, common) -> None:
     p.add_argument(
         "--out", default="fasttversky_demo", help="output folder [default: fasttversky_demo]"
     )
-    _add_force(p, "the demo's files in an existing --out (other files are kept)")
+    _add_force(p, "the demo's files", "; other files are kept")
     p.add_argument("--n", type=int, default=6, help="phantoms, a third held out [default: 6]")
     quick = PRESETS["quick"].run.train  # what the demo trains
     p.add_argument(
