@@ -108,13 +108,18 @@ class DiceCELoss(MonaiLoss):
         )
         self.squared_pred = _common.check_flag("squared_pred", squared_pred)
         self.jaccard = _common.check_flag("jaccard", jaccard)
+        self._store_ce(weight, label_smoothing, lambda_dice, lambda_ce)
+
+    def _store_ce(self, weight, label_smoothing, lambda_dice, lambda_ce) -> None:
+        """The cross-entropy options, checked; MONAI's CE modules under MONAI's names
+        (their ``weight`` buffers move with ``.to()``)."""
         weight = _common.check_weight("weight", weight)
         self.label_smoothing = _common.check_real("label_smoothing", label_smoothing)
         if not 0.0 <= label_smoothing <= 1.0:  # torch's CE raises this at the first forward
             raise fasttversky.InvalidInputError(
                 f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"
             )
-        # MONAI's modules, same attribute names (their buffers move with .to()).
+        red = self.reduction
         self.cross_entropy = torch.nn.CrossEntropyLoss(
             weight=weight, reduction=red, label_smoothing=label_smoothing
         )
