@@ -330,8 +330,3 @@ def _kept_voxels(stats, target3, spec: KernelSpec, N: int) -> torch.Tensor:
         if spec.ignore_index != 0:
             kept = kept + (target3 == 0).sum(-1, dtype=torch.float64)
     return kept.view(B, 1, 1).expand(B, C, 1)
-
-
-def _tversky_loss(logits, target, *args, clamp_terms: bool, **kwargs) -> torch.Tensor:
-    # TODO(compat): transitional, for compat/ until it calls tversky_loss(options=...).
-    return tversky_loss(logits, target, *args, clamp_terms=clamp_terms, **kwargs)

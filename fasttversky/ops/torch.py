@@ -1,7 +1,8 @@
 """Vectorised PyTorch backend: runs anywhere torch runs, for what no kernel covers.
 
-It materialises p and the one-hot target for a (B, C, N) chunk, so it needs a few
-times the logits' memory; the fused backends do not. Same contract as every backend
+It materialises p and the one-hot target, one block of voxels at a time (a few MiB),
+so its extra memory is the gradient and a few blocks, whatever the number of classes;
+it reads the volume more often than the fused backends do. Same contract as every backend
 (``fasttversky/_spec.py``).
 """
 
@@ -77,11 +78,32 @@ def _ce_sums(x, g, w, spec: KernelSpec) -> torch.Tensor:
     return _sum_n(ce)
 
 
+# Elements (B·C·voxels) of one block's temporaries: the backend materialises p, the
+# one-hot and a few products per block, never for the whole volume, so its extra memory
+# stays a few such blocks (16 MiB each in float32) beside the gradient, for any C.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _voxel_blocks(B: int, C: int, N: int) -> list[slice]:
+    """Consecutive voxel ranges, each a multiple of _CHUNK voxels (but the last)."""
+    step = max(_CHUNK, _BLOCK_ELEMENTS // (B * C) // _CHUNK * _CHUNK)
+    return [slice(start, min(start + step, N)) for start in range(0, N, step)]
+
+
 class _TorchBackend(Backend):
     name = "torch"
     supports_ce = True
 
     def forward_stats(self, logits, target, spec: KernelSpec):
+        B, C, N = logits.shape
+        stats = flags = None
+        for block in _voxel_blocks(B, C, N):  # summed in a fixed order: deterministic
+            t = target[..., block]
+            s, f = self._block_stats(logits[..., block], t, spec)
+            stats, flags = (s, f) if stats is None else (stats + s, flags + f)
+        return stats, flags
+
+    def _block_stats(self, logits, target, spec: KernelSpec):
         B, C, N = logits.shape
         cdtype = compute_dtype(logits.dtype)
         x = logits.to(cdtype)
@@ -103,6 +125,14 @@ class _TorchBackend(Backend):
 
     def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
         B, C, N = logits.shape
+        grad = new_grad(logits)
+        for block in _voxel_blocks(B, C, N):
+            dx = self._block_grad(logits[..., block], target[..., block], coef_a, coef_b, spec, coef_ce)
+            grad[..., block] = dx
+        return grad
+
+    def _block_grad(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce):
+        B, C, N = logits.shape
         cdtype = coef_a.dtype
         p = _probs(logits.to(cdtype), spec.activation)
         g, w, _ = _onehot_and_mask(target, spec, C, cdtype)
@@ -122,9 +152,7 @@ class _TorchBackend(Backend):
                 dx = dx + p * (e * g).sum(1, keepdim=True) - e * g
             else:
                 dx = dx + e * (p - g) * (w if w is not None else 1.0)
-        grad = new_grad(logits)
-        grad.copy_(dx)
-        return grad
+        return dx
 
 
 BACKEND = _TorchBackend()
