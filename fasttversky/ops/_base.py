@@ -13,6 +13,8 @@ one place, :meth:`Backend.reasons`; a backend adds only what is its own in
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._spec import KernelSpec
@@ -72,6 +74,14 @@ def new_grad(logits: torch.Tensor) -> torch.Tensor:
     if grad.stride() != logits.stride():
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return grad
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's device current for a launch (a no-op for CPU tensors: the interpreter
+    and the host emulation)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 class Backend:

@@ -1,7 +1,7 @@
 """What the two compiled backends (cpu, cuda) share: the ctypes mirror of
-csrc/tversky.h's parameter struct, filling it from tensors, the build cache folder,
-and a lazily built library whose failure is remembered as a reason, never raised at
-import.
+csrc/tversky.h's parameter struct, filling it from tensors, the build cache folder;
+and the lazy loader of every backend (a library, or triton's kernels, whose failure is
+remembered as a reason, never raised at import).
 """
 
 from __future__ import annotations
@@ -149,7 +149,11 @@ def build_cached(tag: str, key: bytes, lib_name: str, command, what: str) -> Pat
 
 
 class LazyLibrary:
-    """Build (once, on first use) and hold a compiled library, or the reason it failed."""
+    """Build (once, on first use) and hold a compiled library, or the reason it failed.
+
+    The one lazy loader of the backends: cpu and cuda hold their ctypes library in one,
+    triton its kernel module (whose import fails without triton).
+    """
 
     def __init__(self, build: Callable[[], ctypes.CDLL]):
         self._build = build

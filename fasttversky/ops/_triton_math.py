@@ -62,11 +62,9 @@ def _probs_ce(
     x,
     cls,
     cmask2,
-    target_ptr,
-    b,
+    t_base,
     n,
     nmask,
-    target_stride_b,
     target_stride_n,
     ignore_index,
     ACTIVATION: tl.constexpr,
@@ -75,14 +73,13 @@ def _probs_ce(
 ):
     """(p, ce) from a (C_PAD, BLOCK_N) block of logits and the labels (HAS_CE).
 
+    t_base: this sample's labels (target_ptr + b * target_stride_b).
     ce: (C_PAD, BLOCK_N), per element the voxel's cross-entropy in its label's row
     (softmax) or BCE(x_c, g_c) in every real row (sigmoid); 0 on ignored voxels, tail
     voxels and padded rows. The labels are re-read here (an L1 hit: _target_block reads
     the same bytes) so that the Tversky-only path keeps its exact shape.
     """
-    lab = tl.load(target_ptr + b * target_stride_b + n * target_stride_n, mask=nmask, other=0).to(
-        tl.int64
-    )
+    lab = tl.load(t_base + n * target_stride_n, mask=nmask, other=0).to(tl.int64)
     if HAS_IGNORE_INDEX:
         keep1 = nmask & (lab != ignore_index)
     else:
@@ -110,13 +107,11 @@ def _probs_ce(
 
 @triton.jit
 def _target_block(
-    target_ptr,
-    b,
+    t_base,
     cls,
     n,
     nmask,
     cmask2,
-    target_stride_b,
     target_stride_c,
     target_stride_n,
     ignore_index,
@@ -126,7 +121,7 @@ def _target_block(
     HAS_IGNORE_INDEX: tl.constexpr,
     BINARY_LABELS: tl.constexpr,
 ):
-    """(g, keep, bad) for one tile.
+    """(g, keep, bad) for one tile; t_base: this sample's target (target_ptr + b * stride_b).
 
     g: (C_PAD, BLOCK_N) CDTYPE ground truth (0 on padding and ignored voxels);
     keep: (C_PAD, BLOCK_N) bool, the voxel counts (w = 1) and the class is real;
@@ -137,12 +132,8 @@ def _target_block(
     m2 = cmask2 & nmask[None, :]
     if HAS_SOFT_TARGET:
         # target (B, C, N) float of any dtype, any strides.
-        offs = (
-            b * target_stride_b
-            + cls[:, None].to(tl.int64) * target_stride_c
-            + n[None, :] * target_stride_n
-        )
-        t = tl.load(target_ptr + offs, mask=m2, other=0.0).to(CDTYPE)
+        offs = cls[:, None].to(tl.int64) * target_stride_c + n[None, :] * target_stride_n
+        t = tl.load(t_base + offs, mask=m2, other=0.0).to(CDTYPE)
         # NaN fails both comparisons, so it is counted as bad too.
         bad = (m2 & ~((t >= 0.0) & (t <= 1.0))).to(tl.int32)
         keep = m2
@@ -150,9 +141,7 @@ def _target_block(
     else:
         # target (B, N) integer labels of any width; widened to int64 so that every
         # value (negative, or beyond the int32 range) is compared exactly.
-        lab = tl.load(
-            target_ptr + b * target_stride_b + n * target_stride_n, mask=nmask, other=0
-        ).to(tl.int64)
+        lab = tl.load(t_base + n * target_stride_n, mask=nmask, other=0).to(tl.int64)
         if HAS_IGNORE_INDEX:
             keep1 = nmask & (lab != ignore_index)
         else:
@@ -167,6 +156,83 @@ def _target_block(
             hit = lab[None, :] == cls[:, None].to(tl.int64)
         g = tl.where(keep & hit, 1.0, 0.0).to(CDTYPE)
     return g, keep, bad
+
+
+@triton.jit
+def _tile_terms(
+    x_base,
+    t_base,
+    cls,
+    n,
+    N,
+    cmask2,
+    logits_stride_n,
+    target_stride_c,
+    target_stride_n,
+    ignore_index,
+    num_labels,
+    ACTIVATION: tl.constexpr,
+    HAS_SOFT_TARGET: tl.constexpr,
+    HAS_IGNORE_INDEX: tl.constexpr,
+    BINARY_LABELS: tl.constexpr,
+    CDTYPE: tl.constexpr,
+    WITH_CE: tl.constexpr,
+):
+    """(p, ce, g, keep, bad, nonfinite) of the voxels n of one sample, all (C_PAD, BLOCK_N).
+
+    What both kernels read per tile. x_base: (C_PAD, 1) pointers to the sample's class
+    rows (logits_ptr + b * stride_b + c * stride_c); t_base: the sample's target. p, g,
+    keep, bad as _probs / _target_block; ce as _probs_ce (WITH_CE; otherwise p, unused);
+    nonfinite: 1 per NaN/inf logit. Tail voxels load 0 (a harmless finite value) and are
+    masked out of every sum by keep.
+    """
+    nmask = n < N
+    m2 = cmask2 & nmask[None, :]
+    x = tl.load(x_base + n[None, :] * logits_stride_n, mask=m2, other=0.0).to(CDTYPE)
+    nonfinite = (m2 & ~((x == x) & (tl.abs(x) != float("inf")))).to(tl.int32)
+    if WITH_CE:
+        p, ce = _probs_ce(
+            x,
+            cls,
+            cmask2,
+            t_base,
+            n,
+            nmask,
+            target_stride_n,
+            ignore_index,
+            ACTIVATION,
+            HAS_IGNORE_INDEX,
+            BINARY_LABELS,
+        )
+    else:
+        p = _probs(x, cmask2, ACTIVATION)
+        ce = p
+    g, keep, bad = _target_block(
+        t_base,
+        cls,
+        n,
+        nmask,
+        cmask2,
+        target_stride_c,
+        target_stride_n,
+        ignore_index,
+        num_labels,
+        CDTYPE,
+        HAS_SOFT_TARGET,
+        HAS_IGNORE_INDEX,
+        BINARY_LABELS,
+    )
+    return p, ce, g, keep, bad, nonfinite
+
+
+@triton.jit
+def _store_partials(out, acc_pg, acc_p, acc_g, acc_ce, C_PAD: tl.constexpr, HAS_CE: tl.constexpr):
+    """Write one tile's per-class sums: out points at its row (NSTATS, C_PAD) of partials."""
+    tl.store(out, tl.sum(acc_pg, axis=1))
+    tl.store(out + C_PAD, tl.sum(acc_p, axis=1))
+    tl.store(out + 2 * C_PAD, tl.sum(acc_g, axis=1))
+    if HAS_CE:
+        tl.store(out + 3 * C_PAD, tl.sum(acc_ce, axis=1))
 
 
 @triton.jit
@@ -203,75 +269,48 @@ def _tversky_fwd_partials_kernel(
     cls = tl.arange(0, C_PAD)
     cmask2 = (cls < C)[:, None]
     x_base = logits_ptr + b * logits_stride_b + cls[:, None].to(tl.int64) * logits_stride_c
-
     # Accumulate element-wise in registers across the steps and reduce over the voxel
     # axis once at the end: cheaper than a cross-lane reduction per step, and each lane
     # only adds `iters` values, which keeps fp32 rounding small before the fp64 finalize.
     acc_pg = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
     acc_p = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
     acc_g = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
-    if HAS_CE:
-        acc_ce = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
+    acc_ce = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)  # stays 0 (compiled away) without CE
     n_nonfinite = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
     n_bad = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
     for i in range(iters):
         n = (pid_t * iters + i) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        nmask = n < N
-        m2 = cmask2 & nmask[None, :]
-        # Tail voxels load 0 (a harmless finite value) and are masked out of every sum.
-        x = tl.load(x_base + n[None, :] * logits_stride_n, mask=m2, other=0.0).to(CDTYPE)
-        n_nonfinite += (m2 & ~((x == x) & (tl.abs(x) != float("inf")))).to(tl.int32)
-        if HAS_CE:
-            p, ce = _probs_ce(
-                x,
-                cls,
-                cmask2,
-                target_ptr,
-                b,
-                n,
-                nmask,
-                target_stride_b,
-                target_stride_n,
-                ignore_index,
-                ACTIVATION,
-                HAS_IGNORE_INDEX,
-                BINARY_LABELS,
-            )
-            acc_ce += ce
-        else:
-            p = _probs(x, cmask2, ACTIVATION)
-        g, keep, bad = _target_block(
-            target_ptr,
-            b,
+        p, ce, g, keep, bad, nonfinite = _tile_terms(
+            x_base,
+            target_ptr + b * target_stride_b,
             cls,
             n,
-            nmask,
+            N,
             cmask2,
-            target_stride_b,
+            logits_stride_n,
             target_stride_c,
             target_stride_n,
             ignore_index,
             num_labels,
-            CDTYPE,
+            ACTIVATION,
             HAS_SOFT_TARGET,
             HAS_IGNORE_INDEX,
             BINARY_LABELS,
+            CDTYPE,
+            HAS_CE,
         )
+        n_nonfinite += nonfinite
         n_bad += bad
-        # where() rather than a multiply by w: an ignored voxel adds exact zeros.
-        pw = tl.where(keep, p, 0.0)
+        if HAS_CE:
+            acc_ce += ce
+        pw = tl.where(keep, p, 0.0)  # not p * w: an ignored voxel adds exact zeros
         acc_pg += pw * g
         acc_p += pw
         acc_g += g
-
-    tile = b * T + pid_t
     NSTATS: tl.constexpr = 4 if HAS_CE else 3
+    tile = b * T + pid_t
     out = partials_ptr + tile * (NSTATS * C_PAD) + cls
-    tl.store(out, tl.sum(acc_pg, axis=1))
-    tl.store(out + C_PAD, tl.sum(acc_p, axis=1))
-    tl.store(out + 2 * C_PAD, tl.sum(acc_g, axis=1))
-    if HAS_CE:
-        tl.store(out + 3 * C_PAD, tl.sum(acc_ce, axis=1))
+    _store_partials(out, acc_pg, acc_p, acc_g, acc_ce, C_PAD, HAS_CE)
     tl.store(counts_ptr + tile * 2, tl.sum(tl.sum(n_nonfinite, axis=1), axis=0))
     tl.store(counts_ptr + tile * 2 + 1, tl.sum(tl.sum(n_bad, axis=1), axis=0))
 
@@ -326,6 +365,28 @@ def _tversky_finalize_kernel(
 
 
 @triton.jit
+def _grad_logits(p, u, g, keep, ce_c, ACTIVATION: tl.constexpr, HAS_CE: tl.constexpr):
+    """dL/dlogits of one (C_PAD, BLOCK_N) tile: u = dL/dp (0 on ignored voxels and
+    padding) chained through the activation, plus the cross-entropy's term with
+    ce_c (C_PAD,) = dL/dsum_ce (HAS_CE)."""
+    if ACTIVATION == 0:
+        s = tl.sum(p * u, axis=0)
+        dx = p * (u - s[None, :])
+    elif ACTIVATION == 1:
+        dx = u * p * (1.0 - p)
+    else:
+        dx = u
+    if HAS_CE:
+        if ACTIVATION == 0:
+            # e_y (p_k - [k = y]); g is the one-hot of the label, 0 on ignored voxels
+            ey = tl.sum(ce_c[:, None] * g, axis=0)
+            dx += p * ey[None, :] - ce_c[:, None] * g
+        else:
+            dx += tl.where(keep, ce_c[:, None] * (p - g), 0.0)
+    return dx
+
+
+@triton.jit
 def _tversky_bwd_kernel(
     logits_ptr,  # (B, C, N) float32/float16/bfloat16/float64, any strides
     target_ptr,  # (B, N) integer labels, or (B, C, N) float soft target
@@ -363,53 +424,37 @@ def _tversky_bwd_kernel(
     cmask = cls < C
     cmask2 = cmask[:, None]
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    nmask = n < N
-    m2 = cmask2 & nmask[None, :]
     c64 = cls[:, None].to(tl.int64)
-    x = tl.load(
-        logits_ptr + b * logits_stride_b + c64 * logits_stride_c + n[None, :] * logits_stride_n,
-        mask=m2,
-        other=0.0,
-    ).to(CDTYPE)
-    p = _probs(x, cmask2, ACTIVATION)
-    g, keep, _ = _target_block(
-        target_ptr,
-        b,
+    p, _, g, keep, _, _ = _tile_terms(
+        logits_ptr + b * logits_stride_b + c64 * logits_stride_c,
+        target_ptr + b * target_stride_b,
         cls,
         n,
-        nmask,
+        N,
         cmask2,
-        target_stride_b,
+        logits_stride_n,
         target_stride_c,
         target_stride_n,
         ignore_index,
         num_labels,
-        CDTYPE,
+        ACTIVATION,
         HAS_SOFT_TARGET,
         HAS_IGNORE_INDEX,
         BINARY_LABELS,
+        CDTYPE,
+        False,
     )
     coef_a = tl.load(coef_a_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
     coef_b = tl.load(coef_b_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
     # u = dL/dp; zero on ignored voxels and padding, so they get exactly zero gradient.
     u = tl.where(keep, coef_a[:, None] + coef_b[:, None] * g, 0.0)
-    if ACTIVATION == 0:
-        s = tl.sum(p * u, axis=0)
-        dx = p * (u - s[None, :])
-    elif ACTIVATION == 1:
-        dx = u * p * (1.0 - p)
-    else:
-        dx = u
     if HAS_CE:
         ce_c = tl.load(coef_ce_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
-        if ACTIVATION == 0:
-            # e_y (p_k - [k = y]); g is the one-hot of the label, 0 on ignored voxels
-            ey = tl.sum(ce_c[:, None] * g, axis=0)
-            dx += p * ey[None, :] - ce_c[:, None] * g
-        else:
-            dx += tl.where(keep, ce_c[:, None] * (p - g), 0.0)
+    else:
+        ce_c = coef_a  # not read without HAS_CE
+    dx = _grad_logits(p, u, g, keep, ce_c, ACTIVATION, HAS_CE)
     tl.store(
         grad_ptr + b * grad_stride_b + c64 * grad_stride_c + n[None, :] * grad_stride_n,
         dx.to(grad_ptr.dtype.element_ty),
-        mask=m2,
+        mask=cmask2 & (n < N)[None, :],
     )

@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 
 from .._spec import KernelSpec
-from ._base import MAX_GRID_BATCH, Backend, check_kernel_code, kernel_coefs, new_grad
+from ._base import (
+    MAX_GRID_BATCH,
+    Backend,
+    check_kernel_code,
+    device_guard,
+    kernel_coefs,
+    new_grad,
+)
 from ._native import (
     DTYPE_CODES,
     LazyLibrary,
@@ -120,8 +127,13 @@ def _build_command(src: Path, out: Path) -> tuple[list[str], str]:
         raise RuntimeError("torch is a CPU-only build")
     major, minor = torch.cuda.get_device_capability()
     cmd = nvcc_command(f"{major}{minor}", src, out)
-    ver = subprocess.run([cmd[0], "--version"], capture_output=True, text=True).stdout
-    return cmd, " ".join(cmd[:-3]) + ver + f"torch-cuda-{torch.version.cuda}"
+    return cmd, " ".join(cmd[:-3]) + _nvcc_version(cmd[0]) + f"torch-cuda-{torch.version.cuda}"
+
+
+@functools.cache
+def _nvcc_version(nvcc: str) -> str:
+    """``nvcc --version``, part of the build's cache key; asked once per process."""
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
 
 
 def _build() -> ctypes.CDLL:
@@ -177,10 +189,6 @@ def _library():
     return _LIB.get()
 
 
-def _params(logits, target, spec: KernelSpec) -> TverskyParams:
-    return make_params(logits, target, spec)
-
-
 def _launch_env(t: torch.Tensor):
     """(device index, SM count, stream handle) for launches on t's device."""
     if emulating():
@@ -198,60 +206,6 @@ def _check(code: int, what: str):
     check_kernel_code(
         code, "CUDA", what, lambda c: _library().tversky_cuda_error_string(c).decode()
     )
-
-
-def tversky_forward(logits, target, spec: KernelSpec):
-    """stats (B, C, 3) ((B, C, 4) with spec.with_ce) float64 and flags (2,) int64
-    (see ``_spec.py``)."""
-    lib = _library()
-    B, C, _ = logits.shape
-    dev = logits.device
-    stats = torch.empty((B, C, 4 if spec.with_ce else 3), dtype=torch.float64, device=dev)
-    flags = torch.empty(2, dtype=torch.int64, device=dev)
-    p = _params(logits, target, spec)
-    p.stats_ptr = stats.data_ptr()
-    p.flags_ptr = flags.data_ptr()
-    with _device(logits):
-        idx, sms, stream = _launch_env(logits)
-        nbytes = lib.tversky_cuda_forward_workspace(ctypes.byref(p), sms)
-        if nbytes < 0:
-            _check(int(nbytes), "forward")
-        # Per-block partials: a few KiB, from torch's caching allocator (stream-ordered).
-        work = torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device=dev)
-        _check(
-            lib.tversky_cuda_forward(
-                ctypes.byref(p), work.data_ptr(), work.numel(), idx, sms, stream
-            ),
-            "forward",
-        )
-    return stats, flags
-
-
-def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
-    """dL/dlogits with the logits' shape, dtype and (when dense) strides."""
-    lib = _library()
-    grad = new_grad(logits)
-    p = _params(logits, target, spec)
-    p.grad_ptr = grad.data_ptr()
-    p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
-    # float32: no float64 logits here
-    coef_a, coef_b, coef_ce = kernel_coefs(logits, coef_a, coef_b, coef_ce)
-    p.coef_a_ptr = coef_a.data_ptr()
-    p.coef_b_ptr = coef_b.data_ptr()
-    if coef_ce is not None:
-        p.coef_ce_ptr = coef_ce.data_ptr()
-    with _device(logits):
-        idx, sms, stream = _launch_env(logits)
-        _check(lib.tversky_cuda_backward(ctypes.byref(p), idx, sms, stream), "backward")
-    return grad
-
-
-def _device(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 class _CudaBackend(Backend):
@@ -295,10 +249,43 @@ class _CudaBackend(Backend):
         return why
 
     def forward_stats(self, logits, target, spec: KernelSpec):
-        return tversky_forward(logits, target, spec)
+        lib = _library()
+        B, C, _ = logits.shape
+        dev = logits.device
+        stats = torch.empty((B, C, 4 if spec.with_ce else 3), dtype=torch.float64, device=dev)
+        flags = torch.empty(2, dtype=torch.int64, device=dev)
+        p = make_params(logits, target, spec)
+        p.stats_ptr = stats.data_ptr()
+        p.flags_ptr = flags.data_ptr()
+        with device_guard(logits):
+            idx, sms, stream = _launch_env(logits)
+            nbytes = lib.tversky_cuda_forward_workspace(ctypes.byref(p), sms)
+            if nbytes < 0:
+                _check(int(nbytes), "forward")
+            # Per-block partials: a few KiB, from torch's caching allocator (stream-ordered).
+            work = torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device=dev)
+            code = lib.tversky_cuda_forward(
+                ctypes.byref(p), work.data_ptr(), work.numel(), idx, sms, stream
+            )
+            _check(code, "forward")
+        return stats, flags
 
     def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
-        return tversky_backward(logits, target, coef_a, coef_b, spec, coef_ce)
+        grad = new_grad(logits)
+        p = make_params(logits, target, spec)
+        p.grad_ptr = grad.data_ptr()
+        p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
+        # float32: no float64 logits here
+        coef_a, coef_b, coef_ce = kernel_coefs(logits, coef_a, coef_b, coef_ce)
+        p.coef_a_ptr = coef_a.data_ptr()
+        p.coef_b_ptr = coef_b.data_ptr()
+        if coef_ce is not None:
+            p.coef_ce_ptr = coef_ce.data_ptr()
+        with device_guard(logits):
+            idx, sms, stream = _launch_env(logits)
+            code = _library().tversky_cuda_backward(ctypes.byref(p), idx, sms, stream)
+            _check(code, "backward")
+        return grad
 
 
 BACKEND = _CudaBackend()

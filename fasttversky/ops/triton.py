@@ -20,12 +20,19 @@ run to run. TODO(perf): tune ``_GPU_ELEMS`` / warps per architecture on an H100.
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
 from .._spec import KernelSpec
-from ._base import MAX_GRID_BATCH, Backend, compute_dtype, kernel_coefs, new_grad
+from ._base import (
+    MAX_GRID_BATCH,
+    Backend,
+    compute_dtype,
+    device_guard,
+    kernel_coefs,
+    new_grad,
+)
+from ._native import LazyLibrary
 
 MAX_CLASSES = 128
 _GPU_ELEMS = 2048  # (C_PAD x BLOCK_N) elements per register block on a GPU
@@ -35,29 +42,31 @@ _INTERP_ELEMS = 16384  # the interpreter runs whole blocks as numpy ops: bigger 
 # volumes; None = the heuristic below.
 _TILE_OVERRIDE: tuple[int, int] | None = None
 
-_lock = threading.Lock()
-_state: dict = {}
-
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _kernels():
-    """The ``_triton_math`` module, or raise the (cached) reason it cannot be imported."""
-    with _lock:
-        if "mod" not in _state and "error" not in _state:
-            try:
-                from . import _triton_math
+def _import_kernels():
+    """(the ``_triton_math`` module, whether triton interprets it); raises without
+    triton or with a broken install (remembered by the loader, reported by unavailable())."""
+    from . import _triton_math
 
-                _state["mod"] = _triton_math
-                # triton decides interpreter vs compiler when the kernels are decorated.
-                _state["interpret"] = _interpreting()
-            except Exception as exc:  # no triton, or a broken install
-                _state["error"] = f"triton could not be imported ({type(exc).__name__}: {exc})"
-        if "error" in _state:
-            raise RuntimeError(_state["error"])
-        return _state["mod"]
+    # triton decides interpreter vs compiler when the kernels are decorated.
+    return _triton_math, _interpreting()
+
+
+_KERNELS = LazyLibrary(_import_kernels)
+
+
+def _kernels():
+    """The ``_triton_math`` module, or raise the (remembered) reason it cannot be imported."""
+    return _KERNELS.get()[0]
+
+
+def _interpreted() -> bool:
+    """Whether the kernels run in the Triton interpreter (after a successful _kernels())."""
+    return _KERNELS.get()[1]
 
 
 def _next_pow2(v: int) -> int:
@@ -88,7 +97,7 @@ def _fwd_tiles(
     """(BLOCK_N, iters, T): each program covers iters * BLOCK_N voxels, T tiles/sample."""
     if _TILE_OVERRIDE is not None:
         block_n, iters = _TILE_OVERRIDE
-    elif _state.get("interpret"):
+    elif _interpreted():
         block_n = max(16, min(_next_pow2(N), _INTERP_ELEMS // C_PAD))
         iters = 1
     else:
@@ -107,129 +116,52 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _target_strides(target: torch.Tensor, spec: KernelSpec) -> tuple[int, int, int]:
-    if spec.soft_target:
-        return tuple(target.stride())
-    sb, sn = target.stride()
-    return sb, 0, sn
-
-
-def _common(logits, target, spec: KernelSpec) -> dict:
-    C = logits.shape[1]
+def _meta(logits, spec: KernelSpec) -> dict:
+    """The compile-time switches both kernels take (see ``_triton_math.py``)."""
     return dict(
         ACTIVATION=spec.activation,
         HAS_SOFT_TARGET=spec.soft_target,
         HAS_IGNORE_INDEX=spec.ignore_index is not None,
         BINARY_LABELS=spec.binary_labels,
-        C_PAD=max(2, _next_pow2(C)),
+        C_PAD=_c_pad(logits.shape[1]),
         CDTYPE=_cdtype(logits),
         HAS_CE=spec.with_ce,
     )
 
 
-def _device_guard(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
+def _c_pad(C: int) -> int:
+    return max(2, _next_pow2(C))
 
 
-def tversky_forward(logits: torch.Tensor, target: torch.Tensor, spec: KernelSpec):
-    """stats (B, C, 3) float64 ((B, C, 4) with spec.with_ce) and flags (2,) int64
-    (see ``_spec.py``)."""
-    k = _kernels()
-    B, C, N = logits.shape
-    meta = _common(logits, target, spec)
-    C_PAD = meta["C_PAD"]
-    elems = fwd_block_elems(spec.with_ce, logits.dtype == torch.float64)
-    block_n, iters, T = _fwd_tiles(B, N, C_PAD, logits.device, elems)
-    part_dtype = compute_dtype(logits.dtype)
-    dev = logits.device
-    # Every (b, t) slot is written by exactly one program, so no zero-fill is needed.
-    nstats = 4 if spec.with_ce else 3
-    partials = torch.empty((B, T, nstats, C_PAD), dtype=part_dtype, device=dev)
-    counts = torch.empty((B, T, 2), dtype=torch.int32, device=dev)
-    stats = torch.empty((B, C, nstats), dtype=torch.float64, device=dev)
-    flag_sums = torch.empty((B, 2), dtype=torch.int64, device=dev)
-    tsb, tsc, tsn = _target_strides(target, spec)
-    ignore = spec.ignore_index if spec.ignore_index is not None else 0
-    with _device_guard(logits):
-        k._tversky_fwd_partials_kernel[(T, B)](
-            logits,
-            target,
-            partials,
-            counts,
-            N,
-            C,
-            T,
-            iters,
-            *logits.stride(),
-            tsb,
-            tsc,
-            tsn,
-            ignore,
-            spec.num_labels,
-            BLOCK_N=block_n,
-            num_warps=4,
-            **meta,
-        )
-        block_t = min(256 if not _state.get("interpret") else 4096, max(2, _next_pow2(T)))
-        k._tversky_finalize_kernel[(B,)](
-            partials,
-            counts,
-            stats,
-            flag_sums,
-            C,
-            T,
-            C_PAD=C_PAD,
-            BLOCK_T=block_t,
-            HAS_CE=spec.with_ce,
-            num_warps=4,
-        )
-    # Integer sums are exact, so torch's reduction order cannot matter here.
-    flags = flag_sums.sum(0)
-    return stats, flags
-
-
-def tversky_backward(logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
-    """dL/dlogits with the logits' shape, dtype and (when dense) strides."""
-    k = _kernels()
-    B, C, N = logits.shape
-    grad = new_grad(logits)
-    meta = _common(logits, target, spec)
-    C_PAD = meta["C_PAD"]
-    if _TILE_OVERRIDE is not None:
-        block_n = _TILE_OVERRIDE[0]
-    elif _state.get("interpret"):
-        block_n = max(16, min(_next_pow2(N), _INTERP_ELEMS // C_PAD))
+def _launch(
+    kernel, grid, logits, target, spec: KernelSpec, block_n: int, buffers, sizes=(), grad=None
+):
+    """One launch of the forward or backward kernel, which share their argument order:
+    (logits, target, *buffers, N, C, *sizes, logits strides, target strides[, grad
+    strides], ignore_index, num_labels), then the compile-time switches."""
+    _, C, N = logits.shape
+    if spec.soft_target:
+        target_strides = target.stride()
     else:
-        block_n = max(16, _GPU_ELEMS // C_PAD)
-    coef_a, coef_b, coef_ce = kernel_coefs(logits, coef_a, coef_b, coef_ce)
-    tsb, tsc, tsn = _target_strides(target, spec)
+        target_strides = (target.stride(0), 0, target.stride(1))
+    grad_strides = grad.stride() if grad is not None else ()
     ignore = spec.ignore_index if spec.ignore_index is not None else 0
-    with _device_guard(logits):
-        k._tversky_bwd_kernel[(_cdiv(N, block_n), B)](
-            logits,
-            target,
-            coef_a,
-            coef_b,
-            coef_ce if coef_ce is not None else coef_a,  # not read without HAS_CE
-            grad,
-            N,
-            C,
-            *logits.stride(),
-            tsb,
-            tsc,
-            tsn,
-            *grad.stride(),
-            ignore,
-            spec.num_labels,
-            BLOCK_N=block_n,
-            num_warps=4,
-            **meta,
-        )
-    return grad
+    kernel[grid](
+        logits,
+        target,
+        *buffers,
+        N,
+        C,
+        *sizes,
+        *logits.stride(),
+        *target_strides,
+        *grad_strides,
+        ignore,
+        spec.num_labels,
+        BLOCK_N=block_n,
+        num_warps=4,
+        **_meta(logits, spec),
+    )
 
 
 class _TritonBackend(Backend):
@@ -243,8 +175,8 @@ class _TritonBackend(Backend):
         try:
             _kernels()
         except RuntimeError as exc:
-            return str(exc)
-        if _state["interpret"]:
+            return f"triton could not be imported ({exc})"
+        if _interpreted():
             return None
         if not torch.cuda.is_available():
             return (
@@ -255,7 +187,7 @@ class _TritonBackend(Backend):
 
     def input_reasons(self, logits, target, spec: KernelSpec):
         why = []
-        want = "cpu" if _state.get("interpret") else "cuda"
+        want = "cpu" if _interpreted() else "cuda"
         if logits.device.type != want:
             if want == "cuda":
                 why.append(
@@ -270,10 +202,56 @@ class _TritonBackend(Backend):
         return why
 
     def forward_stats(self, logits, target, spec: KernelSpec):
-        return tversky_forward(logits, target, spec)
+        k = _kernels()
+        B, C, N = logits.shape
+        C_PAD = _c_pad(C)
+        elems = fwd_block_elems(spec.with_ce, logits.dtype == torch.float64)
+        block_n, iters, T = _fwd_tiles(B, N, C_PAD, logits.device, elems)
+        part_dtype = compute_dtype(logits.dtype)
+        dev = logits.device
+        # Every (b, t) slot is written by exactly one program, so no zero-fill is needed.
+        nstats = 4 if spec.with_ce else 3
+        partials = torch.empty((B, T, nstats, C_PAD), dtype=part_dtype, device=dev)
+        counts = torch.empty((B, T, 2), dtype=torch.int32, device=dev)
+        stats = torch.empty((B, C, nstats), dtype=torch.float64, device=dev)
+        flag_sums = torch.empty((B, 2), dtype=torch.int64, device=dev)
+        with device_guard(logits):
+            kernel = k._tversky_fwd_partials_kernel
+            _launch(kernel, (T, B), logits, target, spec, block_n, (partials, counts), (T, iters))
+            block_t = min(4096 if _interpreted() else 256, max(2, _next_pow2(T)))
+            k._tversky_finalize_kernel[(B,)](
+                partials,
+                counts,
+                stats,
+                flag_sums,
+                C,
+                T,
+                C_PAD=C_PAD,
+                BLOCK_T=block_t,
+                HAS_CE=spec.with_ce,
+                num_warps=4,
+            )
+        # Integer sums are exact, so torch's reduction order cannot matter here.
+        return stats, flag_sums.sum(0)
 
     def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
-        return tversky_backward(logits, target, coef_a, coef_b, spec, coef_ce)
+        k = _kernels()
+        _, C, N = logits.shape
+        grad = new_grad(logits)
+        C_PAD = _c_pad(C)
+        if _TILE_OVERRIDE is not None:
+            block_n = _TILE_OVERRIDE[0]
+        elif _interpreted():
+            block_n = max(16, min(_next_pow2(N), _INTERP_ELEMS // C_PAD))
+        else:
+            block_n = max(16, _GPU_ELEMS // C_PAD)
+        coef_a, coef_b, coef_ce = kernel_coefs(logits, coef_a, coef_b, coef_ce)
+        # coef_ce is not read without HAS_CE
+        buffers = (coef_a, coef_b, coef_ce if coef_ce is not None else coef_a, grad)
+        grid = (_cdiv(N, block_n), logits.shape[0])
+        with device_guard(logits):
+            _launch(k._tversky_bwd_kernel, grid, logits, target, spec, block_n, buffers, grad=grad)
+        return grad
 
 
 BACKEND = _TritonBackend()
