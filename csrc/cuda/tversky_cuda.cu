@@ -70,27 +70,26 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
+// Storage type T <-> the fp32 the kernels compute in.
 template <typename T>
-__device__ __forceinline__ float to_float(T v);
+struct Convert;
 template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
+struct Convert<float> {
+  __device__ __forceinline__ static float to_float(float v) { return v; }
+  __device__ __forceinline__ static float from_float(float v) { return v; }
+};
 template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+struct Convert<__half> {
+  __device__ __forceinline__ static float to_float(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static __half from_float(float v) { return __float2half_rn(v); }
+};
 template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+struct Convert<__nv_bfloat16> {
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
+};
 
 // VEC elements of T moved as one aligned access (ld.global.v4 / v2 when 16 / 8 bytes).
 template <typename T, int VEC>
@@ -114,11 +113,11 @@ __device__ __forceinline__ void load_row(const T* __restrict__ row, int64_t stri
   if (vec && n0 + VEC <= N) {
     const Packet<T, VEC> pk = *reinterpret_cast<const Packet<T, VEC>*>(row + n0);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = to_float(pk.v[i]);
+    for (int i = 0; i < VEC; ++i) out[i] = Convert<T>::to_float(pk.v[i]);
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i)
-      out[i] = (n0 + i < N) ? to_float(row[(n0 + i) * stride_n]) : 0.f;
+      out[i] = (n0 + i < N) ? Convert<T>::to_float(row[(n0 + i) * stride_n]) : 0.f;
   }
 }
 
@@ -128,12 +127,12 @@ __device__ __forceinline__ void store_row(T* __restrict__ row, int64_t stride_n,
   if (vec && n0 + VEC <= N) {
     Packet<T, VEC> pk;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) pk.v[i] = from_float<T>(val[i]);
+    for (int i = 0; i < VEC; ++i) pk.v[i] = Convert<T>::from_float(val[i]);
     *reinterpret_cast<Packet<T, VEC>*>(row + n0) = pk;
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i)
-      if (n0 + i < N) row[(n0 + i) * stride_n] = from_float<T>(val[i]);
+      if (n0 + i < N) row[(n0 + i) * stride_n] = Convert<T>::from_float(val[i]);
   }
 }
 
@@ -187,16 +186,23 @@ __device__ __forceinline__ float load_soft(const void* base, int32_t dtype, int6
   }
 }
 
+// max over the first C classes of voxel i (the softmax's shift).
+template <int MAXC, int VEC>
+__device__ __forceinline__ float class_max(const float (&x)[MAXC][VEC], int C, int i) {
+  float m = x[0][i];
+#pragma unroll
+  for (int c = 1; c < MAXC; ++c)
+    if (c < C) m = fmaxf(m, x[c][i]);
+  return m;
+}
+
 // p in place of x, for the first C rows (rows >= C are left untouched and never read).
 template <int ACT, int MAXC, int VEC>
 __device__ __forceinline__ void activate(float (&x)[MAXC][VEC], int C, int activation) {
   if (ACT == TV_SOFTMAX) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      float m = x[0][i];
-#pragma unroll
-      for (int c = 1; c < MAXC; ++c)
-        if (c < C) m = fmaxf(m, x[c][i]);
+      const float m = class_max(x, C, i);
       float s = 0.f;
 #pragma unroll
       for (int c = 0; c < MAXC; ++c)
@@ -221,20 +227,25 @@ __device__ __forceinline__ void activate(float (&x)[MAXC][VEC], int C, int activ
 }
 
 // activate() plus the cross-entropy of each voxel, added to acc_ce (CE kernels only).
-// hit[i]: the voxel's class (-1: none), keep[i]: the voxel counts. softmax: -log p_y =
-// log s - (x_y - m) into row y, one logf per voxel next to the C expf; sigmoid: BCE into
-// every row, with p = 1/(1+e) or e/(1+e) from the same e = exp(-|x|).
+// lab: the labels of voxels n0 .. n0 + VEC - 1 (never a soft target here); hit[i]: the
+// voxel's class (-1: none), keep[i]: the voxel counts. softmax: -log p_y = log s - (x_y -
+// m) into row y, one logf per voxel next to the C expf; sigmoid: BCE into every row, with
+// p = 1/(1+e) or e/(1+e) from the same e = exp(-|x|).
 template <int ACT, int MAXC, int VEC>
-__device__ __forceinline__ void activate_ce(float (&x)[MAXC][VEC], int C,
-                                            const int64_t (&hit)[VEC], const bool (&keep)[VEC],
-                                            float (&acc_ce)[MAXC]) {
+__device__ __forceinline__ void activate_ce(float (&x)[MAXC][VEC], int C, int64_t N,
+                                            const TverskyParams& p, int64_t n0,
+                                            const int64_t (&lab)[VEC], float (&acc_ce)[MAXC]) {
+  int64_t hit[VEC];
+  bool keep[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    keep[i] = (n0 + i < N) && !(p.has_ignore_index && lab[i] == p.ignore_index);
+    hit[i] = p.binary_labels ? (lab[i] == 1 ? 0 : -1) : lab[i];
+  }
   if (ACT == TV_SOFTMAX) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      float m = x[0][i];
-#pragma unroll
-      for (int c = 1; c < MAXC; ++c)
-        if (c < C) m = fmaxf(m, x[c][i]);
+      const float m = class_max(x, C, i);
       float s = 0.f, xy = 0.f;
 #pragma unroll
       for (int c = 0; c < MAXC; ++c)
@@ -281,92 +292,94 @@ __device__ __forceinline__ int warp_sum(int v) {
   return v;
 }
 
-template <typename T, int ACT, int MAXC, bool CE>
-__global__ void __launch_bounds__(kThreads)
-    _tversky_fwd_partials_kernel(const TverskyParams p,
-                                 float* __restrict__ partials,  // (B, G, S, C) fp32, S = 3 (+1 CE)
-                                 int* __restrict__ counts,      // (B, G, 2) int32
-                                 int vec_x, int vec_t) {
-  constexpr int VEC = vec_width<T, MAXC>();
-  const int C = (int)p.C;
-  const int64_t N = p.N;
-  const int64_t b = blockIdx.y;
-  const T* xb = static_cast<const T*>(p.logits_ptr) + b * p.logits_stride_b;
+// The logits of voxels n0 .. n0 + VEC - 1 of the first C classes of one sample (xb) into
+// x, in fp32; out-of-range voxels read 0.
+template <typename T, int MAXC, int VEC>
+__device__ __forceinline__ void load_logits(const T* __restrict__ xb, int64_t stride_c,
+                                            int64_t stride_n, int C, int64_t n0, int64_t N,
+                                            bool vec_x, float (&x)[MAXC][VEC]) {
+#pragma unroll
+  for (int c = 0; c < MAXC; ++c)
+    if (c < C) load_row<T, VEC>(xb + c * stride_c, stride_n, n0, N, vec_x, x[c]);
+}
 
-  constexpr int S = CE ? 4 : 3;
-  float acc_pg[MAXC], acc_p[MAXC], acc_g[MAXC];
-  float acc_ce[CE ? MAXC : 1];
+// How many of those logits are NaN or inf.
+template <int MAXC, int VEC>
+__device__ __forceinline__ int count_nonfinite(const float (&x)[MAXC][VEC], int C, int64_t n0,
+                                               int64_t N) {
+  int n = 0;
 #pragma unroll
-  for (int c = 0; c < MAXC; ++c) acc_pg[c] = acc_p[c] = acc_g[c] = 0.f;
+  for (int c = 0; c < MAXC; ++c)
+    if (c < C)
 #pragma unroll
-  for (int c = 0; c < (CE ? MAXC : 1); ++c) acc_ce[c] = 0.f;
-  int n_nonfinite = 0, n_bad = 0;
+      for (int i = 0; i < VEC; ++i) n += (n0 + i < N) && !isfinite(x[c][i]);
+  return n;
+}
 
-  const int64_t step = (int64_t)gridDim.x * kThreads * VEC;
-  for (int64_t n0 = ((int64_t)blockIdx.x * kThreads + threadIdx.x) * VEC; n0 < N; n0 += step) {
-    float x[MAXC][VEC];
+// Adds one step's soft-target sums (g read per class and voxel from target + off_b, any
+// float dtype; every voxel counts) to a thread's running sums; returns how many target
+// values are outside [0, 1] or NaN.
+template <int MAXC, int VEC>
+__device__ __forceinline__ int add_soft_target(const void* target, int32_t dtype, int64_t off_b,
+                                               int64_t stride_c, int64_t stride_n, int C,
+                                               int64_t n0, int64_t N,
+                                               const float (&x)[MAXC][VEC],
+                                               float (&acc_pg)[MAXC], float (&acc_p)[MAXC],
+                                               float (&acc_g)[MAXC]) {
+  int n_bad = 0;
 #pragma unroll
-    for (int c = 0; c < MAXC; ++c)
-      if (c < C) load_row<T, VEC>(xb + c * p.logits_stride_c, p.logits_stride_n, n0, N, vec_x,
-                                  x[c]);
-#pragma unroll
-    for (int c = 0; c < MAXC; ++c)
-      if (c < C)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) n_nonfinite += (n0 + i < N) && !isfinite(x[c][i]);
-    int64_t lab[VEC];
-    if constexpr (CE) {
-      // labels first: the CE term needs them next to the log-sum-exp (never soft here)
-      load_labels_any<VEC>(p, b, n0, vec_t, lab);
-      int64_t hit[VEC];
-      bool keep[VEC];
+  for (int c = 0; c < MAXC; ++c)
+    if (c < C)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        keep[i] = (n0 + i < N) && !(p.has_ignore_index && lab[i] == p.ignore_index);
-        hit[i] = p.binary_labels ? (lab[i] == 1 ? 0 : -1) : lab[i];
+        if (n0 + i >= N) continue;
+        const float g = load_soft(target, dtype, off_b + c * stride_c + (n0 + i) * stride_n);
+        n_bad += !(g >= 0.f && g <= 1.f);  // NaN fails both
+        acc_pg[c] += x[c][i] * g;
+        acc_p[c] += x[c][i];
+        acc_g[c] += g;
       }
-      activate_ce<ACT, MAXC, VEC>(x, C, hit, keep, acc_ce);
-    } else {
-      activate<ACT, MAXC, VEC>(x, C, p.activation);
-    }
+  return n_bad;
+}
 
-    if (!CE && p.soft_target) {
+// The same for a label map: g = [label == c] on kept voxels, compared with the class
+// index in registers (a one-hot is never built); returns the number of bad labels.
+template <int MAXC, int VEC>
+__device__ __forceinline__ int add_label_map(const TverskyParams& p, int C, int64_t n0,
+                                             int64_t N, const int64_t (&lab)[VEC],
+                                             const float (&x)[MAXC][VEC],
+                                             float (&acc_pg)[MAXC], float (&acc_p)[MAXC],
+                                             float (&acc_g)[MAXC]) {
+  int n_bad = 0;
 #pragma unroll
-      for (int c = 0; c < MAXC; ++c)
-        if (c < C)
+  for (int i = 0; i < VEC; ++i) {
+    const bool keep = (n0 + i < N) && !(p.has_ignore_index && lab[i] == p.ignore_index);
+    n_bad += keep && (lab[i] < 0 || lab[i] >= p.num_labels);
+    if (!keep) continue;
+    const int64_t hit = p.binary_labels ? (lab[i] == 1 ? 0 : -1) : lab[i];
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            if (n0 + i >= N) continue;
-            const float g = load_soft(p.target_ptr, p.target_dtype,
-                                      b * p.target_stride_b + c * p.target_stride_c +
-                                          (n0 + i) * p.target_stride_n);
-            n_bad += !(g >= 0.f && g <= 1.f);  // NaN fails both
-            acc_pg[c] += x[c][i] * g;
-            acc_p[c] += x[c][i];
-            acc_g[c] += g;
-          }
-    } else {
-      if (!CE) load_labels_any<VEC>(p, b, n0, vec_t, lab);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const bool keep = (n0 + i < N) && !(p.has_ignore_index && lab[i] == p.ignore_index);
-        n_bad += keep && (lab[i] < 0 || lab[i] >= p.num_labels);
-        if (!keep) continue;
-        // Compare with the class index in registers; a one-hot is never built.
-        const int64_t hit = p.binary_labels ? (lab[i] == 1 ? 0 : -1) : lab[i];
-#pragma unroll
-        for (int c = 0; c < MAXC; ++c)
-          if (c < C) {
-            const float g = (hit == c) ? 1.f : 0.f;
-            acc_pg[c] += x[c][i] * g;
-            acc_p[c] += x[c][i];
-            acc_g[c] += g;
-          }
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) {
+        const float g = (hit == c) ? 1.f : 0.f;
+        acc_pg[c] += x[c][i] * g;
+        acc_p[c] += x[c][i];
+        acc_g[c] += g;
       }
-    }
   }
+  return n_bad;
+}
 
-  // Block reduction in a fixed order: lanes by butterfly, then warps 0..kWarps-1.
+// The block's sums in a fixed order (lanes by butterfly, then warps 0..kWarps-1) into its
+// partial (S, C) and counts (2,).
+template <int MAXC, bool CE>
+__device__ __forceinline__ void store_block_sums(int C, const float (&acc_pg)[MAXC],
+                                                 const float (&acc_p)[MAXC],
+                                                 const float (&acc_g)[MAXC],
+                                                 const float (&acc_ce)[CE ? MAXC : 1],
+                                                 int n_nonfinite, int n_bad,
+                                                 float* __restrict__ partial,
+                                                 int* __restrict__ count) {
+  constexpr int S = CE ? 4 : 3;
   __shared__ float s_acc[kWarps][S * MAXC];
   __shared__ int s_cnt[kWarps][2];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -391,20 +404,67 @@ __global__ void __launch_bounds__(kThreads)
     s_cnt[warp][1] = n_bad;
   }
   __syncthreads();
-  const int64_t blk = b * gridDim.x + blockIdx.x;
   for (int j = threadIdx.x; j < S * C; j += kThreads) {
     const int k = j / C, c = j % C;
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += s_acc[w][k * MAXC + c];
-    partials[blk * S * C + j] = s;  // layout (B, G, S, C): j = k*C + c
+    partial[j] = s;  // layout (S, C): j = k*C + c
   }
   if (threadIdx.x < 2) {
     int s = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += s_cnt[w][threadIdx.x];
-    counts[blk * 2 + threadIdx.x] = s;
+    count[threadIdx.x] = s;
   }
+}
+
+template <typename T, int ACT, int MAXC, bool CE>
+__global__ void __launch_bounds__(kThreads)
+    _tversky_fwd_partials_kernel(const TverskyParams p,
+                                 float* __restrict__ partials,  // (B, G, S, C) fp32, S = 3 (+1 CE)
+                                 int* __restrict__ counts,      // (B, G, 2) int32
+                                 int vec_x, int vec_t) {
+  constexpr int VEC = vec_width<T, MAXC>();
+  const int C = (int)p.C;
+  const int64_t N = p.N;
+  const int64_t b = blockIdx.y;
+  const T* xb = static_cast<const T*>(p.logits_ptr) + b * p.logits_stride_b;
+
+  constexpr int S = CE ? 4 : 3;
+  float acc_pg[MAXC], acc_p[MAXC], acc_g[MAXC];
+  float acc_ce[CE ? MAXC : 1];
+#pragma unroll
+  for (int c = 0; c < MAXC; ++c) acc_pg[c] = acc_p[c] = acc_g[c] = 0.f;
+#pragma unroll
+  for (int c = 0; c < (CE ? MAXC : 1); ++c) acc_ce[c] = 0.f;
+  int n_nonfinite = 0, n_bad = 0;
+
+  const int64_t step = (int64_t)gridDim.x * kThreads * VEC;
+  for (int64_t n0 = ((int64_t)blockIdx.x * kThreads + threadIdx.x) * VEC; n0 < N; n0 += step) {
+    float x[MAXC][VEC];
+    load_logits<T, MAXC, VEC>(xb, p.logits_stride_c, p.logits_stride_n, C, n0, N, vec_x, x);
+    n_nonfinite += count_nonfinite<MAXC, VEC>(x, C, n0, N);
+    int64_t lab[VEC];
+    if constexpr (CE) {
+      // labels first: the CE term needs them next to the log-sum-exp (never soft here)
+      load_labels_any<VEC>(p, b, n0, vec_t, lab);
+      activate_ce<ACT, MAXC, VEC>(x, C, N, p, n0, lab, acc_ce);
+    } else {
+      activate<ACT, MAXC, VEC>(x, C, p.activation);
+    }
+    if (!CE && p.soft_target) {
+      n_bad += add_soft_target<MAXC, VEC>(p.target_ptr, p.target_dtype, b * p.target_stride_b,
+                                          p.target_stride_c, p.target_stride_n, C, n0, N, x,
+                                          acc_pg, acc_p, acc_g);
+    } else {
+      if (!CE) load_labels_any<VEC>(p, b, n0, vec_t, lab);
+      n_bad += add_label_map<MAXC, VEC>(p, C, n0, N, lab, x, acc_pg, acc_p, acc_g);
+    }
+  }
+  const int64_t blk = b * gridDim.x + blockIdx.x;
+  store_block_sums<MAXC, CE>(C, acc_pg, acc_p, acc_g, acc_ce, n_nonfinite, n_bad,
+                             partials + blk * S * C, counts + blk * 2);
 }
 
 // One block: stats[b, c, k] = Σ_g partials[b, g, k, c] in float64, g ascending.
@@ -426,6 +486,53 @@ __global__ void __launch_bounds__(kThreads)
     int64_t s = 0;  // integers: exact in any order
     for (int64_t i = 0; i < B * G; ++i) s += counts[i * 2 + threadIdx.x];
     flags[threadIdx.x] = s;
+  }
+}
+
+// dL/dlogits of voxels n0 .. n0 + VEC - 1 from x (= p, activated), written to the
+// gradient's rows (gb, strides gsc, gsn). u_of(c, i): u_c = dL/dp_c of voxel n0 + i; lab,
+// w: the voxels' labels and mask (label maps); e: dL/dsum_ce per class (CE kernels only).
+template <typename T, int ACT, int MAXC, int VEC, bool CE, typename UOf>
+__device__ __forceinline__ void store_grad(T* __restrict__ gb, int64_t gsc, int64_t gsn, int C,
+                                           int activation, int64_t n0, int64_t N, bool vec_g,
+                                           const float (&x)[MAXC][VEC], const UOf& u_of,
+                                           const int64_t (&lab)[VEC], const float (&w)[VEC],
+                                           const float* e) {
+  float dot[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) dot[i] = 0.f;
+  // Cross-entropy, softmax: e_y (p_k - [k = y]) = p_k e_y - [k = y] e_y; e_y folds into
+  // the softmax's shift (dot - e_y), e_y = 0 on ignored voxels (w = 0). e_y is neither
+  // kept per voxel nor summed in a pass of its own (either made ptxas spill at
+  // MAXC = 8): it joins the dot product's loop, and the [k = y] term re-reads e[k].
+  if (ACT == TV_SOFTMAX) {
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          dot[i] += x[c][i] * u_of(c, i);
+          if constexpr (CE) dot[i] -= (lab[i] == c) ? w[i] * e[c] : 0.f;
+        }
+  }
+#pragma unroll
+  for (int c = 0; c < MAXC; ++c) {
+    if (c >= C) break;
+    float d[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float u = u_of(c, i), q = x[c][i];
+      d[i] = ACT == TV_SOFTMAX        ? q * (u - dot[i])
+             : activation == TV_SIGMOID ? u * q * (1.f - q)
+                                        : u;
+      if constexpr (CE) {
+        if (ACT == TV_SOFTMAX)
+          d[i] -= (lab[i] == c) ? w[i] * e[c] : 0.f;
+        else  // sigmoid: e_c (p_c - g_c) on kept voxels
+          d[i] += w[i] * e[c] * (q - ((lab[i] == c) ? 1.f : 0.f));
+      }
+    }
+    store_row<T, VEC>(gb + c * gsc, gsn, n0, N, vec_g, d);
   }
 }
 
@@ -452,10 +559,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t step = (int64_t)gridDim.x * kThreads * VEC;
   for (int64_t n0 = ((int64_t)blockIdx.x * kThreads + threadIdx.x) * VEC; n0 < N; n0 += step) {
     float x[MAXC][VEC];
-#pragma unroll
-    for (int c = 0; c < MAXC; ++c)
-      if (c < C) load_row<T, VEC>(xb + c * p.logits_stride_c, p.logits_stride_n, n0, N, vec_x,
-                                  x[c]);
+    load_logits<T, MAXC, VEC>(xb, p.logits_stride_c, p.logits_stride_n, C, n0, N, vec_x, x);
     activate<ACT, MAXC, VEC>(x, C, p.activation);
 
     // u_c = w (A_c + B_c g_c): recomputed where needed rather than kept, to spare
@@ -481,43 +585,8 @@ __global__ void __launch_bounds__(kThreads)
         return w[i] * (s_a[c] + (lab[i] == c ? s_b[c] : 0.f));
       }
     };
-
-    float dot[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) dot[i] = 0.f;
-    // Cross-entropy, softmax: e_y (p_k - [k = y]) = p_k e_y - [k = y] e_y; e_y folds into
-    // the softmax's shift (dot - e_y), e_y = 0 on ignored voxels (w = 0). e_y is neither
-    // kept per voxel nor summed in a pass of its own (either made ptxas spill at
-    // MAXC = 8): it joins the dot product's loop, and the [k = y] term re-reads s_e[k].
-    if (ACT == TV_SOFTMAX) {
-#pragma unroll
-      for (int c = 0; c < MAXC; ++c)
-        if (c < C)
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            dot[i] += x[c][i] * u_of(c, i);
-            if constexpr (CE) dot[i] -= (lab[i] == c) ? w[i] * s_e[c] : 0.f;
-          }
-    }
-#pragma unroll
-    for (int c = 0; c < MAXC; ++c) {
-      if (c >= C) break;
-      float d[VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const float u = u_of(c, i), q = x[c][i];
-        d[i] = ACT == TV_SOFTMAX         ? q * (u - dot[i])
-               : p.activation == TV_SIGMOID ? u * q * (1.f - q)
-                                            : u;
-        if constexpr (CE) {
-          if (ACT == TV_SOFTMAX)
-            d[i] -= (lab[i] == c) ? w[i] * s_e[c] : 0.f;
-          else  // sigmoid: e_c (p_c - g_c) on kept voxels
-            d[i] += w[i] * s_e[c] * (q - ((lab[i] == c) ? 1.f : 0.f));
-        }
-      }
-      store_row<T, VEC>(gb + c * p.grad_stride_c, p.grad_stride_n, n0, N, vec_g, d);
-    }
+    store_grad<T, ACT, MAXC, VEC, CE>(gb, p.grad_stride_c, p.grad_stride_n, C, p.activation, n0,
+                                      N, vec_g, x, u_of, lab, w, s_e);
   }
 }
 
@@ -528,13 +597,22 @@ template <typename X>
 struct Tag {
   using type = X;
 };
+// One instantiation of the kernels: logits storage type T, activation ACT, class bound
+// MAXC, cross-entropy switch CE, and the voxels per thread per step that follow.
+template <typename T_, int ACT_, int MAXC_, bool CE_>
+struct Variant {
+  using T = T_;
+  static constexpr int ACT = ACT_, MAXC = MAXC_, VEC = vec_width<T_, MAXC_>();
+  static constexpr bool CE = CE_;
+  static constexpr int S = CE_ ? 4 : 3;  // stats per (b, c)
+};
+
 template <int V>
 struct IntTag {
   static constexpr int value = V;
 };
 
-// Calls f(Tag<T>, IntTag<ACT>, IntTag<MAXC>, IntTag<CE>) for p's logits dtype,
-// activation, C and cross-entropy switch.
+// Calls f(Variant<...>{}) for p's logits dtype, activation, C and cross-entropy switch.
 template <typename F>
 int dispatch(const TverskyParams& p, F&& f) {
   // cross-entropy: label maps and softmax/sigmoid only
@@ -545,8 +623,10 @@ int dispatch(const TverskyParams& p, F&& f) {
     return TV_ERR_TARGET_DTYPE;
   }
   auto with_ce = [&](auto t, auto act, auto maxc) -> int {
-    if (p.with_ce) return f(t, act, maxc, IntTag<1>{});
-    return f(t, act, maxc, IntTag<0>{});
+    using T = typename decltype(t)::type;
+    constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
+    if (p.with_ce) return f(Variant<T, ACT, MAXC, true>{});
+    return f(Variant<T, ACT, MAXC, false>{});
   };
   auto with_maxc = [&](auto t, auto act) -> int {
     if (p.C <= 4) return with_ce(t, act, IntTag<4>{});
@@ -569,6 +649,14 @@ int dispatch(const TverskyParams& p, F&& f) {
   return TV_ERR_LOGITS_DTYPE;
 }
 
+// Checks the sizes, selects the device, then dispatch(p, f): the launchers' common start.
+template <typename F>
+int launch(const TverskyParams& p, int device, F&& f) {
+  if (p.B < 1 || p.B > TV_MAX_BATCH || p.N < 1) return TV_ERR_SIZE;
+  if (const int err = TV_SET_DEVICE(device)) return err;
+  return dispatch(p, f);
+}
+
 inline bool aligned(const void* ptr, int64_t bytes) {
   return (reinterpret_cast<uintptr_t>(ptr) % (uintptr_t)bytes) == 0;
 }
@@ -580,7 +668,23 @@ inline bool rows_vectorisable(const void* ptr, int64_t elem, int vec, int64_t st
          (!has_c || stride_c % vec == 0);
 }
 
-// Blocks per sample: enough to fill every SM ~4 times over, no more than the work needs.
+inline int64_t label_size(int32_t code);
+
+// Which of p's tensors the kernels of Variant V may move as Packets (0/1 each, as the
+// kernels take them); the gradient's only when it is set (backward).
+template <typename V>
+struct RowsVec {
+  int x, t, g;
+  explicit RowsVec(const TverskyParams& p)
+      : x(rows_vectorisable(p.logits_ptr, sizeof(typename V::T), V::VEC, p.logits_stride_b,
+                            p.logits_stride_c, p.logits_stride_n, true)),
+        t(!p.soft_target && rows_vectorisable(p.target_ptr, label_size(p.target_dtype), V::VEC,
+                                              p.target_stride_b, 0, p.target_stride_n, false)),
+        g(p.grad_ptr != nullptr &&
+          rows_vectorisable(p.grad_ptr, sizeof(typename V::T), V::VEC, p.grad_stride_b,
+                            p.grad_stride_c, p.grad_stride_n, true)) {}
+};
+
 inline int64_t label_size(int32_t code) {
   switch (code) {
     case TV_UINT8: return 1;
@@ -590,6 +694,7 @@ inline int64_t label_size(int32_t code) {
   }
 }
 
+// Blocks per sample: enough to fill every SM ~4 times over, no more than the work needs.
 inline int64_t blocks_per_sample(const TverskyParams& p, int vec, int num_sms) {
   const int64_t need = (p.N + (int64_t)kThreads * vec - 1) / ((int64_t)kThreads * vec);
   int64_t want = (4 * (int64_t)(num_sms > 0 ? num_sms : 1) + p.B - 1) / p.B;
@@ -599,9 +704,8 @@ inline int64_t blocks_per_sample(const TverskyParams& p, int vec, int num_sms) {
 
 // Blocks per sample of the forward for p, or a negative code from dispatch().
 inline int64_t forward_grid(const TverskyParams& p, int num_sms) {
-  return dispatch(p, [&](auto t, auto, auto maxc, auto) -> int {
-    using T = typename decltype(t)::type;
-    return (int)blocks_per_sample(p, vec_width<T, decltype(maxc)::value>(), num_sms);
+  return dispatch(p, [&](auto v) -> int {
+    return (int)blocks_per_sample(p, decltype(v)::VEC, num_sms);
   });
 }
 
@@ -654,27 +758,17 @@ int64_t tversky_cuda_forward_workspace(const TverskyParams* p, int num_sms) {
 int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t workspace_bytes,
                          int device, int num_sms, cudaStream_t stream) {
   const TverskyParams& p = *pp;
-  if (p.B < 1 || p.B > TV_MAX_BATCH || p.N < 1) return TV_ERR_SIZE;
-  if (const int err = TV_SET_DEVICE(device)) return err;
-  return dispatch(p, [&](auto t, auto act, auto maxc, auto ce) -> int {
-    using T = typename decltype(t)::type;
-    constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
-    constexpr bool CE = decltype(ce)::value != 0;
-    constexpr int VEC = vec_width<T, MAXC>();
-    const int64_t G = blocks_per_sample(p, VEC, num_sms);
+  return launch(p, device, [&](auto v) -> int {
+    using V = decltype(v);
+    const int64_t G = blocks_per_sample(p, V::VEC, num_sms);
     if (workspace_bytes < workspace_bytes_for(p, G)) return TV_ERR_WORKSPACE;
     float* partials = static_cast<float*>(workspace);
-    constexpr int S = CE ? 4 : 3;
-    int* counts = reinterpret_cast<int*>(partials + p.B * G * S * p.C);
-    const int vec_x = rows_vectorisable(p.logits_ptr, sizeof(T), VEC, p.logits_stride_b,
-                                        p.logits_stride_c, p.logits_stride_n, true);
-    const int vec_t = !p.soft_target &&
-                      rows_vectorisable(p.target_ptr, label_size(p.target_dtype), VEC,
-                                        p.target_stride_b, 0, p.target_stride_n, false);
-    auto* fwd = _tversky_fwd_partials_kernel<T, ACT, MAXC, CE>;
+    int* counts = reinterpret_cast<int*>(partials + p.B * G * V::S * p.C);
+    const RowsVec<V> vec(p);
+    auto* fwd = _tversky_fwd_partials_kernel<typename V::T, V::ACT, V::MAXC, V::CE>;
     TV_LAUNCH(fwd, dim3((unsigned)G, (unsigned)p.B), kThreads, stream, p, partials, counts,
-              vec_x, vec_t);
-    TV_LAUNCH(_tversky_finalize_kernel<S>, dim3(1), kThreads, stream, partials, counts,
+              vec.x, vec.t);
+    TV_LAUNCH(_tversky_finalize_kernel<V::S>, dim3(1), kThreads, stream, partials, counts,
               p.stats_ptr, p.flags_ptr, p.B, p.C, G);
     return TV_LAST_ERROR();
   });
@@ -685,24 +779,13 @@ int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t works
 int tversky_cuda_backward(const TverskyParams* pp, int device, int num_sms,
                           cudaStream_t stream) {
   const TverskyParams& p = *pp;
-  if (p.B < 1 || p.B > TV_MAX_BATCH || p.N < 1) return TV_ERR_SIZE;
-  if (const int err = TV_SET_DEVICE(device)) return err;
-  return dispatch(p, [&](auto t, auto act, auto maxc, auto ce) -> int {
-    using T = typename decltype(t)::type;
-    constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
-    constexpr bool CE = decltype(ce)::value != 0;
-    constexpr int VEC = vec_width<T, MAXC>();
+  return launch(p, device, [&](auto v) -> int {
+    using V = decltype(v);
     // Elementwise: size the grid like the forward; a grid-stride loop covers the rest.
-    const int64_t G = blocks_per_sample(p, VEC, num_sms) * 2;
-    const int vec_x = rows_vectorisable(p.logits_ptr, sizeof(T), VEC, p.logits_stride_b,
-                                        p.logits_stride_c, p.logits_stride_n, true);
-    const int vec_g = rows_vectorisable(p.grad_ptr, sizeof(T), VEC, p.grad_stride_b,
-                                        p.grad_stride_c, p.grad_stride_n, true);
-    const int vec_t = !p.soft_target &&
-                      rows_vectorisable(p.target_ptr, label_size(p.target_dtype), VEC,
-                                        p.target_stride_b, 0, p.target_stride_n, false);
-    auto* bwd = _tversky_bwd_kernel<T, ACT, MAXC, CE>;
-    TV_LAUNCH(bwd, dim3((unsigned)G, (unsigned)p.B), kThreads, stream, p, vec_x, vec_t, vec_g);
+    const int64_t G = blocks_per_sample(p, V::VEC, num_sms) * 2;
+    const RowsVec<V> vec(p);
+    auto* bwd = _tversky_bwd_kernel<typename V::T, V::ACT, V::MAXC, V::CE>;
+    TV_LAUNCH(bwd, dim3((unsigned)G, (unsigned)p.B), kThreads, stream, p, vec.x, vec.t, vec.g);
     return TV_LAST_ERROR();
   });
 }
