@@ -204,6 +204,18 @@ __attribute__((always_inline)) inline float log1p_small(float e) {
 }
 inline double log1p_small(double e) { return std::log1p(e); }
 
+// The cross-entropy is summed in units of CE_UNIT: each term is multiplied by
+// ce_scale<F> = 1 / CE_UNIT as it is formed, and the item's float64 sum by CE_UNIT. A
+// voxel's CE can exceed float32's range while the loss does not (logits near +-3e38: the
+// gap between two classes, up to 2 x FLT_MAX); in these units a term, and a lane's sum
+// over a chunk (CHUNK / TILE = 256 voxels), fits. The logits are scaled before their
+// difference is taken, so that the difference cannot overflow. Scaling by a power of two
+// is exact, so every sum rounds exactly as the unscaled one did (only terms below
+// 2^-116, subnormal once scaled, lose bits).
+constexpr double CE_UNIT = 0x1p10;
+template <typename F>
+constexpr F ce_scale = (F)0x1p-10;
+
 template <typename F>
 inline bool not_finite(F x) {
   // x - x is 0 for finite x and NaN for NaN/inf; written without isfinite so that it
@@ -396,12 +408,12 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
     for (int i = 0; i < TILE; ++i) s[i] = xy[i] = (F)0;
     for (int64_t c = 0; c < C; ++c)
       for (int i = 0; i < TILE; ++i) {
-        xy[i] += y[i] == (int32_t)c ? x[c][i] - m[i] : (F)0;
+        xy[i] += y[i] == (int32_t)c ? x[c][i] * ce_scale<F> - m[i] * ce_scale<F> : (F)0;
         x[c][i] = fast_exp(x[c][i] - m[i]);
         s[i] += x[c][i];
       }
     for (int i = 0; i < TILE; ++i) {
-      const F lce = w[i] != 0.f ? fast_log(s[i]) - xy[i] : (F)0;
+      const F lce = w[i] != 0.f ? fast_log(s[i]) * ce_scale<F> - xy[i] : (F)0;
       xy[i] = lce;
       s[i] = (F)1 / s[i];
     }
@@ -417,7 +429,8 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
         const F e = fast_exp(-std::abs(v));
         const F r = (F)1 / ((F)1 + e);
         const F g = y[i] == (int32_t)c ? (F)1 : (F)0;
-        const F bce = std::max(v, (F)0) - v * g + log1p_small(e);
+        const F vs = v * ce_scale<F>;  // BCE in CE units (see ce_scale)
+        const F bce = std::max(vs, (F)0) - vs * g + log1p_small(e) * ce_scale<F>;
         acc_ce[c][i] += (F)w[i] * bce;
         x[c][i] = v >= (F)0 ? r : e * r;
       }
@@ -476,7 +489,7 @@ struct ForwardItem {
     if constexpr (CE)
       for (int c = 0; c < 2; ++c)
         for (int i = 0; i < TILE; ++i) {
-          acc_ce[c][i] += fast_log(prod_ce[c][i]);
+          acc_ce[c][i] += fast_log(prod_ce[c][i]) * ce_scale<F>;
           prod_ce[c][i] = (F)1;
         }
   }
@@ -622,8 +635,9 @@ struct ForwardItem {
           softmax2(x0, x1, p0, p1, e, rr);
           if constexpr (CE) {
             // -log p_hi = log(1 + e), -log p_lo = |d| + log(1 + e), d = x1 - x0
-            // (p_hi is class 1 when d >= 0); g0, g1 are already 0 on ignored voxels.
-            const F d = x1 - x0;
+            // (p_hi is class 1 when d >= 0), in CE units (see ce_scale); g0, g1 are
+            // already 0 on ignored voxels.
+            const F d = x1 * ce_scale<F> - x0 * ce_scale<F>;
             r.pc0[i] *= g0 * e + (F)1;  // exact: g is 0 or 1
             r.pc1[i] *= g1 * e + (F)1;
             // |d| where class 0 resp. 1 is the less likely one: max(±d, 0), which is
@@ -682,8 +696,9 @@ struct ForwardItem {
       p1 *= (F)w[i];
       const F g0 = (F)(y[i] == 0), g1 = (F)(y[i] == 1);
       if constexpr (CE) {
-        const F d = x[1][i] - x[0][i];
-        const F l1p = log1p_small(e), ad = std::abs(d);
+        // in CE units (see ce_scale)
+        const F d = x[1][i] * ce_scale<F> - x[0][i] * ce_scale<F>;
+        const F l1p = log1p_small(e) * ce_scale<F>, ad = std::abs(d);
         acc_ce[0][i] += g0 * (d >= (F)0 ? l1p + ad : l1p);
         acc_ce[1][i] += g1 * (d >= (F)0 ? l1p : l1p + ad);
       }
@@ -730,7 +745,7 @@ struct ForwardItem {
       if constexpr (CE) {
         double s_ce = 0;
         for (int i = 0; i < TILE; ++i) s_ce += (double)acc_ce[c][i];
-        out[c * S + 3] = s_ce;
+        out[c * S + 3] = s_ce * CE_UNIT;
       }
     }
     flags[0] = nonfinite;

@@ -186,6 +186,16 @@ __device__ __forceinline__ float load_soft(const void* base, int32_t dtype, int6
   }
 }
 
+// The cross-entropy is summed in units of kCeUnit: each term is multiplied by kCeScale =
+// 1 / kCeUnit as it is formed (the logits before their difference is taken), and the
+// finalize's float64 sum by kCeUnit. A voxel's CE can exceed float32's range while the
+// loss does not (logits near +-3e38: a gap of up to 2 x FLT_MAX between two classes); in
+// these units a block's sum over up to 2^31 voxels fits. Scaling by a power of two is
+// exact, so every sum rounds as the unscaled one did (only terms below 2^-92, subnormal
+// once scaled, lose bits).
+constexpr float kCeScale = 0x1p-34f;
+constexpr double kCeUnit = 0x1p34;
+
 // max over the first C classes of voxel i (the softmax's shift).
 template <int MAXC, int VEC>
 __device__ __forceinline__ float class_max(const float (&x)[MAXC][VEC], int C, int i) {
@@ -254,7 +264,7 @@ __device__ __forceinline__ void activate_ce(float (&x)[MAXC][VEC], int C, int64_
           x[c][i] = expf(x[c][i] - m);
           s += x[c][i];
         }
-      const float l = keep[i] ? logf(s) - (xy - m) : 0.f;
+      const float l = keep[i] ? logf(s) * kCeScale - (xy * kCeScale - m * kCeScale) : 0.f;
       const float inv = 1.f / s;
 #pragma unroll
       for (int c = 0; c < MAXC; ++c)
@@ -273,7 +283,8 @@ __device__ __forceinline__ void activate_ce(float (&x)[MAXC][VEC], int C, int64_
           const float e = expf(-fabsf(v));
           const float r = 1.f / (1.f + e);
           const float g = (hit[i] == c) ? 1.f : 0.f;
-          acc_ce[c] += keep[i] ? fmaxf(v, 0.f) - v * g + log1pf(e) : 0.f;
+          const float vs = v * kCeScale;  // BCE in CE units
+          acc_ce[c] += keep[i] ? fmaxf(vs, 0.f) - vs * g + log1pf(e) * kCeScale : 0.f;
           x[c][i] = v >= 0.f ? r : e * r;
         }
       }
@@ -480,7 +491,7 @@ __global__ void __launch_bounds__(kThreads)
     const float* src = partials + b * G * S * C + k * C + c;
     double s = 0.0;
     for (int64_t g = 0; g < G; ++g) s += (double)src[g * S * C];
-    stats[j] = s;  // layout (B, C, S): j = (b*C + c)*S + k
+    stats[j] = k == 3 ? s * kCeUnit : s;  // layout (B, C, S): j = (b*C + c)*S + k
   }
   if (threadIdx.x < 2) {
     int64_t s = 0;  // integers: exact in any order

@@ -35,6 +35,16 @@
 import triton
 import triton.language as tl
 
+# The cross-entropy is summed in units of CE_UNIT: each term is multiplied by CE_SCALE =
+# 1 / CE_UNIT as it is formed (the logits before their difference is taken), and the
+# finalize's float64 sum by CE_UNIT. A voxel's CE can exceed float32's range while the
+# loss does not (logits near +-3e38: a gap of up to 2 x FLT_MAX between two classes); in
+# these units any sum over up to 2**31 voxels fits. Scaling by a power of two is exact,
+# so every sum rounds as the unscaled one did (only terms below 2**-92, subnormal once
+# scaled, lose bits).
+CE_SCALE = tl.constexpr(2.0**-34)
+CE_UNIT = tl.constexpr(2.0**34)
+
 
 @triton.jit
 def _probs(x, cmask2, ACTIVATION: tl.constexpr):
@@ -95,12 +105,14 @@ def _probs_ce(
         e = tl.exp(xm - mx[None, :])
         s = tl.sum(e, axis=0)
         p = e / s[None, :]
-        # -log p_y = log s - (x_y - m): finite for any finite logits (s in [1, C])
-        ce = tl.where(keep & hit, tl.log(s)[None, :] - (x - mx[None, :]), 0.0)
+        # -log p_y = log s - (x_y - m) (s in [1, C]), in CE units
+        xs = x * CE_SCALE - mx[None, :] * CE_SCALE
+        ce = tl.where(keep & hit, tl.log(s)[None, :] * CE_SCALE - xs, 0.0)
     else:
         p = tl.where(cmask2, tl.sigmoid(x), 0.0)
         gy = tl.where(hit, 1.0, 0.0)
-        bce = tl.maximum(x, 0.0) - x * gy + tl.log(1.0 + tl.exp(-tl.abs(x)))
+        xs = x * CE_SCALE  # BCE in CE units
+        bce = tl.maximum(xs, 0.0) - xs * gy + tl.log(1.0 + tl.exp(-tl.abs(x))) * CE_SCALE
         ce = tl.where(keep, bce, 0.0)
     return p, ce
 
@@ -359,7 +371,7 @@ def _tversky_finalize_kernel(
     tl.store(out + 1, tl.sum(acc_p, axis=0), mask=cmask)
     tl.store(out + 2, tl.sum(acc_g, axis=0), mask=cmask)
     if HAS_CE:
-        tl.store(out + 3, tl.sum(acc_ce, axis=0), mask=cmask)
+        tl.store(out + 3, tl.sum(acc_ce, axis=0) * CE_UNIT, mask=cmask)
     tl.store(flag_sums_ptr + b * 2, tl.sum(cnt_nf, axis=0))
     tl.store(flag_sums_ptr + b * 2 + 1, tl.sum(cnt_bad, axis=0))
 

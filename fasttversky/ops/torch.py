@@ -66,16 +66,31 @@ def _onehot_and_mask(target, spec: KernelSpec, C: int, dtype):
 
 
 def _ce_sums(x, g, w, spec: KernelSpec) -> torch.Tensor:
-    """sum_ce (B, C) float64 (see _spec.py); g is the masked one-hot, w the voxel mask."""
+    """sum_ce (B, C) float64 (see _spec.py); g is the masked one-hot, w the voxel mask.
+
+    A voxel's CE in float32 overflows where logits near +-3e38 put two classes up to
+    2 x FLT_MAX apart, although the loss (a mean) fits: the sums are then taken again
+    from float64 logits. Finite sums, the rule, are kept as they are.
+    """
+    sums = _sum_n(_ce_terms(x, g, w, spec))
+    # TODO(perf): on CUDA this check is one host sync per forward with CE
+    if (
+        x.dtype != torch.float64
+        and not bool(torch.isfinite(sums).all())
+        and bool(torch.isfinite(x).all())
+    ):
+        sums = _sum_n(_ce_terms(x.double(), g.double(), w, spec))
+    return sums
+
+
+def _ce_terms(x, g, w, spec: KernelSpec) -> torch.Tensor:
     if spec.activation == 0:
-        # -log p_c on the voxels labelled c (g = 0 elsewhere, ignored voxels included)
-        ce = -(torch.log_softmax(x, dim=1) * g)
-    else:
-        # max(x, 0) - x g + log1p(exp(-|x|)): finite for any finite x
-        ce = torch.nn.functional.binary_cross_entropy_with_logits(x, g, reduction="none")
-        if w is not None:
-            ce = ce * w
-    return _sum_n(ce)
+        # -log p_c on the voxels labelled c (g = 0 elsewhere, ignored voxels included); a
+        # select, not -log p * g: log p is -inf for a class far below the others
+        return torch.where(g != 0, -torch.log_softmax(x, dim=1), 0.0)
+    # max(x, 0) - x g + log1p(exp(-|x|)): finite for any finite x
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(x, g, reduction="none")
+    return ce * w if w is not None else ce
 
 
 # Elements (B·C·voxels) of one block's temporaries: the backend materialises p, the
