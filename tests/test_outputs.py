@@ -299,6 +299,21 @@ def test_guard_without_atomic_exchange(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
+def test_guard_forces_the_current_folder(tmp_path, monkeypatch):
+    """`synth . --force` run inside the dataset: "." has no name of its own, yet the
+    new result is still written beside the folder and swapped in."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "result.txt").write_text("old")
+    (out / "notes").write_text("kept")
+    monkeypatch.chdir(out)
+    with guarded_output(".", KIND, force=True) as dest:
+        assert dest.parent == tmp_path and dest != out
+        (dest / "result.txt").write_text("new")
+    assert snapshot(out) == {"result.txt": b"new", "notes": b"kept"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
 def test_guard_passes_new_and_unrelated_folders_through(tmp_path):
     out = tmp_path / "o"
     with guarded_output(out, KIND) as dest:

@@ -128,7 +128,10 @@ def guarded_output(
         return
     if not force:
         raise OutputExistsError(_refusal(out, kind, names, option))
-    partial = out.with_name(f".{out.name}.partial-{secrets.token_hex(4)}")
+    # The sibling and the swap use the absolute, normalised path: "." or "a/.." name no
+    # folder that a sibling could be put beside.
+    where = Path(os.path.abspath(out))
+    partial = where.with_name(f".{where.name}.partial-{secrets.token_hex(4)}")
     try:
         partial.mkdir()
         for name in kind.carry:  # read by the command: there from the start
@@ -138,7 +141,7 @@ def guarded_output(
         for entry in out.iterdir():  # what is not the result carries over unchanged
             if not kind.owns(entry) and not (partial / entry.name).exists():
                 _link(entry, partial / entry.name)
-        _replace(out, partial)
+        _replace(where, partial)
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # the old folder after a swap
 
