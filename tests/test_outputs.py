@@ -144,6 +144,35 @@ def test_predict_and_evaluate(data, trained, tmp_path, capsys):
     assert not partials(pred)
 
 
+def test_an_input_inside_the_output_is_refused_even_with_force(data, trained, tmp_path, capsys):
+    # Every sub-folder of a dataset or predictions folder is its result: forcing predict
+    # into the dataset it reads would delete the dataset, synth into a folder holding
+    # the real brains it reads would delete those.
+    ds = tmp_path / "ds"
+    shutil.copytree(data, ds)
+    (tmp_path / "masks").mkdir()
+    cases = (
+        (["predict", ds, "--model", trained, "--out", ds, "--force", "--quiet"], ds, ds),
+        (
+            ["predict", ds, "--model", trained, "--out", tmp_path, "--force", "--quiet"],
+            tmp_path,
+            ds,
+        ),
+        (
+            ["synth", tmp_path, "--brains", ds, "--lesion-masks", tmp_path / "masks", "--force"],
+            tmp_path,
+            ds,
+        ),
+    )
+    for argv, out, inside in cases:
+        before = snapshot(out)
+        code, err = run(argv, capsys)
+        lines = err.strip().splitlines()
+        assert code == EXIT_USAGE and len(lines) == 1, err
+        assert f"{out} is or contains the" in lines[0] and str(inside) in lines[0], lines[0]
+        assert snapshot(out) == before and not partials(out)
+
+
 def test_reproduce(data, tmp_path, capsys):
     out = tmp_path / "rep"
     shutil.copytree(data, out / "data")  # the phantoms reproduce reuses

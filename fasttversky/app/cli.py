@@ -192,6 +192,23 @@ def _guarded(args, command: str, out=None, option: str = "--out"):
     return guarded_output(out, result_kind(command), force=args.force, option=option)
 
 
+def _check_inputs_outside(out, option: str, **inputs) -> None:
+    """OutputExistsError when an input folder (keyword: what it is, underscores for
+    spaces) is the output folder or inside it: every sub-folder of a dataset or
+    predictions folder counts as its result, so ``--force`` would delete that input
+    with the old result (``predict DATA --out DATA`` would lose the dataset)."""
+    o = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if p == o or o in p.parents:
+            raise OutputExistsError(
+                f"{option} {out} is or contains the {what.replace('_', ' ')} {path}; "
+                "write the result to a folder of its own"
+            )
+
+
 def _moved(path, dest: Path, out: Path) -> Path:
     """Where a file written under ``dest`` (a forced run's partial folder) now is."""
     path = Path(path)
@@ -202,6 +219,9 @@ def cmd_synth(args) -> int:
     from .pipeline import synth
 
     config = config_from_args(args, "synth")
+    _check_inputs_outside(
+        args.out, "output folder", brains=args.brains, lesion_masks_folder=args.lesion_masks
+    )
     t0 = time.perf_counter()
     with _guarded(args, "synth", option="output folder") as dest:
         stats = synth(
@@ -284,6 +304,7 @@ def cmd_predict(args) -> int:
         check_threshold(threshold)
     if window is not None and any(window):
         PredictConfig(window=window)  # checks the sizes
+    _check_inputs_outside(args.out, "--out", dataset=args.data, run_folder=args.model)
     from .pipeline import predict_dataset
 
     with _guarded(args, "predict") as dest:
