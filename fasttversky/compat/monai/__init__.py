@@ -1,6 +1,8 @@
-"""``TverskyLoss`` and ``DiceCELoss`` with the constructors, defaults and values of MONAI's.
+"""``TverskyLoss``, ``DiceLoss``, ``GeneralizedDiceLoss`` and ``DiceCELoss`` with the
+constructors, defaults and values of MONAI's.
 
-Modules: ``_tversky`` (TverskyLoss), ``_dice_ce`` (DiceCELoss), ``_base`` (the options
+Modules: ``_tversky`` (TverskyLoss), ``_dice`` (DiceLoss and GeneralizedDiceLoss: the
+Tversky plan with MONAI's Dice ratio, weights and reduction), ``_dice_ce`` (DiceCELoss), ``_base`` (the options
 both share), ``_mirror`` (MONAI's forwards in plain torch, the slower path); label
 conversion, argument checks and :class:`SlowPathWarning` are ``compat._common``'s.
 
@@ -68,7 +70,8 @@ Differences that remain
 """
 
 from .._common import SlowPathWarning
+from ._dice import DiceLoss, GeneralizedDiceLoss
 from ._dice_ce import DiceCELoss
 from ._tversky import TverskyLoss
 
-__all__ = ["DiceCELoss", "SlowPathWarning", "TverskyLoss"]
+__all__ = ["DiceCELoss", "DiceLoss", "GeneralizedDiceLoss", "SlowPathWarning", "TverskyLoss"]

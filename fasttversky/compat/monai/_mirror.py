@@ -1,6 +1,7 @@
-"""MONAI 1.6's ``TverskyLoss`` and ``DiceCELoss`` forwards, step by step, in plain torch.
+"""MONAI 1.6's ``TverskyLoss``, ``DiceLoss``, ``GeneralizedDiceLoss`` and ``DiceCELoss``
+forwards, step by step, in plain torch.
 
-The slower path of both drop-ins: whatever the fused kernels do not compute exactly as
+The slower path of the drop-ins: whatever the fused kernels do not compute exactly as
 MONAI does runs here, with MONAI's warnings, errors and NaNs. Each function takes the
 drop-in module (``loss``) for its options, named as MONAI names them.
 """
@@ -97,6 +98,19 @@ def drop_background(loss, input, target, n_pred_ch: int, warn: bool):
     return input, target
 
 
+def _onehot_target(loss, target, n_pred_ch: int, ii, warn: bool):
+    """MONAI's ``to_onehot_y`` step (its warning for C = 1); with an ``ignore_index``
+    outside [0, C) that sentinel becomes class 0 first (the ignore mask removes it)."""
+    if not loss.to_onehot_y:
+        return target
+    if n_pred_ch == 1:
+        _warn(warn, "to_onehot_y=True")
+        return target
+    if ii is not None and (ii < 0 or ii >= n_pred_ch):
+        target = torch.where(target == ii, torch.zeros_like(target), target)
+    return one_hot(target, n_pred_ch)
+
+
 def _reduce_axis(loss, ndim: int) -> list[int]:
     axes = list(range(2, ndim))
     return [0, *axes] if loss.batch else axes
@@ -108,14 +122,7 @@ def tversky_forward(loss, input, target, warn: bool = True) -> torch.Tensor:
     input = activation(loss, input, warn)
     original_target = target
     ii = loss.ignore_index
-    if loss.to_onehot_y:
-        if n_pred_ch == 1:
-            _warn(warn, "to_onehot_y=True")
-        else:
-            if ii is not None and (ii < 0 or ii >= n_pred_ch):
-                # a sentinel label becomes class 0 before one-hot; the mask removes it
-                target = torch.where(target == ii, torch.zeros_like(target), target)
-            target = one_hot(target, n_pred_ch)
+    target = _onehot_target(loss, target, n_pred_ch, ii, warn)
     if ii is not None:
         mask = ignore_mask(original_target, ii)
         input, target = input * mask, target * mask
@@ -168,23 +175,31 @@ def dice_ce_forward(loss, input, target, warn: bool = True) -> torch.Tensor:
 
 
 def _dice_sums(loss, input, target):
+    """``compute_tp_fp_fn(input, target, axis, ord, soft_label, decoupled=True)`` as
+    MONAI's DiceLoss calls it: ord 2 for ``squared_pred``."""
     reduce_axis = _reduce_axis(loss, input.ndim)
-    if not loss.squared_pred:
+    ord = 2 if loss.squared_pred else 1
+    if ord == 1 and not getattr(loss, "soft_label", False):
         tp = torch.sum(input * target, dim=reduce_axis)
         return tp, torch.sum(input, dim=reduce_axis) - tp, torch.sum(target, dim=reduce_axis) - tp
-    # MONAI's L2 form: |p|², |g|², |p - g|²
-    pred_o = LA.vector_norm(input, ord=2, dim=reduce_axis) ** 2
-    ground_o = LA.vector_norm(target, ord=2, dim=reduce_axis) ** 2
-    difference = LA.vector_norm(input - target, ord=2, dim=reduce_axis) ** 2
+    # MONAI's norm form: |p|^ord, |g|^ord, |p - g|^ord
+    pred_o = LA.vector_norm(input, ord=ord, dim=reduce_axis) ** ord
+    ground_o = LA.vector_norm(target, ord=ord, dim=reduce_axis) ** ord
+    difference = LA.vector_norm(input - target, ord=ord, dim=reduce_axis) ** ord
     tp = (pred_o + ground_o - difference) / 2
     return tp, pred_o - tp, ground_o - tp
 
 
 def _dice_weight(loss, num_of_classes: int):
-    """MONAI's DiceLoss class weight (without the background when it is left out)."""
+    """DiceCELoss's Dice class weight: its ``weight`` without the background when left out."""
     w = loss.weight
     if w is not None and not loss.include_background:
         w = w[1:]
+    return class_weight(w, num_of_classes)
+
+
+def class_weight(w, num_of_classes: int):
+    """MONAI's DiceLoss ``class_weight`` check and expansion (None for one channel)."""
     if w is None or num_of_classes == 1:
         return None
     if w.ndim == 0:
@@ -200,20 +215,72 @@ def _dice_weight(loss, num_of_classes: int):
     return w
 
 
-def dice_forward(loss, input, target, warn):
-    """MONAI 1.6's ``DiceLoss.forward`` (no ignore_index: DiceCELoss passes none)."""
+def reduce_like_dice(f: torch.Tensor, reduction: str, ndim: int) -> torch.Tensor:
+    """MONAI's DiceLoss reduction; "none" keeps a broadcastable (B, C, 1, ...) shape."""
+    if reduction == "mean":
+        return torch.mean(f)
+    if reduction == "sum":
+        return torch.sum(f)
+    if reduction == "none":
+        return f.view(list(f.shape[0:2]) + [1] * (ndim - 2))
+    raise ValueError(
+        f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].'
+    )
+
+
+def _dice_inputs(loss, input, target, ii, warn: bool, differ: str):
+    """MONAI's Dice losses' first steps: activation, one-hot, background, shape check
+    (``differ`` is the word of the class's own error message)."""
     n_pred_ch = input.shape[1]
     input = activation(loss, input, warn)
-    if loss.to_onehot_y:
-        if n_pred_ch == 1:
-            _warn(warn, "to_onehot_y=True")
-        else:
-            target = one_hot(target, n_pred_ch)
+    target = _onehot_target(loss, target, n_pred_ch, ii, warn)
     input, target = drop_background(loss, input, target, n_pred_ch, warn)
     if target.shape != input.shape:
         raise AssertionError(
-            f"ground truth has different shape ({target.shape}) from input ({input.shape})"
+            f"ground truth has {differ} shape ({target.shape}) from input ({input.shape})"
         )
+    return input, target
+
+
+def dice_loss_forward(loss, input, target, warn: bool = True) -> torch.Tensor:
+    """MONAI 1.6's ``DiceLoss.forward`` with every option (ignore_index, soft_label)."""
+    original_target, ii = target, loss.ignore_index
+    input, target = _dice_inputs(loss, input, target, ii, warn, "different")
+    if ii is not None:
+        mask = ignore_mask(original_target, ii)
+        input, target = input * mask, target * mask
+    tp, fp, fn = _dice_sums(loss, input, target)
+    if not loss.jaccard:
+        fp, fn = fp * 0.5, fn * 0.5
+    f = 1 - (2 * tp + loss.smooth_nr) / (2 * (tp + fp + fn) + loss.smooth_dr)
+    w = class_weight(loss.class_weight, target.shape[1])
+    if w is not None:
+        f = f * w.to(f)
+    return reduce_like_dice(f, loss.reduction, input.ndim)
+
+
+def generalized_dice_forward(loss, input, target, warn: bool = True) -> torch.Tensor:
+    """MONAI 1.6's ``GeneralizedDiceLoss.forward``."""
+    input, target = _dice_inputs(loss, input, target, None, warn, "differing")
+    reduce_axis = _reduce_axis(loss, input.ndim)
+    tp, fp, fn = tp_fp_fn(input, target, reduce_axis, loss.soft_label)
+    denominator = 2 * (tp + 0.5 * fp + 0.5 * fn)
+    ground_o = torch.sum(target, reduce_axis).float()
+    w = {"simple": ground_o.reciprocal(), "square": (ground_o * ground_o).reciprocal()}.get(
+        loss.w_type, torch.ones_like(ground_o)
+    )
+    infs = torch.isinf(w)
+    w[infs] = 0.0
+    w = w + infs * (torch.max(w) if loss.batch else torch.max(w, dim=1)[0].unsqueeze(dim=1))
+    dim = 0 if loss.batch else 1
+    numer = 2.0 * (tp * w).sum(dim, keepdim=True) + loss.smooth_nr
+    denom = (denominator * w).sum(dim, keepdim=True) + loss.smooth_dr
+    return reduce_like_dice(1.0 - numer / denom, loss.reduction, input.ndim)
+
+
+def dice_forward(loss, input, target, warn):
+    """MONAI 1.6's ``DiceLoss.forward`` (no ignore_index: DiceCELoss passes none)."""
+    input, target = _dice_inputs(loss, input, target, None, warn, "different")
     tp, fp, fn = _dice_sums(loss, input, target)
     if not loss.jaccard:
         fp = fp * 0.5
