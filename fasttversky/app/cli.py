@@ -199,7 +199,7 @@ def _check_inputs_outside(out, option: str, **inputs) -> None:
     with the old result (``predict DATA --out DATA`` would lose the dataset)."""
     o = Path(out).resolve()
     for what, path in inputs.items():
-        if path is None:
+        if path is None or not Path(path).exists():  # (the command says it is missing)
             continue
         p = Path(path).resolve()
         if p == o or o in p.parents:
