@@ -225,5 +225,6 @@ def render(report: dict) -> str:
 
 
 def load_report(path: str | Path) -> dict:
-    """A JSON written by ``fasttversky bench --json`` (DataError if it cannot be read)."""
+    """The JSON ``fasttversky bench --out FILE.md`` writes beside the report
+    (``FILE.json``; ``--from-json``); DataError naming the file if it cannot be read."""
     return read_json(path)
