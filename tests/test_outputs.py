@@ -343,6 +343,20 @@ def test_guard_forces_the_current_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
+def test_guard_forces_through_a_symlink(tmp_path):
+    """An output folder reached through a symlink (e.g. to a bigger disk) is replaced
+    where it lies; the link stays a link and nothing is left beside either."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "result.txt").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with guarded_output(link, KIND, force=True) as dest:
+        (dest / "result.txt").write_text("new")
+    assert link.is_symlink() and snapshot(real) == {"result.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
 def test_guard_passes_new_and_unrelated_folders_through(tmp_path):
     out = tmp_path / "o"
     with guarded_output(out, KIND) as dest:

@@ -128,9 +128,10 @@ def guarded_output(
         return
     if not force:
         raise OutputExistsError(_refusal(out, kind, names, option))
-    # The sibling and the swap use the absolute, normalised path: "." or "a/.." name no
-    # folder that a sibling could be put beside.
-    where = Path(os.path.abspath(out))
+    # The sibling and the swap use the real path: "." or "a/.." name no folder that a
+    # sibling could be put beside, and an output folder reached through a symlink is
+    # replaced where it lies (the link kept), not the link by a folder.
+    where = Path(os.path.realpath(out))
     partial = where.with_name(f".{where.name}.partial-{secrets.token_hex(4)}")
     try:
         partial.mkdir()
