@@ -73,7 +73,7 @@ def _ce_sums(x, g, w, spec: KernelSpec) -> torch.Tensor:
     from float64 logits. Finite sums, the rule, are kept as they are.
     """
     sums = _sum_n(_ce_terms(x, g, w, spec))
-    # TODO(perf): on CUDA this check is one host sync per forward with CE
+    # TODO(perf): on CUDA this check is one host sync per block of voxels with CE
     if (
         x.dtype != torch.float64
         and not bool(torch.isfinite(sums).all())
