@@ -2,9 +2,10 @@
 constructors, defaults and values of MONAI's.
 
 Modules: ``_tversky`` (TverskyLoss), ``_dice`` (DiceLoss and GeneralizedDiceLoss: the
-Tversky plan with MONAI's Dice ratio, weights and reduction), ``_dice_ce`` (DiceCELoss), ``_base`` (the options
-both share), ``_mirror`` (MONAI's forwards in plain torch, the slower path); label
-conversion, argument checks and :class:`SlowPathWarning` are ``compat._common``'s.
+Tversky plan with MONAI's Dice ratio, weights and reduction), ``_dice_ce``
+(DiceCELoss), ``_base`` (the options they all share), ``_mirror`` (MONAI's forwards in
+plain torch, the slower path); label conversion, argument checks and
+:class:`SlowPathWarning` are ``compat._common``'s.
 
 ``DiceCELoss`` (Dice + cross-entropy, ``monai.losses.DiceCELoss``) runs both terms in one
 fused pass when MONAI's options make them functions of the same probabilities; its
