@@ -95,13 +95,15 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     head = (
-        f"`python bench/memory_growth.py --classes {args.classes}` at commit {commit or '?'} on "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
+        f"`python bench/memory_growth.py --classes {args.classes}` at commit {commit or '?'} "
+        f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, load average "
         f"{os.getloadavg()[0]:.1f}.\n\n"
         "Resident-memory growth (MiB) of one Dice+CE fwd+bwd, fp32 1×C×64×96×96, gradient "
         "buffer allocated beforehand, one process per provider:\n\n"
-        "| C | logits MiB | fasttversky (auto) | nnU-Net DC_and_CE | MONAI DiceCELoss | ours / nnU-Net |\n"
+        "| C | logits MiB | fasttversky (auto) | nnU-Net DC_and_CE | MONAI DiceCELoss "
+        "| ours / nnU-Net |\n"
         "|---:|---:|---:|---:|---:|---:|\n"
     )
     text = head + "\n".join(rows) + "\n"

@@ -44,11 +44,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._dispatch import BACKENDS, available_backends
-    from .errors import BackendUnavailableError, InvalidInputError, NonFiniteInputError
-    from .options import TverskyOptions
     from .deep_supervision import deep_supervision_loss
+    from .errors import BackendUnavailableError, InvalidInputError, NonFiniteInputError
     from .functional import tversky_loss
     from .loss import TverskyLoss
+    from .options import TverskyOptions
 
 
 def __getattr__(name: str):

@@ -51,7 +51,9 @@ def input_error(flags: torch.Tensor, spec: KernelSpec) -> InvalidInputError | No
             return InvalidInputError(f"target has {n_bad} value(s) outside [0, 1]")
         ii = spec.ignore_index
         other = f" other than ignore_index={ii}" if ii is not None else ""
-        return InvalidInputError(f"target has {n_bad} label(s) outside [0, {spec.num_labels}){other}")
+        return InvalidInputError(
+            f"target has {n_bad} label(s) outside [0, {spec.num_labels}){other}"
+        )
     return None
 
 
@@ -144,7 +146,9 @@ def _backward(ctx, grad_stats, grad_flags=None, grad_fn=None):
     logits, target = ctx.saved_tensors
     activation, ignore_index, _ = ctx.args
     if torch.is_grad_enabled():  # only under create_graph=True: a gradient with a graph
-        grad = _differentiable_grad(logits, target, grad_stats, activation, ignore_index, ctx.with_ce)
+        grad = _differentiable_grad(
+            logits, target, grad_stats, activation, ignore_index, ctx.with_ce
+        )
         return grad, None, None, None, None, None, None
     cdt = compute_dtype(logits.dtype)
     # dL/dp = w * (dL/dsum_p + dL/dsum_pg * g); sum_g does not depend on the logits.

@@ -117,7 +117,9 @@ def _checked_scales(logits_list, weights) -> tuple[list[torch.Tensor], list[floa
         raise InvalidInputTypeError(f"weights must be real numbers, got {list(weights)}")
     weights = [float(w) for w in weights]
     if len(weights) != n:
-        raise InvalidInputError(f"weights has {len(weights)} entries but logits_list has {n} scales")
+        raise InvalidInputError(
+            f"weights has {len(weights)} entries but logits_list has {n} scales"
+        )
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise InvalidInputError(f"weights must be finite, >= 0 and not all zero, got {weights}")
     return list(logits_list), weights

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ._stats_op import checks_enabled, input_error, tversky_stats
 from ._spec import ACTIVATIONS, KernelSpec
+from ._stats_op import checks_enabled, input_error, tversky_stats
 from .errors import InvalidInputError, InvalidInputTypeError
 from .options import TverskyOptions
 
@@ -160,11 +160,15 @@ def _prepare(logits, target, activation, ignore_index):
     if target.device != logits.device:
         raise InvalidInputError(f"target is on {target.device} but logits are on {logits.device}")
     if activation not in ACTIVATIONS:
-        raise InvalidInputError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        raise InvalidInputError(
+            f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}"
+        )
     B, C = logits.shape[:2]
     spatial = tuple(logits.shape[2:])
     if activation == "softmax" and C < 2:
-        raise InvalidInputError("activation='softmax' needs C >= 2 classes; use 'sigmoid' for C = 1")
+        raise InvalidInputError(
+            "activation='softmax' needs C >= 2 classes; use 'sigmoid' for C = 1"
+        )
 
     if target.is_floating_point():
         if target.dtype not in _FLOAT_DTYPES:
@@ -175,7 +179,9 @@ def _prepare(logits, target, activation, ignore_index):
                 f"got {tuple(target.shape)}; pass integer labels of shape (B, *spatial) instead"
             )
         if ignore_index is not None:
-            raise InvalidInputError("ignore_index applies to integer label maps, not to float targets")
+            raise InvalidInputError(
+                "ignore_index applies to integer label maps, not to float targets"
+            )
         target3 = _flatten(target, 2)
     else:
         if target.dtype not in _LABEL_DTYPES:
@@ -242,7 +248,9 @@ def _terms(stats: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
         w = _generalized_weights(sg.detach(), opts.generalized)
         num = (w * tp).sum(-1, keepdim=True) + opts.smooth_nr
         den = (w * (tp + a * fp + b * fn)).sum(-1, keepdim=True) + opts.smooth_dr
-    gamma = opts.gamma if isinstance(opts.gamma, float) else _class_values(stats, opts, "gamma", kept)
+    gamma = (
+        opts.gamma if isinstance(opts.gamma, float) else _class_values(stats, opts, "gamma", kept)
+    )
     d = 1.0 - num / den
     terms = _focal(d, gamma) if opts.clamp_terms else d**gamma
     weights = _class_values(stats, opts, "class_weights", kept)

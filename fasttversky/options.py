@@ -40,7 +40,9 @@ def _real(name: str, value, *, positive: bool = False) -> float:
         raise InvalidInputTypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise InvalidInputError(f"{name} must be finite and {'>' if positive else '>='} 0, got {value}")
+        raise InvalidInputError(
+            f"{name} must be finite and {'>' if positive else '>='} 0, got {value}"
+        )
     return value
 
 
@@ -92,9 +94,9 @@ class TverskyOptions:
             or "none", which returns the (B, C') terms (times ``class_weights`` when
             given), or (C',) with ``batch=True``; C' = classes kept.
         smooth_nr, smooth_dr: >= 0, added to numerator and denominator.
-        gamma: > 0, exponent of each term, a float or one value per class. The term is ``max(1 - T, 0) ** gamma``
-            for every gamma (1 - T < 0 only when smooth_nr > smooth_dr, or for
-            activation="none" inputs outside [0, 1]): continuous in
+        gamma: > 0, exponent of each term, a float or one value per class. The term is
+            ``max(1 - T, 0) ** gamma`` for every gamma (1 - T < 0 only when smooth_nr >
+            smooth_dr, or for activation="none" inputs outside [0, 1]): continuous in
             gamma, exactly 0 for a perfectly predicted class, with a finite gradient
             (0 where 1 - T <= 0). ``compat.monai`` keeps MONAI's unclamped 1 - T.
         generalized: None, or "square", "simple", "uniform": the generalized Tversky
@@ -235,7 +237,7 @@ class TverskyOptions:
             raise InvalidInputTypeError(
                 f"only alpha and beta may be given by position, got {len(args)} positional options"
             )
-        positional = dict(zip(("alpha", "beta"), args))
+        positional = dict(zip(("alpha", "beta"), args, strict=False))
         twice = positional.keys() & kwargs.keys()
         if twice:
             raise InvalidInputTypeError(f"{sorted(twice)} given both by position and by keyword")

@@ -72,10 +72,18 @@ def test_dice_loss_equals_monai_on_random_options(seed):
         squared = rng.random() < 0.2
         ignore = rng.choice([None, 1]) if (C > 1 and not onehot) else None
         kw = dict(
-            include_background=bg, to_onehot_y=C > 1 and not onehot, sigmoid=act == "sigmoid",
-            softmax=act == "softmax", batch=batch, reduction=red, jaccard=jac,
-            squared_pred=squared, weight=weight, ignore_index=ignore,
-            smooth_nr=rng.choice([1e-5, 0.0, 0.5]), smooth_dr=rng.choice([1e-5, 1.0]),
+            include_background=bg,
+            to_onehot_y=C > 1 and not onehot,
+            sigmoid=act == "sigmoid",
+            softmax=act == "softmax",
+            batch=batch,
+            reduction=red,
+            jaccard=jac,
+            squared_pred=squared,
+            weight=weight,
+            ignore_index=ignore,
+            smooth_nr=rng.choice([1e-5, 0.0, 0.5]),
+            smooth_dr=rng.choice([1e-5, 1.0]),
         )
         x, t = _inputs(C, seed, onehot, ignore)
         monai_kw = dict(kw, weight=None if weight is None else torch.as_tensor(weight))

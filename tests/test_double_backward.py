@@ -52,7 +52,9 @@ def test_gradient_of_gradient_matches_float64(backend, case, monkeypatch):
     g, gg = _penalty_grad(
         lambda z: fasttversky.tversky_loss(z, t, backend=backend, **kw), x, v.to(device)
     )
-    ref_g, ref_gg = _penalty_grad(lambda z: reference_tversky_loss(z, t.cpu(), **kw), x.cpu().double(), v)
+    ref_g, ref_gg = _penalty_grad(
+        lambda z: reference_tversky_loss(z, t.cpu(), **kw), x.cpu().double(), v
+    )
     _, grad_rtol = TOLERANCES[dtype]
     for got, want in ((g, ref_g), (gg, ref_gg)):
         tol = grad_rtol * max(want.abs().max().item(), 1e-30)

@@ -30,8 +30,16 @@ def test_generalized_matches_reference(backend, kind, batch, include_background,
     t = _with_absent_class(t, 2)
     for reduction in ("mean", "sum", "none"):
         check_against_reference(
-            x, t, backend, generalized=kind, batch=batch, reduction=reduction,
-            include_background=include_background, alpha=0.3, beta=0.7, gamma=0.8,
+            x,
+            t,
+            backend,
+            generalized=kind,
+            batch=batch,
+            reduction=reduction,
+            include_background=include_background,
+            alpha=0.3,
+            beta=0.7,
+            gamma=0.8,
         )
 
 
@@ -39,7 +47,10 @@ def test_generalized_matches_reference(backend, kind, batch, include_background,
 def test_per_class_gamma_matches_reference(backend, monkeypatch):
     device = use_backend(backend, monkeypatch)
     x, t = make_inputs(2, 3, (6, 5, 4), seed=4, device=device)
-    for kw in (dict(gamma=[0.75, 1.0, 1.5]), dict(gamma=[0.5, 2.0, 1.0], batch=True, ce_weight=0.3)):
+    for kw in (
+        dict(gamma=[0.75, 1.0, 1.5]),
+        dict(gamma=[0.5, 2.0, 1.0], batch=True, ce_weight=0.3),
+    ):
         check_against_reference(x, t, backend, **kw)
     check_against_reference(x, t, backend, gamma=[0.5, 2.0, 1.0], reduction="none")
 
@@ -62,8 +73,13 @@ def test_generalized_dice_equals_monai(w_type, batch, include_background):
     t = _with_absent_class(t, 1)
     smooth_nr, smooth_dr = 1e-5, 1e-5
     theirs = monai.GeneralizedDiceLoss(
-        softmax=True, to_onehot_y=True, w_type=w_type, batch=batch,
-        include_background=include_background, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+        softmax=True,
+        to_onehot_y=True,
+        w_type=w_type,
+        batch=batch,
+        include_background=include_background,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
     )
     x1 = x.clone().requires_grad_(True)
     ref = theirs(x1, t[:, None])
@@ -72,8 +88,16 @@ def test_generalized_dice_equals_monai(w_type, batch, include_background):
     # 1/2 with both smooth terms halved is the same number.
     x2 = x.clone().requires_grad_(True)
     ours = fasttversky.tversky_loss(
-        x2, t, 0.5, 0.5, generalized=w_type, batch=batch, include_background=include_background,
-        smooth_nr=smooth_nr / 2, smooth_dr=smooth_dr / 2, clamp_terms=False,
+        x2,
+        t,
+        0.5,
+        0.5,
+        generalized=w_type,
+        batch=batch,
+        include_background=include_background,
+        smooth_nr=smooth_nr / 2,
+        smooth_dr=smooth_dr / 2,
+        clamp_terms=False,
     )
     ours.backward()
     torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-12)

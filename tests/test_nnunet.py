@@ -217,14 +217,18 @@ def nnunet_env(tmp_path_factory):
         env,
         base,
     )  # fmt: skip
-    # A narrower U-Net than planned (same stages, 8..64 features instead of 32..256): the
-    # loss sees the same shapes, the CPU does 16x less convolution work.
+    _narrow_plans(base)
+    return base, env
+
+
+def _narrow_plans(base: Path) -> None:
+    """A narrower U-Net than planned (same stages, 8..64 features instead of 32..256):
+    the loss sees the same shapes, the CPU does 16x less convolution work."""
     plans_path = base / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json"
     plans = json.loads(plans_path.read_text())
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     arch["features_per_stage"] = [min(8 * 2**i, 64) for i in range(arch["n_stages"])]
     plans_path.write_text(json.dumps(plans))
-    return base, env
 
 
 def _train(nnunet_env, trainer: str) -> Path:

@@ -15,14 +15,13 @@ exactly as the README tells a user to add their own trainer subclasses.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from test_nnunet import _TEST_TRAINERS, DATASET, DATASET_ID, _close, _write_dataset
+from test_nnunet import _TEST_TRAINERS, DATASET, DATASET_ID, _close, _narrow_plans, _write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.nnunet]
 
@@ -43,25 +42,29 @@ def _venv_bin() -> Path:
 
 def _run(cmd, env, cwd) -> str:
     r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (
+        f"{' '.join(map(str, cmd))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    )
     return r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory):
     bin_dir = _venv_bin()
-    trainer_dir = _run(
-        [bin_dir / "python", "-m", "fasttversky.compat.nnunet"],
-        dict(os.environ, PYTHONPATH=str(ROOT)),
-        ROOT,
-    ).strip().splitlines()[-1]
+    trainer_dir = (
+        _run(
+            [bin_dir / "python", "-m", "fasttversky.compat.nnunet"],
+            dict(os.environ, PYTHONPATH=str(ROOT)),
+            ROOT,
+        )
+        .strip()
+        .splitlines()[-1]
+    )
     base = tmp_path_factory.mktemp("nnunet_cli")
     own = base / "my_trainers"  # a user's own subclasses, beside the package's folder
     own.mkdir()
     (own / "fasttversky_test_trainers.py").write_text(_TEST_TRAINERS)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(
         PATH=os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
         PYTHONPATH=str(ROOT),  # this checkout's fasttversky (its kernels built by the install)
@@ -78,11 +81,7 @@ def cli_env(tmp_path_factory):
          "-np", "1", "--verify_dataset_integrity"],
         env, base,
     )  # fmt: skip
-    plans_path = base / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json"
-    plans = json.loads(plans_path.read_text())
-    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = [min(8 * 2**i, 64) for i in range(arch["n_stages"])]
-    plans_path.write_text(json.dumps(plans))  # narrower: same shapes, 16x less work
+    _narrow_plans(base)
     return base, env
 
 

@@ -15,7 +15,11 @@ def test_many_blocks_match_reference_and_are_thread_independent(monkeypatch):
     monkeypatch.setattr(torch_backend, "_BLOCK_ELEMENTS", 3 * 8192)  # blocks of 8192 voxels
     x, t = make_inputs(1, 3, (20, 30, 31), seed=9)  # 18,600 voxels: three blocks, one partial
     assert len(torch_backend._voxel_blocks(1, 3, x[0, 0].numel())) == 3
-    for kw in (dict(), dict(ce_weight=0.5, ignore_index=2), dict(activation="sigmoid", ce_weight=1.0)):
+    for kw in (
+        dict(),
+        dict(ce_weight=0.5, ignore_index=2),
+        dict(activation="sigmoid", ce_weight=1.0),
+    ):
         check_against_reference(x, t, "torch", **kw)
     n = torch.get_num_threads()
     results = []

@@ -142,7 +142,9 @@ class _TorchBackend(Backend):
         B, C, N = logits.shape
         grad = new_grad(logits)
         for block in _voxel_blocks(B, C, N):
-            dx = self._block_grad(logits[..., block], target[..., block], coef_a, coef_b, spec, coef_ce)
+            dx = self._block_grad(
+                logits[..., block], target[..., block], coef_a, coef_b, spec, coef_ce
+            )
             grad[..., block] = dx
         return grad
 

@@ -43,7 +43,9 @@ class _DiceBase(TverskyLoss):
             terms = _common.fused_loss(plan.input, plan.target, plan.options)
             return self._finish(terms.to(plan.out_dtype), input.ndim)
 
-        return _common.run_or_fall_back(fused, lambda: self._mirror(input, target, False), self._who)
+        return _common.run_or_fall_back(
+            fused, lambda: self._mirror(input, target, False), self._who
+        )
 
     def _options(self, C: int, activation: str, ignore_index: int | None):
         return _common.loss_options(C, **self._fused_options(activation, ignore_index))
@@ -109,7 +111,9 @@ class DiceLoss(_DiceBase):
         return super()._option_problem()
 
     def _fused_options(self, activation, ignore_index) -> dict:
-        return dict(alpha=self.alpha, beta=self.beta, **self._shared_options(activation, ignore_index))
+        return dict(
+            alpha=self.alpha, beta=self.beta, **self._shared_options(activation, ignore_index)
+        )
 
     def _finish(self, terms: torch.Tensor, ndim: int) -> torch.Tensor:
         w = _mirror.class_weight(self.class_weight, terms.shape[-1])
@@ -153,7 +157,9 @@ class GeneralizedDiceLoss(_DiceBase):
         )  # fmt: skip
         w_type = getattr(w_type, "value", w_type)  # MONAI's Weight StrEnum or a str
         if w_type not in _W_TYPES:
-            raise ValueError(f"Unsupported weight type: {w_type}, available options are {_W_TYPES}.")
+            raise ValueError(
+                f"Unsupported weight type: {w_type}, available options are {_W_TYPES}."
+            )
         self.w_type = w_type
 
     def _fused_options(self, activation, ignore_index) -> dict:
