@@ -85,14 +85,10 @@ def setting_slug(a: float, b: float, ce: float = 0.0) -> str:
 
 
 def settings_with_ce(settings_list, ce_weight: float) -> list[tuple[float, float, float]]:
-    """(α, β) or (α, β, ce_weight) tuples -> (α, β, ce_weight) triples; a pair takes
-    ``ce_weight`` (the run settings' own). ConfigError for any other length."""
-    out = []
-    for t in settings_list:
-        if len(t) not in (2, 3):
-            raise ConfigError("settings", f"expects (alpha, beta[, ce_weight]), got {t!r}")
-        out.append(tuple(float(v) for v in t) if len(t) == 3 else (*map(float, t), ce_weight))
-    return out
+    """:class:`~fasttversky.app.config.ExperimentConfig`'s settings (float (α, β) or
+    (α, β, ce_weight) tuples, checked there) -> (α, β, ce_weight) triples; a pair takes
+    ``ce_weight`` (the run settings' own)."""
+    return [tuple(t) if len(t) == 3 else (*t, ce_weight) for t in settings_list]
 
 
 def _with_setting(base: RunSettings, a: float, b: float, ce: float) -> RunSettings:
