@@ -1,8 +1,8 @@
 """Drop-in replacements for other libraries' Tversky losses.
 
-``fasttversky.compat.monai.TverskyLoss`` and ``DiceCELoss`` take the constructors and
-return the values of ``monai.losses.TverskyLoss`` / ``DiceCELoss`` (MONAI 1.6), so
-migrating is one import line::
+``fasttversky.compat.monai.TverskyLoss``, ``DiceLoss``, ``GeneralizedDiceLoss`` and
+``DiceCELoss`` take the constructors and return the values of MONAI 1.6's classes of
+the same names, so migrating is one import line::
 
     # from monai.losses import TverskyLoss
     from fasttversky.compat.monai import TverskyLoss
@@ -13,6 +13,6 @@ share ``_common`` (the call into the fused loss, :class:`SlowPathWarning`, label
 conversion, argument checks) and import only the core's public API.
 """
 
-from .monai import DiceCELoss, SlowPathWarning, TverskyLoss
+from .monai import DiceCELoss, DiceLoss, GeneralizedDiceLoss, SlowPathWarning, TverskyLoss
 
-__all__ = ["DiceCELoss", "SlowPathWarning", "TverskyLoss"]
+__all__ = ["DiceCELoss", "DiceLoss", "GeneralizedDiceLoss", "SlowPathWarning", "TverskyLoss"]
