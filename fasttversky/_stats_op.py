@@ -32,7 +32,7 @@ import torch
 from ._dispatch import _load, select_backend
 from ._spec import KernelSpec
 from .errors import InvalidInputError, NonFiniteInputError
-from .ops._base import compute_dtype
+from .ops._base import compute_dtype, in_functorch_transform
 
 
 def checks_enabled() -> bool:
@@ -177,14 +177,6 @@ class _TverskyStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_stats, grad_flags):
         return _backward(ctx, grad_stats, grad_fn=_grad_impl)
-
-
-# torch's private hook for "inside a torch.func transform"; absent -> never detected.
-_peek_functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-
-
-def in_functorch_transform() -> bool:
-    return _peek_functorch is not None and _peek_functorch() is not None
 
 
 def differentiable_stats(logits, target, activation, ignore_index, with_ce) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from fasttversky import BackendUnavailableError, TverskyLoss, tversky_loss
 from reference import reference_tversky_loss
+from tests._helpers import TOLERANCES
 
 BACKENDS = ["cpu", "torch"]
 
@@ -182,6 +183,21 @@ def test_torch_func_transforms_match_float64_autograd():
     per_sample = torch.func.vmap(lambda z, y: tversky_loss(z[None], y[None]))(x, t)
     expected = torch.stack([reference_tversky_loss(x[i : i + 1], t[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(per_sample, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_vmap_with_cross_entropy_matches_float64():
+    # float32: the torch backend's CE overflow re-check (below float64) branches on
+    # values, which vmap forbids
+    torch.manual_seed(1)
+    x, t = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    loss_rtol, _ = TOLERANCES[torch.float32]
+    for activation in ("softmax", "sigmoid"):
+        kw = dict(ce_weight=0.5, activation=activation)
+        got = torch.func.vmap(lambda z, y, kw=kw: tversky_loss(z[None], y[None], **kw))(x, t)
+        expected = torch.stack(
+            [reference_tversky_loss(x[i : i + 1].double(), t[i : i + 1], **kw) for i in range(2)]
+        )
+        torch.testing.assert_close(got.double(), expected, rtol=loss_rtol, atol=0)
 
 
 def test_torch_func_transforms_check_labels_and_keep_nan():

@@ -76,6 +76,15 @@ def new_grad(logits: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+# torch's private hook for "inside a torch.func transform"; absent -> never detected.
+_peek_functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def in_functorch_transform() -> bool:
+    """Inside torch.func.grad/vmap/...: where vmap forbids data-dependent branches."""
+    return _peek_functorch is not None and _peek_functorch() is not None
+
+
 def device_guard(t: torch.Tensor):
     """Make t's device current for a launch (a no-op for CPU tensors: the interpreter
     and the host emulation)."""

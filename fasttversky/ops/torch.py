@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._spec import KernelSpec
-from ._base import Backend, compute_dtype, new_grad
+from ._base import Backend, compute_dtype, in_functorch_transform, new_grad
 
 # Voxels per first-level partial sum; below ATen's GRAIN_SIZE (32768), see _sum_n.
 _CHUNK = 8192
@@ -70,12 +70,14 @@ def _ce_sums(x, g, w, spec: KernelSpec) -> torch.Tensor:
 
     A voxel's CE in float32 overflows where logits near +-3e38 put two classes up to
     2 x FLT_MAX apart, although the loss (a mean) fits: the sums are then taken again
-    from float64 logits. Finite sums, the rule, are kept as they are.
+    from float64 logits. Finite sums, the rule, are kept as they are. Under a torch.func
+    transform the check is skipped: vmap cannot branch on a tensor's values.
     """
     sums = _sum_n(_ce_terms(x, g, w, spec))
     # TODO(perf): on CUDA this check is one host sync per block of voxels with CE
     if (
         x.dtype != torch.float64
+        and not in_functorch_transform()
         and not bool(torch.isfinite(sums).all())
         and bool(torch.isfinite(x).all())
     ):
