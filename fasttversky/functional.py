@@ -159,10 +159,6 @@ def _prepare(logits, target, activation, ignore_index):
         raise InvalidInputError(f"logits is empty: shape {tuple(logits.shape)}")
     if target.device != logits.device:
         raise InvalidInputError(f"target is on {target.device} but logits are on {logits.device}")
-    if activation not in ACTIVATIONS:
-        raise InvalidInputError(
-            f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}"
-        )
     B, C = logits.shape[:2]
     spatial = tuple(logits.shape[2:])
     if activation == "softmax" and C < 2:
