@@ -143,6 +143,8 @@ def _differentiable_grad(logits, target, grad_stats, activation, ignore_index, w
 
 
 def _backward(ctx, grad_stats, grad_flags=None, grad_fn=None):
+    if not ctx.needs_input_grad[0]:  # only a soft target requires grad: none is computed
+        return None, None, None, None, None, None, None
     logits, target = ctx.saved_tensors
     activation, ignore_index, _ = ctx.args
     if torch.is_grad_enabled():  # only under create_graph=True: a gradient with a graph

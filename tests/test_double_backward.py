@@ -93,3 +93,13 @@ def test_first_order_gradient_unchanged_without_graph():
     z = x.clone().requires_grad_(True)
     (g1,) = torch.autograd.grad(fasttversky.tversky_loss(z, t, backend="cpu"), z)
     assert torch.equal(g1, grads[0])
+
+
+def test_create_graph_through_a_soft_target_alone():
+    # The loss requires grad only through a soft target (whose gradient is not computed):
+    # the graph-building backward must not differentiate the logits then.
+    x, _ = make_inputs(2, 3, (4, 5, 3), seed=5)
+    q = torch.softmax(torch.randn(x.shape, dtype=x.dtype), 1).requires_grad_(True)
+    loss = fasttversky.tversky_loss(x, q, backend="cpu")
+    (g,) = torch.autograd.grad(loss, q, create_graph=True, allow_unused=True)
+    assert g is None
