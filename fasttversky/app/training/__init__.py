@@ -16,13 +16,14 @@ Public API (stable; the CLI builds on it)::
     prob = predict(model, image, window=None, overlap=0.5, precision="fp32", device=None)
     prob, mask = segment_volume(model, image, PredictConfig(...))   # one volume
 
-* ``train(model, batches, config, resume=None, outputs=None) -> TrainResult``: Adam + StepLR (the
-  paper's lr 1e-4 x 0.9 every 1000 steps by default; ``lr_schedule="poly"``: nnU-Net's),
-  loss = ``fasttversky.tversky_loss(logits, label, alpha, beta, gamma=...,
+* ``train(model, batches, config, resume=None, outputs=None) -> TrainResult``: Adam +
+  StepLR (the paper's lr 1e-4 x 0.9 every 1000 steps by default; ``lr_schedule="poly"``:
+  nnU-Net's), loss = ``fasttversky.tversky_loss(logits, label, alpha, beta, gamma=...,
   ce_weight=..., backend=...)`` with softmax. ``batches`` is a callable
-  ``batches(i) -> (image, label)`` for micro-batch i, or an iterable of such pairs; image (B, Cin, D, H, W) float32,
-  label (B, D, H, W) uint8. ``resume``: a checkpoint file/directory, or True for
-  ``outputs.checkpoint_dir``; the run then continues bitwise as if uninterrupted.
+  ``batches(i) -> (image, label)`` for micro-batch i, or an iterable of such pairs;
+  image (B, Cin, D, H, W) float32, label (B, D, H, W) uint8. ``resume``: a checkpoint
+  file/directory, or True for ``outputs.checkpoint_dir``; the run then continues
+  bitwise as if uninterrupted.
   ``outputs`` (:class:`TrainOutputs`): where the call writes, and the progress bar.
   Checkpoints (``<checkpoint_dir>/last.pt``) are written atomically (temp file +
   ``os.replace``) and hold model, optimiser, scheduler, GradScaler, RNG states, step
