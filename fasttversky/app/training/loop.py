@@ -201,6 +201,8 @@ def train(
         NonFiniteLossError: the loss (or the logits) became NaN/inf. The step is not
             applied and no checkpoint is written, so the last one stays good.
         CheckpointError: the checkpoint to resume from is truncated or corrupt.
+        fasttversky.InvalidInputError: bad labels; with ``sync_across_ranks``, also on
+            the ranks whose own input is fine when another rank's is bad.
     """
     outputs = outputs or TrainOutputs()
     device = torch.device(config.device)
