@@ -12,7 +12,8 @@ elementwise ``fasttversky::tversky_grad`` op, which recomputes p from the logits
 Because the op is opaque with a registered autograd formula and a fake (meta)
 implementation, ``torch.compile(fullgraph=True)`` traces the loss without a graph break.
 Eager calls run the same two implementations through a plain autograd.Function
-(``_TverskyStats``), because a custom op's first call imports torch._dynamo (~1.5 s).
+(``_TverskyStats``), because a custom op's first call imports torch._dynamo (slow,
+and needless for eager use).
 
 Second derivatives. The kernels' backward is not itself differentiable. When a graph of
 the gradient is requested (``create_graph=True``, e.g. a gradient penalty), the backward
