@@ -20,12 +20,13 @@ import torch
 from ._spec import ACTIVATIONS, KernelSpec
 from ._stats_op import checks_enabled, input_error, tversky_stats
 from .errors import InvalidInputError, InvalidInputTypeError
-from .options import TverskyOptions
+from .options import TverskyOptions, with_option_signature
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
+@with_option_signature
 def tversky_loss(
     logits: torch.Tensor,
     target: torch.Tensor,

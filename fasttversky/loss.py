@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .functional import options_loss
-from .options import TverskyOptions
+from .options import TverskyOptions, with_option_signature
 
 
 class TverskyLoss(nn.Module):
@@ -24,6 +24,7 @@ class TverskyLoss(nn.Module):
     ``ce_weight > 0`` adds that multiple of the cross-entropy in the same fused pass.
     """
 
+    @with_option_signature
     def __init__(self, *args, options: TverskyOptions | None = None, **kwargs):
         super().__init__()
         self.options = TverskyOptions.of(args, kwargs, options)

@@ -253,3 +253,27 @@ class TverskyOptions:
 
 # Read once: a traced call (torch.compile) cannot introspect the class itself.
 _FIELDS = frozenset(f.name for f in dataclasses.fields(TverskyOptions))
+
+
+def with_option_signature(fn):
+    """Show the options in ``fn``'s signature (``help()``, IDEs, ``inspect``), generated
+    from the dataclass so that no default is written a second time: ``fn(..., *args,
+    options=None, **kwargs)`` reads as ``fn(..., alpha=0.3, beta=0.7, *, activation=...,
+    options=None)``."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    head = [p for p in sig.parameters.values() if p.kind <= p.POSITIONAL_OR_KEYWORD]
+    kinds = {
+        "alpha": inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        "beta": inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    }
+    options = [
+        inspect.Parameter(
+            f.name, kinds.get(f.name, inspect.Parameter.KEYWORD_ONLY), default=f.default
+        )
+        for f in dataclasses.fields(TverskyOptions)
+    ]
+    tail = [sig.parameters["options"]]
+    fn.__signature__ = sig.replace(parameters=head + options + tail)
+    return fn

@@ -50,11 +50,18 @@ def test_every_entry_point_rejects_at_construction(kw, error):
 
 def test_defaults_are_declared_once():
     # The function and the module take their options from TverskyOptions: no default of
-    # their own to drift from it.
+    # their own to drift from it (the code declares none) ...
+    names = {f.name for f in dataclasses.fields(TverskyOptions)}
     for fn in (tversky_loss, TverskyLoss.__init__, deep_supervision_loss):
+        code = fn.__code__
+        declared = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        assert not names & set(declared), fn
+    # ... and their signatures still show every option with the dataclass's default.
+    for fn in (tversky_loss, TverskyLoss.__init__):
         params = inspect.signature(fn).parameters
-        names = {f.name for f in dataclasses.fields(TverskyOptions)}
-        assert not names & set(params), fn
+        for f in dataclasses.fields(TverskyOptions):
+            assert params[f.name].default == f.default, (fn, f.name)
+        assert list(params)[-1] == "options"
 
 
 def test_options_object_and_keywords_agree():
