@@ -66,23 +66,18 @@ def _onehot_and_mask(target, spec: KernelSpec, C: int, dtype):
 
 
 def _ce_sums(x, g, w, spec: KernelSpec) -> torch.Tensor:
-    """sum_ce (B, C) float64 (see _spec.py); g is the masked one-hot, w the voxel mask.
+    """sum_ce (B, C) float64 (see _spec.py); g is the masked one-hot, w the voxel mask."""
+    return _sum_n(_ce_terms(x, g, w, spec))
 
-    A voxel's CE in float32 overflows where logits near +-3e38 put two classes up to
-    2 x FLT_MAX apart, although the loss (a mean) fits: the sums are then taken again
-    from float64 logits. Finite sums, the rule, are kept as they are. Under a torch.func
-    transform the check is skipped: vmap cannot branch on a tensor's values.
-    """
-    sums = _sum_n(_ce_terms(x, g, w, spec))
-    # TODO(perf): on CUDA this check is one host sync per block of voxels with CE
-    if (
-        x.dtype != torch.float64
-        and not in_functorch_transform()
-        and not bool(torch.isfinite(sums).all())
-        and bool(torch.isfinite(x).all())
-    ):
-        sums = _sum_n(_ce_terms(x.double(), g.double(), w, spec))
-    return sums
+
+def _ce_overflowed(logits: torch.Tensor, stats: torch.Tensor, flags: torch.Tensor) -> bool:
+    """A voxel's CE in float32 overflows where logits near +-3e38 put two classes up to
+    2 x FLT_MAX apart, although the loss (a mean) fits: the CE sums are then taken again
+    from float64 logits. One check per call (one host sync on CUDA), after every block;
+    skipped under a torch.func transform, since vmap cannot branch on a tensor's values."""
+    if logits.dtype == torch.float64 or in_functorch_transform():
+        return False
+    return bool((~torch.isfinite(stats[..., 3]).all()) & (flags[0] == 0))
 
 
 def _ce_terms(x, g, w, spec: KernelSpec) -> torch.Tensor:
@@ -118,7 +113,19 @@ class _TorchBackend(Backend):
             t = target[..., block]
             s, f = self._block_stats(logits[..., block], t, spec)
             stats, flags = (s, f) if stats is None else (stats + s, flags + f)
+        if spec.with_ce and _ce_overflowed(logits, stats, flags):
+            stats = torch.cat([stats[..., :3], self._ce64(logits, target, spec)[..., None]], -1)
         return stats, flags
+
+    def _ce64(self, logits, target, spec: KernelSpec) -> torch.Tensor:
+        """sum_ce (B, C) from float64 logits, block by block, in the same order."""
+        B, C, N = logits.shape
+        total = None
+        for block in _voxel_blocks(B, C, N):
+            g, w, _ = _onehot_and_mask(target[..., block], spec, C, torch.float64)
+            s = _ce_sums(logits[..., block].double(), g, w, spec)
+            total = s if total is None else total + s
+        return total
 
     def _block_stats(self, logits, target, spec: KernelSpec):
         B, C, N = logits.shape
