@@ -231,9 +231,10 @@ def _class_values(stats: torch.Tensor, opts: TverskyOptions, name: str, kept: sl
     return None if values is None else stats.new_tensor(values)[kept]
 
 
-def _terms(stats: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
-    """The Tversky terms (B, C') (or (C',) with ``batch``) of the kept classes, weighted;
-    with ``generalized`` one term per sample, (B, 1) (or (1,))."""
+def _terms(stats: torch.Tensor, opts: TverskyOptions):
+    """(terms, weights): the Tversky terms (B, C') (or (C',) with ``batch``) of the kept
+    classes, times ``class_weights`` (C',) when given (else weights is None); with
+    ``generalized`` one term per sample, (B, 1) (or (1,))."""
     kept = _kept_classes(opts, stats.shape[1])
     spg, sp, sg = stats[:, kept, 0], stats[:, kept, 1], stats[:, kept, 2]
     if opts.batch:
@@ -251,7 +252,7 @@ def _terms(stats: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
     d = 1.0 - num / den
     terms = _focal(d, gamma) if opts.clamp_terms else d**gamma
     weights = _class_values(stats, opts, "class_weights", kept)
-    return terms if weights is None else terms * weights
+    return (terms if weights is None else terms * weights), weights
 
 
 def _generalized_weights(counts: torch.Tensor, kind: str) -> torch.Tensor:
@@ -273,14 +274,12 @@ def _finalize(stats: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
     (B, C, 5) for sigmoid, whose column 4 holds the sample's non-ignored voxel count
     (the same in every class), so that both travel through the DDP all-gather.
     """
-    terms = _terms(stats, opts)
+    terms, weights = _terms(stats, opts)
     if opts.reduction == "none":
         return terms
     if opts.reduction == "sum":
         loss = terms.sum()
     else:
-        kept = _kept_classes(opts, stats.shape[1])
-        weights = _class_values(stats, opts, "class_weights", kept)
         per_sample = weights.sum() if weights is not None else terms.shape[-1]
         loss = terms.sum() / (per_sample * (1 if opts.batch else stats.shape[0]))
     if opts.ce_weight > 0:
