@@ -44,7 +44,10 @@ def checks_enabled() -> bool:
 
 def input_error(flags: torch.Tensor, spec: KernelSpec) -> InvalidInputError | None:
     """The exception for the kernels' input-check counts, or None when the input is fine."""
-    n_nonfinite, n_bad = (int(v) for v in flags.tolist())
+    return _input_error(*(int(v) for v in flags.tolist()), spec)
+
+
+def _input_error(n_nonfinite: int, n_bad: int, spec: KernelSpec) -> InvalidInputError | None:
     if n_nonfinite:
         return NonFiniteInputError(f"logits contain {n_nonfinite} non-finite value(s) (NaN or inf)")
     if n_bad:
@@ -193,7 +196,7 @@ def differentiable_stats(logits, target, activation, ignore_index, with_ce) -> t
             n_bad = _count_bad_targets(target, spec)
         except RuntimeError:  # vmap over the target: no data-dependent check possible
             n_bad = 0
-        error = input_error(torch.tensor([0, n_bad]), spec)
+        error = _input_error(0, n_bad, spec)
         if error is not None:
             raise error
     x = torch.where(torch.isfinite(logits), logits, torch.full_like(logits, float("nan")))
