@@ -61,7 +61,8 @@ def _input_error(n_nonfinite: int, n_bad: int, spec: KernelSpec) -> InvalidInput
     return None
 
 
-def _spec(logits, target, activation, ignore_index, with_ce) -> KernelSpec:
+def kernel_spec(logits, target, activation, ignore_index, with_ce) -> KernelSpec:
+    """The backends' spec of a call, from the flattened inputs and the op's arguments."""
     return KernelSpec(
         activation=activation,
         soft_target=target.is_floating_point(),
@@ -82,7 +83,7 @@ def _stats_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(stats, flags). Bad input raises here, unless ``defer_checks`` (DDP: every rank
     must reach the all-gather first; the loss raises after it, from the flags)."""
-    spec = _spec(logits, target, activation, ignore_index, with_ce)
+    spec = kernel_spec(logits, target, activation, ignore_index, with_ce)
     impl = _load(select_backend(backend, logits, target, spec))[0]
     stats, flags = impl.forward_stats(logits, target, spec)
     if checks_enabled() and not defer_checks:
@@ -114,7 +115,7 @@ def _grad_impl(
     ignore_index: int | None,
     backend: str,
 ) -> torch.Tensor:
-    spec = _spec(logits, target, activation, ignore_index, coef_ce is not None)
+    spec = kernel_spec(logits, target, activation, ignore_index, coef_ce is not None)
     # Same metadata as the forward, so the same backend.
     impl = _load(select_backend(backend, logits, target, spec))[0]
     if coef_ce is not None:
@@ -140,7 +141,7 @@ def _setup_context(ctx, inputs, output):
 
 def _differentiable_grad(logits, target, grad_stats, activation, ignore_index, with_ce):
     """dL/dlogits with a graph (create_graph=True): autograd through plain torch sums."""
-    spec = _spec(logits, target, activation, ignore_index, with_ce)
+    spec = kernel_spec(logits, target, activation, ignore_index, with_ce)
     stats, _ = _load("torch")[0].forward_stats(logits, target, spec)
     (grad,) = torch.autograd.grad(stats, logits, grad_stats, create_graph=True)
     return grad
@@ -189,7 +190,7 @@ def differentiable_stats(logits, target, activation, ignore_index, with_ce) -> t
     """stats from plain torch ops, for torch.func transforms. NaN/inf logits give NaN sums
     (vmap cannot raise on data); labels out of range raise wherever the target's values
     can be read (not when vmap maps over the target itself)."""
-    spec = _spec(logits, target, activation, ignore_index, with_ce)
+    spec = kernel_spec(logits, target, activation, ignore_index, with_ce)
     torch_backend = _load("torch")[0]
     if checks_enabled():
         try:

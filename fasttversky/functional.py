@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._spec import ACTIVATIONS, KernelSpec
-from ._stats_op import checks_enabled, input_error, tversky_stats
+from ._stats_op import checks_enabled, input_error, kernel_spec, tversky_stats
 from .errors import InvalidInputError, InvalidInputTypeError
 from .options import TverskyOptions, with_option_signature
 
@@ -81,13 +81,8 @@ def options_loss(logits: torch.Tensor, target: torch.Tensor, opts: TverskyOption
             "ce_weight > 0 needs an integer label map target, got a float target "
             "(for a one-hot target pass target.argmax(1))"
         )
-    spec = KernelSpec(
-        activation=ACTIVATIONS[opts.activation],
-        soft_target=target3.is_floating_point(),
-        ignore_index=opts.ignore_index,
-        num_classes=C,
-        with_ce=with_ce,
-    )
+    act = ACTIVATIONS[opts.activation]
+    spec = kernel_spec(logits3, target3, act, opts.ignore_index, with_ce)
     defer = opts.sync_across_ranks and _distributed()
     stats, flags = tversky_stats(
         logits3, target3, spec.activation, opts.ignore_index, opts.backend, defer, with_ce
