@@ -48,6 +48,9 @@ enum TverskyDType {
 
 enum TverskyActivation { TV_SOFTMAX = 0, TV_SIGMOID = 1, TV_NONE = 2 };
 
+// The cross-entropy family term (fasttversky/_spec.py CE_NONE, CE_PLAIN, CE_FOCAL).
+enum TverskyCE { TV_CE_NONE = 0, TV_CE_PLAIN = 1, TV_CE_FOCAL = 2 };
+
 // What every kernel entry point (CPU and CUDA) returns: 0, or a negative TverskyError for
 // arguments the kernels do not cover. CUDA entry points may also return a positive
 // cudaError_t. fasttversky/ops/_base.py decodes both the same way for every backend.
@@ -59,7 +62,7 @@ enum TverskyError {
   TV_ERR_TARGET_DTYPE = -4,
   TV_ERR_SIZE = -5,  // batch or volume size out of range
   TV_ERR_WORKSPACE = -6,
-  TV_ERR_CE = -7,  // cross-entropy asked with a soft target or activation "none"
+  TV_ERR_CE = -7,  // a cross-entropy term the kernel does not implement (or activation "none")
 };
 
 // CUDA's limit on grid axis 1, which carries the batch (ops/_base.py MAX_GRID_BATCH).
@@ -92,13 +95,20 @@ typedef struct TverskyParams {
   int32_t binary_labels;  // C == 1 label map: g = (label == 1)
   int64_t num_labels;     // valid labels: [0, num_labels)
   int32_t num_threads;    // CPU only
-  // Cross-entropy term (label maps, softmax or sigmoid only). with_ce = 0: everything
-  // above is exactly the Tversky-only contract. with_ce = 1: stats is (B, C, 4), column
-  // 3 = sum_ce (softmax: Σ over voxels labelled c of -log p_c; sigmoid: Σ_n BCE(x_c, g_c)),
-  // and the backward adds coef_ce (B, C) (the coef_a dtype) times the CE gradient:
-  // softmax coef_ce[y] (p_k - [k = y]); sigmoid coef_ce[c] (p_c - g_c).
-  int32_t with_ce;
+  // Cross-entropy family (contract: fasttversky/_spec.py). ce_kind = TV_CE_NONE:
+  // everything above is exactly the Tversky-only contract. TV_CE_PLAIN (CE / BCE) and
+  // TV_CE_FOCAL add stats columns (3 + ce_columns: 1, or 2 for sigmoid focal) and the
+  // backward adds coef_ce (and coef_ce2 for sigmoid focal) (B, C), the coef_a dtype,
+  // times their gradient. The CE target is q_c = (1 - label_smoothing) g_c +
+  // label_smoothing / C (softmax; label_smoothing is 0 for sigmoid).
+  int32_t ce_kind;
   const void* coef_ce_ptr;
+  const void* coef_ce2_ptr;
+  double label_smoothing;
+  double focal_gamma;
+  // NULL, or num_labels int64 bitmasks (device memory for CUDA): a label map's
+  // g_c = (region_masks[label] >> c) & 1 (regions of labels, sigmoid/none, C <= 63).
+  const int64_t* region_masks_ptr;
 } TverskyParams;
 
 #ifdef __cplusplus

@@ -31,7 +31,7 @@ import os
 import torch
 
 from ._dispatch import _load, select_backend
-from ._spec import KernelSpec
+from ._spec import CE_NONE, CE_PLAIN, KernelSpec
 from .errors import InvalidInputError, NonFiniteInputError
 from .ops._base import compute_dtype, in_functorch_transform
 
@@ -68,7 +68,7 @@ def kernel_spec(logits, target, activation, ignore_index, with_ce) -> KernelSpec
         soft_target=target.is_floating_point(),
         ignore_index=ignore_index,
         num_classes=logits.shape[1],
-        with_ce=with_ce,
+        ce=CE_PLAIN if with_ce else CE_NONE,
     )
 
 

@@ -1002,14 +1002,14 @@ int dispatch_target(const TverskyParams& P) {
     return TV_ERR_TARGET_DTYPE;
   }
   // The CE term is a separate instantiation, so the Tversky-only loops stay as they were.
-  return P.with_ce ? dispatch_labels<Op, LT, true>(P) : dispatch_labels<Op, LT, false>(P);
+  return P.ce_kind ? dispatch_labels<Op, LT, true>(P) : dispatch_labels<Op, LT, false>(P);
 }
 
 template <template <typename, typename, bool, bool> class Op>
 int dispatch(const TverskyParams& P) {
   if (P.C < 1 || P.C > MAX_C) return TV_ERR_NUM_CLASSES;
   // cross-entropy: label maps and softmax/sigmoid only
-  if (P.with_ce && (P.soft_target || P.activation == TV_NONE)) return TV_ERR_CE;
+  if (P.ce_kind && (P.soft_target || P.activation == TV_NONE)) return TV_ERR_CE;
   switch (P.logits_dtype) {
     case TV_FLOAT32: return dispatch_target<Op, float>(P);
     case TV_FLOAT16: return dispatch_target<Op, f16>(P);

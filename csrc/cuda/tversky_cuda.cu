@@ -627,7 +627,7 @@ struct IntTag {
 template <typename F>
 int dispatch(const TverskyParams& p, F&& f) {
   // cross-entropy: label maps and softmax/sigmoid only
-  if (p.with_ce && (p.soft_target || p.activation == TV_NONE)) return TV_ERR_CE;
+  if (p.ce_kind && (p.soft_target || p.activation == TV_NONE)) return TV_ERR_CE;
   if (p.soft_target) {
     if (p.target_dtype > TV_FLOAT64) return TV_ERR_TARGET_DTYPE;
   } else if (p.target_dtype < TV_UINT8 || p.target_dtype > TV_INT64) {
@@ -636,7 +636,7 @@ int dispatch(const TverskyParams& p, F&& f) {
   auto with_ce = [&](auto t, auto act, auto maxc) -> int {
     using T = typename decltype(t)::type;
     constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
-    if (p.with_ce) return f(Variant<T, ACT, MAXC, true>{});
+    if (p.ce_kind) return f(Variant<T, ACT, MAXC, true>{});
     return f(Variant<T, ACT, MAXC, false>{});
   };
   auto with_maxc = [&](auto t, auto act) -> int {
@@ -721,7 +721,7 @@ inline int64_t forward_grid(const TverskyParams& p, int num_sms) {
 }
 
 inline int64_t workspace_bytes_for(const TverskyParams& p, int64_t G) {
-  const int64_t S = p.with_ce ? 4 : 3;
+  const int64_t S = p.ce_kind ? 4 : 3;
   return p.B * G * (S * p.C * (int64_t)sizeof(float) + 2 * (int64_t)sizeof(int));
 }
 

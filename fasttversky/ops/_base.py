@@ -101,7 +101,8 @@ class Backend:
     max_classes: int | None = None  # C above this cannot run
     class_limit_why: str = "supported by the kernels"
     max_batch: int | None = None  # B above this cannot run
-    supports_ce: bool = False  # the cross-entropy term (spec.with_ce)
+    # What this backend implements of KernelSpec.features() ("ce", "soft_ce", ...).
+    features: frozenset[str] = frozenset()
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None."""
@@ -111,8 +112,9 @@ class Backend:
         """Why this backend cannot run these inputs (empty when it can)."""
         why = []
         B, C, _ = logits.shape
-        if spec.with_ce and not self.supports_ce:
-            why.append("no cross-entropy term (ce_weight > 0) in this backend yet")
+        missing = spec.features() - self.features
+        if missing:
+            why.append(f"not implemented in this backend yet: {', '.join(sorted(missing))}")
         if self.max_classes is not None and C > self.max_classes:
             why.append(f"C={C} classes > {self.max_classes} {self.class_limit_why}")
         if self.max_batch is not None and B > self.max_batch:
@@ -124,9 +126,11 @@ class Backend:
         return []
 
     def forward_stats(self, logits, target, spec: KernelSpec):
-        """(stats (B, C, 3 or 4) float64, flags (2,) int64); see ``_spec.py``."""
+        """(stats (B, C, 3 + spec.ce_columns) float64, flags (2,) int64); see ``_spec.py``."""
         raise NotImplementedError
 
-    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
+    def backward(
+        self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None, coef_ce2=None
+    ):
         """dL/dlogits, shaped like the logits (see ``_spec.py``)."""
         raise NotImplementedError

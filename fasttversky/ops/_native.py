@@ -68,8 +68,12 @@ class TverskyParams(ctypes.Structure):
         ("binary_labels", ctypes.c_int32),
         ("num_labels", ctypes.c_int64),
         ("num_threads", ctypes.c_int32),
-        ("with_ce", ctypes.c_int32),
+        ("ce_kind", ctypes.c_int32),
         ("coef_ce_ptr", ctypes.c_void_p),
+        ("coef_ce2_ptr", ctypes.c_void_p),
+        ("label_smoothing", ctypes.c_double),
+        ("focal_gamma", ctypes.c_double),
+        ("region_masks_ptr", ctypes.c_void_p),
     ]
 
 
@@ -114,7 +118,10 @@ def make_params(logits, target, spec: KernelSpec, num_threads: int = 1) -> Tvers
     p.binary_labels = int(spec.binary_labels)
     p.num_labels = spec.num_labels
     p.num_threads = num_threads
-    p.with_ce = int(spec.with_ce)
+    p.ce_kind = spec.ce
+    p.label_smoothing = spec.label_smoothing
+    p.focal_gamma = spec.focal_gamma
+    # region_masks_ptr: set by the caller from a device tensor of spec.region_masks
     return p
 
 

@@ -214,7 +214,7 @@ class _CpuBackend(Backend):
     name = "cpu"
     max_classes = MAX_CLASSES
     class_limit_why = "supported by the kernel"
-    supports_ce = True
+    features = frozenset({"ce"})
 
     def unavailable(self):
         try:

@@ -213,7 +213,7 @@ class _CudaBackend(Backend):
     max_classes = MAX_CLASSES
     class_limit_why = "kept in registers by the CUDA kernels"
     max_batch = MAX_GRID_BATCH
-    supports_ce = True
+    features = frozenset({"ce"})
 
     def unavailable(self):
         if not emulating():

@@ -104,7 +104,7 @@ def _voxel_blocks(B: int, C: int, N: int) -> list[slice]:
 
 class _TorchBackend(Backend):
     name = "torch"
-    supports_ce = True
+    features = frozenset({"ce"})
 
     def forward_stats(self, logits, target, spec: KernelSpec):
         B, C, N = logits.shape

@@ -169,7 +169,7 @@ class _TritonBackend(Backend):
     max_classes = MAX_CLASSES
     class_limit_why = "(one voxel's classes must fit in one register block)"
     max_batch = MAX_GRID_BATCH
-    supports_ce = True
+    features = frozenset({"ce"})
 
     def unavailable(self):
         try:
