@@ -304,7 +304,9 @@ def cmd_predict(args) -> int:
         check_threshold(threshold)
     if window is not None and any(window):
         PredictConfig(window=window)  # checks the sizes
-    _check_inputs_outside(args.out, "--out", dataset=args.data, run_folder=args.model)
+    _check_inputs_outside(args.out, "--out", dataset=args.data)
+    for run in args.model:
+        _check_inputs_outside(args.out, "--out", run_folder=run)
     from .pipeline import predict_dataset
 
     with _guarded(args, "predict") as dest:
@@ -321,7 +323,8 @@ def cmd_predict(args) -> int:
             min_lesion_size=getattr(args, "predict.min_lesion_size"),
             checkpoint=args.weights,
         )
-    print(f"wrote probability maps and masks of {n} subjects to {args.out}")
+    models = f" (mean of {len(args.model)} runs)" if len(args.model) > 1 else ""
+    print(f"wrote probability maps and masks of {n} subjects{models} to {args.out}")
     return EXIT_OK
 
 
@@ -540,23 +543,32 @@ def _add_predict(sub, common) -> None:
         "probability maps and masks for a dataset",
         "Write OUT/<subject>/prob.nii.gz (float32 lesion probability) and mask.nii.gz "
         "(prob >= threshold) on each input's grid and affine. Masks in the input are "
-        "not needed.",
+        "not needed. With several runs (an ensemble) the probability is the mean of "
+        "theirs, each run predicting with its own windows and preprocessing; the runs must "
+        "read the same channels on the same grid. OUT/inference.json records the settings "
+        "and each run's checkpoint (SHA-256).",
         cmd_predict,
     )
     p.add_argument("data", help="dataset folder")
-    p.add_argument("--model", required=True, help="run folder written by `train`")
+    p.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        metavar="RUN",
+        help="run folder written by `train`; several = an ensemble (mean probability)",
+    )
     p.add_argument("--out", required=True, help="predictions folder")
     _add_force(p, "predictions", "; other files (not folders) are kept")
     g = p.add_argument_group("prediction")
     only = ["window", "threshold", "weighting", "mirror", "min_lesion_size"]
-    _add_fields(p, "predict", "the run's", only=only, group=g)
-    g.add_argument("--device", default=None, help="cpu, cuda, ... [default: the run's]")
+    _add_fields(p, "predict", "each run's", only=only, group=g)
+    g.add_argument("--device", default=None, help="cpu, cuda, ... [default: each run's]")
     g.add_argument(  # not --checkpoint: train's --checkpoint is activation checkpointing
         "--weights",
         choices=list(RUN_CHECKPOINTS),
         default="last",
-        help="which weights: last (the end of training) or best (the best validation "
-        "score, for a run trained with --val-subjects) [default: last]",
+        help="which weights (of every run): last (the end of training) or best (the best "
+        "validation score, for a run trained with --val-subjects) [default: last]",
     )
 
 

@@ -29,7 +29,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +53,13 @@ __all__ = [
     "evaluate_volumes",
     "find_dataset",
     "load_run",
+    "load_run_state",
     "metric_table",
     "predict_dataset",
     "predict_prepared",
     "segment_prepared",
     "prepare_all",
+    "read_run_settings",
     "split_validation",
     "synth",
     "train_run",
@@ -450,10 +452,26 @@ def validation_scores(model, prepared, settings: RunSettings) -> dict:
     return {"score": pooled["dsc"], **pooled}
 
 
+def read_run_settings(run: str | Path) -> RunSettings:
+    """A run folder's ``run.json`` (DataError naming the folder when it is none)."""
+    run = Path(run)
+    if not (run / RUN_SETTINGS).is_file():
+        raise DataError(
+            f"{run} is not a run folder (no {RUN_SETTINGS}); train one with `fasttversky train`"
+        )
+    return RunSettings.load(run / RUN_SETTINGS)
+
+
 def load_run(run: str | Path, checkpoint: str = "last"):
     """A trained run folder -> (model on CPU in eval mode, RunSettings). ``checkpoint``:
     "last" (``last.pt``) or "best" (``best.pt``, the best validation score of a run
     trained with validation subjects)."""
+    model, settings, _ = load_run_state(run, checkpoint)
+    return model, settings
+
+
+def load_run_state(run: str | Path, checkpoint: str = "last"):
+    """:func:`load_run` -> (model, RunSettings, the checkpoint dict it was loaded from)."""
     from .training import load_checkpoint
 
     if checkpoint not in RUN_CHECKPOINTS:
@@ -461,11 +479,7 @@ def load_run(run: str | Path, checkpoint: str = "last"):
             "checkpoint", f"must be one of {', '.join(RUN_CHECKPOINTS)}; got {checkpoint!r}"
         )
     run = Path(run)
-    if not (run / RUN_SETTINGS).is_file():
-        raise DataError(
-            f"{run} is not a run folder (no {RUN_SETTINGS}); train one with `fasttversky train`"
-        )
-    settings = RunSettings.load(run / RUN_SETTINGS)
+    settings = read_run_settings(run)
     file = run / RUN_CHECKPOINTS[checkpoint]
     if not file.is_file():
         why = (
@@ -489,7 +503,7 @@ def load_run(run: str | Path, checkpoint: str = "last"):
             f"({type(e).__name__}); the run folder mixes two runs: train it again"
         ) from e
     model.eval()
-    return model, settings
+    return model, settings, state
 
 
 def predict_prepared(model, prepared, settings: RunSettings, device: str | None = None):
@@ -540,7 +554,7 @@ def mask_from_prob(prob: np.ndarray, config: PredictConfig) -> np.ndarray:
 
 def predict_dataset(
     data: str | Path,
-    run: str | Path,
+    run: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
     window: Sequence[int] | None = None,
@@ -551,23 +565,24 @@ def predict_dataset(
     **predict_options,
 ) -> int:
     """Write ``out/<subject>/{prob,mask}.nii.gz`` for every subject of ``data`` with the
-    model of ``run`` -> the number of subjects. ``window``: None = the run's setting,
-    (0, 0, 0) = whole volume; ``checkpoint``: "last" or "best" (:func:`load_run`). Masks
-    in ``data`` are not needed (nor read)."""
-    from .data import save_volume
+    model of ``run`` -> the number of subjects. ``run``: one run folder, or several
+    (an ensemble: the mean of their probabilities, :mod:`fasttversky.app.ensemble`).
+    ``window``: None = each run's setting, (0, 0, 0) = whole volume; ``checkpoint``:
+    "last" or "best" (:func:`load_run`). Masks in ``data`` are not needed (nor read).
+    ``out/inference.json`` records every setting and each run's checkpoint hash."""
+    from .data import load_subject, save_volume
+    from .ensemble import load_ensemble
 
-    model, settings = load_run(run, checkpoint)
+    runs = [run] if isinstance(run, (str, Path)) else list(run)
     upd = {}
     if window is not None:
         upd["window"] = None if not any(window) else list(window)
     if threshold is not None:
         upd["threshold"] = threshold
-    # weighting, mirror, min_lesion_size, overlap: None = the run's setting
+    # weighting, mirror, min_lesion_size, overlap: None = each run's setting
     upd.update({k: v for k, v in predict_options.items() if v is not None})
-    settings = replace(settings, predict=replace(settings.predict, **upd))
-    from .data import load_subject, prepare_subject
-
-    subjects = find_dataset(data, settings.data, require_mask=False)
+    ensemble = load_ensemble(runs, checkpoint, upd)  # run.json checks before any volume
+    subjects = find_dataset(data, ensemble.data, require_mask=False)
     # Every subject is read and checked before the first prediction is written; they
     # are read again one at a time below, so memory holds one volume, not the dataset.
     for s in subjects:
@@ -575,22 +590,12 @@ def predict_dataset(
     out = Path(out)  # written as given: the caller may pass a temporary folder and rename it
     out.mkdir(parents=True, exist_ok=True)
     for s in progress_bar(subjects, "predict", progress):
-        p = prepare_subject(s, settings.data.target_shape, settings.data.normalisation)
-        prob, mask = segment_prepared(model, p, settings, device=device)
-        save_volume(out / p.name / "prob.nii.gz", prob, p.affine)
-        save_volume(out / p.name / "mask.nii.gz", mask, p.affine)
+        prob, affine = ensemble.probability(s, device=device)
+        mask = mask_from_prob(prob, ensemble.mask_config)
+        save_volume(out / s.name / "prob.nii.gz", prob, affine)
+        save_volume(out / s.name / "mask.nii.gz", mask, affine)
     # Every setting that made these files, beside them.
-    (out / "inference.json").write_text(
-        json.dumps(
-            {
-                "run": str(run),
-                "checkpoint": RUN_CHECKPOINTS[checkpoint],
-                **asdict(settings.predict),
-                "brain_only": True,
-            },
-            indent=1,
-        )
-    )
+    (out / "inference.json").write_text(json.dumps(ensemble.record(), indent=1))
     return len(subjects)
 
 
