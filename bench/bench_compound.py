@@ -2,6 +2,7 @@
 
     python -m pytest bench/bench_compound.py --benchmark-only [--quick] [--device cpu]
     FASTTVERSKY_BENCH_BIG=1 ...   # also 2x4x128x128x128 (slow providers take minutes)
+    FASTTVERSKY_BENCH_MANY=1 ...  # also C = 16 (1x16x64x128x128) and C = 118 (1x118x64x96x96)
 
 Providers, all computing nnU-Net's default loss (soft Dice without background + CE, the
 Dice as Tversky alpha = beta = 1/2) on the same logits and int16 label map (B, 1, ...)
@@ -14,7 +15,11 @@ as nnU-Net's dataloader delivers it:
   ``loss.dc = torch.compile(loss.dc)``, as nnU-Net does (both skipped, with the reason,
   when nnunetv2 is not importable);
 * ``monai-dicece``: ``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True,
-  include_background=False)`` (skipped without monai).
+  include_background=False)`` (skipped without monai); ``monai-dicece-compiled``: the
+  same module through ``torch.compile``.
+
+The baselines are built in ``bench/_baselines.py`` (shared with ``gpu_report.py``);
+``extra_info`` records the nnunetv2 version (its Dice one-hot is float32 since 2.6.4).
 
 ``test_compound_overhead`` is the CE's price (issue 10's target: at most 1.15x): each
 round calls ``fasttversky-compound`` and ``fasttversky-tversky`` once each, in an order
@@ -36,11 +41,10 @@ import os
 import statistics
 import time
 
+import _baselines
 import pytest
 import torch
 from conftest import peak_memory, sync
-
-import fasttversky
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,9 @@ class Case:
 CASES = [Case((1, 2, 128, 224, 256), torch.float32), Case((1, 2, 128, 224, 256), torch.bfloat16)]
 if os.environ.get("FASTTVERSKY_BENCH_BIG") == "1":
     CASES.append(Case((2, 4, 128, 128, 128), torch.float32))
+# Many classes (AMOS 16, TotalSegmentator 118): where a one-hot costs most.
+if os.environ.get("FASTTVERSKY_BENCH_MANY") == "1":
+    CASES += [Case((1, 16, 64, 128, 128), torch.float32), Case((1, 118, 64, 96, 96), torch.float32)]
 
 PROVIDERS = (
     "fasttversky-compound",
@@ -74,47 +81,25 @@ PROVIDERS = (
     "nnunet-eager",
     "nnunet-compiled",
     "monai-dicece",
+    "monai-dicece-compiled",
 )
-SLOW = {"nnunet-eager", "nnunet-compiled", "monai-dicece"}
-
-
-def _nnunet(compiled: bool):
-    try:
-        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-    except Exception as exc:  # not installed, or a broken install
-        pytest.skip(f"nnunetv2 not importable ({type(exc).__name__}: {exc})")
-    loss = DC_and_CE_loss(
-        {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
-        {},
-        weight_ce=1,
-        weight_dice=1,
-        ignore_label=None,
-        dice_class=MemoryEfficientSoftDiceLoss,
-    )
-    if compiled:
-        loss.dc = torch.compile(loss.dc)
-    return loss
+SLOW = {"nnunet-eager", "nnunet-compiled", "monai-dicece", "monai-dicece-compiled"}
+COMPILED = {"nnunet-compiled", "monai-dicece-compiled"}
 
 
 def _provider(name: str):
-    if name == "fasttversky-compound":
-        return lambda x, t: fasttversky.tversky_loss(
-            x, t, 0.5, 0.5, include_background=False, ce_weight=1.0
-        )
-    if name == "fasttversky-tversky":
-        return lambda x, t: fasttversky.tversky_loss(x, t, 0.5, 0.5, include_background=False)
-    if name in ("nnunet-eager", "nnunet-compiled"):
-        return _nnunet(name == "nnunet-compiled")
-    if name == "monai-dicece":
-        try:
-            from monai.losses import DiceCELoss
-        except Exception as exc:
-            pytest.skip(f"monai not importable ({type(exc).__name__}: {exc})")
-        loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
-        # MonAI's CE wants int64 class indices; its one-hot accepts any integer dtype.
-        return lambda x, t: loss(x, t.long())
-    raise ValueError(name)
+    builders = {
+        "fasttversky-compound": _baselines.fused_dice_ce,
+        "fasttversky-tversky": _baselines.fused_tversky,
+        "nnunet-eager": lambda: _baselines.nnunet_dice_ce(compiled=False),
+        "nnunet-compiled": lambda: _baselines.nnunet_dice_ce(compiled=True),
+        "monai-dicece": lambda: _baselines.monai_dice_ce(compiled=False),
+        "monai-dicece-compiled": lambda: _baselines.monai_dice_ce(compiled=True),
+    }
+    try:
+        return builders[name]()
+    except ImportError as exc:  # nnunetv2 / monai not installed, or a broken install
+        pytest.skip(f"{name}: not importable ({type(exc).__name__}: {exc})")
 
 
 _CURRENT: dict = {}
@@ -148,7 +133,7 @@ def test_compound(benchmark, case, provider, device, request):
 
     slow = provider in SLOW
     rounds = (3 if quick else 5) if slow else 15
-    warmup = 2 if provider == "nnunet-compiled" else 1
+    warmup = 2 if provider in COMPILED else 1
     benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=warmup)
     x.grad = None
     peak = peak_memory(run, device)
@@ -164,6 +149,7 @@ def test_compound(benchmark, case, provider, device, request):
         peak_extra_bytes=peak,
         grad_bytes=x.numel() * x.element_size(),
         loss=value,
+        nnunetv2=_baselines.nnunet_version(),
     )
 
 
@@ -195,7 +181,8 @@ def test_compound_overhead(benchmark, case, threads, device, request):
         benchmark.pedantic(one_round, rounds=60, iterations=1, warmup_rounds=2)
     finally:
         torch.set_num_threads(n)
-    med = {k: statistics.median(v[2:]) for k, v in times.items()}  # minus warm-up
+    # minus warm-up (with --benchmark-disable one round runs: keep it)
+    med = {k: statistics.median(v[2:] or v) for k, v in times.items()}
     benchmark.extra_info.update(
         case=case.id,
         device=device,
