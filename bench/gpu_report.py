@@ -22,7 +22,12 @@ records its error in the report instead of ending the run:
    includes the gradient buffer itself, shown separately as "beyond grad"), and
    "kernel" rows timing the backend's forward_stats + backward alone, without the
    Python/finalize around them;
-5. the U-Net training step, if ``bench/bench_training.py`` has ``gpu_training_report()``.
+5. the compound matrix (fwd+bwd): Dice+CE, Tversky+CE and Dice+CE over 5 deep-supervision
+   scales, at C = 2 (paper volume, batch 2), 16 and 118 (128^3), fp32 and bf16: the fused
+   backends against nnU-Net's DC_and_CE_loss / DeepSupervisionWrapper and MONAI's
+   DiceCELoss, eager and torch.compile'd (``--compound-providers``, ``--skip-compound``;
+   ``--cases`` takes ids such as ``dicece-c16-128-fp32``);
+6. the U-Net training step, if ``bench/bench_training.py`` has ``gpu_training_report()``.
 
 ``--dry-run`` runs the same plumbing on the CPU at toy sizes (triton in the
 interpreter, the torch backend standing in for cuda) to check the script itself.
@@ -65,6 +70,22 @@ DRY_SHAPES = [("paper-toy", 2, 2, (8, 14, 16)), ("4class-toy", 1, 4, (10, 10, 10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ("triton", "cuda", "reference", "compile(reference)", "monai")
 SLOW = ("reference", "compile(reference)", "monai")
+# Issue 28's compound matrix (fwd+bwd only): Dice+CE and Tversky+CE, and Dice+CE with
+# 5-scale deep supervision, at C = 2, 16, 118, against nnU-Net's and MONAI's losses,
+# eager and torch.compile'd (bench/_baselines.py builds them as users do).
+COMPOUND_SHAPES = [
+    ("paper-c2", 2, 2, (128, 224, 256)),
+    ("c16-128", 1, 16, (128, 128, 128)),
+    ("c118-128", 1, 118, (128, 128, 128)),
+]
+DRY_COMPOUND_SHAPES = [
+    ("c2-toy", 2, 2, (8, 14, 16)),
+    ("c16-toy", 1, 16, (8, 8, 8)),
+    ("c118-toy", 1, 118, (4, 8, 8)),
+]
+COMPOUND_LOSSES = ("dicece", "tverskyce", "ds5")
+COMPOUND_PROVIDERS = ("triton", "cuda", "nnunet", "compile(nnunet)", "monai", "compile(monai)")
+DS_SCALES = 5
 TARGETS = {
     "copy_fraction": 0.80,
     "vs_eager": 10.0,
@@ -212,7 +233,6 @@ def bench_case(case: Case, device, dry, copy_gbps, reps, errors, providers=PROVI
     except Exception as exc:  # e.g. OOM
         errors.append(f"{case.id}: making inputs: {type(exc).__name__}: {exc}")
         return rows
-    grad_bytes = logits.numel() * logits.element_size()
     for prov in providers:
         try:
             fn = provider_fn(prov, dry)
@@ -230,38 +250,7 @@ def bench_case(case: Case, device, dry, copy_gbps, reps, errors, providers=PROVI
         n = max(2, reps // 4) if prov in SLOW else reps
         for mode in MODES:
             row = {"case": case.id, "provider": prov, "mode": mode, "bytes": case.bytes_moved(mode)}
-            try:
-                if mode == "fwd":
-
-                    def call(fn=fn):
-                        return fn(logits, labels)
-                else:
-
-                    def call(fn=fn):
-                        logits.grad = None
-                        fn(logits, labels).backward()
-
-                times = time_call(call, device, n, warmup=2)
-                med = statistics.median(times)
-                row.update(
-                    median_ms=med * 1e3,
-                    min_ms=min(times) * 1e3,
-                    reps=n,
-                    gbps=row["bytes"] / med / 1e9,
-                )
-                row["copy_fraction"] = row["gbps"] / copy_gbps if copy_gbps else None
-                logits.grad = None
-                pk = peak_extra(call, device)
-                row["peak_extra_bytes"] = pk
-                if pk is not None and mode == "fwdbwd":
-                    row["beyond_grad_bytes"] = pk - grad_bytes
-                row["loss"] = float(fn(logits, labels).detach().float())
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            logits.grad = None
-            rows.append(row)
+            rows.append(timed_row(row, fn, logits, labels, device, n, copy_gbps))
         gc.collect()
     rows += kernel_rows(case, logits, labels, device, dry, copy_gbps, reps)
     logits = labels = None  # free the case's tensors before the next case
@@ -269,6 +258,42 @@ def bench_case(case: Case, device, dry, copy_gbps, reps, errors, providers=PROVI
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def timed_row(row, fn, logits, target, device, n, copy_gbps) -> dict:
+    """``row`` with the median time, GB/s, peak extra memory and loss of ``fn(logits,
+    target)`` (forward, or forward + backward for mode "fwdbwd"); or its error.
+    ``logits`` is a leaf tensor or a list of them (deep supervision)."""
+    leaves = logits if isinstance(logits, list) else [logits]
+
+    def clear():
+        for x in leaves:
+            x.grad = None
+
+    def call():
+        clear()
+        out = fn(logits, target)
+        if row["mode"] == "fwdbwd":
+            out.backward()
+
+    try:
+        times = time_call(call, device, n, warmup=2)
+        med = statistics.median(times)
+        row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, reps=n)
+        row["gbps"] = row["bytes"] / med / 1e9
+        row["copy_fraction"] = row["gbps"] / copy_gbps if copy_gbps else None
+        clear()
+        pk = peak_extra(call, device)
+        row["peak_extra_bytes"] = pk
+        if pk is not None and row["mode"] == "fwdbwd":
+            row["beyond_grad_bytes"] = pk - sum(x.numel() * x.element_size() for x in leaves)
+        row["loss"] = float(fn(logits, target).detach().float())
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    clear()
+    return row
 
 
 def kernel_rows(case, logits, labels, device, dry, copy_gbps, reps) -> list[dict]:
@@ -313,6 +338,107 @@ def kernel_rows(case, logits, labels, device, dry, copy_gbps, reps) -> list[dict
 
 
 # --------------------------------------------------------------------------------------
+# the compound matrix
+# --------------------------------------------------------------------------------------
+def compound_cases(dry: bool) -> list[tuple[str, Case]]:
+    shapes = DRY_COMPOUND_SHAPES if dry else COMPOUND_SHAPES
+    return [(loss, Case(*shape, d)) for shape in shapes for d in DTYPES for loss in COMPOUND_LOSSES]
+
+
+def compound_inputs(loss: str, case: Case, device):
+    """(logits, target): one scale, or DS_SCALES scales halving each spatial dim (nnU-Net's
+    pooling), each with its target downsampled beforehand as nnU-Net's dataloader does."""
+    from fasttversky.deep_supervision import downsample_labels
+
+    logits, labels = case.make(device)
+    if loss != "ds5":
+        return logits, labels.unsqueeze(1)
+    g = torch.Generator(device=device).manual_seed(1)
+    xs, ts = [logits], [labels.unsqueeze(1)]
+    for i in range(1, DS_SCALES):
+        sp = [max(1, s >> i) for s in case.spatial]
+        xs.append(
+            torch.randn((case.batch, case.classes, *sp), generator=g, device=device)
+            .to(case.dtype)
+            .requires_grad_(True)
+        )
+        ts.append(downsample_labels(labels, sp).unsqueeze(1))
+    return xs, ts
+
+
+def compound_fn(loss: str, prov: str, dry: bool):
+    """fn(logits, target) for a compound row, or raise with the reason it cannot run."""
+    import _baselines
+
+    import fasttversky
+
+    if prov in ("triton", "cuda"):
+        provider_fn(prov, dry)  # raises if the backend cannot run
+        backend = "torch" if (dry and prov == "cuda") else prov
+        if loss == "ds5":
+            return _baselines.fused_deep_supervision(_ds_weights(), backend)
+        if loss == "tverskyce":
+            return lambda x, t: fasttversky.tversky_loss(
+                x, t, ALPHA, BETA, include_background=False, ce_weight=1.0, backend=backend
+            )
+        return _baselines.fused_dice_ce(backend)
+    compiled = prov.startswith("compile(")
+    if "nnunet" in prov:
+        if loss == "ds5":
+            return _baselines.nnunet_deep_supervision(_ds_weights(), compiled)
+        return _baselines.nnunet_dice_ce(compiled)
+    return _baselines.monai_dice_ce(compiled)
+
+
+def compound_applies(loss: str, prov: str) -> bool:
+    """Neither nnU-Net nor MONAI has Tversky + CE; MONAI has no deep-supervision wrapper."""
+    if prov in ("triton", "cuda"):
+        return True
+    return loss == "dicece" or (loss == "ds5" and "nnunet" in prov)
+
+
+def _ds_weights() -> list[float]:
+    from fasttversky.deep_supervision import default_weights
+
+    return default_weights(DS_SCALES)
+
+
+def compound_bytes(logits) -> int:
+    """fwd+bwd: logits and labels read twice, the gradient written (uint8 labels)."""
+    xs = logits if isinstance(logits, list) else [logits]
+    total = 0
+    for x in xs:
+        L = x.numel() * x.element_size()
+        total += 2 * (L + x.numel() // x.shape[1]) + L
+    return total
+
+
+def bench_compound(loss, case, device, dry, copy_gbps, reps, errors, providers) -> list[dict]:
+    rows = []
+    cid = f"{loss}-{case.id}"
+    try:
+        logits, target = compound_inputs(loss, case, device)
+    except Exception as exc:  # e.g. OOM
+        errors.append(f"{cid}: making inputs: {type(exc).__name__}: {exc}")
+        return rows
+    for prov in (p for p in providers if compound_applies(loss, p)):
+        row = {"case": cid, "provider": prov, "mode": "fwdbwd", "bytes": compound_bytes(logits)}
+        try:
+            fn = compound_fn(loss, prov, dry)
+        except Exception as exc:
+            rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        n = max(2, reps // 4) if prov not in ("triton", "cuda") else reps
+        rows.append(timed_row(row, fn, logits, target, device, n, copy_gbps))
+        gc.collect()
+    logits = target = None
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------------------------------------------
 # sections
 # --------------------------------------------------------------------------------------
 def environment(device) -> dict:
@@ -324,6 +450,9 @@ def environment(device) -> dict:
         "host": platform.node(),
         "device": device,
     }
+    import _baselines
+
+    env["nnunetv2"] = _baselines.nnunet_version()
     try:
         import triton
 
@@ -568,6 +697,7 @@ def markdown(rep: dict) -> str:
                 f"{cell(t, 'vs_monai', lambda v: f'{v:.1f}')} | "
                 f"{cell(t, 'extra_mib', lambda v: f'{v:.3f}')} |"
             )
+    L += compound_markdown(rep.get("compound"))
     tr = rep.get("training")
     L += [
         "",
@@ -582,6 +712,51 @@ def markdown(rep: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def compound_markdown(rows) -> list[str]:
+    """The compound rows, and per case each baseline's time and peak over the fastest
+    fused provider's (x > 1: ours is faster / lighter)."""
+    if not isinstance(rows, list) or not rows:
+        return []
+    L = [
+        "",
+        "## Compound losses, deep supervision, many classes (fwd+bwd)",
+        "",
+        "dicece: soft Dice without background + CE (nnU-Net's default); tverskyce: Tversky "
+        f"({ALPHA}, {BETA}) + CE; ds5: dicece over {DS_SCALES} deep-supervision scales "
+        "(nnU-Net: targets downsampled beforehand by its dataloader; ours: from the "
+        "full-resolution label map). compile(x): torch.compile as bench/_baselines.py "
+        "applies it; nnU-Net's value is ours - 1 (its Dice term is -Dice, ours 1 - Dice). "
+        "x time / x peak: the row's median time and peak extra memory over "
+        "the fastest fused row of the same case.",
+        "",
+        "| case | provider | median ms | GB/s | of copy BW | peak extra MiB | beyond grad MiB "
+        "| x time | x peak | loss / error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    fused = {}
+    for r in rows:
+        if r["provider"] in ("triton", "cuda") and "median_ms" in r:
+            best = fused.get(r["case"])
+            if best is None or r["median_ms"] < best["median_ms"]:
+                fused[r["case"]] = r
+    for r in rows:
+        f = fused.get(r["case"])
+        xt = xp = None
+        if f is not None and "median_ms" in r:
+            xt = r["median_ms"] / f["median_ms"]
+            if r.get("peak_extra_bytes") and f.get("peak_extra_bytes"):
+                xp = r["peak_extra_bytes"] / f["peak_extra_bytes"]
+        tail = _fmt(r.get("loss"), 6) if "error" not in r else f"error: {r['error'][:120]}"
+        frac = r.get("copy_fraction")
+        L.append(
+            f"| {r['case']} | {r['provider']} | {_fmt(r.get('median_ms'))} | "
+            f"{_fmt(r.get('gbps'), 1)} | {'–' if frac is None else f'{100 * frac:.0f} %'} | "
+            f"{_mib(r.get('peak_extra_bytes'))} | {_mib(r.get('beyond_grad_bytes'))} | "
+            f"{_fmt(xt, 2)} | {_fmt(xp, 2)} | {tail} |"
+        )
+    return L
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for gpu_report.md/.json and logs")
@@ -592,12 +767,22 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset")
     ap.add_argument("--cases", default=None, help="comma-separated case ids (e.g. paper-b2-bf16)")
     ap.add_argument("--skip-bench", action="store_true", help="tests (and training) only")
+    ap.add_argument("--skip-compound", action="store_true", help="no compound/DS/many-class rows")
+    ap.add_argument(
+        "--compound-providers",
+        default=",".join(COMPOUND_PROVIDERS),
+        help="comma-separated subset for the compound rows",
+    )
     ap.add_argument("--tests-timeout", type=float, default=1500, help="seconds for pytest")
     args = ap.parse_args(argv)
     providers = tuple(p for p in args.providers.split(",") if p)
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
         ap.error(f"unknown providers {sorted(unknown)}; known: {PROVIDERS}")
+    compound_providers = tuple(p for p in args.compound_providers.split(",") if p)
+    unknown = set(compound_providers) - set(COMPOUND_PROVIDERS)
+    if unknown:
+        ap.error(f"unknown compound providers {sorted(unknown)}; known: {COMPOUND_PROVIDERS}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dry = args.dry_run
@@ -645,10 +830,27 @@ def main(argv=None) -> int:
             _write(out, rep)
         return rows
 
+    def compound():
+        rows = []
+        for loss, case in compound_cases(dry):
+            if wanted is not None and f"{loss}-{case.id}" not in wanted:
+                continue
+            print(f"[gpu_report]   {loss}-{case.id}", flush=True)
+            rows += bench_compound(
+                loss, case, device, dry, copy_gbps, reps, rep["errors"], compound_providers
+            )
+            rep["compound"] = rows
+            _write(out, rep)
+        return rows
+
     if args.skip_bench:
         rep["rows"] = []
     else:
         section("rows", matrix)
+    if args.skip_bench or args.skip_compound:
+        rep["compound"] = []
+    else:
+        section("compound", compound)
     if isinstance(rep.get("rows"), list):
         rep["targets"] = targets(rep["rows"])
     if args.skip_training:
