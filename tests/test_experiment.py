@@ -28,9 +28,9 @@ def sweep(tmp_path_factory):
     return out
 
 
-def _independent_metrics(out, a, b, run="", ce=0.0):
-    """Pooled metrics of one setting recomputed from the saved fold models
-    (``runs/<slug><run>_fold<k>``)."""
+def _independent_probs(out, a, b, run, ce):
+    """{subject: probability} of one setting from its saved fold models
+    (``runs/<slug><run>_fold<k>``), and {subject: true mask}."""
     import torch
 
     from fasttversky.app.data import find_subjects, prepare_subject
@@ -48,6 +48,20 @@ def _independent_metrics(out, a, b, run="", ce=0.0):
                 with torch.no_grad():
                     probs[s.name] = predict_prepared(model, p, settings)
                 targets[s.name] = p.full_mask.astype(bool)
+    return probs, targets
+
+
+def _independent_metrics(out, a, b, run="", ce=0.0, ensemble=()):
+    """Pooled metrics of one setting recomputed from the saved fold models
+    (``runs/<slug><run>_fold<k>``); with ``ensemble`` (several ``run`` suffixes), of
+    the mean of those runs' probabilities (float64, rounded to float32 once)."""
+    each = [_independent_probs(out, a, b, r, ce) for r in (ensemble or (run,))]
+    probs, targets = each[0]
+    if ensemble:
+        probs = {
+            n: (sum(p[n].astype(np.float64) for p, _ in each) / len(each)).astype(np.float32)
+            for n in probs
+        }
     prob = np.concatenate([probs[n].ravel() for n in sorted(probs)])
     true = np.concatenate([targets[n].ravel() for n in sorted(probs)])
     pred = prob >= 0.5
@@ -167,6 +181,20 @@ def test_sweep_repeated_over_seeds_reports_spread_ci_and_comparison(tmp_path):
     (line,) = [x for x in part if x.startswith(f"| {setting_label(0.3, 0.7)} ")]
     d = 100 * r["vs_baseline"]["dsc"]["diff"]
     assert f"| {d:+.1f} [" in line
+    # The seeds as one model: the mean of the two seeds' probabilities, scored as one seed
+    # (as `predict --model SEED0_RUN SEED1_RUN` would), in results.json and table.md.
+    want = _independent_metrics(out, 0.3, 0.7, ensemble=("_seed0", "_seed1"))
+    e = r["ensemble"]
+    for k in ("tp", "fp", "fn", "tn"):
+        assert e[k] == want[k], k
+    for k in ("dsc", "sensitivity", "specificity", "f2", "apr", "dsc_mean", "dsc_sd"):
+        assert e[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12, nan_ok=True), k
+    assert e["apr"] not in (p["apr"] for p in r["per_seed"])  # not one seed's scores
+    part = table.split("Each setting's seeds as one model")[1].split("Against")[0]
+    (line,) = [x for x in part.splitlines() if x.startswith(f"| {setting_label(0.3, 0.7)} ")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == f"{100 * want['dsc']:.2f}" and cells[5] == f"{100 * want['apr']:.2f}"
+    assert cells[-1] == f"{100 * (e['dsc'] - r['dsc']):+.2f}"
     assert main(argv + ["--settings", "0.3,0.7", "--seeds", "1", "1"]) == 2
 
 

@@ -6,9 +6,10 @@ weights (α, β), written as Table 1 (``table.md``/``table.csv``), Fig. 2 (``pr_
   preset (:mod:`fasttversky.app.presets`); what ``fasttversky reproduce`` calls.
 * :func:`run_sweep` — train/predict every (α, β) × seed × fold, then
   :func:`write_table` and :func:`write_figures`; with several seeds each setting also
-  gets mean ± sd and a bootstrap 95 % CI over seeds of its pooled scores, and every
-  setting is compared with the Dice setting (or the first one): difference of the
-  means with a bootstrap CI (:func:`compare_with_baseline`).
+  gets mean ± sd and a bootstrap 95 % CI over seeds of its pooled scores, the scores of
+  its seeds as one ensemble (mean probability), and every setting is compared with the
+  Dice setting (or the first one): difference of the means with a bootstrap CI
+  (:func:`compare_with_baseline`).
 * :func:`transplant_augmenter` — adds real lesion masks transplanted into each fold's
   training brains to that fold's training set.
 """
@@ -32,6 +33,7 @@ from .config import (
     check_threshold,
     field_default,
 )
+from .ensemble import mean_probability
 from .errors import ConfigError
 from .lesion_metrics import compare_means, summarize
 from .pipeline import (
@@ -189,6 +191,8 @@ def run_sweep(
     scores are the mean over seeds of each seed's pooled scores, ``per_seed`` holds
     those, and ``over_seeds[key]`` their :func:`~fasttversky.app.lesion_metrics.summarize`
     (mean, sd, bootstrap 95 % CI); the PR curve and overlays are those of the first seed.
+    ``ensemble`` holds the scores of the seeds' mean probability (:func:`_seed_ensemble`;
+    Table 1 adds them as a second table).
     Every other setting then gets ``vs_baseline`` (:func:`compare_with_baseline`) and the
     table a second part with those differences.
     """
@@ -280,7 +284,7 @@ def _run_setting(setting, s, seeds, fold_sets, targets, threshold, out, progress
     seed, then averaged over seeds); its first seed's curve and masks go to ``figures``."""
     a, b, ce = setting
     label = setting_label(a, b, ce)
-    per_seed, per_subject = [], []
+    per_seed, per_subject, seed_probs = [], [], []
     for seed in seeds:
         run = replace(s, train=replace(s.train, seed=seed))
         tag = label + (f" seed {seed}" if len(seeds) > 1 else "")
@@ -289,10 +293,27 @@ def _run_setting(setting, s, seeds, fold_sets, targets, threshold, out, progress
         rows, c = evaluate_volumes(probs, targets, threshold, s.predict.min_lesion_size)
         per_seed.append({"seed": seed, **rows[-1]})
         per_subject += [{"seed": seed, **r} for r in rows[:-1]]
+        seed_probs.append(probs)
         if seed == seeds[0]:
             figures.curves[label] = c["pooled"]
             figures.preds[label] = {n: (v >= threshold) for n, v in probs.items()}
-    return _result_row(setting, label, seeds, per_seed, per_subject)
+    row = _result_row(setting, label, seeds, per_seed, per_subject)
+    if len(seeds) > 1:
+        row["ensemble"] = _seed_ensemble(seed_probs, targets, threshold, s.predict.min_lesion_size)
+    return row
+
+
+def _seed_ensemble(seed_probs: list[dict], targets, threshold, min_lesion_size) -> dict:
+    """A setting's seeds as one model, as ``predict --model RUN_SEED0 RUN_SEED1 ...``
+    would combine them: each subject's mean probability over the seeds' fold models,
+    scored as one seed is -> the pooled row (counts, voxel and lesion-wise scores) with
+    the per-subject DSC mean and sd. Costs no training and no prediction: the seeds'
+    probabilities are already there."""
+    probs = {n: mean_probability([p[n] for p in seed_probs]) for n in seed_probs[0]}
+    rows, _ = evaluate_volumes(probs, targets, threshold, min_lesion_size)
+    dscs = np.array([r["dsc"] for r in rows[:-1]], dtype=float)
+    pooled = {k: v for k, v in rows[-1].items() if k != "subject"}
+    return {**pooled, "dsc_mean": float(np.nanmean(dscs)), "dsc_sd": float(np.nanstd(dscs))}
 
 
 def _result_row(setting, label: str, seeds, per_seed: list, per_subject: list) -> dict:

@@ -154,12 +154,40 @@ def _comparison_table(results: list[dict]) -> str:
     )
 
 
+def _ensemble_table(results: list[dict]) -> str:
+    """The ``ensemble`` rows (each setting's seeds as one model) as a Markdown table
+    ('' without them), with the ensemble's DSC minus the mean over seeds."""
+    ens = [r for r in results if "ensemble" in r]
+    if not ens:
+        return ""
+    columns = ["Seeds as one model", *METRIC_NAMES.values(), "DSC per subject"]
+    columns += [*LESION_NAMES.values(), "DSC − mean over seeds"]
+    rows = []
+    for r in ens:
+        e = r["ensemble"]
+        rows.append(
+            {
+                columns[0]: r["label"],
+                **{METRIC_NAMES[k]: pct(e[k]) for k in METRIC_NAMES},
+                "DSC per subject": f"{100 * e['dsc_mean']:.2f} ± {100 * e['dsc_sd']:.2f}",
+                **{v: pct(e[k]) for k, v in LESION_NAMES.items()},
+                columns[-1]: f"{100 * (e['dsc'] - r['dsc']):+.2f}",
+            }
+        )
+    return (
+        "\n\nEach setting's seeds as one model (`predict --model` with the seeds' runs): "
+        "the mean of their probabilities per voxel, thresholded and scored as one seed; "
+        "in %.\n\n" + markdown_table(rows, columns)
+    )
+
+
 def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
     """Table 1: ``out/table.md`` (values in %, with ``header`` above) and ``out/table.csv``
     (fractions and counts) from :func:`run_sweep`'s results -> the Markdown table.
     Results repeated over seeds add the columns "DSC over seeds" and "lesion F1 over
-    seeds": mean ± sd [bootstrap 95 % CI of the mean]; results with ``vs_baseline``
-    (:func:`compare_with_baseline`) add a second table of differences to the baseline."""
+    seeds": mean ± sd [bootstrap 95 % CI of the mean], and results with ``ensemble``
+    a table of their seeds as one model (table.md only); results with ``vs_baseline``
+    (:func:`compare_with_baseline`) add a table of differences to the baseline."""
     out = Path(out)
     repeated = any("over_seeds" in r for r in results)
     rows = [
@@ -179,7 +207,7 @@ def write_table(results: list[dict], out: str | Path, header: str = "") -> str:
         for r in results
     ]
     columns = TABLE_COLUMNS + (["DSC over seeds", "lesion F1 over seeds"] if repeated else [])
-    table = markdown_table(rows, columns) + _comparison_table(results)
+    table = markdown_table(rows, columns) + _ensemble_table(results) + _comparison_table(results)
     (out / "table.md").write_text(header + table + "\n")
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
