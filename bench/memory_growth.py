@@ -1,6 +1,7 @@
 """Resident-memory growth of one Dice + CE forward+backward, one process per provider.
 
-    python bench/memory_growth.py --out bench/results/memory_growth.md [--classes 16,118]
+    python bench/memory_growth.py --out bench/results/memory_growth.md \
+        --plot bench/results/memory_growth.png [--classes 2,16,118]
 
 Each measurement runs in a fresh process (so no provider inherits another's freed but
 still mapped pages): fp32 logits 1×C×64×96×96 that require grad, a label map, and the
@@ -10,7 +11,8 @@ keeps it across steps). The figure is the growth of the process's peak resident 
 one loss call costs beyond its inputs, the new gradient that autograd accumulates
 included. Providers: ``ours`` (``fasttversky.tversky_loss`` α=β=½ + CE, backend auto),
 ``nnunet`` (nnU-Net's DC_and_CE_loss with MemoryEfficientSoftDiceLoss, its float
-(B, 1, …) target), ``monai`` (MONAI's DiceCELoss, softmax, to_onehot_y).
+(B, 1, …) target), ``monai`` (MONAI's DiceCELoss, softmax, to_onehot_y). The ideal is
+the gradient alone (the logits' size), shown as a line in the plot.
 """
 
 from __future__ import annotations
@@ -75,20 +77,24 @@ def _run(provider: str, classes: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--classes", default="16,118")
+    ap.add_argument("--classes", default="2,16,118")
     ap.add_argument("--measure", choices=PROVIDERS, help=argparse.SUPPRESS)
     ap.add_argument("--out")
+    ap.add_argument("--plot", help="also draw the table as a bar chart (PNG)")
     args = ap.parse_args()
     if args.measure:
         return measure(args.measure, int(args.classes))
-    rows = []
+    rows, table = [], {}
     for c in map(int, args.classes.split(",")):
         grown = {p: _run(p, c) for p in PROVIDERS}
+        table[c] = grown
         ratio = grown["ours"][0] / grown["nnunet"][0]
         rows.append(
             f"| {c} | {grown['ours'][1]:.0f} | {grown['ours'][0]:.0f} | "
             f"{grown['nnunet'][0]:.0f} | {grown['monai'][0]:.0f} | {ratio:.2f}× |"
         )
+    if args.plot:
+        plot(table, args.plot)
     import torch
 
     commit = subprocess.run(
@@ -111,6 +117,37 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+
+
+def plot(table: dict, path: str) -> None:
+    """Grouped bars per number of classes (log scale), the gradient's size as a tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {
+        "ours": "fasttversky (auto)",
+        "nnunet": "nnU-Net DC_and_CE",
+        "monai": "MONAI DiceCELoss",
+    }
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    width = 0.26
+    for i, prov in enumerate(PROVIDERS):
+        xs = [k + (i - 1) * width for k in range(len(table))]
+        ax.bar(xs, [table[c][prov][0] for c in table], width, label=labels[prov])
+    for k, c in enumerate(table):
+        grad = table[c]["ours"][1]
+        ax.hlines(grad, k - 1.5 * width, k + 1.5 * width, colors="k", linestyles="dashed")
+    ax.plot([], [], "k--", label="the gradient alone (ideal)")
+    ax.set_xticks(range(len(table)), [f"C = {c}" for c in table])
+    ax.set_yscale("log")
+    ax.set_ylabel("resident memory growth, MiB")
+    ax.set_title("One Dice+CE fwd+bwd, fp32 1×C×64×96×96 (CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
