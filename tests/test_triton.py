@@ -303,26 +303,35 @@ for arch in (80, 90):
     for xdt, cdt in (("fp32", tl.float32), ("bf16", tl.float32), ("fp16", tl.float32),
                      ("fp64", tl.float64)):
         part = "*fp64" if xdt == "fp64" else "*fp32"
-        cases = [(0, False, True, False, 4, False), (1, True, False, False, 8, False),
-                 (2, False, False, True, 2, False)]
-        if xdt in ("fp32", "fp64"):  # the cross-entropy variants (label maps only)
-            cases += [(0, False, True, False, 4, True), (1, False, True, True, 2, True)]
-        for act, soft, ign, binary, cpad, ce in cases:
-            tdt = PTR[xdt] if soft else "*u8"
-            consts = dict(ACTIVATION=act, HAS_SOFT_TARGET=soft, HAS_IGNORE_INDEX=ign,
-                          BINARY_LABELS=binary, C_PAD=cpad, BLOCK_N=2048 // cpad, CDTYPE=cdt,
-                          HAS_CE=ce)
+        soft = PTR[xdt]
+        # (ACTIVATION, target pointer, HAS_IGNORE_INDEX, C_PAD, other switches)
+        cases = [(0, "*u8", True, 4, {}), (1, soft, False, 8, dict(HAS_SOFT_TARGET=True)),
+                 (2, "*u8", False, 2, dict(BINARY_LABELS=True)),
+                 (2, "*u8", False, 4, dict(HAS_REGIONS=True))]
+        if xdt in ("fp32", "fp64"):  # the cross-entropy family
+            cases += [(0, "*u8", True, 4, dict(CE=1)),
+                      (1, "*u8", True, 2, dict(CE=1, BINARY_LABELS=True)),
+                      (0, "*fp32", True, 4, dict(CE=1)),  # a float label map
+                      (0, soft, False, 4, dict(CE=1, HAS_SOFT_TARGET=True, HAS_SMOOTHING=True)),
+                      (0, "*u8", True, 4, dict(CE=2, HAS_SMOOTHING=True)),
+                      (1, soft, False, 4, dict(CE=2, HAS_SOFT_TARGET=True)),
+                      (1, "*fp16", True, 4, dict(CE=2, HAS_REGIONS=True))]
+        for act, tdt, ign, cpad, other in cases:
+            consts = dict(ACTIVATION=act, HAS_SOFT_TARGET=False, HAS_IGNORE_INDEX=ign,
+                          BINARY_LABELS=False, C_PAD=cpad, BLOCK_N=2048 // cpad, CDTYPE=cdt,
+                          CE=0, HAS_SMOOTHING=False, HAS_REGIONS=False)
+            consts.update(other)
             compile_one(K._tversky_fwd_partials_kernel,
-                        dict(logits_ptr=PTR[xdt], target_ptr=tdt, partials_ptr=part,
-                             counts_ptr="*i32"), consts, arch)
+                        dict(logits_ptr=PTR[xdt], target_ptr=tdt, regions_ptr="*i64",
+                             params_ptr=part, partials_ptr=part, counts_ptr="*i32"), consts, arch)
             compile_one(K._tversky_bwd_kernel,
-                        dict(logits_ptr=PTR[xdt], target_ptr=tdt, coef_a_ptr=part,
-                             coef_b_ptr=part, coef_ce_ptr=part, grad_ptr=PTR[xdt]), consts, arch)
+                        dict(logits_ptr=PTR[xdt], target_ptr=tdt, regions_ptr="*i64",
+                             params_ptr=part, coefs_ptr=part, grad_ptr=PTR[xdt]), consts, arch)
             n += 2
-        for ce in ((False, True) if xdt in ("fp32", "fp64") else (False,)):
+        for nce in ((0, 1, 2) if xdt in ("fp32", "fp64") else (0,)):
             compile_one(K._tversky_finalize_kernel,
                         dict(partials_ptr=part, counts_ptr="*i32", stats_ptr="*fp64",
-                             flag_sums_ptr="*i64"), dict(C_PAD=4, BLOCK_T=256, HAS_CE=ce), arch)
+                             flag_sums_ptr="*i64"), dict(C_PAD=4, BLOCK_T=256, NCE=nce), arch)
             n += 1
 print(f"compiled {n} kernels")
 """
@@ -351,4 +360,4 @@ def test_kernels_compile_for_sm80_and_sm90():
     if proc.returncode == 4:
         pytest.skip(f"this triton's compiler API differs: {proc.stdout.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 76 kernels" in proc.stdout, proc.stdout
+    assert "compiled 136 kernels" in proc.stdout, proc.stdout

@@ -14,12 +14,21 @@
 #     sigmoid: dL/dz_c = u_c p_c (1 - p_c)
 #     none:    dL/dx_c = u_c
 #
-# Cross-entropy (HAS_CE, label maps only): one more per-(b, c) sum, sum_ce, in the same
-# pass — softmax: -log p_y = log Σ_c exp(x_c - m) - (x_y - m) from the max and exp sum
-# the softmax takes anyway, added to the row of the voxel's label; sigmoid: BCE(x, g) =
-# max(x, 0) - x g + log(1 + exp(-|x|)) in every row. Its backward is one more term in the
-# same elementwise pass, with e = dL/dsum_ce (coef_ce): softmax e_y (p_k - [k = y]),
-# sigmoid e_c (p_c - g_c). With HAS_CE False the kernels compile exactly as before.
+# Cross-entropy family (CE = 1 plain, 2 focal; softmax or sigmoid; fasttversky/_spec.py
+# has every formula): more per-(b, c) sums in the same pass over the CE target
+# q = (1 - eps) g + eps / C (HAS_SMOOTHING; q = g otherwise), 0 on ignored voxels —
+# softmax: q (-log p) (focal: times (1 - p)^gamma), -log p_c = log Σ_k exp(x_k - m) -
+# (x_c - m) from the max and exp sum the softmax takes anyway; sigmoid: BCE(x, q) =
+# max(x, 0) - x q + log(1 + exp(-|x|)) (focal: h = BCE exp(-gamma softplus(x (2q - 1))),
+# and a second column q h). Its backward is one more term in the same elementwise pass
+# (_grad_ce), from e = dL/dcol3 (and dL/dcol4). With CE = 0 the kernels compile exactly
+# to the Tversky-only work; eps and gamma are read from a small tensor in the compute
+# dtype (params = [eps, gamma]) because a Python float argument would reach the kernel
+# rounded to float32.
+#
+# Targets: integer label maps; float label maps (the target pointer's dtype decides, at
+# compile time), whose NaN/inf/fractional values count as bad labels; soft targets
+# (HAS_SOFT_TARGET); and region tables (HAS_REGIONS): g_c = bit c of regions[label].
 #
 # Shape of the work: the forward is a reduction over a whole volume, so each program
 # reduces one tile of one sample (all C classes at once, a (C_PAD, BLOCK_N) register
@@ -29,7 +38,7 @@
 # calls are bitwise equal. The backward is elementwise over voxels and recomputes p
 # from the logits instead of saving it (saving p would cost a logits-sized buffer).
 #
-# Labels are read as integers and compared with the class index in registers; a one-hot
+# Labels are read as integers (or floats) and compared with the class index in registers; a one-hot
 # tensor is never built. All offsets are int64, so volumes over 2**31 elements work.
 
 import triton
@@ -68,58 +77,113 @@ def _probs(x, cmask2, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _probs_ce(
-    x,
-    cls,
-    cmask2,
-    t_base,
-    n,
-    nmask,
-    target_stride_n,
-    ignore_index,
-    ACTIVATION: tl.constexpr,
-    HAS_IGNORE_INDEX: tl.constexpr,
-    BINARY_LABELS: tl.constexpr,
-):
-    """(p, ce) from a (C_PAD, BLOCK_N) block of logits and the labels (HAS_CE).
+def _softplus(z):
+    """log(1 + exp(z)), without overflow."""
+    return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
 
-    t_base: this sample's labels (target_ptr + b * target_stride_b).
-    ce: (C_PAD, BLOCK_N), per element the voxel's cross-entropy in its label's row
-    (softmax) or BCE(x_c, g_c) in every real row (sigmoid); 0 on ignored voxels, tail
-    voxels and padded rows. The labels are re-read here (an L1 hit: _target_block reads
-    the same bytes) so that the Tversky-only path keeps its exact shape.
+
+@triton.jit
+def _bce(x, q, scale: tl.constexpr):
+    """BCE(x, q) = max(x, 0) - x q + log(1 + exp(-|x|)), times scale (a power of two)."""
+    xs = x * scale
+    return tl.maximum(xs, 0.0) - xs * q + tl.log(1.0 + tl.exp(-tl.abs(x))) * scale
+
+
+@triton.jit
+def _pow_1m(p, gamma):
+    """(1 - p)^gamma, with 0^0 = 1 (p == 1: a saturated class)."""
+    omp = 1.0 - p
+    return tl.where(omp > 0.0, tl.exp(gamma * tl.log(omp)), tl.where(gamma == 0.0, 1.0, 0.0))
+
+
+@triton.jit
+def _ce_target(g, keep, C, params_ptr, HAS_SMOOTHING: tl.constexpr):
+    """q, the CE target: (1 - eps) g + eps / C on counted voxels (eps = params[0]), 0
+    elsewhere; g itself (already 0 off keep) without smoothing."""
+    q = g
+    if HAS_SMOOTHING:
+        eps = tl.load(params_ptr)
+        q = tl.where(keep, (1.0 - eps) * g + eps / C, 0.0)
+    return q
+
+
+@triton.jit
+def _probs_ce(x, q, keep, cmask2, params_ptr, ACTIVATION: tl.constexpr, CE: tl.constexpr):
+    """(p, ce, ce2) from a (C_PAD, BLOCK_N) block of logits and the CE target q (CE > 0).
+
+    ce, ce2: per element the terms of stats columns 3 and 4 (_spec.py), in CE units, 0 on
+    ignored voxels, tail voxels and padded rows (q = 0 there, keep False); ce2 is only
+    meaningful for sigmoid focal.
     """
-    lab = tl.load(t_base + n * target_stride_n, mask=nmask, other=0).to(tl.int64)
-    if HAS_IGNORE_INDEX:
-        keep1 = nmask & (lab != ignore_index)
-    else:
-        keep1 = nmask
-    if BINARY_LABELS:
-        hit = (lab == 1)[None, :] & cmask2
-    else:
-        hit = lab[None, :] == cls[:, None].to(tl.int64)
-    keep = cmask2 & keep1[None, :]
     if ACTIVATION == 0:
         xm = tl.where(cmask2, x, float("-inf"))
         mx = tl.max(xm, axis=0)
         e = tl.exp(xm - mx[None, :])
         s = tl.sum(e, axis=0)
         p = e / s[None, :]
-        # -log p_y = log s - (x_y - m) (s in [1, C]), in CE units
-        xs = x * CE_SCALE - mx[None, :] * CE_SCALE
-        ce = tl.where(keep & hit, tl.log(s)[None, :] * CE_SCALE - xs, 0.0)
+        # -log p_c = log s - (x_c - m) (s in [1, C]), in CE units: finite for every finite
+        # logit, also where p_c underflows to 0; a q_c = 0 term adds exactly 0.
+        nll = tl.log(s)[None, :] * CE_SCALE - (x * CE_SCALE - mx[None, :] * CE_SCALE)
+        if CE == 2:
+            nll = nll * _pow_1m(p, tl.load(params_ptr + 1))
+        ce = tl.where(q != 0.0, q * nll, 0.0)
+        ce2 = ce
     else:
         p = tl.where(cmask2, tl.sigmoid(x), 0.0)
-        gy = tl.where(hit, 1.0, 0.0)
-        xs = x * CE_SCALE  # BCE in CE units
-        bce = tl.maximum(xs, 0.0) - xs * gy + tl.log(1.0 + tl.exp(-tl.abs(x))) * CE_SCALE
+        bce = _bce(x, q, CE_SCALE)
+        if CE == 2:
+            # MONAI's modulating factor exp(gamma logsigmoid(-x s)), s = 2q - 1
+            bce = bce * tl.exp(-tl.load(params_ptr + 1) * _softplus(x * (2.0 * q - 1.0)))
         ce = tl.where(keep, bce, 0.0)
-    return p, ce
+        ce2 = ce * q
+    return p, ce, ce2
+
+
+@triton.jit
+def _float_labels(raw):
+    """(lab int64, ok) of a float label map's values: ok where the value is an integral
+    number (not NaN, inf or fractional); lab = -1 where not.
+
+    float64 labels are checked in float64 (1 + 2**-40 is not a label); the narrower
+    dtypes hold their values exactly in float32.
+    """
+    if raw.dtype == tl.float64:
+        lf = raw
+    else:
+        lf = raw.to(tl.float32)
+    # NaN and inf fail this test, so the conversion below only ever sees values that an
+    # int64 holds exactly (|v| < 2**62); a value is integral if it converts back to itself.
+    fits = tl.abs(lf) < 4611686018427387904.0
+    lab = tl.where(fits, lf, 0.0).to(tl.int64)
+    ok = fits & (lab.to(lf.dtype) == lf)
+    return tl.where(ok, lab, -1), ok
+
+
+@triton.jit
+def _labels(t_ptrs, nmask, ignore_index, num_labels, HAS_IGNORE_INDEX: tl.constexpr):
+    """(lab int64, keep1, bad1), each (BLOCK_N,), of a label map of any integer or float
+    dtype: keep1, the voxel counts (w = 1); bad1, it counts and its label is invalid
+    (outside [0, num_labels); for float labels also NaN, inf or fractional)."""
+    raw = tl.load(t_ptrs, mask=nmask, other=0)
+    if raw.dtype.is_floating():
+        lab, ok = _float_labels(raw)
+    else:
+        # widened to int64 so that every value (negative, or beyond the int32 range) is
+        # compared exactly
+        lab = raw.to(tl.int64)
+        ok = nmask
+    if HAS_IGNORE_INDEX:
+        keep1 = nmask & ~(ok & (lab == ignore_index))
+    else:
+        keep1 = nmask
+    bad1 = keep1 & (~ok | (lab < 0) | (lab >= num_labels))
+    return lab, keep1, bad1
 
 
 @triton.jit
 def _target_block(
     t_base,
+    regions_ptr,
     cls,
     n,
     nmask,
@@ -132,14 +196,14 @@ def _target_block(
     HAS_SOFT_TARGET: tl.constexpr,
     HAS_IGNORE_INDEX: tl.constexpr,
     BINARY_LABELS: tl.constexpr,
+    HAS_REGIONS: tl.constexpr,
 ):
     """(g, keep, bad) for one tile; t_base: this sample's target (target_ptr + b * stride_b).
 
     g: (C_PAD, BLOCK_N) CDTYPE ground truth (0 on padding and ignored voxels);
     keep: (C_PAD, BLOCK_N) bool, the voxel counts (w = 1) and the class is real;
-    bad: (C_PAD, BLOCK_N) int32, 1 per invalid target (labels outside [0, num_labels)
-    other than ignore_index, counted once per voxel in row 0; soft values outside
-    [0, 1] or NaN, counted per element).
+    bad: (C_PAD, BLOCK_N) int32, 1 per invalid target (a bad label, counted once per
+    voxel in row 0; soft values outside [0, 1] or NaN, counted per element).
     """
     m2 = cmask2 & nmask[None, :]
     if HAS_SOFT_TARGET:
@@ -151,17 +215,16 @@ def _target_block(
         keep = m2
         g = tl.where(m2, t, 0.0)
     else:
-        # target (B, N) integer labels of any width; widened to int64 so that every
-        # value (negative, or beyond the int32 range) is compared exactly.
-        lab = tl.load(t_base + n * target_stride_n, mask=nmask, other=0).to(tl.int64)
-        if HAS_IGNORE_INDEX:
-            keep1 = nmask & (lab != ignore_index)
-        else:
-            keep1 = nmask
-        bad1 = keep1 & ((lab < 0) | (lab >= num_labels))
+        t_ptrs = t_base + n * target_stride_n
+        lab, keep1, bad1 = _labels(t_ptrs, nmask, ignore_index, num_labels, HAS_IGNORE_INDEX)
         bad = (bad1[None, :] & (cls == 0)[:, None]).to(tl.int32)
         keep = cmask2 & keep1[None, :]
-        if BINARY_LABELS:
+        if HAS_REGIONS:
+            # bit c of the label's mask (C <= 63); an invalid label reads no mask
+            valid = keep1 & (lab >= 0) & (lab < num_labels)
+            bits = tl.load(regions_ptr + tl.where(valid, lab, 0), mask=valid, other=0)
+            hit = ((bits[None, :] >> cls[:, None].to(tl.int64)) & 1) != 0
+        elif BINARY_LABELS:
             # C == 1 label map: the single channel is the foreground, g = (label == 1).
             hit = (lab == 1)[None, :] & cmask2
         else:
@@ -174,6 +237,7 @@ def _target_block(
 def _tile_terms(
     x_base,
     t_base,
+    regions_ptr,
     cls,
     n,
     N,
@@ -183,44 +247,26 @@ def _tile_terms(
     target_stride_n,
     ignore_index,
     num_labels,
-    ACTIVATION: tl.constexpr,
+    CDTYPE: tl.constexpr,
     HAS_SOFT_TARGET: tl.constexpr,
     HAS_IGNORE_INDEX: tl.constexpr,
     BINARY_LABELS: tl.constexpr,
-    CDTYPE: tl.constexpr,
-    WITH_CE: tl.constexpr,
+    HAS_REGIONS: tl.constexpr,
 ):
-    """(p, ce, g, keep, bad, nonfinite) of the voxels n of one sample, all (C_PAD, BLOCK_N).
+    """(x, g, keep, bad, nonfinite) of the voxels n of one sample, all (C_PAD, BLOCK_N).
 
     What both kernels read per tile. x_base: (C_PAD, 1) pointers to the sample's class
-    rows (logits_ptr + b * stride_b + c * stride_c); t_base: the sample's target. p, g,
-    keep, bad as _probs / _target_block; ce as _probs_ce (WITH_CE; otherwise p, unused);
-    nonfinite: 1 per NaN/inf logit. Tail voxels load 0 (a harmless finite value) and are
-    masked out of every sum by keep.
+    rows (logits_ptr + b * stride_b + c * stride_c); t_base: the sample's target. x: the
+    logits in CDTYPE; g, keep, bad as _target_block; nonfinite: 1 per NaN/inf logit. Tail
+    voxels load 0 (a harmless finite value) and are masked out of every sum by keep.
     """
     nmask = n < N
     m2 = cmask2 & nmask[None, :]
     x = tl.load(x_base + n[None, :] * logits_stride_n, mask=m2, other=0.0).to(CDTYPE)
     nonfinite = (m2 & ~((x == x) & (tl.abs(x) != float("inf")))).to(tl.int32)
-    if WITH_CE:
-        p, ce = _probs_ce(
-            x,
-            cls,
-            cmask2,
-            t_base,
-            n,
-            nmask,
-            target_stride_n,
-            ignore_index,
-            ACTIVATION,
-            HAS_IGNORE_INDEX,
-            BINARY_LABELS,
-        )
-    else:
-        p = _probs(x, cmask2, ACTIVATION)
-        ce = p
     g, keep, bad = _target_block(
         t_base,
+        regions_ptr,
         cls,
         n,
         nmask,
@@ -233,25 +279,110 @@ def _tile_terms(
         HAS_SOFT_TARGET,
         HAS_IGNORE_INDEX,
         BINARY_LABELS,
+        HAS_REGIONS,
     )
-    return p, ce, g, keep, bad, nonfinite
+    return x, g, keep, bad, nonfinite
 
 
 @triton.jit
-def _store_partials(out, acc_pg, acc_p, acc_g, acc_ce, C_PAD: tl.constexpr, HAS_CE: tl.constexpr):
-    """Write one tile's per-class sums: out points at its row (NSTATS, C_PAD) of partials."""
+def _fwd_tile_sums(
+    x_base,
+    t_base,
+    regions_ptr,
+    params_ptr,
+    cls,
+    pid_t,
+    iters,
+    N,
+    C,
+    logits_stride_n,
+    target_stride_c,
+    target_stride_n,
+    ignore_index,
+    num_labels,
+    ACTIVATION: tl.constexpr,
+    HAS_SOFT_TARGET: tl.constexpr,
+    HAS_IGNORE_INDEX: tl.constexpr,
+    BINARY_LABELS: tl.constexpr,
+    HAS_REGIONS: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CDTYPE: tl.constexpr,
+    CE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+):
+    """One forward tile: its (C_PAD, BLOCK_N) element-wise sums (pg, p, g, ce, ce2) and
+    counts (non-finite logits, bad targets), not yet reduced over the voxel axis."""
+    cmask2 = (cls < C)[:, None]
+    # Accumulate element-wise in registers across the steps and reduce over the voxel
+    # axis once at the end: cheaper than a cross-lane reduction per step, and each lane
+    # only adds `iters` values, which keeps fp32 rounding small before the fp64 finalize.
+    acc_pg = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
+    acc_p = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
+    acc_g = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
+    acc_ce = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)  # the CE columns stay 0 (compiled
+    acc_ce2 = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)  # away) where they do not exist
+    n_nonfinite = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
+    n_bad = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
+    for i in range(iters):
+        n = (pid_t * iters + i) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        x, g, keep, bad, nonfinite = _tile_terms(
+            x_base,
+            t_base,
+            regions_ptr,
+            cls,
+            n,
+            N,
+            cmask2,
+            logits_stride_n,
+            target_stride_c,
+            target_stride_n,
+            ignore_index,
+            num_labels,
+            CDTYPE,
+            HAS_SOFT_TARGET,
+            HAS_IGNORE_INDEX,
+            BINARY_LABELS,
+            HAS_REGIONS,
+        )
+        n_nonfinite += nonfinite
+        n_bad += bad
+        if CE != 0:
+            q = _ce_target(g, keep, C, params_ptr, HAS_SMOOTHING)
+            p, ce, ce2 = _probs_ce(x, q, keep, cmask2, params_ptr, ACTIVATION, CE)
+            acc_ce += ce
+            if CE == 2 and ACTIVATION == 1:
+                acc_ce2 += ce2
+        else:
+            p = _probs(x, cmask2, ACTIVATION)
+        pw = tl.where(keep, p, 0.0)  # not p * w: an ignored voxel adds exact zeros
+        acc_pg += pw * g
+        acc_p += pw
+        acc_g += g
+    return acc_pg, acc_p, acc_g, acc_ce, acc_ce2, n_nonfinite, n_bad
+
+
+@triton.jit
+def _store_partials(
+    out, acc_pg, acc_p, acc_g, acc_ce, acc_ce2, C_PAD: tl.constexpr, NCE: tl.constexpr
+):
+    """Write one tile's per-class sums: out points at its row (3 + NCE, C_PAD) of partials."""
     tl.store(out, tl.sum(acc_pg, axis=1))
     tl.store(out + C_PAD, tl.sum(acc_p, axis=1))
     tl.store(out + 2 * C_PAD, tl.sum(acc_g, axis=1))
-    if HAS_CE:
+    if NCE >= 1:
         tl.store(out + 3 * C_PAD, tl.sum(acc_ce, axis=1))
+    if NCE == 2:
+        tl.store(out + 4 * C_PAD, tl.sum(acc_ce2, axis=1))
 
 
 @triton.jit
 def _tversky_fwd_partials_kernel(
     logits_ptr,  # (B, C, N) float32/float16/bfloat16/float64, any strides
-    target_ptr,  # (B, N) uint8/int16/int32/int64 labels, or (B, C, N) float soft target
-    partials_ptr,  # (B, T, 3, C_PAD) CDTYPE out: per-tile [sum_pg, sum_p, sum_g]
+    target_ptr,  # (B, N) integer or float labels, or (B, C, N) float soft target
+    regions_ptr,  # (num_labels,) int64 region bitmasks, read only with HAS_REGIONS
+    params_ptr,  # (2,) CDTYPE [label smoothing eps, focal gamma], read only as needed
+    partials_ptr,  # (B, T, 3 + NCE, C_PAD) CDTYPE out: per-tile [sum_pg, sum_p, sum_g, ce..]
     counts_ptr,  # (B, T, 2) int32 out: per-tile [non-finite logits, bad targets]
     N,
     C,
@@ -272,72 +403,61 @@ def _tversky_fwd_partials_kernel(
     C_PAD: tl.constexpr,  # next power of 2 >= C (>= 2)
     BLOCK_N: tl.constexpr,  # voxels per step, power of 2
     CDTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
-    HAS_CE: tl.constexpr = False,  # also sum_ce; partials are then (B, T, 4, C_PAD)
+    CE: tl.constexpr = 0,  # _spec.CE_NONE / CE_PLAIN / CE_FOCAL
+    HAS_SMOOTHING: tl.constexpr = False,  # CE target (1 - eps) g + eps / C
+    HAS_REGIONS: tl.constexpr = False,  # g_c = bit c of regions[label]
 ):
     # grid = (T, B): program (t, b) reduces voxels [t*iters*BLOCK_N, (t+1)*iters*BLOCK_N)
     # of sample b. Batch on axis 1 (limit _base.MAX_GRID_BATCH), tiles on axis 0 (limit 2**31 - 1).
     pid_t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     cls = tl.arange(0, C_PAD)
-    cmask2 = (cls < C)[:, None]
-    x_base = logits_ptr + b * logits_stride_b + cls[:, None].to(tl.int64) * logits_stride_c
-    # Accumulate element-wise in registers across the steps and reduce over the voxel
-    # axis once at the end: cheaper than a cross-lane reduction per step, and each lane
-    # only adds `iters` values, which keeps fp32 rounding small before the fp64 finalize.
-    acc_pg = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
-    acc_p = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
-    acc_g = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)
-    acc_ce = tl.zeros((C_PAD, BLOCK_N), dtype=CDTYPE)  # stays 0 (compiled away) without CE
-    n_nonfinite = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
-    n_bad = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
-    for i in range(iters):
-        n = (pid_t * iters + i) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        p, ce, g, keep, bad, nonfinite = _tile_terms(
-            x_base,
-            target_ptr + b * target_stride_b,
-            cls,
-            n,
-            N,
-            cmask2,
-            logits_stride_n,
-            target_stride_c,
-            target_stride_n,
-            ignore_index,
-            num_labels,
-            ACTIVATION,
-            HAS_SOFT_TARGET,
-            HAS_IGNORE_INDEX,
-            BINARY_LABELS,
-            CDTYPE,
-            HAS_CE,
-        )
-        n_nonfinite += nonfinite
-        n_bad += bad
-        if HAS_CE:
-            acc_ce += ce
-        pw = tl.where(keep, p, 0.0)  # not p * w: an ignored voxel adds exact zeros
-        acc_pg += pw * g
-        acc_p += pw
-        acc_g += g
-    NSTATS: tl.constexpr = 4 if HAS_CE else 3
+    acc_pg, acc_p, acc_g, acc_ce, acc_ce2, n_nonfinite, n_bad = _fwd_tile_sums(
+        logits_ptr + b * logits_stride_b + cls[:, None].to(tl.int64) * logits_stride_c,
+        target_ptr + b * target_stride_b,
+        regions_ptr,
+        params_ptr,
+        cls,
+        pid_t,
+        iters,
+        N,
+        C,
+        logits_stride_n,
+        target_stride_c,
+        target_stride_n,
+        ignore_index,
+        num_labels,
+        ACTIVATION,
+        HAS_SOFT_TARGET,
+        HAS_IGNORE_INDEX,
+        BINARY_LABELS,
+        HAS_REGIONS,
+        C_PAD,
+        BLOCK_N,
+        CDTYPE,
+        CE,
+        HAS_SMOOTHING,
+    )
+    # CE columns: 2 for sigmoid focal ([h, q h]), else 1 with CE
+    NCE: tl.constexpr = (2 if CE == 2 and ACTIVATION == 1 else 1) if CE != 0 else 0
     tile = b * T + pid_t
-    out = partials_ptr + tile * (NSTATS * C_PAD) + cls
-    _store_partials(out, acc_pg, acc_p, acc_g, acc_ce, C_PAD, HAS_CE)
+    out = partials_ptr + tile * ((3 + NCE) * C_PAD) + cls
+    _store_partials(out, acc_pg, acc_p, acc_g, acc_ce, acc_ce2, C_PAD, NCE)
     tl.store(counts_ptr + tile * 2, tl.sum(tl.sum(n_nonfinite, axis=1), axis=0))
     tl.store(counts_ptr + tile * 2 + 1, tl.sum(tl.sum(n_bad, axis=1), axis=0))
 
 
 @triton.jit
 def _tversky_finalize_kernel(
-    partials_ptr,  # (B, T, 3, C_PAD) float32/float64 in
+    partials_ptr,  # (B, T, 3 + NCE, C_PAD) float32/float64 in
     counts_ptr,  # (B, T, 2) int32 in
-    stats_ptr,  # (B, C, 3) float64 out: [sum_pg, sum_p, sum_g]
+    stats_ptr,  # (B, C, 3 + NCE) float64 out: [sum_pg, sum_p, sum_g, CE columns..]
     flag_sums_ptr,  # (B, 2) int64 out: per-sample [non-finite logits, bad targets]
     C,
     T,
     C_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,  # tiles summed per step, power of 2
-    HAS_CE: tl.constexpr = False,  # partials (B, T, 4, C_PAD) -> stats (B, C, 4)
+    NCE: tl.constexpr = 0,  # CE columns, 0, 1 or 2 (_spec.KernelSpec.ce_columns)
 ):
     # grid = (B,). One program adds the T tile partials of one sample in float64, in a
     # fixed order (fixed chunks of BLOCK_T, each reduced by the same tree): deterministic.
@@ -347,9 +467,9 @@ def _tversky_finalize_kernel(
     acc_pg = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
     acc_p = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
     acc_g = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
-    if HAS_CE:
-        acc_ce = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)
-    NSTATS: tl.constexpr = 4 if HAS_CE else 3
+    acc_ce = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)  # stay 0 (compiled away)
+    acc_ce2 = tl.zeros((BLOCK_T, C_PAD), dtype=tl.float64)  # without their columns
+    NSTATS: tl.constexpr = 3 + NCE
     cnt_nf = tl.zeros((BLOCK_T,), dtype=tl.int64)
     cnt_bad = tl.zeros((BLOCK_T,), dtype=tl.int64)
     for t0 in range(0, T, BLOCK_T):
@@ -361,8 +481,10 @@ def _tversky_finalize_kernel(
         acc_pg += tl.load(base, mask=m2, other=0.0).to(tl.float64)
         acc_p += tl.load(base + C_PAD, mask=m2, other=0.0).to(tl.float64)
         acc_g += tl.load(base + 2 * C_PAD, mask=m2, other=0.0).to(tl.float64)
-        if HAS_CE:
+        if NCE >= 1:
             acc_ce += tl.load(base + 3 * C_PAD, mask=m2, other=0.0).to(tl.float64)
+        if NCE == 2:
+            acc_ce2 += tl.load(base + 4 * C_PAD, mask=m2, other=0.0).to(tl.float64)
         cnt_nf += tl.load(counts_ptr + tile * 2, mask=tmask, other=0).to(tl.int64)
         cnt_bad += tl.load(counts_ptr + tile * 2 + 1, mask=tmask, other=0).to(tl.int64)
     cmask = cls < C
@@ -370,17 +492,49 @@ def _tversky_finalize_kernel(
     tl.store(out, tl.sum(acc_pg, axis=0), mask=cmask)
     tl.store(out + 1, tl.sum(acc_p, axis=0), mask=cmask)
     tl.store(out + 2, tl.sum(acc_g, axis=0), mask=cmask)
-    if HAS_CE:
+    if NCE >= 1:
         tl.store(out + 3, tl.sum(acc_ce, axis=0) * CE_UNIT, mask=cmask)
+    if NCE == 2:
+        tl.store(out + 4, tl.sum(acc_ce2, axis=0) * CE_UNIT, mask=cmask)
     tl.store(flag_sums_ptr + b * 2, tl.sum(cnt_nf, axis=0))
     tl.store(flag_sums_ptr + b * 2 + 1, tl.sum(cnt_bad, axis=0))
 
 
 @triton.jit
-def _grad_logits(p, u, g, keep, ce_c, ACTIVATION: tl.constexpr, HAS_CE: tl.constexpr):
-    """dL/dlogits of one (C_PAD, BLOCK_N) tile: u = dL/dp (0 on ignored voxels and
-    padding) chained through the activation, plus the cross-entropy's term with
-    ce_c (C_PAD,) = dL/dsum_ce (HAS_CE)."""
+def _grad_ce(x, p, q, keep, cmask2, e, e2, params_ptr, ACTIVATION: tl.constexpr, CE: tl.constexpr):
+    """The CE family's dL/dlogits (formulas in _spec.py) of one (C_PAD, BLOCK_N) tile, for
+    e = dL/dcol3 and e2 = dL/dcol4 (sigmoid focal), (C_PAD, 1) each; 0 off keep."""
+    if ACTIVATION == 0:
+        if CE == 2:
+            gamma = tl.load(params_ptr + 1)
+            xm = tl.where(cmask2, x, float("-inf"))
+            mx = tl.max(xm, axis=0)[None, :]
+            logp = (x - mx) - tl.log(tl.sum(tl.exp(xm - mx), axis=0))[None, :]
+            omp = 1.0 - p
+            # gamma p (1 - p)^(gamma - 1) log p, which tends to 0 where p is 0 or 1 (where
+            # log p or the power is infinite)
+            dmod = gamma * p * tl.exp((gamma - 1.0) * tl.log(omp)) * logp
+            dmod = tl.where((p > 0.0) & (omp > 0.0), dmod, 0.0)
+            a = e * q * (dmod - _pow_1m(p, gamma))
+        else:
+            a = -(e * q)
+        dx = a - p * tl.sum(a, axis=0)[None, :]
+    else:
+        d = p - q
+        if CE == 2:
+            gamma = tl.load(params_ptr + 1)
+            sgn = 2.0 * q - 1.0
+            z = x * sgn
+            d = tl.exp(-gamma * _softplus(z)) * (d - gamma * sgn * tl.sigmoid(z) * _bce(x, q, 1.0))
+            e = e + e2 * q
+        dx = tl.where(keep, e * d, 0.0)
+    return dx
+
+
+@triton.jit
+def _grad_logits(p, u, ACTIVATION: tl.constexpr):
+    """dL/dlogits of the Tversky terms of one (C_PAD, BLOCK_N) tile: u = dL/dp (0 on
+    ignored voxels and padding) chained through the activation."""
     if ACTIVATION == 0:
         s = tl.sum(p * u, axis=0)
         dx = p * (u - s[None, :])
@@ -388,23 +542,16 @@ def _grad_logits(p, u, g, keep, ce_c, ACTIVATION: tl.constexpr, HAS_CE: tl.const
         dx = u * p * (1.0 - p)
     else:
         dx = u
-    if HAS_CE:
-        if ACTIVATION == 0:
-            # e_y (p_k - [k = y]); g is the one-hot of the label, 0 on ignored voxels
-            ey = tl.sum(ce_c[:, None] * g, axis=0)
-            dx += p * ey[None, :] - ce_c[:, None] * g
-        else:
-            dx += tl.where(keep, ce_c[:, None] * (p - g), 0.0)
     return dx
 
 
 @triton.jit
 def _tversky_bwd_kernel(
     logits_ptr,  # (B, C, N) float32/float16/bfloat16/float64, any strides
-    target_ptr,  # (B, N) integer labels, or (B, C, N) float soft target
-    coef_a_ptr,  # (B, C) contiguous CDTYPE: A = dL/dsum_p
-    coef_b_ptr,  # (B, C) contiguous CDTYPE: B = dL/dsum_pg
-    coef_ce_ptr,  # (B, C) contiguous CDTYPE: dL/dsum_ce, read only when HAS_CE
+    target_ptr,  # (B, N) integer or float labels, or (B, C, N) float soft target
+    regions_ptr,  # (num_labels,) int64 region bitmasks, read only with HAS_REGIONS
+    params_ptr,  # (2,) CDTYPE [label smoothing eps, focal gamma], read only as needed
+    coefs_ptr,  # (B, K, C) contiguous CDTYPE: [dL/dsum_p, dL/dsum_pg, dL/dcol3, dL/dcol4]
     grad_ptr,  # (B, C, N) out, the logits' dtype, any (non-overlapping) strides
     N,
     C,
@@ -426,47 +573,52 @@ def _tversky_bwd_kernel(
     C_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CDTYPE: tl.constexpr,
-    HAS_CE: tl.constexpr = False,
+    CE: tl.constexpr = 0,
+    HAS_SMOOTHING: tl.constexpr = False,
+    HAS_REGIONS: tl.constexpr = False,
 ):
     # grid = (cdiv(N, BLOCK_N), B). Purely elementwise over voxels; the only reduction is
     # over the C_PAD classes of one voxel (softmax), inside the register block.
+    # K = coefs per class: 2 (Tversky), 3 (with CE), 4 (sigmoid focal, 2 CE columns).
+    K: tl.constexpr = (4 if CE == 2 and ACTIVATION == 1 else 3) if CE != 0 else 2
     pid_n = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     cls = tl.arange(0, C_PAD)
     cmask = cls < C
-    cmask2 = cmask[:, None]
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     c64 = cls[:, None].to(tl.int64)
-    p, _, g, keep, _, _ = _tile_terms(
+    x, g, keep, _, _ = _tile_terms(
         logits_ptr + b * logits_stride_b + c64 * logits_stride_c,
         target_ptr + b * target_stride_b,
+        regions_ptr,
         cls,
         n,
         N,
-        cmask2,
+        cmask[:, None],
         logits_stride_n,
         target_stride_c,
         target_stride_n,
         ignore_index,
         num_labels,
-        ACTIVATION,
+        CDTYPE,
         HAS_SOFT_TARGET,
         HAS_IGNORE_INDEX,
         BINARY_LABELS,
-        CDTYPE,
-        False,
+        HAS_REGIONS,
     )
-    coef_a = tl.load(coef_a_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
-    coef_b = tl.load(coef_b_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
+    p = _probs(x, cmask[:, None], ACTIVATION)
+    coefs = coefs_ptr + b * (K * C) + cls
+    coef_a = tl.load(coefs, mask=cmask, other=0.0).to(CDTYPE)[:, None]
+    coef_b = tl.load(coefs + C, mask=cmask, other=0.0).to(CDTYPE)[:, None]
     # u = dL/dp; zero on ignored voxels and padding, so they get exactly zero gradient.
-    u = tl.where(keep, coef_a[:, None] + coef_b[:, None] * g, 0.0)
-    if HAS_CE:
-        ce_c = tl.load(coef_ce_ptr + b * C + cls, mask=cmask, other=0.0).to(CDTYPE)
-    else:
-        ce_c = coef_a  # not read without HAS_CE
-    dx = _grad_logits(p, u, g, keep, ce_c, ACTIVATION, HAS_CE)
+    dx = _grad_logits(p, tl.where(keep, coef_a + coef_b * g, 0.0), ACTIVATION)
+    if CE != 0:
+        e = tl.load(coefs + 2 * C, mask=cmask, other=0.0).to(CDTYPE)[:, None]
+        e2 = tl.load(coefs + (K - 1) * C, mask=cmask, other=0.0).to(CDTYPE)[:, None]
+        q = _ce_target(g, keep, C, params_ptr, HAS_SMOOTHING)
+        dx += _grad_ce(x, p, q, keep, cmask[:, None], e, e2, params_ptr, ACTIVATION, CE)
     tl.store(
         grad_ptr + b * grad_stride_b + c64 * grad_stride_c + n[None, :] * grad_stride_n,
         dx.to(grad_ptr.dtype.element_ty),
-        mask=cmask2 & (n < N)[None, :],
+        mask=cmask[:, None] & (n < N)[None, :],
     )

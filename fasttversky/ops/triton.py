@@ -19,6 +19,7 @@ run to run. TODO(perf): tune ``_GPU_ELEMS`` / warps per architecture on an H100.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -125,8 +126,30 @@ def _meta(logits, spec: KernelSpec) -> dict:
         BINARY_LABELS=spec.binary_labels,
         C_PAD=_c_pad(logits.shape[1]),
         CDTYPE=_cdtype(logits),
-        HAS_CE=spec.with_ce,
+        CE=spec.ce,
+        HAS_SMOOTHING=spec.with_ce and spec.label_smoothing != 0.0,
+        HAS_REGIONS=spec.region_masks is not None,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor on ``device`` (the region masks, the float parameters),
+    made once per (values, dtype, device) rather than copied to the device every call."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _tables(logits, target, spec: KernelSpec):
+    """(regions, params) for a launch: the int64 region masks (the target, never read,
+    without regions) and [label smoothing, focal gamma] in the compute dtype: a tensor,
+    because a Python float argument would reach a float64 kernel rounded to float32."""
+    dev = logits.device
+    if spec.region_masks is not None:
+        regions = _device_table(spec.region_masks, torch.int64, dev)
+    else:
+        regions = target
+    values = (float(spec.label_smoothing), float(spec.focal_gamma))
+    return regions, _device_table(values, compute_dtype(logits.dtype), dev)
 
 
 def _c_pad(C: int) -> int:
@@ -137,8 +160,8 @@ def _launch(
     kernel, grid, logits, target, spec: KernelSpec, block_n: int, buffers, sizes=(), grad=None
 ):
     """One launch of the forward or backward kernel, which share their argument order:
-    (logits, target, *buffers, N, C, *sizes, logits strides, target strides[, grad
-    strides], ignore_index, num_labels), then the compile-time switches."""
+    (logits, target, regions, params, *buffers, N, C, *sizes, logits strides, target
+    strides[, grad strides], ignore_index, num_labels), then the compile-time switches."""
     _, C, N = logits.shape
     if spec.soft_target:
         target_strides = target.stride()
@@ -149,6 +172,7 @@ def _launch(
     kernel[grid](
         logits,
         target,
+        *_tables(logits, target, spec),
         *buffers,
         N,
         C,
@@ -169,7 +193,7 @@ class _TritonBackend(Backend):
     max_classes = MAX_CLASSES
     class_limit_why = "(one voxel's classes must fit in one register block)"
     max_batch = MAX_GRID_BATCH
-    features = frozenset({"ce"})
+    features = frozenset({"ce", "float_labels", "regions"})
 
     def unavailable(self):
         try:
@@ -210,7 +234,7 @@ class _TritonBackend(Backend):
         part_dtype = compute_dtype(logits.dtype)
         dev = logits.device
         # Every (b, t) slot is written by exactly one program, so no zero-fill is needed.
-        nstats = 4 if spec.with_ce else 3
+        nstats = 3 + spec.ce_columns
         partials = torch.empty((B, T, nstats, C_PAD), dtype=part_dtype, device=dev)
         counts = torch.empty((B, T, 2), dtype=torch.int32, device=dev)
         stats = torch.empty((B, C, nstats), dtype=torch.float64, device=dev)
@@ -228,13 +252,15 @@ class _TritonBackend(Backend):
                 T,
                 C_PAD=C_PAD,
                 BLOCK_T=block_t,
-                HAS_CE=spec.with_ce,
+                NCE=spec.ce_columns,
                 num_warps=4,
             )
         # Integer sums are exact, so torch's reduction order cannot matter here.
         return stats, flag_sums.sum(0)
 
-    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
+    def backward(
+        self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None, coef_ce2=None
+    ):
         k = _kernels()
         _, C, N = logits.shape
         grad = new_grad(logits)
@@ -245,12 +271,13 @@ class _TritonBackend(Backend):
             block_n = max(16, min(_next_pow2(N), _INTERP_ELEMS // C_PAD))
         else:
             block_n = max(16, _GPU_ELEMS // C_PAD)
-        coef_a, coef_b, coef_ce = kernel_coefs(logits, coef_a, coef_b, coef_ce)
-        # coef_ce is not read without HAS_CE
-        buffers = (coef_a, coef_b, coef_ce if coef_ce is not None else coef_a, grad)
+        # One (B, K, C) block of coefficients: [coef_a, coef_b] then one per CE column.
+        coefs = [coef_a, coef_b, coef_ce, coef_ce2][: 2 + spec.ce_columns]
+        coefs = torch.stack(kernel_coefs(logits, *coefs), dim=1)
         grid = (_cdiv(N, block_n), logits.shape[0])
         with device_guard(logits):
-            _launch(k._tversky_bwd_kernel, grid, logits, target, spec, block_n, buffers, grad=grad)
+            kernel = k._tversky_bwd_kernel
+            _launch(kernel, grid, logits, target, spec, block_n, (coefs, grad), grad=grad)
         return grad
 
 

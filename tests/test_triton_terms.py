@@ -1,0 +1,253 @@
+"""The Triton backend's new kernel terms against the contract's formulas in float64.
+
+``fasttversky/_spec.py`` defines, per sample and class, the stats columns (Tversky sums,
+then the CE-family columns) and the gradient the backward adds for given coefficients.
+This file computes those columns with plain float64 torch on the same (rounded) inputs,
+differentiates ``Σ coef · stats`` with autograd, and compares both with the kernels'
+``forward_stats`` / ``backward`` (the interpreter on CPU tensors without a GPU). Covered:
+float label maps (and their bad values), region tables, soft targets and label smoothing
+with CE, and the focal CE term (softmax and sigmoid). Tolerances: tests/_helpers.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import TOLERANCES, describe_mismatch
+
+from fasttversky._spec import CE_FOCAL, CE_NONE, CE_PLAIN, KernelSpec
+from fasttversky.ops import triton as tri
+
+pytestmark = pytest.mark.interpreter
+
+if tri.BACKEND.unavailable() is not None:
+    pytest.skip(f"triton backend unavailable: {tri.BACKEND.unavailable()}", allow_module_level=True)
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+ACT = {"softmax": 0, "sigmoid": 1, "none": 2}
+# nnU-Net's BraTS-style regions over labels 0..3: whole tumour, tumour core, enhancing.
+REGIONS = (0b000, 0b001, 0b011, 0b111)
+
+
+# ------------------------------------------------------------------------------------
+# the contract in float64
+# ------------------------------------------------------------------------------------
+def _truth(target, spec: KernelSpec, C: int):
+    """(g (B, C, N), w (B, N)) float64 from a label map or a soft target."""
+    if spec.soft_target:
+        g = target.double()
+        return g, torch.ones_like(g[:, 0])
+    lab = target.double()
+    w = torch.ones_like(lab)
+    if spec.ignore_index is not None:
+        w = (lab != spec.ignore_index).double()
+    labi = torch.where(w > 0, lab, torch.zeros_like(lab)).long()
+    if spec.region_masks is not None:
+        bits = torch.tensor(spec.region_masks)[labi]
+        g = (bits[:, None, :] >> torch.arange(C)[None, :, None]) & 1
+    elif spec.binary_labels:
+        g = (labi == 1)[:, None, :]
+    else:
+        g = F.one_hot(labi, C).movedim(-1, 1)
+    return g.double() * w[:, None, :], w
+
+
+def _ce_columns(x, p, q, w, spec: KernelSpec):
+    """The CE-family columns (B, C, k) of _spec.py."""
+    gamma = spec.focal_gamma
+    if spec.activation == 0:
+        nll = -torch.log_softmax(x, dim=1)
+        if spec.ce == CE_FOCAL:
+            nll = nll * (1.0 - p) ** gamma
+        term = torch.where(q != 0, q * nll, torch.zeros_like(nll))
+        return (w[:, None] * term).sum(-1, keepdim=True)
+    bce = F.binary_cross_entropy_with_logits(x, q, reduction="none")
+    if spec.ce == CE_PLAIN:
+        return (w[:, None] * bce).sum(-1, keepdim=True)
+    h = torch.exp(gamma * F.logsigmoid(-x * (2 * q - 1))) * bce
+    return torch.stack([(w[:, None] * h).sum(-1), (w[:, None] * q * h).sum(-1)], dim=-1)
+
+
+def contract_stats(x, target, spec: KernelSpec):
+    """stats (B, C, 3 + spec.ce_columns) float64 of logits x (float64, may need grad)."""
+    C = x.shape[1]
+    g, w = _truth(target, spec, C)
+    p = {0: lambda: x.softmax(1), 1: lambda: x.sigmoid(), 2: lambda: x}[spec.activation]()
+    pw = p * w[:, None]
+    cols = [(pw * g).sum(-1), pw.sum(-1), g.sum(-1)]
+    stats = torch.stack(cols, dim=-1)
+    if spec.ce == CE_NONE:
+        return stats
+    q = g
+    if spec.label_smoothing:
+        q = ((1 - spec.label_smoothing) * g + spec.label_smoothing / C) * w[:, None]
+    return torch.cat([stats, _ce_columns(x, p, q, w, spec)], dim=-1)
+
+
+# ------------------------------------------------------------------------------------
+# the check
+# ------------------------------------------------------------------------------------
+def _coefs(B, C, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return [torch.randn(B, C, generator=gen, dtype=torch.float64).to(cdt) for _ in range(k)]
+
+
+def check_terms(x, target, spec: KernelSpec, seed=0):
+    """Kernel stats and backward vs the float64 contract; returns (stats, grad)."""
+    B, C, _ = x.shape
+    xd, td = x.to(DEVICE), target.to(DEVICE)
+    stats, flags = tri.BACKEND.forward_stats(xd, td, spec)
+    assert flags.tolist() == [0, 0]
+    xr = x.detach().double().requires_grad_(True)
+    ref = contract_stats(xr, target, spec)
+    loss_rtol, grad_rtol = TOLERANCES[x.dtype]
+    assert stats.shape == ref.shape and stats.dtype == torch.float64
+    for col in range(ref.shape[-1]):
+        got, want = stats[..., col].cpu(), ref[..., col].detach()
+        tol = loss_rtol * max(want.abs().max().item(), 1e-3)
+        why = f"column {col}: {describe_mismatch(got, want, tol)}"
+        assert torch.allclose(got, want, rtol=0, atol=tol), why
+    # d(Σ coef · stats): coef_a multiplies sum_p (column 1), coef_b sum_pg (column 0).
+    coef_a, coef_b, *ce = _coefs(B, C, 2 + spec.ce_columns, x.dtype, seed + 1)
+    weights = torch.stack([coef_b, coef_a, torch.zeros_like(coef_a), *ce], -1).double()
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), xr)
+    kw = dict(zip(("coef_ce", "coef_ce2"), [c.to(DEVICE) for c in ce], strict=False))
+    grad = tri.BACKEND.backward(xd, td, coef_a.to(DEVICE), coef_b.to(DEVICE), spec, **kw)
+    assert grad.shape == x.shape and grad.dtype == x.dtype
+    assert torch.isfinite(grad).all()
+    tol = grad_rtol * max(ref_grad.abs().max().item(), 1e-30)
+    got = grad.cpu().double()
+    assert torch.allclose(got, ref_grad, rtol=0, atol=tol), describe_mismatch(got, ref_grad, tol)
+    return stats, grad
+
+
+def _logits(B, C, N, dtype, seed, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(B, C, N, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+def _labels(B, N, num, seed, dtype=torch.int64, ignore=None):
+    gen = torch.Generator().manual_seed(seed + 100)
+    lab = torch.randint(0, num, (B, N), generator=gen)
+    if ignore is not None:
+        lab[torch.rand(B, N, generator=gen) < 0.25] = ignore
+    return lab.to(dtype)
+
+
+def _soft(B, C, N, seed):
+    gen = torch.Generator().manual_seed(seed + 200)
+    t = torch.rand(B, C, N, generator=gen, dtype=torch.float64)
+    return torch.where(t < 0.3, torch.zeros_like(t), t).float()
+
+
+@pytest.fixture(autouse=True)
+def _several_tiles(monkeypatch):
+    """Several tiles per sample and masked tails, on these tiny volumes."""
+    monkeypatch.setattr(tri, "_TILE_OVERRIDE", (16, 2))
+
+
+def _spec(act, C, **kw):
+    kw.setdefault("soft_target", False)
+    kw.setdefault("ignore_index", None)
+    return KernelSpec(activation=ACT[act], num_classes=C, **kw)
+
+
+# ------------------------------------------------------------------------------------
+# float label maps
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "label_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str
+)
+@pytest.mark.parametrize(
+    "act,C,ce,ignore",
+    [("softmax", 3, CE_NONE, -1), ("softmax", 3, CE_PLAIN, 255), ("sigmoid", 1, CE_PLAIN, 255)],
+)
+def test_float_labels(label_dtype, act, C, ce, ignore):
+    x = _logits(2, C, 45, torch.float32, seed=1)
+    lab = _labels(2, 45, max(C, 2), seed=1, dtype=label_dtype, ignore=ignore)
+    spec = _spec(act, C, ignore_index=ignore, ce=ce, float_labels=True)
+    check_terms(x, lab, spec)
+
+
+def test_float_labels_float64_logits():
+    x = _logits(2, 4, 37, torch.float64, seed=2)
+    lab = _labels(2, 37, 4, seed=2, dtype=torch.float64, ignore=-100)
+    check_terms(x, lab, _spec("softmax", 4, ignore_index=-100, ce=CE_PLAIN, float_labels=True))
+
+
+@pytest.mark.parametrize("label_dtype", [torch.float32, torch.float64], ids=str)
+def test_float_labels_bad_values_are_counted(label_dtype):
+    """NaN, ±inf, fractional and out-of-range labels are bad targets; ignore_index is
+    not, and a NaN is not mistaken for ignore_index = -1."""
+    x = _logits(2, 3, 40, torch.float32, seed=3)
+    lab = _labels(2, 40, 3, seed=3, dtype=label_dtype, ignore=-1)
+    bad = [float("nan"), float("inf"), -float("inf"), 2.5, 3.0, -2.0, 1e30, 0.5]
+    if label_dtype == torch.float64:
+        bad.append(1.0 + 2.0**-40)
+    lab[0, : len(bad)] = torch.tensor(bad, dtype=label_dtype)
+    lab[1, 7] = float("nan")
+    spec = _spec("softmax", 3, ignore_index=-1, ce=CE_PLAIN, float_labels=True)
+    _, flags = tri.BACKEND.forward_stats(x.to(DEVICE), lab.to(DEVICE), spec)
+    assert flags.tolist() == [0, len(bad) + 1]
+    # The same map without its bad values: nothing counted, the sums as an int map's.
+    good = lab.clone()
+    good[0, : len(bad)] = 0
+    good[1, 7] = 1
+    stats, flags = tri.BACKEND.forward_stats(x.to(DEVICE), good.to(DEVICE), spec)
+    int_spec = _spec("softmax", 3, ignore_index=-1, ce=CE_PLAIN)
+    want, _ = tri.BACKEND.forward_stats(x.to(DEVICE), good.long().to(DEVICE), int_spec)
+    assert flags.tolist() == [0, 0] and torch.equal(stats, want)
+
+
+# ------------------------------------------------------------------------------------
+# region tables
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "act,ce,label_dtype,ignore",
+    [
+        ("sigmoid", CE_NONE, torch.uint8, None),
+        ("sigmoid", CE_PLAIN, torch.int64, -1),
+        ("sigmoid", CE_PLAIN, torch.float32, 255),
+        ("none", CE_NONE, torch.int16, 9),
+    ],
+)
+def test_regions(act, ce, label_dtype, ignore):
+    x = _logits(2, 3, 50, torch.float32, seed=4)
+    if act == "none":
+        x = x.sigmoid()
+    lab = _labels(2, 50, 4, seed=4, dtype=label_dtype, ignore=ignore)
+    spec = _spec(
+        act,
+        3,
+        ignore_index=ignore,
+        ce=ce,
+        region_masks=REGIONS,
+        float_labels=label_dtype.is_floating_point,
+    )
+    check_terms(x, lab, spec)
+
+
+def test_regions_float64_and_bad_labels():
+    """Overlapping regions, a label in no region, a 63-bit-wide table entry; labels
+    outside the table are bad targets (and read no mask)."""
+    masks = (0, 0b01, 0b11, 0, (1 << 62) | 0b10)
+    x = _logits(2, 2, 33, torch.float64, seed=5)
+    lab = _labels(2, 33, len(masks), seed=5)
+    check_terms(x, lab, _spec("sigmoid", 2, ce=CE_PLAIN, region_masks=masks))
+    lab[0, 3], lab[1, 30] = len(masks), -3
+    spec = _spec("sigmoid", 2, region_masks=masks)
+    _, flags = tri.BACKEND.forward_stats(x.to(DEVICE), lab.to(DEVICE), spec)
+    assert flags.tolist() == [0, 2]
+
+
+def test_regions_table_is_cached_per_device():
+    spec = _spec("sigmoid", 3, region_masks=REGIONS)
+    x, lab = _logits(1, 3, 8, torch.float32, seed=6).to(DEVICE), torch.zeros(1, 8).long()
+    first, _ = tri._tables(x, lab.to(DEVICE), spec)
+    again, _ = tri._tables(x, lab.to(DEVICE), spec)
+    assert first is again and first.dtype == torch.int64 and first.device == x.device
+    assert first.tolist() == list(REGIONS)
