@@ -4,9 +4,9 @@ The loss is computed in two stages.
 
 1. ``tversky_stats`` (``_stats_op.py``: one fused pass of the selected backend, as an
    autograd node) reads logits and target once and returns, per sample and class,
-   ``[sum_pg, sum_p, sum_g]`` in float64 (plus ``sum_ce``, the per-class cross-entropy
-   sum, when ``ce_weight > 0``). It is the only voxel-sized work, and saves nothing
-   voxel-sized for backward.
+   ``[sum_pg, sum_p, sum_g]`` in float64 (plus the cross-entropy family's per-class
+   sums when ``ce_weight > 0``: plain, label-smoothed or focal CE, see ``_spec.py``). It
+   is the only voxel-sized work, and saves nothing voxel-sized for backward.
 2. Everything after the sums acts on (B, C) numbers and is ordinary, differentiable torch
    code (:func:`_finalize`): batch pooling, the index, gamma, class selection and
    weights, reduction, and the cross-rank all-gather for DDP. Autograd turns the
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._spec import ACTIVATIONS, KernelSpec
+from ._spec import ACTIVATIONS, CE_FOCAL, CE_NONE, CE_PLAIN, KernelSpec
 from ._stats_op import checks_enabled, input_error, kernel_spec, tversky_stats
 from .errors import InvalidInputError, InvalidInputTypeError
 from .options import TverskyOptions, with_option_signature
@@ -53,10 +53,15 @@ def tversky_loss(
     Args:
         logits: (B, C, *spatial), 1-3 spatial dims, float32/float16/bfloat16/float64,
             any strides (contiguous and channels_last_3d are read without a copy).
-        target: integer label map (B, *spatial) or (B, 1, *spatial) of
-            uint8/int16/int32/int64/bool with labels in [0, C) (in {0, 1} when C = 1),
-            never expanded to one-hot; or a float (B, C, *spatial) one-hot/soft target
-            in [0, 1].
+        target: label map (B, *spatial) or (B, 1, *spatial) of
+            uint8/int16/int32/int64/bool with labels in [0, C) (in {0, 1} when C = 1;
+            in [0, num_labels) with ``regions``), never expanded to one-hot; a float
+            label map (float32/float16/bfloat16/float64 holding whole numbers, as MONAI
+            and nnU-Net store them), shaped (B, *spatial), or (B, 1, *spatial) when
+            C > 1 or with ``regions``, read as it is (no conversion copy; NaN or
+            fractional labels raise); or a float soft/one-hot target in [0, 1] of the
+            logits' shape (B, C, *spatial) (including (B, 1, *spatial) for C = 1 without
+            ``regions``), which the cross-entropy terms take too.
 
     Raises:
         InvalidInputError (a ValueError): an invalid option or input, including NaN/inf
@@ -72,27 +77,35 @@ def tversky_loss(
 
 def options_loss(logits: torch.Tensor, target: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
     """The loss for checked options: :func:`tversky_loss` after its options are built."""
-    logits3, target3 = _prepare(logits, target, opts.activation, opts.ignore_index)
+    logits3, target3 = _prepare(logits, target, opts)
     B, C, N = logits3.shape
     opts.validate(C)
-    with_ce = opts.ce_weight > 0
-    if with_ce and target3.is_floating_point():
-        raise InvalidInputError(
-            "ce_weight > 0 needs an integer label map target, got a float target "
-            "(for a one-hot target pass target.argmax(1))"
-        )
-    act = ACTIVATIONS[opts.activation]
-    spec = kernel_spec(logits3, target3, act, opts.ignore_index, with_ce)
+    spec = _call_spec(logits3, target3, opts)
     defer = opts.sync_across_ranks and _distributed()
-    stats, flags = tversky_stats(
-        logits3, target3, spec.activation, opts.ignore_index, opts.backend, defer, with_ce
-    )
-    if with_ce and opts.activation == "sigmoid":
+    stats, flags = tversky_stats(logits3, target3, spec, opts.backend, defer)
+    if spec.with_ce:  # the CE means' voxel count travels with the sums (DDP)
         stats = torch.cat([stats, _kept_voxels(stats, target3, spec, N)], dim=-1)
     if opts.sync_across_ranks:
         stats = _gather_checked(stats, flags, spec, defer)
-    loss = _finalize(stats, opts)
+    loss = _finalize(stats, opts, spec.soft_target)
     return loss.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _call_spec(logits3, target3, opts: TverskyOptions) -> KernelSpec:
+    """The kernels' spec of this call (the CE family's kind and terms, the regions)."""
+    if opts.regions is not None and target3.dim() == 3:
+        raise InvalidInputError(
+            "regions read a label map target ((B, *spatial) or (B, 1, *spatial)), got a "
+            "float target of the logits' shape"
+        )
+    ce = CE_NONE
+    if opts.ce_weight > 0:
+        ce = CE_PLAIN if opts.ce_focal_gamma is None else CE_FOCAL
+    gamma = opts.ce_focal_gamma or 0.0
+    smoothing = opts.ce_label_smoothing if ce != CE_NONE else 0.0
+    act = ACTIVATIONS[opts.activation]
+    masks = opts.region_masks()
+    return kernel_spec(logits3, target3, act, opts.ignore_index, ce, smoothing, gamma, masks)
 
 
 def _distributed() -> bool:
@@ -136,8 +149,37 @@ def _flatten(x: torch.Tensor, lead: int) -> torch.Tensor:
         return x.reshape(shape)
 
 
-def _prepare(logits, target, activation, ignore_index):
-    """(logits (B, C, N), target (B, N) labels or (B, C, N) floats), views where possible."""
+def _prepare(logits, target, opts: TverskyOptions):
+    """(logits (B, C, N), target (B, N) label map or (B, C, N) soft target), views where
+    possible (a float label map is passed on as it is: no conversion copy)."""
+    _check_logits(logits, target, opts.activation)
+    B, C = logits.shape[:2]
+    spatial = tuple(logits.shape[2:])
+    if target.is_floating_point():
+        if target.dtype not in _FLOAT_DTYPES:
+            raise InvalidInputTypeError(f"float target dtype {target.dtype} is not supported")
+        if not _is_float_label_map(target, logits, opts):
+            _check_soft_target(target, logits, opts)
+            return _flatten(logits, 2), _flatten(target, 2)
+    elif target.dtype not in _LABEL_DTYPES:
+        raise InvalidInputTypeError(
+            "label map dtype must be one of uint8, int16, int32, int64, bool (or a float "
+            f"dtype); got {target.dtype}"
+        )
+    tshape = tuple(target.shape)
+    if tshape == (B, 1, *spatial):
+        target = target[:, 0]
+    elif tshape != (B, *spatial):
+        raise InvalidInputError(
+            f"target label map must have shape (B, *spatial) = {(B, *spatial)} or "
+            f"(B, 1, *spatial), got {tshape} for logits of shape {tuple(logits.shape)}"
+        )
+    if target.dtype == torch.bool:
+        target = target.view(torch.uint8)
+    return _flatten(logits, 2), _flatten(target, 1)
+
+
+def _check_logits(logits, target, activation: str) -> None:
     if not isinstance(logits, torch.Tensor):
         raise InvalidInputTypeError(f"logits must be a torch.Tensor, got {type(logits)}")
     if not isinstance(target, torch.Tensor):
@@ -155,44 +197,37 @@ def _prepare(logits, target, activation, ignore_index):
         raise InvalidInputError(f"logits is empty: shape {tuple(logits.shape)}")
     if target.device != logits.device:
         raise InvalidInputError(f"target is on {target.device} but logits are on {logits.device}")
-    B, C = logits.shape[:2]
-    spatial = tuple(logits.shape[2:])
-    if activation == "softmax" and C < 2:
+    if activation == "softmax" and logits.shape[1] < 2:
         raise InvalidInputError(
             "activation='softmax' needs C >= 2 classes; use 'sigmoid' for C = 1"
         )
 
-    if target.is_floating_point():
-        if target.dtype not in _FLOAT_DTYPES:
-            raise InvalidInputTypeError(f"soft target dtype {target.dtype} is not supported")
-        if tuple(target.shape) != tuple(logits.shape):
-            raise InvalidInputError(
-                f"a float (soft/one-hot) target must have the logits' shape {tuple(logits.shape)}, "
-                f"got {tuple(target.shape)}; pass integer labels of shape (B, *spatial) instead"
-            )
-        if ignore_index is not None:
-            raise InvalidInputError(
-                "ignore_index applies to integer label maps, not to float targets"
-            )
-        target3 = _flatten(target, 2)
-    else:
-        if target.dtype not in _LABEL_DTYPES:
-            raise InvalidInputTypeError(
-                "label map dtype must be one of uint8, int16, int32, int64, bool; "
-                f"got {target.dtype}"
-            )
-        tshape = tuple(target.shape)
-        if tshape == (B, 1, *spatial):
-            target = target[:, 0]
-        elif tshape != (B, *spatial):
-            raise InvalidInputError(
-                f"target label map must have shape (B, *spatial) = {(B, *spatial)} or "
-                f"(B, 1, *spatial), got {tshape} for logits of shape {tuple(logits.shape)}"
-            )
-        if target.dtype == torch.bool:
-            target = target.view(torch.uint8)
-        target3 = _flatten(target, 1)
-    return _flatten(logits, 2), target3
+
+def _is_float_label_map(target, logits, opts: TverskyOptions) -> bool:
+    """A float target is a label map when shaped (B, *spatial), or (B, 1, *spatial) with
+    C > 1 or with regions (with C = 1 and no regions that shape is the logits' own: a
+    soft target)."""
+    B, C = logits.shape[:2]
+    spatial = tuple(logits.shape[2:])
+    shape = tuple(target.shape)
+    if shape == (B, *spatial):
+        return True
+    return shape == (B, 1, *spatial) and (C > 1 or opts.regions is not None)
+
+
+def _check_soft_target(target, logits, opts: TverskyOptions) -> None:
+    if tuple(target.shape) != tuple(logits.shape):
+        B = logits.shape[0]
+        spatial = tuple(logits.shape[2:])
+        raise InvalidInputError(
+            f"a float target must have the logits' shape {tuple(logits.shape)} (a soft "
+            f"target) or be a label map of shape {(B, *spatial)} or {(B, 1, *spatial)}, got "
+            f"{tuple(target.shape)}"
+        )
+    if opts.ignore_index is not None:
+        raise InvalidInputError(
+            "ignore_index applies to label maps, not to soft targets of the logits' shape"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -262,12 +297,13 @@ def _generalized_weights(counts: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.where(absent, w.amax(-1, keepdim=True), w)
 
 
-def _finalize(stats: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
+def _finalize(stats: torch.Tensor, opts: TverskyOptions, soft_target: bool = False):
     """stats (B, C, 3) float64 -> the loss, differentiably.
 
-    With ``ce_weight > 0``, stats is (B, C, 4) (column 3: sum_ce) for softmax, and
-    (B, C, 5) for sigmoid, whose column 4 holds the sample's non-ignored voxel count
-    (the same in every class), so that both travel through the DDP all-gather.
+    With ``ce_weight > 0``, stats holds after [sum_pg, sum_p, sum_g] the CE family's
+    columns (3, and 4 for the sigmoid focal term, see _spec.py) and, last, each sample's
+    non-ignored voxel count (the same in every class), so that all of them travel through
+    the DDP all-gather.
     """
     terms, weights = _terms(stats, opts)
     if opts.reduction == "none":
@@ -278,50 +314,66 @@ def _finalize(stats: torch.Tensor, opts: TverskyOptions) -> torch.Tensor:
         per_sample = weights.sum() if weights is not None else terms.shape[-1]
         loss = terms.sum() / (per_sample * (1 if opts.batch else stats.shape[0]))
     if opts.ce_weight > 0:
-        ce_w = opts.per_class("ce_class_weights", stats.shape[1])
-        loss = loss + opts.ce_weight * _cross_entropy(stats, ce_w, opts.activation)
+        loss = loss + opts.ce_weight * _cross_entropy(stats, opts, soft_target)
     return loss
 
 
-def _cross_entropy(stats, ce_class_weights, activation):
-    """The cross-entropy mean over the (whole batch's) non-ignored voxels, from the sums.
+def _cross_entropy(stats, opts: TverskyOptions, soft_target: bool):
+    """The CE family's mean over the (whole batch's) non-ignored voxels, from the sums.
 
-    softmax: Σ_{b,c} w_c sum_ce[b, c] / Σ_{b,c} w_c sum_g[b, c] — F.cross_entropy's
-    weighted mean, since sum_g counts the voxels labelled c. sigmoid: Σ_{b,c} w_c
-    sum_ce[b, c] / (C · Σ_b kept_b) — binary_cross_entropy_with_logits' mean with a
-    per-channel weight. When no voxel counts, the term is 0 (F.cross_entropy gives NaN;
-    nnU-Net also skips its CE then). Autograd gives dL/dsum_ce = coef_ce.
+    With w_c the ce_class_weights (1 without), kept the non-ignored voxels:
+    softmax, label map: Σ_{b,c} w_c col3 / Σ_{b,c} w_c sum_g — F.cross_entropy's weighted
+    mean (label smoothing included), since sum_g counts the voxels labelled c. softmax,
+    soft target: Σ w_c col3 / kept (F.cross_entropy with probabilities: a mean over the
+    voxels). sigmoid: Σ w_c col3 / (C · kept) — binary_cross_entropy_with_logits' mean
+    with a per-channel weight. Focal: Σ w_c α-weighted col3 (col4) / (C · kept), MONAI's
+    FocalLoss mean. When no voxel counts, the term is 0 (F.cross_entropy gives NaN;
+    nnU-Net also skips its CE then). Autograd gives coef_ce = dL/dcol3 (and dL/dcol4).
     """
     C = stats.shape[1]
-    sum_ce = stats[..., 3]
-    if activation == "softmax":
-        count = stats[..., 2]
-        if ce_class_weights is not None:
-            w = stats.new_tensor(ce_class_weights)
-            num, den = (sum_ce * w).sum(), (count * w).sum()
-        else:
-            num, den = sum_ce.sum(), count.sum()
+    w = opts.per_class("ce_class_weights", C)
+    w = stats.new_tensor(w) if w is not None else stats.new_ones(C)
+    kept = stats[:, 0, -1].sum()
+    if opts.ce_focal_gamma is not None:
+        num, den = (_focal_sums(stats, opts) * w).sum(), C * kept
+    elif opts.activation == "softmax" and not soft_target:
+        num, den = (stats[..., 3] * w).sum(), (stats[..., 2] * w).sum()
     else:
-        if ce_class_weights is not None:
-            sum_ce = sum_ce * stats.new_tensor(ce_class_weights)
-        num = sum_ce.sum()
-        den = stats[:, 0, 4].sum() * C
+        num = (stats[..., 3] * w).sum()
+        den = kept if opts.activation == "softmax" else C * kept
     # den does not depend on the logits; where() keeps 0/0 (no voxel counts) at 0 with a
     # finite gradient (num is 0 then too).
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _kept_voxels(stats, target3, spec: KernelSpec, N: int) -> torch.Tensor:
-    """(B, C, 1) float64: each sample's number of non-ignored voxels (sigmoid CE's mean).
+def _focal_sums(stats, opts: TverskyOptions) -> torch.Tensor:
+    """(B, C): the focal term's per-class sums with MONAI's scalar alpha applied:
+    softmax, class 0 times 1 − α and the others α; sigmoid, α·q + (1 − α)·(1 − q) per
+    element, i.e. (1 − α)·col3 + (2α − 1)·col4 (col4 = Σ q·h)."""
+    a = opts.ce_focal_alpha
+    if a is None:
+        return stats[..., 3]
+    if opts.activation == "sigmoid":
+        return (1 - a) * stats[..., 3] + (2 * a - 1) * stats[..., 4]
+    factor = stats.new_full((stats.shape[1],), a)
+    factor[0] = 1 - a
+    return stats[..., 3] * factor
 
-    Without ignore_index that is N; with one and C > 1 every kept voxel has exactly one
-    label in [0, C) (others raise), so it is Σ_c sum_g. For C = 1 sum_g only counts the
-    label-1 voxels, so the label-0 ones are counted here.
-    TODO(perf): that case costs one extra read of the label map.
+
+def _kept_voxels(stats, target3, spec: KernelSpec, N: int) -> torch.Tensor:
+    """(B, C, 1) float64: each sample's number of non-ignored voxels (the CE means).
+
+    Without ignore_index (or with a soft target) that is N. With one and C > 1 classes,
+    every kept voxel has exactly one label in [0, C) (others raise), so it is Σ_c sum_g.
+    For C = 1 sum_g only counts the label-1 voxels, so the label-0 ones are counted here;
+    with regions sum_g counts region memberships, so the kept voxels are counted here.
+    TODO(perf): those two cases cost one extra read of the label map.
     """
     B, C, _ = stats.shape
-    if spec.ignore_index is None:
+    if spec.ignore_index is None or spec.soft_target:
         kept = torch.full((B,), float(N), dtype=torch.float64, device=stats.device)
+    elif spec.region_masks is not None:
+        kept = (target3 != spec.ignore_index).sum(-1, dtype=torch.float64)
     elif C > 1:
         kept = stats[..., 2].detach().sum(-1)
     else:

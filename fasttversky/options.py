@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._dispatch import check_backend_name
-from ._spec import ACTIVATIONS
+from ._spec import ACTIVATIONS, MAX_REGIONS
 from .errors import InvalidInputError, InvalidInputTypeError
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -75,6 +75,40 @@ def _choice(name: str, value, allowed) -> str:
     return value
 
 
+def _unit(name: str, value) -> float:
+    """A float in [0, 1]."""
+    value = _real(name, value)
+    if value > 1:
+        raise InvalidInputError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def _label(name: str, value) -> int:
+    """A non-negative int label value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInputTypeError(f"{name} must hold int labels, got {value!r}")
+    if value < 0:
+        raise InvalidInputError(f"{name} must hold labels >= 0, got {value}")
+    return int(value)
+
+
+def _regions(value) -> tuple[tuple[int, ...], ...]:
+    """``regions`` as a tuple of regions, each a tuple of labels (a bare label: one)."""
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or not value:
+        raise InvalidInputTypeError(
+            f"regions must be a non-empty sequence of labels or tuples of labels, got {value!r}"
+        )
+    if len(value) > MAX_REGIONS:
+        raise InvalidInputError(f"regions has {len(value)} regions; at most {MAX_REGIONS}")
+    out = []
+    for region in value:
+        labels = region if isinstance(region, Sequence) else (region,)
+        if isinstance(region, (str, bytes)) or not labels:
+            raise InvalidInputError(f"regions: each region must name labels, got {region!r}")
+        out.append(tuple(_label("regions", v) for v in labels))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class TverskyOptions:
     """Every option of :func:`fasttversky.tversky_loss`, declared and checked here.
@@ -118,18 +152,52 @@ class TverskyOptions:
             compound loss of nnU-Net / MONAI DiceCE). CE is always ONE mean over the
             whole batch's non-ignored voxels, whatever ``batch`` says (like
             ``F.cross_entropy``), and it is added once to the "mean" or "sum" of the
-            Tversky terms; ``reduction="none"`` raises. Needs an integer label map and
-            activation "softmax" or "sigmoid".
+            Tversky terms; ``reduction="none"`` raises. Needs activation "softmax" or
+            "sigmoid"; the target is a label map (integer or float) or a soft target of
+            the logits' shape.
             softmax: ``F.cross_entropy(logits, labels, weight=ce_class_weights,
             ignore_index=ignore_index)``, i.e. Σ w_y·(−log p_y) / Σ w_y over the
-            non-ignored voxels. sigmoid: ``F.binary_cross_entropy_with_logits(logits,
-            onehot, weight=ce_class_weights[c] per channel)`` where onehot is
-            (label == c), or (label == 1) for C = 1, averaged over the C × non-ignored
-            voxels (ignored voxels add nothing, like a zero weight, and are not counted).
-            Where no voxel counts, CE is 0 rather than F.cross_entropy's NaN.
+            non-ignored voxels; with a soft target q, ``F.cross_entropy(logits, q,
+            weight=ce_class_weights)``: Σ_c w_c q_c·(−log p_c), mean over the B·N voxels.
+            sigmoid: ``F.binary_cross_entropy_with_logits(logits, onehot,
+            weight=ce_class_weights[c] per channel)`` where onehot is (label == c), or
+            (label == 1) for C = 1, the region targets with ``regions``, or the soft
+            target, averaged over the C × non-ignored voxels (ignored voxels add nothing,
+            like a zero weight, and are not counted). Where no voxel counts, CE is 0
+            rather than F.cross_entropy's NaN. See also ``ce_label_smoothing`` and
+            ``ce_focal_gamma``.
         ce_class_weights: C non-negative weights of the CE classes (torch's ``weight``),
             not all zero; independent of ``class_weights``.
         clamp_terms: False keeps MONAI's unclamped ``(1 - T) ** gamma`` (compat.monai).
+        ce_label_smoothing: ε in [0, 1], softmax only: the CE target becomes
+            ``(1 - ε)·onehot + ε / C``, exactly ``F.cross_entropy(..., weight=
+            ce_class_weights, ignore_index=ignore_index, label_smoothing=ε)`` (with a
+            label map: Σ_c w_c Σ_voxels q_c·(−log p_c) / Σ w_label over the non-ignored
+            voxels; with a soft target: the same smoothing of the soft target, mean over
+            B·N voxels).
+        ce_focal_gamma: None (plain CE/BCE) or γ >= 0: MONAI's ``FocalLoss(gamma=γ,
+            alpha=ce_focal_alpha, weight=ce_class_weights, use_softmax=(activation ==
+            "softmax"), reduction="mean")`` replaces the CE term, on the one-hot, soft
+            or region target: softmax ``−(1 − p_c)^γ·q_c·log p_c`` (q smoothed by
+            ``ce_label_smoothing`` when given), sigmoid ``σ(−x·(2q − 1))^γ·BCE(x, q)``,
+            summed over classes and voxels and divided by C × the non-ignored voxels (B·C·N
+            without ignore_index, as MONAI; ignored voxels add nothing to the sum and are
+            not counted, where MONAI 1.6 divides by the non-ignored voxels without the C).
+        ce_focal_alpha: None or α in [0, 1] (needs ``ce_focal_gamma``), MONAI's scalar
+            alpha: softmax: class 0 weighs 1 − α, every other class α; sigmoid: each
+            element weighs ``α·q + (1 − α)·(1 − q)``.
+        regions: nnU-Net's region-based training: a tuple of regions, each a label or a
+            tuple of labels (``label_manager.foreground_regions``); activation "sigmoid"
+            (or "none"), logits C = number of regions (at most 63), target an integer or
+            float label map. Region r's target at a voxel is ``label ∈ regions[r]``, read
+            from the label map inside the pass (no one-hot is built). Sigmoid CE (``ce_weight
+            > 0``) is then the BCE against those region targets, mean over C × the
+            non-ignored voxels.
+        num_labels: with ``regions``, the valid labels are ``[0, num_labels)`` (default:
+            the largest label named + 1); any other label raises, except
+            ``ignore_index``, which must lie outside that range (nnU-Net's ignore label is
+            the largest label value and no region names it): its voxels add nothing to
+            any term and get zero gradient.
     """
 
     alpha: PerClass = 0.3
@@ -149,6 +217,11 @@ class TverskyOptions:
     ce_weight: float = 0.0
     ce_class_weights: tuple[float, ...] | None = None
     clamp_terms: bool = True
+    ce_label_smoothing: float = 0.0
+    ce_focal_gamma: float | None = None
+    ce_focal_alpha: float | None = None
+    regions: tuple[tuple[int, ...], ...] | None = None
+    num_labels: int | None = None
 
     def __post_init__(self):
         for name, value in self._checked().items():
@@ -178,6 +251,22 @@ class TverskyOptions:
         if ii is not None and (isinstance(ii, bool) or not isinstance(ii, numbers.Integral)):
             raise InvalidInputTypeError(f"ignore_index must be an int or None, got {ii!r}")
         out["ignore_index"] = None if ii is None else int(ii)
+        out.update(self._checked_ce_terms())
+        if self.regions is not None:
+            out["regions"] = _regions(self.regions)
+        if self.num_labels is not None:
+            n = self.num_labels
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+                raise InvalidInputTypeError(f"num_labels must be an int or None, got {n!r}")
+            out["num_labels"] = int(n)
+        return out
+
+    def _checked_ce_terms(self) -> dict:
+        out = {"ce_label_smoothing": _unit("ce_label_smoothing", self.ce_label_smoothing)}
+        if self.ce_focal_gamma is not None:
+            out["ce_focal_gamma"] = _real("ce_focal_gamma", self.ce_focal_gamma)
+        if self.ce_focal_alpha is not None:
+            out["ce_focal_alpha"] = _unit("ce_focal_alpha", self.ce_focal_alpha)
         return out
 
     def _check_combinations(self) -> None:
@@ -202,9 +291,65 @@ class TverskyOptions:
             raise InvalidInputError(
                 f"ce_weight > 0 needs activation 'softmax' or 'sigmoid', got {self.activation!r}"
             )
+        if self.ce_label_smoothing > 0 and self.activation != "softmax":
+            raise InvalidInputError(
+                "ce_label_smoothing applies to the softmax cross-entropy, got activation "
+                f"{self.activation!r}"
+            )
+        if self.ce_focal_alpha is not None and self.ce_focal_gamma is None:
+            raise InvalidInputError("ce_focal_alpha weighs the focal term: give ce_focal_gamma too")
+        self._check_regions()
+
+    def _check_regions(self) -> None:
+        if self.regions is None:
+            if self.num_labels is not None:
+                raise InvalidInputError("num_labels applies with regions; give regions too")
+            return
+        if self.activation not in ("sigmoid", "none"):
+            raise InvalidInputError(
+                "regions need activation 'sigmoid' (one output per region), got "
+                f"{self.activation!r}"
+            )
+        largest = max(max(region) for region in self.regions)
+        if self.num_labels is not None and self.num_labels <= largest:
+            raise InvalidInputError(
+                f"num_labels={self.num_labels} must exceed every label the regions name "
+                f"(largest: {largest})"
+            )
+        ii, n = self.ignore_index, self.region_num_labels
+        if ii is not None and 0 <= ii < n:
+            raise InvalidInputError(
+                f"ignore_index={ii} must not be a valid label of the regions [0, {n}) "
+                "(nnU-Net's ignore label is the largest label value, and no region names it)"
+            )
+
+    @property
+    def region_num_labels(self) -> int | None:
+        """With ``regions``: the number of valid labels (``num_labels``, or the largest
+        label named + 1); None without regions."""
+        if self.regions is None:
+            return None
+        if self.num_labels is not None:
+            return self.num_labels
+        return max(max(region) for region in self.regions) + 1
+
+    def region_masks(self) -> tuple[int, ...] | None:
+        """One int64 bitmask per valid label: bit r set when the label is in region r."""
+        if self.regions is None:
+            return None
+        masks = [0] * self.region_num_labels
+        for r, region in enumerate(self.regions):
+            for label in region:
+                masks[label] |= 1 << r
+        return tuple(masks)
 
     def validate(self, num_classes: int) -> None:
         """Raise InvalidInputError unless the per-class values fit ``num_classes`` classes."""
+        if self.regions is not None and len(self.regions) != num_classes:
+            raise InvalidInputError(
+                f"regions has {len(self.regions)} regions but logits have C={num_classes} "
+                "channels (one per region)"
+            )
         for name in _PER_CLASS:
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != num_classes:

@@ -25,7 +25,8 @@ def _ok(C=3):
         (lambda x, t: (x, torch.rand(2, 2, 4, 5, 6)), ValueError, "float .*target must have"),
         (lambda x, t: (x.int(), t), TypeError, "logits dtype"),
         (lambda x, t: (x, t.to(torch.int8)), TypeError, "label map dtype"),
-        (lambda x, t: (x, t.float()), ValueError, "float .*target must have"),
+        # a float label map must still have the label map's shape
+        (lambda x, t: (x, t.float()[:1]), ValueError, "float .*target must have"),
         (lambda x, t: (x[0, 0, 0, 0], t), ValueError, r"logits must have shape \(B, C"),
         (lambda x, t: (x[:, :, :0], t[:, :0]), ValueError, "logits is empty"),
         (lambda x, t: (x.unsqueeze(-1).unsqueeze(-1), t), ValueError, "1-3 spatial dims"),
@@ -123,7 +124,7 @@ def test_softmax_needs_two_classes():
 
 
 def test_ignore_index_with_soft_target():
-    with pytest.raises(ValueError, match="ignore_index applies to integer label maps"):
+    with pytest.raises(ValueError, match="ignore_index applies to label maps"):
         tversky_loss(torch.randn(1, 2, 4), torch.rand(1, 2, 4), ignore_index=0)
 
 

@@ -288,7 +288,12 @@ def test_module_equals_function():
         ({"ce_weight": -1.0}, "labels", "ce_weight must be finite and >= 0"),
         ({"ce_weight": float("nan")}, "labels", "ce_weight must be finite"),
         ({"ce_weight": 1.0, "reduction": "none"}, "labels", "reduction='none'"),
-        ({"ce_weight": 1.0}, "soft", "integer label map"),
+        # a soft target now takes the CE (soft_ce), but regions need a label map
+        (
+            {"ce_weight": 1.0, "activation": "sigmoid", "regions": ((1,), (2,), (1, 2))},
+            "soft",
+            "regions read a label map",
+        ),
         ({"ce_weight": 1.0, "activation": "none"}, "labels", "'softmax' or 'sigmoid'"),
         ({"ce_weight": 1.0, "ce_class_weights": [1.0, 2.0]}, "labels", "ce_class_weights has 2"),
         ({"ce_weight": 1.0, "ce_class_weights": [0, 0, 0]}, "labels", "must not all be zero"),

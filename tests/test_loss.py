@@ -507,7 +507,7 @@ def test_many_classes_fall_back_to_torch():
     from fasttversky._spec import KernelSpec
     from fasttversky.functional import _prepare
 
-    x3, t3 = _prepare(x, t, "softmax", None)
+    x3, t3 = _prepare(x, t, fasttversky.TverskyOptions())
     spec = KernelSpec(activation=0, soft_target=False, ignore_index=None, num_classes=40)
     assert select_backend("auto", x3, t3, spec) == "torch"
     with pytest.raises(fasttversky.BackendUnavailableError, match="C=40"):
