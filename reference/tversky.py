@@ -38,13 +38,20 @@ def reference_tversky_loss(
     class_weights: Sequence[float] | None = None,
     ce_weight: float = 0.0,
     ce_class_weights: Sequence[float] | None = None,
+    ce_label_smoothing: float = 0.0,
+    ce_focal_gamma: float | None = None,
+    ce_focal_alpha: float | None = None,
+    regions: Sequence | None = None,
+    num_labels: int | None = None,
 ) -> torch.Tensor:
     """Reference Tversky loss; same meaning of every argument as ``fasttversky.tversky_loss``.
 
-    logits: (B, C, *spatial) float. target: integer label map (B, *spatial) or
-    (B, 1, *spatial), or float (B, C, *spatial) soft/one-hot target. With
-    ``ce_weight > 0`` the result is the Tversky loss + ``ce_weight`` ×
-    :func:`reference_cross_entropy`.
+    logits: (B, C, *spatial) float. target: a label map (B, *spatial) or (B, 1, *spatial),
+    integer or float holding whole numbers ((B, 1, *spatial) is a soft target when C = 1
+    without regions), or a float (B, C, *spatial) soft/one-hot target. ``regions``: the
+    channel r's target is ``label in regions[r]`` (``num_labels`` only bounds the labels,
+    which the reference does not check). With ``ce_weight > 0`` the result is the
+    Tversky loss + ``ce_weight`` × :func:`reference_cross_entropy`.
     """
     if ce_weight:
         if reduction == "none":
@@ -64,6 +71,7 @@ def reference_tversky_loss(
             generalized=generalized,
             ignore_index=ignore_index,
             class_weights=class_weights,
+            regions=regions,
         )
         ce = reference_cross_entropy(
             logits,
@@ -71,6 +79,10 @@ def reference_tversky_loss(
             activation=activation,
             ignore_index=ignore_index,
             class_weights=ce_class_weights,
+            label_smoothing=ce_label_smoothing,
+            focal_gamma=ce_focal_gamma,
+            focal_alpha=ce_focal_alpha,
+            regions=regions,
         )
         return tv + ce_weight * ce
     B, C = logits.shape[:2]
@@ -87,23 +99,8 @@ def reference_tversky_loss(
         raise ValueError(activation)
 
     # 2. ground truth as an explicit one-hot (B, C, *spatial) and the voxel mask
-    if target.is_floating_point():
-        g = target.to(p.dtype)
-        mask = torch.ones_like(p[:, :1])
-    else:
-        labels = target.long()
-        if labels.dim() == x.dim():
-            labels = labels[:, 0]
-        if ignore_index is not None:
-            keep = labels != ignore_index
-            labels = torch.where(keep, labels, torch.zeros_like(labels))
-        else:
-            keep = torch.ones_like(labels, dtype=torch.bool)
-        if C == 1:
-            g = (labels == 1).unsqueeze(1).to(p.dtype)
-        else:
-            g = F.one_hot(labels, C).movedim(-1, 1).to(p.dtype)
-        mask = keep.unsqueeze(1).to(p.dtype)
+    g, mask, _ = reference_target(logits, target, ignore_index=ignore_index, regions=regions)
+    g, mask = g.to(p.dtype), mask.to(p.dtype)
 
     p = p * mask
     g = g * mask
@@ -157,6 +154,46 @@ def reference_tversky_loss(
     raise ValueError(reduction)
 
 
+def _is_label_map(logits: torch.Tensor, target: torch.Tensor, regions) -> bool:
+    if not target.is_floating_point() or target.dim() == logits.dim() - 1:
+        return True
+    return target.shape[1] == 1 and (logits.shape[1] > 1 or regions is not None)
+
+
+def reference_target(logits, target, *, ignore_index=None, regions=None):
+    """(g (B, C, *spatial), mask (B, 1, *spatial), labels or None), float64, spelt out:
+    the one-hot of a label map (label == 1 for C = 1), the region one-hot (channel r:
+    label in regions[r]), or the soft target itself; mask is 0 on ignored voxels, where
+    g is 0 too."""
+    C = logits.shape[1]
+    if not _is_label_map(logits, target, regions):
+        g = target.double()
+        return g, torch.ones_like(g[:, :1]), None
+    labels = target.double()
+    if labels.dim() == logits.dim():
+        labels = labels[:, 0]
+    labels = labels.long()
+    keep = torch.ones_like(labels, dtype=torch.bool)
+    if ignore_index is not None:
+        keep = labels != ignore_index
+    if regions is not None:
+        channels = []
+        for region in regions:
+            members = region if isinstance(region, (tuple, list)) else (region,)
+            inside = torch.zeros_like(keep)
+            for label in members:
+                inside = inside | (labels == label)
+            channels.append(inside)
+        g = torch.stack(channels, 1).double()
+    elif C == 1:
+        g = (labels == 1).unsqueeze(1).double()
+    else:
+        safe = torch.where(keep, labels, torch.zeros_like(labels))
+        g = F.one_hot(safe, C).movedim(-1, 1).double()
+    mask = keep.unsqueeze(1).double()
+    return g * mask, mask, torch.where(keep, labels, torch.full_like(labels, -100))
+
+
 def reference_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -164,44 +201,95 @@ def reference_cross_entropy(
     activation: str = "softmax",
     ignore_index: int | None = None,
     class_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    focal_gamma: float | None = None,
+    focal_alpha: float | None = None,
+    regions: Sequence | None = None,
 ) -> torch.Tensor:
     """The cross-entropy term of the compound loss, from torch's own functions.
 
     softmax: ``F.cross_entropy(logits, labels, weight=class_weights,
-    ignore_index=ignore_index)`` (weighted mean Σ w_y·(−log p_y) / Σ w_y over the
-    non-ignored voxels), except that it is 0 instead of NaN when no voxel counts.
-    sigmoid: ``F.binary_cross_entropy_with_logits`` against the one-hot of the labels
-    (label == 1 for C = 1), per-channel ``weight = class_weights``, mean over the
-    C × (non-ignored voxels) elements. Integer label maps only.
+    ignore_index=ignore_index, label_smoothing=label_smoothing)`` (weighted mean
+    Σ w_y·(−log p_y) / Σ w_y over the non-ignored voxels), except that it is 0 instead
+    of NaN when no voxel counts; with a soft target, ``F.cross_entropy(logits, soft,
+    weight=..., label_smoothing=...)``. sigmoid: ``F.binary_cross_entropy_with_logits``
+    against the one-hot of the labels (label == 1 for C = 1; the region one-hot with
+    ``regions``; the soft target), per-channel ``weight = class_weights``, mean over the
+    C × (non-ignored voxels) elements. With ``focal_gamma``: :func:`reference_focal`.
     """
-    B, C = logits.shape[:2]
-    labels = target.long()
-    if labels.dim() == logits.dim():
-        labels = labels[:, 0]
+    if focal_gamma is not None:
+        return reference_focal(
+            logits, target, focal_gamma, focal_alpha, activation=activation,
+            ignore_index=ignore_index, class_weights=class_weights,
+            label_smoothing=label_smoothing, regions=regions,
+        )  # fmt: skip
+    C = logits.shape[1]
+    g, mask, labels = reference_target(logits, target, ignore_index=ignore_index, regions=regions)
+    g, mask = g.to(logits.dtype), mask.to(logits.dtype)
     if activation == "softmax":
         w = None if class_weights is None else _per_class(class_weights, C, logits)
-        ii = -100 if ignore_index is None else ignore_index
-        kept = labels != ii
+        if labels is None:  # a soft target: torch's probabilities form
+            return F.cross_entropy(logits, g, weight=w, label_smoothing=label_smoothing)
+        kept = labels != -100
         wsum = (w[labels.clamp(0, C - 1)] * kept).sum() if w is not None else kept.sum()
         if wsum == 0:
             return logits.sum() * 0.0
-        return F.cross_entropy(logits, labels, weight=w, ignore_index=ii)
+        return F.cross_entropy(
+            logits, labels, weight=w, ignore_index=-100, label_smoothing=label_smoothing
+        )
     if activation == "sigmoid":
-        keep = torch.ones_like(labels, dtype=torch.bool)
-        if ignore_index is not None:
-            keep = labels != ignore_index
-        safe = torch.where(keep, labels, torch.zeros_like(labels))
-        if C == 1:
-            g = (safe == 1).unsqueeze(1).to(logits.dtype)
-        else:
-            g = F.one_hot(safe, C).movedim(-1, 1).to(logits.dtype)
         shape = (1, C) + (1,) * (logits.dim() - 2)
-        w = keep.unsqueeze(1).to(logits.dtype)
+        w = mask.expand_as(logits)
         if class_weights is not None:
             w = w * _per_class(class_weights, C, logits).view(shape)
-        n = keep.sum() * C
+        n = mask.sum() * C
         if n == 0:
             return logits.sum() * 0.0
         bce = F.binary_cross_entropy_with_logits(logits, g, weight=w, reduction="sum")
         return bce / n
     raise ValueError(f"no cross-entropy for activation={activation!r}")
+
+
+def reference_focal(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float,
+    alpha: float | None = None,
+    *,
+    activation: str = "softmax",
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    regions: Sequence | None = None,
+) -> torch.Tensor:
+    """MONAI's ``FocalLoss(gamma, alpha, weight=class_weights, use_softmax=(activation ==
+    "softmax"), reduction="mean")`` on the one-hot / soft / region target, written out:
+    softmax ``−(1 − p_c)^γ·q_c·log p_c`` (class 0 times 1 − α, the others α; q smoothed
+    as ``(1 − ε) q + ε / C``), sigmoid ``exp(γ·logsigmoid(−x·(2q − 1)))·BCE(x, q)``
+    times ``α q + (1 − α)(1 − q)``; times the class weight, summed over the non-ignored
+    voxels and divided by C × their number."""
+    C = logits.shape[1]
+    g, mask, _ = reference_target(logits, target, ignore_index=ignore_index, regions=regions)
+    g, mask = g.to(logits.dtype), mask.to(logits.dtype)
+    shape = (1, C) + (1,) * (logits.dim() - 2)
+    if activation == "softmax":
+        q = ((1 - label_smoothing) * g + label_smoothing / C) * mask
+        logp = logits.log_softmax(1)
+        loss = -((1 - logp.exp()) ** gamma) * logp * q
+        if alpha is not None:
+            fac = torch.tensor([1 - alpha] + [alpha] * (C - 1), dtype=logits.dtype)
+            loss = loss * fac.view(shape)
+    elif activation == "sigmoid":
+        bce = logits - logits * g - F.logsigmoid(logits)
+        loss = torch.exp(gamma * F.logsigmoid(-logits * (2 * g - 1))) * bce
+        if alpha is not None:
+            loss = loss * (alpha * g + (1 - alpha) * (1 - g))
+        loss = loss * mask
+    else:
+        raise ValueError(f"no focal loss for activation={activation!r}")
+    if class_weights is not None:
+        loss = loss * _per_class(class_weights, C, logits).view(shape)
+    n = mask.sum() * C
+    if n == 0:
+        return logits.sum() * 0.0
+    return loss.sum() / n
