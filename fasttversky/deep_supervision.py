@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import InvalidInputError, InvalidInputTypeError
-from .functional import options_loss
+from .functional import is_float_label_map, options_loss
 from .options import TverskyOptions
 
 
@@ -43,7 +43,7 @@ def _nearest_exact_index(size_in: int, size_out: int, device) -> torch.Tensor:
 
 
 def downsample_labels(target: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-    """An integer label map (B, *S) or (B, 1, *S) resized to (B, *spatial) by nearest
+    """A label map (B, *S) or (B, 1, *S) (integer or float) resized to (B, *spatial) by nearest
     selection, voxel for voxel as ``F.interpolate(target.float(), spatial,
     mode="nearest-exact")`` (nnU-Net v2), keeping the dtype. Returns ``target`` itself
     when the size already matches."""
@@ -71,8 +71,8 @@ def deep_supervision_loss(
 
     Args:
         logits_list: logits (B, C, *spatial_i) at each scale, highest resolution first.
-        target: the full-resolution integer label map (B, *spatial_0) or
-            (B, 1, *spatial_0) — its spatial size must be the first scale's — resized to
+        target: the full-resolution label map (B, *spatial_0) or (B, 1, *spatial_0),
+            integer or float — its spatial size must be the first scale's — resized to
             each scale by nearest selection (see :func:`downsample_labels`); or one
             target per scale (label maps or float soft targets), used as given.
         weights: one non-negative weight per scale, not all zero; default
@@ -86,7 +86,7 @@ def deep_supervision_loss(
     """
     opts = TverskyOptions.of((), loss_kwargs, options)
     logits_list, weights = _checked_scales(logits_list, weights)
-    targets = _per_scale_targets(target, logits_list)
+    targets = _per_scale_targets(target, logits_list, opts)
     total = None
     for x, t, w in zip(logits_list, targets, weights, strict=True):
         if w == 0.0:
@@ -125,15 +125,16 @@ def _checked_scales(logits_list, weights) -> tuple[list[torch.Tensor], list[floa
     return list(logits_list), weights
 
 
-def _per_scale_targets(target, logits_list) -> list:
-    """One target per scale, or None where the full-resolution label map is resized."""
+def _per_scale_targets(target, logits_list, opts: TverskyOptions) -> list:
+    """One target per scale, or None where the full-resolution label map (integer, or
+    float shaped as a label map: see ``tversky_loss``) is resized."""
     n = len(logits_list)
     if not isinstance(target, torch.Tensor):
         targets = list(target)
         if len(targets) != n:
             raise InvalidInputError(f"target has {len(targets)} scales but logits_list has {n}")
         return targets
-    if target.is_floating_point():
+    if target.is_floating_point() and not is_float_label_map(target, logits_list[0], opts):
         raise InvalidInputError(
             "a single float target cannot be resized without interpolating "
             "probabilities; pass an integer label map or one target per scale"

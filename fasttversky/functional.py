@@ -158,7 +158,7 @@ def _prepare(logits, target, opts: TverskyOptions):
     if target.is_floating_point():
         if target.dtype not in _FLOAT_DTYPES:
             raise InvalidInputTypeError(f"float target dtype {target.dtype} is not supported")
-        if not _is_float_label_map(target, logits, opts):
+        if not is_float_label_map(target, logits, opts):
             _check_soft_target(target, logits, opts)
             return _flatten(logits, 2), _flatten(target, 2)
     elif target.dtype not in _LABEL_DTYPES:
@@ -203,7 +203,7 @@ def _check_logits(logits, target, activation: str) -> None:
         )
 
 
-def _is_float_label_map(target, logits, opts: TverskyOptions) -> bool:
+def is_float_label_map(target, logits, opts: TverskyOptions) -> bool:
     """A float target is a label map when shaped (B, *spatial), or (B, 1, *spatial) with
     C > 1 or with regions (with C = 1 and no regions that shape is the logits' own: a
     soft target)."""

@@ -397,3 +397,111 @@ def test_float_label_map_is_not_copied():
     finally:
         torch_backend.BACKEND.forward_stats = real
     assert seen == [(t.data_ptr(), torch.float16, True)]
+
+
+# ------------------------------------------------------------------------------------
+# second derivatives, torch.func, torch.compile, float32 overflow
+# ------------------------------------------------------------------------------------
+_AUTOGRAD_PICKS = ("smoothing", "soft-ce", "focal", "focal-sigmoid", "regions-bce")
+
+
+def _penalty_grad(loss_fn, x, v):
+    """(dL/dx, d<dL/dx, v>/dx): what a gradient penalty's backward needs."""
+    x = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_fn(x), x, create_graph=True)
+    (gg,) = torch.autograd.grad((g * v.to(g.dtype)).sum(), x)
+    return g, gg
+
+
+@pytest.mark.parametrize(
+    "backend, case", [p for p in _params() if p.values[1][0] in _AUTOGRAD_PICKS]
+)
+def test_gradient_of_gradient(backend, case, monkeypatch):
+    """create_graph=True differentiates the torch backend's sums (_stats_op.py): both
+    orders against float64 autograd of the oracle."""
+    use_backend(backend, monkeypatch)
+    name, kind, C, kw, _ = case
+    dtype = torch.float64 if torch.float64 in BACKEND_DTYPES[backend] else torch.float32
+    x, t = _inputs(kind, C, seed=21)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    xd, td, vd = _on(backend, x.to(dtype), t, v)
+    g, gg = _penalty_grad(
+        lambda z: tversky_loss(z, td, backend=backend, ce_weight=0.8, **kw), xd, vd
+    )
+    ref_g, ref_gg = _penalty_grad(
+        lambda z: reference_tversky_loss(z, t, ce_weight=0.8, **kw), x.to(dtype).double(), v
+    )
+    _, grad_rtol = TOLERANCES[dtype]
+    for got, want in ((g, ref_g), (gg, ref_gg)):
+        tol = grad_rtol * max(want.abs().max().item(), 1e-30)
+        assert torch.allclose(got.cpu().double(), want, rtol=0, atol=tol), describe_mismatch(
+            got.cpu(), want, tol
+        )
+    assert gg.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", ["focal-sigmoid", "regions-float-focal", "soft-ce-smoothing"])
+def test_torch_func_grad(name):
+    """torch.func.grad runs the plain torch sums (differentiable_stats): the same
+    gradient as the eager backward."""
+    _, kind, C, kw, _ = next(c for c in CASES if c[0] == name)
+    x, t = _inputs(kind, C, seed=22)
+
+    def loss(z):
+        return tversky_loss(z, t, backend="torch", ce_weight=0.8, **kw)
+
+    z = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(loss(z), z)
+    torch.testing.assert_close(torch.func.grad(loss)(x), want, rtol=1e-12, atol=1e-15)
+
+
+def test_torch_compile_fullgraph():
+    """The op's fake implementation shapes 3 + ce_columns (5 for the sigmoid focal
+    term) and takes the region table: compiled equals eager, value and gradient."""
+    _, kind, C, kw, _ = next(c for c in CASES if c[0] == "regions-float-focal")
+    x, t = _inputs(kind, C, seed=23)
+    x = x.float()
+
+    def step(z):
+        return tversky_loss(z * 2.0, t, ce_weight=1.0, backend="torch", **kw)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    l1, l2 = compiled(x1), step(x2)
+    (l1 + l2).backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("name", ["smoothing", "focal", "focal-sigmoid", "soft-bce"])
+def test_torch_backend_ce_overflow(name):
+    """±3e38 logits overflow a voxel's softmax CE-family term in float32 although the
+    mean fits: the torch backend re-sums every CE column from float64 logits. (A sigmoid
+    voxel's BCE stays below FLT_MAX: those cases check the values there.)"""
+    _, kind, C, kw, _ = next(c for c in CASES if c[0] == name)
+    x, t = _inputs(kind, C, seed=24)
+    gen = torch.Generator().manual_seed(3)
+    sign = torch.randint(0, 2, x.shape, generator=gen).double() * 2 - 1
+    x = sign * (1 - 0.5 * torch.rand(x.shape, generator=gen, dtype=torch.float64)) * 3e38
+    if kw.get("ce_focal_gamma") is not None:
+        kw = {**kw, "ce_focal_gamma": 2.0}
+    check_against_reference(x.float(), t, "torch", ce_weight=1.0, **kw)
+
+
+def test_deep_supervision_resizes_a_float_label_map():
+    """nnU-Net's float (B, 1, *spatial) segmentation with regions: each scale gets the
+    label map picked by nearest selection, as from the integer labels."""
+    from fasttversky import deep_supervision_loss
+    from fasttversky.deep_supervision import downsample_labels
+
+    gen = torch.Generator().manual_seed(25)
+    sizes = [(8, 8, 6), (4, 4, 3), (2, 2, 2)]
+    xs = [torch.randn(2, 3, *s, generator=gen, dtype=torch.float64) for s in sizes]
+    t = _labels(2, sizes[0], 5, gen)
+    kw = dict(REG, ce_weight=1.0, backend="torch")
+    got = deep_supervision_loss(xs, t.float()[:, None], [0.5, 0.3, 0.2], **kw)
+    want = sum(
+        w * tversky_loss(x, downsample_labels(t, x.shape[2:]), **kw)
+        for w, x in zip([0.5, 0.3, 0.2], xs, strict=True)
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
