@@ -11,6 +11,10 @@
 // threads or on which thread ran which item, so it is bitwise reproducible and free of
 // atomics.
 //
+// This round's terms (fasttversky/_spec.py: soft-target CE, label smoothing, focal CE,
+// region tables, label maps of float16/bfloat16/float64) run on the "terms paths" near the
+// end of this file; float32 label maps take the integer label maps' paths.
+//
 // Compute precision: float32 for float32/float16/bfloat16 logits (per-lane float
 // accumulators over one chunk, then float64 across lanes and chunks), float64 for
 // float64 logits (so the float64 path matches the reference to ~1e-15).
@@ -301,22 +305,46 @@ __attribute__((always_inline)) inline int64_t load_probs(const TverskyParams& P,
 // which matches no class), w[i] in {0,1}. Returns the number of bad labels. Labels are
 // compared as int32 (int64 only for int64 label maps) so the loop vectorises; the
 // branch-free body matters: this loop runs once per voxel in both passes.
+// Float label maps (nnU-Net's and MONAI's, spec.float_labels) are compared as int32 too.
 template <typename TT>
 using label_int_t = std::conditional_t<std::is_same_v<TT, int64_t>, int64_t, int32_t>;
 
+// A label as the integer the loops compare. A float label map's value (read directly, no
+// conversion pass) is itself when it is an integer in int32's range; anything else (NaN,
+// inf, a fraction, beyond int32) becomes INT32_MIN, which is out of range and never the
+// ignore_index (IgnoreLabel), so it is counted as a bad target like a label out of range.
+// Written as selects around one truncating conversion, so that it vectorises; the clamp
+// keeps the conversion defined (NaN fails both compares and lands on the lower bound).
+template <typename TT>
+__attribute__((always_inline)) inline label_int_t<TT> to_label(TT raw) {
+  if constexpr (std::is_integral_v<TT>) {
+    return (label_int_t<TT>)raw;
+  } else {
+    using V = std::conditional_t<std::is_same_v<TT, double>, double, float>;
+    const V v = load_val(&raw);
+    constexpr V lo = (V)-2147483648.0;
+    constexpr V hi = std::is_same_v<V, double> ? (V)2147483647.0 : (V)2147483520.0;
+    V c = v > lo ? v : lo;
+    c = c < hi ? c : hi;
+    const int32_t i = (int32_t)c;
+    return (V)i == v ? i : std::numeric_limits<int32_t>::min();
+  }
+}
+
 // ignore_index as a label value of type TT: {matches at all, value}. One outside TT's
-// range can never match (e.g. -100 with uint8 labels). Soft targets have none.
+// range can never match (e.g. -100 with uint8 labels; float labels: int32's range, as
+// to_label reads them). Soft targets have none.
 template <typename TT>
 struct IgnoreLabel {
   bool active = false;
   label_int_t<TT> value = 0;
   explicit IgnoreLabel(const TverskyParams& P) {
-    if constexpr (std::is_integral_v<TT>) {
-      active = P.has_ignore_index &&
-               P.ignore_index >= (int64_t)std::numeric_limits<TT>::min() &&
-               P.ignore_index <= (int64_t)std::numeric_limits<TT>::max();
-      value = active ? (label_int_t<TT>)P.ignore_index : 0;
-    }
+    using Range = std::conditional_t<std::is_integral_v<TT>, TT, int32_t>;
+    // float labels: INT32_MIN is to_label's "not a label", never ignored
+    const int64_t lo = (int64_t)std::numeric_limits<Range>::min() + !std::is_integral_v<TT>;
+    active = P.has_ignore_index && P.ignore_index >= lo &&
+             P.ignore_index <= (int64_t)std::numeric_limits<Range>::max();
+    value = active ? (label_int_t<TT>)P.ignore_index : 0;
   }
 };
 
@@ -334,9 +362,9 @@ inline int64_t load_labels(const TverskyParams& P, int64_t b, int64_t n0, int n,
   alignas(64) L v[TILE];
   if (sn == 1) {
     const TT* r = base + n0;
-    for (int i = 0; i < n; ++i) v[i] = (L)r[i];
+    for (int i = 0; i < n; ++i) v[i] = to_label(r[i]);
   } else {
-    for (int i = 0; i < n; ++i) v[i] = (L)base[(n0 + i) * sn];
+    for (int i = 0; i < n; ++i) v[i] = to_label(base[(n0 + i) * sn]);
   }
   int32_t bad = 0;
   for (int i = 0; i < n; ++i) {
@@ -452,6 +480,7 @@ template <typename LT, typename TT, bool SOFT, bool CE>
 struct ForwardItem {
   using F = typename compute_of<LT>::type;
   static constexpr int S = CE ? 4 : 3;  // stats columns: [sum_pg, sum_p, sum_g(, sum_ce)]
+  static int columns(const TverskyParams&) { return S; }
   // Two-class CE: -log p_y = log(1 + e) + [y is the less likely class]·|x1 - x0|. The
   // log(1 + e) parts are multiplied up per lane and class (each factor in [1, 2]) and
   // their log is taken once per 64 tiles (2^64 cannot overflow): one multiply-add per
@@ -626,7 +655,7 @@ struct ForwardItem {
           const F x0 = (F)load_val(r0 + i * S2);
           const F x1 = (F)load_val(S2 == 2 ? r0 + 2 * i + 1 : r1 + i);
           nf += not_finite(x0) + not_finite(x1);
-          const L v = (L)lab[i];
+          const L v = to_label(lab[i]);
           const bool keep = HAS_II ? v != ii : true;
           nb += keep & ((U)v > (U)1);  // unsigned: negative labels are bad too
           const F g0 = (keep & (v == 0)) ? (F)1 : (F)0;
@@ -753,10 +782,11 @@ struct ForwardItem {
   }
 };
 
-template <typename LT, typename TT, bool SOFT, bool CE>
-void forward_impl(const TverskyParams& P) {
-  using Item = ForwardItem<LT, TT, SOFT, CE>;
-  constexpr int S = Item::S;
+// Every forward: the chunks of every sample as work items (ForwardItem, TermsForwardItem),
+// each item's sums in its own slot, added in a fixed order.
+template <class Item>
+int forward_items(const TverskyParams& P) {
+  const int64_t S = Item::columns(P);
   const int64_t B = P.B, C = P.C, N = P.N;
   const int64_t n_chunks = (N + CHUNK - 1) / CHUNK;
   const int64_t n_items = B * n_chunks;
@@ -785,6 +815,7 @@ void forward_impl(const TverskyParams& P) {
   }
   P.flags_ptr[0] = nf;
   P.flags_ptr[1] = nb;
+  return TV_OK;
 }
 
 // ---- backward -----------------------------------------------------------------------------
@@ -866,7 +897,7 @@ struct BackwardItem {
       const F d = (F)load_val(S == 2 ? r0 + 2 * i + 1 : r1 + i) - (F)load_val(r0 + i * S);
       const F e = fast_exp(-std::abs(d));
       const F r = (F)1 / ((F)1 + e);
-      const L v = (L)lab[i];
+      const L v = to_label(lab[i]);
       const bool keep = !(has_ii & (v == ii));
       const F du = dA + (v == 1 ? B1 : (F)0) - (v == 0 ? B0 : (F)0);
       F t = e * r * r * du;
@@ -967,79 +998,515 @@ struct BackwardItem {
   }
 };
 
-template <typename LT, typename TT, bool SOFT, bool CE>
-void backward_impl(const TverskyParams& P) {
+// Every backward: the chunks of every sample as work items (BackwardItem,
+// TermsBackwardItem), each writing its own voxels of the gradient.
+template <class Item>
+int backward_items(const TverskyParams& P) {
   const int64_t N = P.N;
   const int64_t n_chunks = (N + CHUNK - 1) / CHUNK;
   parallel_items(P.B * n_chunks, P.num_threads, [&](int64_t item) {
     const int64_t b = item / n_chunks, start = (item % n_chunks) * CHUNK;
-    BackwardItem<LT, TT, SOFT, CE> it(P, b);
+    Item it(P, b);
     it.run(start, std::min(N, start + CHUNK));
   });
+  return TV_OK;
 }
 
+// ---- this round's terms: soft-target CE, label smoothing, focal CE, region tables --------
+// (contract: fasttversky/_spec.py). These paths hold the target as an array g[c][lane]
+// (masked: 0 on ignored and padded lanes) instead of the fast paths' label index y, and
+// form the CE target q from it: q_c = w ((1 - ε) g_c + ε / C) for softmax, q_c = g_c for
+// sigmoid. The Tversky-only and plain-CE label-map paths above never come here, so they
+// run exactly as before. Which target kind a terms path reads is a template argument, as
+// is its compute type F; the storage types of the logits, the target and the gradient are
+// switched at run time once per tile row (64 voxels), which costs nothing measurable and
+// keeps the number of instantiations (and the build time) down. Label maps stored as
+// float16, bfloat16 or float64 (rarer than float32 ones) come here too, for the same
+// reason.
+enum TermsTarget { TK_LABELS = 0, TK_REGIONS = 1, TK_SOFT = 2 };
+
+// Logits of any storage type computed in F (float32 for float32/float16/bfloat16, float64
+// for float64), and the gradient row stored back, through a run-time switch.
+template <typename F>
+inline int64_t load_logits_any(const TverskyParams& P, int64_t b, int64_t n0, int n,
+                               F (*__restrict x)[TILE]) {
+  if constexpr (std::is_same_v<F, double>) {
+    return load_logits<F, double>(P, b, n0, n, x);
+  } else {
+    switch (P.logits_dtype) {
+      case TV_FLOAT16: return load_logits<F, f16>(P, b, n0, n, x);
+      case TV_BFLOAT16: return load_logits<F, bf16>(P, b, n0, n, x);
+      default: return load_logits<F, float>(P, b, n0, n, x);
+    }
+  }
+}
+
+// Row c of a tile, voxels n0 .. n0 + n - 1 of sample b, into the gradient.
+template <typename F>
+inline void store_grad_row(const TverskyParams& P, const F* __restrict src, int n, int64_t b,
+                           int64_t c, int64_t n0) {
+  const int64_t at = b * P.grad_stride_b + c * P.grad_stride_c + n0 * P.grad_stride_n;
+  const int64_t sn = P.grad_stride_n;
+  if constexpr (std::is_same_v<F, double>) {
+    store_row(src, n, (double*)P.grad_ptr + at, sn);
+  } else {
+    switch (P.logits_dtype) {
+      case TV_FLOAT16: return store_row(src, n, (f16*)P.grad_ptr + at, sn);
+      case TV_BFLOAT16: return store_row(src, n, (bf16*)P.grad_ptr + at, sn);
+      default: return store_row(src, n, (float*)P.grad_ptr + at, sn);
+    }
+  }
+}
+
+// y, w of a label map of any storage type (integer, or float: spec.float_labels).
+inline int64_t load_labels_any(const TverskyParams& P, int64_t b, int64_t n0, int n,
+                               int32_t* y, float* w) {
+  switch (P.target_dtype) {
+    case TV_UINT8: return load_labels<uint8_t>(P, b, n0, n, y, w);
+    case TV_INT16: return load_labels<int16_t>(P, b, n0, n, y, w);
+    case TV_INT32: return load_labels<int32_t>(P, b, n0, n, y, w);
+    case TV_INT64: return load_labels<int64_t>(P, b, n0, n, y, w);
+    case TV_FLOAT32: return load_labels<float>(P, b, n0, n, y, w);
+    case TV_FLOAT16: return load_labels<f16>(P, b, n0, n, y, w);
+    case TV_BFLOAT16: return load_labels<bf16>(P, b, n0, n, y, w);
+    default: return load_labels<double>(P, b, n0, n, y, w);
+  }
+}
+
+template <typename F>
+inline int64_t load_soft_any(const TverskyParams& P, int64_t b, int64_t n0, int n,
+                             F (*g)[TILE]) {
+  switch (P.target_dtype) {
+    case TV_FLOAT32: return load_soft<F, float>(P, b, n0, n, g);
+    case TV_FLOAT16: return load_soft<F, f16>(P, b, n0, n, g);
+    case TV_BFLOAT16: return load_soft<F, bf16>(P, b, n0, n, g);
+    default: return load_soft<F, double>(P, b, n0, n, g);
+  }
+}
+
+// g[c][i] (masked by w), w[i] for a terms path; returns the number of bad targets.
+// Regions: g_c = bit c of region_masks[label]; a label outside the table (a bad one, or
+// an ignored / padded lane, y = -1) has no bits.
+template <typename F, int TK>
+__attribute__((always_inline)) inline int64_t load_g(const TverskyParams& P, int64_t b,
+                                                     int64_t n0, int n, F (*__restrict g)[TILE],
+                                                     float* __restrict w,
+                                                     int32_t* __restrict y) {
+  const int64_t C = P.C;
+  if constexpr (TK == TK_SOFT) {
+    for (int i = 0; i < TILE; ++i) w[i] = i < n ? 1.f : 0.f;
+    return load_soft_any<F>(P, b, n0, n, g);
+  }
+  const int64_t bad = load_labels_any(P, b, n0, n, y, w);
+  if constexpr (TK == TK_REGIONS) {
+    alignas(64) uint64_t m[TILE];
+    const int64_t L = P.num_labels;
+    for (int i = 0; i < TILE; ++i)
+      m[i] = (y[i] >= 0 && y[i] < L) ? (uint64_t)P.region_masks_ptr[y[i]] : 0;
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) g[c][i] = (F)((m[i] >> c) & 1u);
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) g[c][i] = y[i] == (int32_t)c ? (F)1 : (F)0;
+  }
+  return bad;
+}
+
+// exp(x) that is exactly 0 below fast_exp's clamp (e^-87), where a focal factor must
+// vanish: it multiplies terms that may be as large as the logits.
+template <typename F>
+inline F exp_or_zero(F x) {
+  const F e = fast_exp(x);
+  return x < (F)-87 ? (F)0 : e;
+}
+
+// (1 - p)^γ for p in [0, 1], with 0^0 = 1 (MONAI's softmax focal factor).
+template <typename F>
+inline F pow_one_minus(F p, F gamma) {
+  const F omp = (F)1 - p;
+  const F t = exp_or_zero(gamma * fast_log(omp > (F)0 ? omp : (F)1));
+  return omp > (F)0 ? t : (gamma == (F)0 ? (F)1 : (F)0);
+}
+
+// The sigmoid focal factor of _spec.py: m = exp(γ logsigmoid(-x s)), s = 2q - 1, and
+// σ(x s) (the backward's); logsigmoid(-v) = -(max(v, 0) + log1p(exp(-|v|))).
+template <typename F>
+__attribute__((always_inline)) inline F sigmoid_focal_factor(F x, F q, F gamma, F& sig_xs) {
+  const F v = x * ((F)2 * q - (F)1);
+  const F es = exp_or_zero(-std::abs(v));
+  const F r = (F)1 / ((F)1 + es);
+  sig_xs = v >= (F)0 ? r : es * r;
+  return exp_or_zero(-gamma * (std::max(v, (F)0) + log1p_small(es)));
+}
+
+// One work item of the forward through the terms paths: sample b, voxels [start, stop).
+// CEK: TV_CE_NONE (regions without CE), TV_CE_PLAIN or TV_CE_FOCAL.
+template <typename F, int TK, int CEK>
+struct TermsForwardItem {
+  static constexpr bool CE = CEK != TV_CE_NONE, FOCAL = CEK == TV_CE_FOCAL;
+  const TverskyParams& P;
+  const int64_t b, start, stop, C;
+  const int S;  // stats columns: 3 + ce_columns
+  const F eps, gamma;
+  alignas(64) F x[MAX_C][TILE];
+  alignas(64) F g[MAX_C][TILE];
+  alignas(64) F lp[CE ? MAX_C : 1][TILE];  // softmax CE: (x_c - max) in CE units
+  alignas(64) F acc_pg[MAX_C][TILE], acc_p[MAX_C][TILE], acc_g[MAX_C][TILE];
+  alignas(64) F acc_ce[CE ? MAX_C : 1][TILE], acc_ce2[FOCAL ? MAX_C : 1][TILE];
+  alignas(64) int32_t y[TILE];
+  alignas(64) float w[TILE];
+  int64_t nonfinite = 0, bad = 0;
+
+  static int columns(const TverskyParams& P) {
+    return 3 + (CE ? 1 : 0) + (FOCAL && P.activation == TV_SIGMOID ? 1 : 0);
+  }
+
+  __attribute__((always_inline)) TermsForwardItem(const TverskyParams& p, int64_t b_,
+                                                  int64_t start_, int64_t stop_)
+      : P(p), b(b_), start(start_), stop(stop_), C(p.C), S(columns(p)),
+        eps(p.activation == TV_SOFTMAX ? (F)p.label_smoothing : (F)0),
+        gamma((F)p.focal_gamma) {
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        acc_pg[c][i] = acc_p[c][i] = acc_g[c][i] = (F)0;
+        if constexpr (CE) acc_ce[c][i] = (F)0;
+        if constexpr (FOCAL) acc_ce2[c][i] = (F)0;
+      }
+  }
+
+  __attribute__((always_inline)) void run() {
+    for (int64_t n0 = start; n0 < stop; n0 += TILE) {
+      const int n = (int)std::min<int64_t>(TILE, stop - n0);
+      nonfinite += load_logits_any<F>(P, b, n0, n, x);
+      bad += load_g<F, TK>(P, b, n0, n, g, w, y);
+      if (P.activation == TV_SOFTMAX)
+        softmax_terms();
+      else if (P.activation == TV_SIGMOID)
+        sigmoid_terms();
+      for (int64_t c = 0; c < C; ++c)
+        for (int i = 0; i < TILE; ++i) {
+          const F p = x[c][i] * (F)w[i];
+          acc_p[c][i] += p;
+          acc_pg[c][i] += p * g[c][i];
+          acc_g[c][i] += g[c][i];
+        }
+    }
+  }
+
+  // x: logits -> probabilities, and the (focal) CE of q into acc_ce, in CE units:
+  // -log p_c = log s - (x_c - m), both parts >= 0, so they are summed as they come.
+  __attribute__((always_inline)) void softmax_terms() {
+    alignas(64) F m[TILE], s[TILE];
+    for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
+    for (int64_t c = 1; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) m[i] = std::max(m[i], x[c][i]);
+    for (int i = 0; i < TILE; ++i) s[i] = (F)0;
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        if constexpr (CE) lp[c][i] = x[c][i] * ce_scale<F> - m[i] * ce_scale<F>;
+        x[c][i] = fast_exp(x[c][i] - m[i]);
+        s[i] += x[c][i];
+      }
+    for (int i = 0; i < TILE; ++i) {
+      m[i] = fast_log(s[i]) * ce_scale<F>;  // log s, in CE units
+      s[i] = (F)1 / s[i];
+    }
+    const F keep = (F)1 - eps, spread = eps / (F)C;
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        const F p = x[c][i] * s[i];
+        x[c][i] = p;
+        if constexpr (CE) {
+          const F q = (F)w[i] * (keep * g[c][i] + spread);
+          F t = m[i] - lp[c][i];
+          if constexpr (FOCAL) t *= pow_one_minus(p, gamma);
+          acc_ce[c][i] += q != (F)0 ? q * t : (F)0;  // q = 0 adds 0, even where t is inf
+        }
+      }
+  }
+
+  // x: logits -> probabilities, and BCE(x, q) (focal: h, q h) into acc_ce (acc_ce2).
+  __attribute__((always_inline)) void sigmoid_terms() {
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        const F v = x[c][i];
+        if constexpr (!CE) {
+          x[c][i] = (F)1 / ((F)1 + fast_exp(-v));
+        } else {
+          const F e = fast_exp(-std::abs(v));
+          const F r = (F)1 / ((F)1 + e);
+          const F q = g[c][i], vs = v * ce_scale<F>;
+          F h = std::max(vs, (F)0) - vs * q + log1p_small(e) * ce_scale<F>;
+          if constexpr (FOCAL) {
+            F unused;
+            h *= sigmoid_focal_factor(v, q, gamma, unused);
+            acc_ce2[c][i] += (F)w[i] * q * h;
+          }
+          acc_ce[c][i] += (F)w[i] * h;
+          x[c][i] = v >= (F)0 ? r : e * r;
+        }
+      }
+  }
+
+  __attribute__((always_inline)) void finish(double* out, int64_t* flags) const {
+    for (int64_t c = 0; c < C; ++c) {
+      double s[5] = {0, 0, 0, 0, 0};
+      for (int i = 0; i < TILE; ++i) {
+        s[0] += (double)acc_pg[c][i];
+        s[1] += (double)acc_p[c][i];
+        s[2] += (double)acc_g[c][i];
+        if constexpr (CE) s[3] += (double)acc_ce[c][i];
+        if constexpr (FOCAL) s[4] += (double)acc_ce2[c][i];
+      }
+      for (int k = 0; k < S; ++k) out[c * S + k] = k < 3 ? s[k] : s[k] * CE_UNIT;
+    }
+    flags[0] = nonfinite;
+    flags[1] = bad;
+  }
+};
+
+// One work item of the backward through the terms paths: sample b, voxels [start, stop).
+// u_c = A_c + B_c g_c (the Tversky part of dL/dp), then, per activation, the chain rule
+// with the CE family's gradient added (_spec.py): softmax with t_k = e_k q_k (plain) or
+// -a_k (focal), dz_k = p_k (w (u_k - Σ_c p_c u_c) + Σ_c t_c) - t_k.
+template <typename F, int TK, int CEK>
+struct TermsBackwardItem {
+  static constexpr bool CE = CEK != TV_CE_NONE, FOCAL = CEK == TV_CE_FOCAL;
+  const TverskyParams& P;
+  const int64_t b, C;
+  const F eps, gamma;
+  alignas(64) F x[MAX_C][TILE];
+  alignas(64) F g[MAX_C][TILE];
+  alignas(64) F u[MAX_C][TILE];
+  alignas(64) F lq[FOCAL ? MAX_C : 1][TILE];
+  alignas(64) int32_t y[TILE];
+  alignas(64) float w[TILE];
+  F A[MAX_C], Bc[MAX_C], E[MAX_C], E2[MAX_C];
+
+  __attribute__((always_inline)) TermsBackwardItem(const TverskyParams& p, int64_t b_)
+      : P(p), b(b_), C(p.C), eps(p.activation == TV_SOFTMAX ? (F)p.label_smoothing : (F)0),
+        gamma((F)p.focal_gamma) {
+    const bool two = FOCAL && P.activation == TV_SIGMOID;
+    for (int64_t c = 0; c < C; ++c) {
+      A[c] = ((const F*)P.coef_a_ptr)[b * C + c];
+      Bc[c] = ((const F*)P.coef_b_ptr)[b * C + c];
+      E[c] = CE ? ((const F*)P.coef_ce_ptr)[b * C + c] : (F)0;
+      E2[c] = two ? ((const F*)P.coef_ce2_ptr)[b * C + c] : (F)0;
+    }
+  }
+
+  __attribute__((always_inline)) void run(int64_t start, int64_t stop) {
+    for (int64_t n0 = start; n0 < stop; n0 += TILE) {
+      const int n = (int)std::min<int64_t>(TILE, stop - n0);
+      load_logits_any<F>(P, b, n0, n, x);
+      load_g<F, TK>(P, b, n0, n, g, w, y);
+      for (int64_t c = 0; c < C; ++c) {
+        const F ac = A[c], bc = Bc[c];
+        for (int i = 0; i < TILE; ++i) u[c][i] = ac + bc * g[c][i];
+      }
+      if (P.activation == TV_SOFTMAX)
+        softmax_grad();
+      else if (P.activation == TV_SIGMOID)
+        sigmoid_grad();
+      else
+        for (int64_t c = 0; c < C; ++c)
+          for (int i = 0; i < TILE; ++i) u[c][i] *= (F)w[i];
+      for (int64_t c = 0; c < C; ++c)
+        store_grad_row(P, u[c], n, b, c, n0);
+    }
+  }
+
+  // x: logits -> p; g -> t (the CE family's part of dL/dz: e q, or -a for focal);
+  // u -> dL/dz. Focal: log p_c = (x_c - max) - log s, kept in lq.
+  __attribute__((always_inline)) void softmax_grad() {
+    alignas(64) F m[TILE], s[TILE], s1[TILE], st[TILE];
+    for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
+    for (int64_t c = 1; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) m[i] = std::max(m[i], x[c][i]);
+    for (int i = 0; i < TILE; ++i) s[i] = s1[i] = st[i] = (F)0;
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        const F d = x[c][i] - m[i];
+        if constexpr (FOCAL) lq[c][i] = d;
+        x[c][i] = fast_exp(d);
+        s[i] += x[c][i];
+      }
+    for (int i = 0; i < TILE; ++i) {
+      if constexpr (FOCAL) m[i] = fast_log(s[i]);
+      s[i] = (F)1 / s[i];
+    }
+    const F keep = (F)1 - eps, spread = eps / (F)C;
+    for (int64_t c = 0; c < C; ++c) {
+      const F ec = E[c];
+      for (int i = 0; i < TILE; ++i) {
+        const F p = x[c][i] * s[i];
+        x[c][i] = p;
+        s1[i] += p * u[c][i];
+        if constexpr (CE) {
+          const F q = (F)w[i] * (keep * g[c][i] + spread);
+          F t = ec * q;
+          if constexpr (FOCAL) {
+            // -a_c = e q ((1 - p)^γ - γ p (1 - p)^(γ-1) log p), the γ part 0 where
+            // p is 0 or 1 or q is 0 (p log p -> 0; a term with q = 0 is 0)
+            const F omp = (F)1 - p, pw = pow_one_minus(p, gamma);
+            const bool inner = (omp > (F)0) & (p > (F)0) & (q != (F)0);
+            const F gp = gamma * p * (lq[c][i] - m[i]) * pw / (inner ? omp : (F)1);
+            t *= pw - (inner ? gp : (F)0);
+          }
+          g[c][i] = t;
+          st[i] += t;
+        }
+      }
+    }
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        const F t = CE ? g[c][i] : (F)0;
+        u[c][i] = x[c][i] * ((F)w[i] * (u[c][i] - s1[i]) + st[i]) - t;
+      }
+  }
+
+  // dz_c = w (u_c p (1 - p) + the CE family's part), p = σ(x) from one exp.
+  __attribute__((always_inline)) void sigmoid_grad() {
+    for (int64_t c = 0; c < C; ++c) {
+      const F ec = E[c], ec2 = E2[c];
+      for (int i = 0; i < TILE; ++i) {
+        const F v = x[c][i];
+        const F e = fast_exp(-std::abs(v));
+        const F r = (F)1 / ((F)1 + e);
+        const F p = v >= (F)0 ? r : e * r;
+        F du = u[c][i] * p * ((F)1 - p);
+        if constexpr (CE) {
+          const F q = g[c][i];
+          if constexpr (FOCAL) {
+            const F bce = std::max(v, (F)0) - v * q + log1p_small(e);
+            F sig_xs;
+            const F mf = sigmoid_focal_factor(v, q, gamma, sig_xs);
+            const F sgn = (F)2 * q - (F)1;
+            du += (ec + ec2 * q) * mf * (p - q - gamma * sgn * sig_xs * bce);
+          } else {
+            du += ec * (p - q);
+          }
+        }
+        u[c][i] = (F)w[i] * du;
+      }
+    }
+  }
+};
+
 // ---- dtype dispatch -------------------------------------------------------------------------
-template <template <typename, typename, bool, bool> class Op, typename LT, bool CE>
+// Dir (Forward or Backward) names the work items of one direction: the fast paths'
+// <logits storage, target storage, soft, CE> and the terms paths' <compute type, target
+// kind, CE kind>.
+struct Forward {
+  static constexpr bool BACKWARD = false;
+  template <typename LT, typename TT, bool SOFT, bool CE>
+  static int fast(const TverskyParams& P) { return forward_items<ForwardItem<LT, TT, SOFT, CE>>(P); }
+  template <typename F, int TK, int CEK>
+  static int terms(const TverskyParams& P) {
+    return forward_items<TermsForwardItem<F, TK, CEK>>(P);
+  }
+};
+struct Backward {
+  static constexpr bool BACKWARD = true;
+  template <typename LT, typename TT, bool SOFT, bool CE>
+  static int fast(const TverskyParams& P) { return backward_items<BackwardItem<LT, TT, SOFT, CE>>(P); }
+  template <typename F, int TK, int CEK>
+  static int terms(const TverskyParams& P) {
+    return backward_items<TermsBackwardItem<F, TK, CEK>>(P);
+  }
+};
+
+template <class Dir, typename LT, bool CE>
 int dispatch_labels(const TverskyParams& P) {
   switch (P.target_dtype) {
-    case TV_UINT8: return Op<LT, uint8_t, false, CE>::run(P);
-    case TV_INT16: return Op<LT, int16_t, false, CE>::run(P);
-    case TV_INT32: return Op<LT, int32_t, false, CE>::run(P);
-    case TV_INT64: return Op<LT, int64_t, false, CE>::run(P);
+    case TV_UINT8: return Dir::template fast<LT, uint8_t, false, CE>(P);
+    case TV_INT16: return Dir::template fast<LT, int16_t, false, CE>(P);
+    case TV_INT32: return Dir::template fast<LT, int32_t, false, CE>(P);
+    case TV_INT64: return Dir::template fast<LT, int64_t, false, CE>(P);
+    // float32 label maps (nnU-Net's and MONAI's), read directly (to_label)
+    case TV_FLOAT32: return Dir::template fast<LT, float, false, CE>(P);
   }
   return TV_ERR_TARGET_DTYPE;
 }
 
-template <template <typename, typename, bool, bool> class Op, typename LT>
-int dispatch_target(const TverskyParams& P) {
+template <class Dir, typename LT>
+int dispatch_fast(const TverskyParams& P) {
   if (P.soft_target) {
     switch (P.target_dtype) {
-      case TV_FLOAT32: return Op<LT, float, true, false>::run(P);
-      case TV_FLOAT16: return Op<LT, f16, true, false>::run(P);
-      case TV_BFLOAT16: return Op<LT, bf16, true, false>::run(P);
-      case TV_FLOAT64: return Op<LT, double, true, false>::run(P);
+      case TV_FLOAT32: return Dir::template fast<LT, float, true, false>(P);
+      case TV_FLOAT16: return Dir::template fast<LT, f16, true, false>(P);
+      case TV_BFLOAT16: return Dir::template fast<LT, bf16, true, false>(P);
+      case TV_FLOAT64: return Dir::template fast<LT, double, true, false>(P);
     }
     return TV_ERR_TARGET_DTYPE;
   }
   // The CE term is a separate instantiation, so the Tversky-only loops stay as they were.
-  return P.ce_kind ? dispatch_labels<Op, LT, true>(P) : dispatch_labels<Op, LT, false>(P);
+  return P.ce_kind ? dispatch_labels<Dir, LT, true>(P) : dispatch_labels<Dir, LT, false>(P);
 }
 
-template <template <typename, typename, bool, bool> class Op>
+template <class Dir, typename F, int TK>
+int dispatch_terms_ce(const TverskyParams& P) {
+  if (P.ce_kind == TV_CE_FOCAL) return Dir::template terms<F, TK, TV_CE_FOCAL>(P);
+  if (P.ce_kind == TV_CE_PLAIN) return Dir::template terms<F, TK, TV_CE_PLAIN>(P);
+  if constexpr (TK == TK_SOFT) return TV_ERR_CE;  // not reached: soft without CE is fast
+  return Dir::template terms<F, TK, TV_CE_NONE>(P);
+}
+
+template <class Dir, typename F>
+int dispatch_terms(const TverskyParams& P) {
+  if (P.region_masks_ptr) return dispatch_terms_ce<Dir, F, TK_REGIONS>(P);
+  if (P.soft_target) return dispatch_terms_ce<Dir, F, TK_SOFT>(P);
+  return dispatch_terms_ce<Dir, F, TK_LABELS>(P);
+}
+
+// Whether a call takes a terms path: regions, soft targets with CE, focal CE, label
+// smoothing, and label maps stored as float16/bfloat16/float64.
+inline bool needs_terms(const TverskyParams& P) {
+  if (P.region_masks_ptr) return true;
+  if (P.soft_target) return P.ce_kind != TV_CE_NONE;
+  const bool smoothing = P.activation == TV_SOFTMAX && P.label_smoothing != 0.0;
+  const bool rare_labels = P.target_dtype >= TV_FLOAT16 && P.target_dtype <= TV_FLOAT64;
+  return P.ce_kind == TV_CE_FOCAL || (P.ce_kind && smoothing) || rare_labels;
+}
+
+// What no path covers, as a TverskyError (0: every path can run it).
+int check_params(const TverskyParams& P, bool backward) {
+  const bool soft_dtype = P.target_dtype >= TV_FLOAT32 && P.target_dtype <= TV_FLOAT64;
+  const bool label_dtype = soft_dtype || (P.target_dtype >= TV_UINT8 && P.target_dtype <= TV_INT64);
+  const bool regions = P.region_masks_ptr != nullptr;
+  if (P.C < 1 || P.C > MAX_C || (regions && P.C > 63)) return TV_ERR_NUM_CLASSES;
+  if (!(P.soft_target ? soft_dtype : label_dtype)) return TV_ERR_TARGET_DTYPE;
+  if (regions && (P.soft_target || P.activation == TV_SOFTMAX)) return TV_ERR_ACTIVATION;
+  if (P.ce_kind < TV_CE_NONE || P.ce_kind > TV_CE_FOCAL) return TV_ERR_CE;
+  // cross-entropy: softmax or sigmoid only; the backward needs its coefficients
+  if (P.ce_kind && P.activation == TV_NONE) return TV_ERR_CE;
+  const bool two_columns = P.ce_kind == TV_CE_FOCAL && P.activation == TV_SIGMOID;
+  if (backward && P.ce_kind && (!P.coef_ce_ptr || (two_columns && !P.coef_ce2_ptr)))
+    return TV_ERR_CE;
+  return TV_OK;
+}
+
+template <class Dir>
 int dispatch(const TverskyParams& P) {
-  if (P.C < 1 || P.C > MAX_C) return TV_ERR_NUM_CLASSES;
-  // cross-entropy: label maps and softmax/sigmoid only
-  if (P.ce_kind && (P.soft_target || P.activation == TV_NONE)) return TV_ERR_CE;
+  if (const int err = check_params(P, Dir::BACKWARD)) return err;
+  if (P.logits_dtype < TV_FLOAT32 || P.logits_dtype > TV_FLOAT64) return TV_ERR_LOGITS_DTYPE;
+  if (needs_terms(P))
+    return P.logits_dtype == TV_FLOAT64 ? dispatch_terms<Dir, double>(P)
+                                        : dispatch_terms<Dir, float>(P);
   switch (P.logits_dtype) {
-    case TV_FLOAT32: return dispatch_target<Op, float>(P);
-    case TV_FLOAT16: return dispatch_target<Op, f16>(P);
-    case TV_BFLOAT16: return dispatch_target<Op, bf16>(P);
-    case TV_FLOAT64: return dispatch_target<Op, double>(P);
+    case TV_FLOAT32: return dispatch_fast<Dir, float>(P);
+    case TV_FLOAT16: return dispatch_fast<Dir, f16>(P);
+    case TV_BFLOAT16: return dispatch_fast<Dir, bf16>(P);
   }
-  return TV_ERR_LOGITS_DTYPE;
+  return dispatch_fast<Dir, double>(P);
 }
-
-template <typename LT, typename TT, bool SOFT, bool CE>
-struct ForwardOp {
-  static int run(const TverskyParams& P) {
-    forward_impl<LT, TT, SOFT, CE>(P);
-    return 0;
-  }
-};
-template <typename LT, typename TT, bool SOFT, bool CE>
-struct BackwardOp {
-  static int run(const TverskyParams& P) {
-    backward_impl<LT, TT, SOFT, CE>(P);
-    return 0;
-  }
-};
 
 }  // namespace
 
 extern "C" {
 // Return 0 (TV_OK) or a negative TverskyError (csrc/tversky.h).
-int tversky_cpu_forward(const TverskyParams* params) { return dispatch<ForwardOp>(*params); }
-int tversky_cpu_backward(const TverskyParams* params) { return dispatch<BackwardOp>(*params); }
+int tversky_cpu_forward(const TverskyParams* params) { return dispatch<Forward>(*params); }
+int tversky_cpu_backward(const TverskyParams* params) { return dispatch<Backward>(*params); }
 int tversky_cpu_max_classes() { return MAX_C; }
 // sizeof(TverskyParams) as compiled: the loader checks it against its ctypes mirror.
 int64_t tversky_cpu_params_size() { return (int64_t)sizeof(TverskyParams); }

@@ -175,6 +175,17 @@ def _params(logits, target, spec: KernelSpec) -> TverskyParams:
     return make_params(logits, target, spec, threads)
 
 
+@functools.lru_cache(maxsize=8)
+def _region_masks(masks: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(masks, dtype=torch.int64)
+
+
+def _region_table(spec: KernelSpec) -> torch.Tensor | None:
+    """spec.region_masks as the CPU int64 table the kernels index by label (or None).
+    Cached per table: a training run passes the same one every step."""
+    return None if spec.region_masks is None else _region_masks(spec.region_masks)
+
+
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
@@ -214,7 +225,9 @@ class _CpuBackend(Backend):
     name = "cpu"
     max_classes = MAX_CLASSES
     class_limit_why = "supported by the kernel"
-    features = frozenset({"ce"})
+    features = frozenset(
+        {"ce", "soft_ce", "label_smoothing", "focal", "float_labels", "regions"}
+    )
 
     def unavailable(self):
         try:
@@ -233,26 +246,30 @@ class _CpuBackend(Backend):
 
     def forward_stats(self, logits, target, spec: KernelSpec):
         B, C, _ = logits.shape
-        stats = torch.empty((B, C, 4 if spec.with_ce else 3), dtype=torch.float64)
+        stats = torch.empty((B, C, 3 + spec.ce_columns), dtype=torch.float64)
         flags = torch.zeros(2, dtype=torch.int64)
         p = _params(logits, target, spec)
+        masks = _region_table(spec)  # referenced until the call returns
+        p.region_masks_ptr = None if masks is None else masks.data_ptr()
         p.stats_ptr = stats.data_ptr()
         p.flags_ptr = flags.data_ptr()
         check_kernel_code(_library().tversky_cpu_forward(ctypes.byref(p)), "CPU", "forward")
         return stats, flags
 
-    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
+    def backward(
+        self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None, coef_ce2=None
+    ):
         grad = new_grad(logits)
         _advise_huge_pages(grad)
         p = _params(logits, target, spec)
+        masks = _region_table(spec)  # referenced until the call returns
+        p.region_masks_ptr = None if masks is None else masks.data_ptr()
         p.grad_ptr = grad.data_ptr()
         p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
-        coef_a, coef_b = kernel_coefs(logits, coef_a, coef_b)
-        p.coef_a_ptr = coef_a.data_ptr()
-        p.coef_b_ptr = coef_b.data_ptr()
-        if coef_ce is not None:
-            (coef_ce,) = kernel_coefs(logits, coef_ce)
-            p.coef_ce_ptr = coef_ce.data_ptr()
+        # the (B, C) coefficients, each referenced until the call returns
+        coefs = kernel_coefs(logits, coef_a, coef_b, coef_ce, coef_ce2)
+        ptrs = [None if c is None else c.data_ptr() for c in coefs]
+        p.coef_a_ptr, p.coef_b_ptr, p.coef_ce_ptr, p.coef_ce2_ptr = ptrs
         check_kernel_code(_library().tversky_cpu_backward(ctypes.byref(p)), "CPU", "backward")
         return grad
 
