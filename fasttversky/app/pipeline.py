@@ -19,13 +19,15 @@ Folders:
   with validation subjects also ``RUN/best.pt`` and ``RUN/val.jsonl`` (score per
   validation)
 * predictions (:func:`predict_dataset`): ``PRED/<subject>/{prob,mask}.nii.gz`` with the
-  input's affine
+  input's affine, and ``PRED/inference.json`` (the settings, each run's checkpoint and
+  its SHA-256; one run or an ensemble, :mod:`fasttversky.app.ensemble`)
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -573,7 +575,7 @@ def predict_dataset(
     from .data import load_subject, save_volume
     from .ensemble import load_ensemble
 
-    runs = [run] if isinstance(run, (str, Path)) else list(run)
+    runs = [run] if isinstance(run, (str, os.PathLike)) else list(run)
     upd = {}
     if window is not None:
         upd["window"] = None if not any(window) else list(window)
