@@ -93,6 +93,39 @@ def run_or_fall_back(
     return original()
 
 
+def retry_float_labels(
+    run: Callable[[torch.Tensor | None], torch.Tensor],
+    float_labels: torch.Tensor | None,
+    need_integral: bool,
+    quiet_original: Callable[[], torch.Tensor],
+) -> Callable[[], torch.Tensor]:
+    """``fused()`` for :func:`run_or_fall_back`: ``run(None)`` runs the planned call.
+
+    With ``float_labels`` (the float label map that call hands the kernels as it is, no
+    conversion pass): when the kernels refuse it -- a label that is not an integer, which
+    the originals' ``.long()`` truncates, or a backend that reads no float label maps --
+    the labels are truncated to integers (:func:`float_labels_to_int`) and ``run(labels)``
+    runs once more. Non-integral labels with ``need_integral`` (an ignore label that only
+    unrounded values can match) give ``quiet_original()``: a documented fallback, no
+    warning. Any other refusal repeats on the second run and reaches the caller.
+    """
+
+    def fused() -> torch.Tensor:
+        if float_labels is None:
+            return run(None)
+        try:
+            return run(None)
+        except (fasttversky.InvalidInputError, fasttversky.BackendUnavailableError) as exc:
+            if isinstance(exc, TypeError):
+                raise
+        labels = float_labels_to_int(float_labels, need_integral)
+        if labels is None:
+            return quiet_original()
+        return run(labels)
+
+    return fused
+
+
 def warn_fallback(plan: Fallback, who: str) -> None:
     if plan.warn:
         warnings.warn(

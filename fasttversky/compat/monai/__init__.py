@@ -73,6 +73,15 @@ Differences that remain
 from .._common import SlowPathWarning
 from ._dice import DiceLoss, GeneralizedDiceLoss
 from ._dice_ce import DiceCELoss
+from ._focal import DiceFocalLoss, FocalLoss
 from ._tversky import TverskyLoss
 
-__all__ = ["DiceCELoss", "DiceLoss", "GeneralizedDiceLoss", "SlowPathWarning", "TverskyLoss"]
+__all__ = [
+    "DiceCELoss",
+    "DiceFocalLoss",
+    "DiceLoss",
+    "FocalLoss",
+    "GeneralizedDiceLoss",
+    "SlowPathWarning",
+    "TverskyLoss",
+]

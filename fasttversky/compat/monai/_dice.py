@@ -20,7 +20,7 @@ from fasttversky.errors import InvalidInputTypeError
 from .. import _common
 from .._common import Fallback
 from . import _mirror
-from ._tversky import TverskyLoss
+from ._tversky import TverskyLoss, retry_float_labels
 
 _W_TYPES = ("square", "simple", "uniform")
 
@@ -39,12 +39,14 @@ class _DiceBase(TverskyLoss):
             return self._mirror(input, target)
         self._single_channel_warnings(input.shape[1])
 
-        def fused():
-            terms = _common.fused_loss(plan.input, plan.target, plan.options)
+        def run(labels):
+            t = plan.target if labels is None else labels
+            terms = _common.fused_loss(plan.input, t, plan.options)
             return self._finish(terms.to(plan.out_dtype), input.ndim)
 
+        original = lambda: self._mirror(input, target, False)  # noqa: E731
         return _common.run_or_fall_back(
-            fused, lambda: self._mirror(input, target, False), self._who
+            retry_float_labels(plan, run, original), original, self._who
         )
 
     def _options(self, C: int, activation: str, ignore_index: int | None):

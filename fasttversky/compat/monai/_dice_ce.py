@@ -1,10 +1,9 @@
-"""``DiceCELoss`` with MONAI's constructor, defaults and values, fused where MONAI's two
-terms are functions of the same probabilities."""
+"""``DiceCELoss`` with MONAI's constructor, defaults and values, fused: one pass when
+MONAI's two terms see the same probabilities, one pass per term otherwise."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
@@ -12,18 +11,11 @@ import fasttversky
 
 from .. import _common
 from .._common import Fallback
-from . import _mirror
+from . import _compound, _mirror
 from ._base import MonaiLoss, tensor_problem
+from ._compound import CeTerm, DiceTerm, FusedPlan
 
 _WHO = "fasttversky.compat.monai.DiceCELoss"
-_INT_LABELS = (torch.uint8, torch.int16, torch.int32, torch.int64)
-
-
-class _FusedCall(NamedTuple):
-    labels: torch.Tensor  # (B, 1, *spatial) integer label map (a {0, 1} mask for sigmoid)
-    options: fasttversky.TverskyOptions  # Tversky sums with reduction "sum" + CE
-    scale: float  # the loss is scale * fused_loss(...)
-    out_dtype: torch.dtype  # the dtype MONAI's result would have
 
 
 class DiceCELoss(MonaiLoss):
@@ -35,29 +27,31 @@ class DiceCELoss(MonaiLoss):
     out), and CE is ``nn.CrossEntropyLoss(weight, reduction, label_smoothing)`` on the raw
     logits for C > 1 channels or ``nn.BCEWithLogitsLoss(pos_weight=weight)`` for C = 1.
 
-    **Fused** (one pass over logits and labels forward, one backward, the CE inside the
-    Tversky kernels' pass) when the two terms see the same probabilities:
+    **Fused** (no one-hot, nothing voxel-sized saved; see ``_compound``): one pass for
+    both terms when they see the same probabilities (``softmax=True`` with C >= 2,
+    ``sigmoid=True`` with C = 1), one pass per term otherwise (MONAI's default
+    ``softmax=False``: Dice on the raw input, CE on it as logits; ``sigmoid=True`` with
+    C > 1, whose CE MONAI computes with a softmax; ``other_act``), for these targets:
 
-    * ``softmax=True``, C >= 2, ``to_onehot_y=True`` and a (B, 1, *spatial) label map
-      (integer, or float truncated like MONAI's ``.long()``); ``weight`` None or C
-      finite non-negative values (not all 0) of the input's dtype, with reduction "mean";
-    * ``softmax=True``, C >= 2, ``to_onehot_y=False`` and an exactly one-hot
-      (B, C, *spatial) target (float/integer/bool; turned into a label map after two
-      checking passes), no ``weight``;
-    * ``sigmoid=True``, C = 1 and a (B, 1, *spatial) {0, 1} mask (integer or float), no
-      ``weight`` (MONAI passes it to BCE as ``pos_weight``);
-    * and ``squared_pred=False``, ``other_act=None``, ``label_smoothing=0``,
-      ``lambda_dice > 0``. The Dice term is the Tversky index with alpha = beta = 1/2
-      (1 for ``jaccard``) and half of each smoothing constant.
+    * ``to_onehot_y=True`` (C >= 2) and a (B, 1, *spatial) label map of an integer,
+      bool or float dtype (read by the kernels as it is; non-integer float labels are
+      truncated like MONAI's ``.long()``);
+    * ``to_onehot_y=False`` and a (B, C, *spatial) one-hot or soft target in [0, 1]
+      (float, or integer converted to the input's dtype): the CE is torch's
+      probability-target cross-entropy, label smoothing and ``weight`` included;
+    * C = 1: a (B, 1, *spatial) {0, 1} integer mask or a float mask in [0, 1];
+
+    with ``label_smoothing`` in [0, 1], ``weight`` None or C finite non-negative values
+    (not all 0) of the input's dtype, and the lambdas >= 0 (a zero lambda drops its term).
 
     **MONAI-equivalent slower path** (plain torch, MONAI's forward step by step, its
-    errors and NaNs included) otherwise -- notably MONAI's default ``softmax=False``
-    (Dice on the raw input, CE on it as logits: two different functions of the input),
-    soft targets, ``sigmoid=True`` with C > 1 (MONAI's CE is then a softmax CE), a
-    ``weight`` whose dtype is not the input's (torch's CE raises), a ``weight`` whose
-    non-zero classes label no voxel (MONAI's weighted CE is then 0/0 = NaN; one scan of
-    the labels when a weight is 0) -- and, with a :class:`SlowPathWarning`, whenever the
-    kernels refuse the inputs while running (NaN, labels out of range).
+    errors and NaNs included) otherwise: ``squared_pred=True``; ``weight`` with a label
+    map and reduction "sum" (the CE sum needs a class histogram), with C = 1 (MONAI's
+    BCE ``pos_weight``), of another dtype than the input (torch's CE raises for a label
+    map), or whose non-zero classes label no voxel (MONAI's weighted CE is then 0/0 =
+    NaN; one scan of the labels when a weight is 0); shapes MONAI rejects -- and, with a
+    :class:`SlowPathWarning`, whenever the kernels refuse the inputs while running (NaN,
+    labels out of range, a soft target outside [0, 1]).
     ``explain(input, target)`` says which path a call takes.
 
     ``forward(input, target)``: input (B, C, *spatial) float, 1-3 spatial dims; target
@@ -140,11 +134,9 @@ class DiceCELoss(MonaiLoss):
         if isinstance(plan, Fallback):
             _common.warn_fallback(plan, _WHO)
             return _mirror.dice_ce_forward(self, input, target)
-        self._single_channel_warnings(input.shape[1])  # C = 1 is fused for sigmoid only
-        return _common.run_or_fall_back(
-            lambda: self._fused(input, plan),
-            lambda: _mirror.dice_ce_forward(self, input, target, warn=False),
-            _WHO,
+        self._single_channel_warnings(input.shape[1])
+        return _compound.run_or_fall_back(
+            plan, lambda: _mirror.dice_ce_forward(self, input, target, warn=False), _WHO
         )
 
     def explain(self, input: torch.Tensor, target: torch.Tensor) -> str:
@@ -153,133 +145,106 @@ class DiceCELoss(MonaiLoss):
         plan = self._plan(_common.plain(input), _common.plain(target))
         if isinstance(plan, Fallback):
             return f"fallback: {plan.reason}"
-        return f"fused: activation={plan.options.activation!r}, labels {plan.labels.dtype}"
+        passes = ", ".join(c.options.activation for c in plan.calls)
+        return f"fused: {len(plan.calls)} pass(es) ({passes}), target {plan.target.dtype}"
 
     # ----------------------------------------------------------------------------------
-    def _plan(self, input, target) -> _FusedCall | Fallback:
-        """The fused call equal to MONAI's forward on these inputs, or why there is none."""
+    def _plan(self, input, target) -> FusedPlan | Fallback:
+        """The fused calls equal to MONAI's forward on these inputs, or why there are none."""
         why = tensor_problem(input, target) or self._option_problem()
         if why is not None:
             return Fallback(why)
-        C = input.shape[1]
-        if self.softmax and C > 1 and not self.to_onehot_y and target.shape == input.shape:
-            plan = self._onehot_plan(input, target)
-        elif tuple(target.shape) != (input.shape[0], 1, *input.shape[2:]):
-            shape = tuple(target.shape)
-            return Fallback(f"target of shape {shape} is not a (B, 1, *spatial) label map")
-        elif self.softmax and C > 1:
-            plan = self._label_map_plan(input, target)
-        elif self.sigmoid and C == 1:
-            plan = self._mask_plan(input, target)
-        else:
-            return Fallback(
-                "activation: the fused path needs softmax=True with C >= 2 or sigmoid=True with "
-                "C = 1 (otherwise MONAI's Dice and CE see different functions of the input)"
-            )
-        if isinstance(plan, Fallback):
-            return plan
-        labels, activation, out_dtype = plan
-        return self._fused_call(input, labels, activation, out_dtype)
+        tgt = self._target(input, target)
+        if isinstance(tgt, Fallback):
+            return tgt
+        kernel_target, dice_dtype, float_labels = tgt
+        ce = self._ce_term(input, kernel_target)
+        if isinstance(ce, Fallback):
+            return ce
+        dice = self._dice_term(input)
+        if isinstance(dice, Fallback):
+            return dice
+        if dice is None and ce is None:
+            return Fallback("both terms are 0 (zero lambdas or weights)")
+        calls = _compound.kernel_calls(input.shape[1], dice, ce, self.backend)
+        # MONAI's dtype: its Dice's (activated input x target) promoted with its CE's
+        out_dtype = torch.promote_types(dice_dtype, input.dtype)
+        if dice is not None:
+            out_dtype = torch.promote_types(out_dtype, dice.input.dtype)
+        return FusedPlan(calls, kernel_target, out_dtype, float_labels)
 
     def _option_problem(self) -> str | None:
-        if self.other_act is not None:
-            return "other_act (MONAI's CE sees the raw logits, the Dice the activated input)"
         if self.squared_pred:
             return "squared_pred=True (sums of squares are not the kernels' sums)"
-        if self.label_smoothing != 0:
-            return f"label_smoothing={self.label_smoothing}"
-        if not (_common.nonneg_real(self.lambda_dice) and self.lambda_dice > 0):
-            return f"lambda_dice={self.lambda_dice!r} (the Dice term carries the CE)"
-        if not _common.nonneg_real(self.lambda_ce):
-            return f"lambda_ce={self.lambda_ce!r}"
-        if not (_common.nonneg_real(self.smooth_nr) and _common.nonneg_real(self.smooth_dr)):
-            return "negative or non-finite smoothing"
+        for name in ("lambda_dice", "lambda_ce", "smooth_nr", "smooth_dr"):
+            if not _common.nonneg_real(getattr(self, name)):
+                return f"{name}={getattr(self, name)!r}; the kernels take finite reals >= 0"
         return None
 
-    def _onehot_plan(self, input, target):
-        # MONAI's CE is then torch's probability-target CE, equal to the label-map CE
-        # when the target is exactly one-hot and unweighted.
-        if self.weight is not None:
-            return Fallback("weight with a one-hot target (MONAI's CE then divides by N, not Σw)")
-        labels = _common.onehot_to_labels(target)
-        if labels is None:
-            return Fallback("target is not exactly one-hot (soft or invalid labels)")
-        tdt = target.dtype if target.is_floating_point() else input.dtype
-        return labels, "softmax", torch.promote_types(input.dtype, tdt)
-
-    def _label_map_plan(self, input, target):
-        if not self.to_onehot_y:
-            return Fallback("to_onehot_y=False with a label map (MONAI raises)")
-        if target.is_floating_point():
-            labels = _common.float_labels_to_int(target, need_integral=False)
-        elif target.dtype in _INT_LABELS:
-            labels = target
-        else:
+    def _target(self, input, target):
+        """(the kernels' target, the dtype of MONAI's Dice target, float label map?)."""
+        B, C, *spatial = input.shape
+        if input.dim() != target.dim():
+            return Fallback("input and target have different numbers of dims (MONAI raises)")
+        if C > 1 and self.to_onehot_y:
+            if tuple(target.shape) != (B, 1, *spatial):
+                return Fallback(
+                    f"target of shape {tuple(target.shape)} is not a (B, 1, *spatial) label map"
+                )
+            if target.is_floating_point():
+                return target, torch.float32, True  # MONAI's one_hot is float32
+            if target.dtype in _common.LABEL_DTYPES:
+                return target, torch.float32, False
             return Fallback(f"label dtype {target.dtype}")
-        why = self._weight_problem(input, labels)
-        if why is not None:
-            return Fallback(why)
-        return labels, "softmax", torch.promote_types(input.dtype, torch.float32)
+        if tuple(target.shape) != tuple(input.shape):
+            return Fallback(f"target shape {tuple(target.shape)} != input shape (MONAI raises)")
+        if target.is_floating_point():
+            return target, target.dtype, False
+        if target.dtype == torch.bool or target.dtype not in _common.LABEL_DTYPES:
+            return Fallback(f"target dtype {target.dtype}")
+        if C == 1:  # a {0, 1} integer mask is a label map for the kernels
+            return target, input.dtype, False
+        return target.to(input.dtype), input.dtype, False  # MONAI's CE does the same
 
-    def _weight_problem(self, input, labels) -> str | None:
+    def _dice_term(self, input) -> DiceTerm | None | Fallback:
+        """MONAI's Dice term; its weight is DiceCELoss's, without the background when that
+        is left out, and none for one kept class (MONAI's DiceLoss skips it then)."""
+        C = input.shape[1]
+        n_kept = C - 1 if (not self.include_background and C > 1) else C
         w = self.weight
-        if w is None:
+        kept = None if w is None or n_kept == 1 else [float(v) for v in w[C - n_kept :].tolist()]
+        return _compound.dice_term(self, input, self.lambda_dice, kept)
+
+    def _ce_term(self, input, kernel_target) -> CeTerm | None | Fallback:
+        """MONAI's CE term: ``CrossEntropyLoss`` for C > 1, ``BCEWithLogitsLoss`` for C = 1."""
+        C = input.shape[1]
+        if self.lambda_ce == 0:
             return None
-        if self.reduction == "sum":
-            return "weight with reduction='sum' (CE's sum of weights needs a histogram)"
+        w = self.weight
+        label_map = C > 1 and kernel_target.shape[1] == 1
+        voxels = input.numel() // C
+        scale = float(self.lambda_ce) * (1.0 if self.reduction == "mean" else voxels)
+        if C == 1:
+            if w is not None:
+                return Fallback("weight with one channel (MONAI's BCE pos_weight)")
+            return CeTerm(input, "sigmoid", scale, {})
+        options = {}
+        if self.label_smoothing:
+            options["ce_label_smoothing"] = float(self.label_smoothing)
+        if w is not None:
+            why = self._weight_problem(input, kernel_target, label_map)
+            if why is not None:
+                return Fallback(why)
+            options["ce_class_weights"] = w
+        return CeTerm(input, "softmax", scale, options)
+
+    def _weight_problem(self, input, kernel_target, label_map: bool) -> str | None:
+        w = self.weight
+        if label_map and self.reduction == "sum":
+            return "weight with a label map and reduction='sum' (the CE sum needs a histogram)"
         why = _common.ce_weight_problem(w, input)
         if why is not None:
             return why
-        if not self.include_background and input.shape[1] > 2 and not bool(w[1:].any()):
-            return "the Dice weights of the kept classes are all 0"
-        if _common.weighted_ce_is_nan(labels, w):
+        if label_map and _common.weighted_ce_is_nan(kernel_target, w):
             return "no voxel's class has a non-zero weight (MONAI's CE is 0/0 = NaN)"
         return None
-
-    def _mask_plan(self, input, target):
-        if self.weight is not None:
-            return Fallback("weight with sigmoid (MONAI's BCE pos_weight)")
-        if target.is_floating_point():
-            labels = _common.float_labels_to_int(target, need_integral=True)
-            if labels is None:
-                return Fallback("soft (non-integer) float mask")
-            return labels, "sigmoid", torch.promote_types(input.dtype, target.dtype)
-        if target.dtype in _common.LABEL_DTYPES:
-            return target, "sigmoid", input.dtype
-        return Fallback(f"target dtype {target.dtype}")
-
-    def _fused_call(self, x, labels, activation, out_dtype) -> _FusedCall:
-        # MONAI: Dice = reduce_{b,c}(w_c · f_bc), f = 1 - (2TP + snr)/(2(TP + k FP + k FN) + sdr),
-        # k = 1/2 (1 for jaccard): the Tversky term with alpha = beta = k and halved smoothing.
-        # The fused loss with reduction="sum" gives S = Σ w_c f_bc + ce_weight · CE_mean, so
-        #   mean: λd S / (B' C') + λce CE_mean   -> scale λd/(B'C'), ce_weight λce B'C'/λd
-        #   sum:  λd S + λce N CE_mean           -> scale λd,        ce_weight λce N/λd
-        # (CE's sum over N voxels is N times its mean when unweighted.)
-        B, C = x.shape[:2]
-        k = 1.0 if self.jaccard else 0.5
-        n_kept = C - 1 if (not self.include_background and C > 1) else C
-        w = self.weight
-        if self.reduction == "mean":
-            scale = self.lambda_dice / ((1 if self.batch else B) * n_kept)
-        else:
-            scale = self.lambda_dice * 1.0
-        ce_mult = 1.0 if self.reduction == "mean" else float(labels.numel())
-        options = _common.loss_options(
-            C,
-            alpha=k,
-            beta=k,
-            activation=activation,
-            include_background=self.include_background,
-            batch=self.batch,
-            reduction="sum",
-            smooth_nr=self.smooth_nr / 2,
-            smooth_dr=self.smooth_dr / 2,
-            class_weights=w if n_kept != 1 else None,  # MONAI skips weights for one class
-            ce_weight=self.lambda_ce * ce_mult / scale,
-            ce_class_weights=w if activation == "softmax" else None,
-            backend=self.backend,
-        )
-        return _FusedCall(labels, options, scale, out_dtype)
-
-    def _fused(self, x, plan: _FusedCall) -> torch.Tensor:
-        return (plan.scale * _common.fused_loss(x, plan.labels, plan.options)).to(plan.out_dtype)

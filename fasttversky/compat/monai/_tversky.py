@@ -26,6 +26,7 @@ class _FusedCall(NamedTuple):
     target: torch.Tensor  # label map (B, 1, *spatial) or float (B, C, *spatial)
     options: fasttversky.TverskyOptions  # checked for this call's C
     out_dtype: torch.dtype  # the dtype MONAI's result would have
+    float_labels: bool  # target is a float label map the kernels read as it is
 
 
 class TverskyLoss(MonaiLoss):
@@ -102,11 +103,13 @@ class TverskyLoss(MonaiLoss):
             _common.warn_fallback(plan, _WHO)
             return _mirror.tversky_forward(self, input, target)
         self._single_channel_warnings(input.shape[1])
-        return _common.run_or_fall_back(
-            lambda: _common.fused_loss(plan.input, plan.target, plan.options).to(plan.out_dtype),
-            lambda: _mirror.tversky_forward(self, input, target, warn=False),
-            _WHO,
-        )
+
+        def run(labels):
+            t = plan.target if labels is None else labels
+            return _common.fused_loss(plan.input, t, plan.options).to(plan.out_dtype)
+
+        original = lambda: _mirror.tversky_forward(self, input, target, warn=False)  # noqa: E731
+        return _common.run_or_fall_back(retry_float_labels(plan, run, original), original, _WHO)
 
     def explain(self, input: torch.Tensor, target: torch.Tensor) -> str:
         """Which path ``forward(input, target)`` takes: ``"fused: ..."`` or ``"fallback: <why>"``.
@@ -114,7 +117,7 @@ class TverskyLoss(MonaiLoss):
         Data-dependent refusals (NaN, out-of-range targets) are only found while the
         kernels run and are not predicted here. Runs ``other_act`` if one is set.
         """
-        plan = self._plan(_common.plain(input), _common.plain(target))
+        plan = self._plan(_common.plain(input), _common.plain(target), scan=True)
         if isinstance(plan, Fallback):
             return f"fallback: {plan.reason}"
         o = plan.options
@@ -124,11 +127,12 @@ class TverskyLoss(MonaiLoss):
         )
 
     # ----------------------------------------------------------------------------------
-    def _plan(self, input, target) -> _FusedCall | Fallback:
+    def _plan(self, input, target, scan: bool = False) -> _FusedCall | Fallback:
         """The fused call equivalent to MONAI's forward on these inputs, or why there is none.
 
-        Decided from metadata only, except for float label maps (one min/max pass, plus an
-        integrality pass with ``ignore_index``) and ``other_act``, which is applied here.
+        Decided from metadata only, except for ``other_act``, which is applied here. A float
+        label map goes to the kernels as it is; ``scan`` (``explain``) first checks its
+        values the way the forward's retry would (``retry_float_labels``).
         """
         why = tensor_problem(input, target) or self._option_problem()
         if why is not None:
@@ -147,7 +151,7 @@ class TverskyLoss(MonaiLoss):
             return Fallback(f"other_act returned {x.dtype}")
         ii = None if self.ignore_index is None else operator.index(self.ignore_index)
         if self.to_onehot_y and C > 1:
-            tgt = _label_map(target, x, ii)
+            tgt = _label_map(target, x, ii, scan)
         elif C == 1:
             tgt = _mask(target, x, ii, self.soft_label)
         else:
@@ -159,7 +163,8 @@ class TverskyLoss(MonaiLoss):
         out_dtype = torch.promote_types(x.dtype, target_dtype)
         if ii is not None:
             out_dtype = torch.promote_types(out_dtype, torch.float32)
-        return _FusedCall(x, tgt, self._options(C, activation, ii), out_dtype)
+        float_labels = self.to_onehot_y and C > 1 and tgt.is_floating_point()
+        return _FusedCall(x, tgt, self._options(C, activation, ii), out_dtype, float_labels)
 
     def _option_problem(self) -> str | None:
         if self.reduction not in _REDUCTIONS:
@@ -191,14 +196,25 @@ class TverskyLoss(MonaiLoss):
 # --------------------------------------------------------------------------------------
 # the target as the kernels take it: (tensor, the dtype MONAI's target has) or why not
 # --------------------------------------------------------------------------------------
-def _label_map(target, x, ii):
-    """``to_onehot_y=True`` with C > 1: a (B, 1, *spatial) label map MONAI one-hot encodes."""
+def retry_float_labels(plan: _FusedCall, run, original):
+    """``_common.retry_float_labels`` for one fused call: MONAI's ``one_hot`` truncates
+    non-integer float labels (``.long()``), except where ``ignore_index`` compares the
+    unrounded values (then MONAI's computation, without a warning)."""
+    labels = plan.target if plan.float_labels else None
+    return _common.retry_float_labels(run, labels, plan.options.ignore_index is not None, original)
+
+
+def _label_map(target, x, ii, scan: bool):
+    """``to_onehot_y=True`` with C > 1: a (B, 1, *spatial) label map MONAI one-hot encodes
+    (a float one as it is, or with ``scan`` as the forward's retry would convert it)."""
     B, _, *spatial = x.shape
     if tuple(target.shape) != (B, 1, *spatial):
         return Fallback(
             f"label map of shape {tuple(target.shape)} (MONAI's one_hot wants (B, 1, *spatial))"
         )
-    if target.is_floating_point():
+    if target.is_floating_point() and not scan:
+        labels = target
+    elif target.is_floating_point():
         # Truncation equals MONAI's one_hot; with ignore_index MONAI also compares the
         # unrounded value, which a label map reproduces only for integers.
         labels = _common.float_labels_to_int(target, need_integral=ii is not None)
