@@ -164,7 +164,7 @@ def test_dropin_overhead(benchmark, case, loss, device, request):
             times[name].append(time.perf_counter() - t0)
 
     benchmark.pedantic(one_round, rounds=5 if quick else 30, iterations=1, warmup_rounds=1)
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}  # minus warm-up
+    med = {k: statistics.median(v[1:] or v) for k, v in times.items()}  # minus warm-up
     benchmark.extra_info.update(
         loss=loss,
         case=case.id,

@@ -6,6 +6,7 @@ Private to ``fasttversky.compat``; it imports only the core's public API.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -98,6 +99,7 @@ def retry_float_labels(
     float_labels: torch.Tensor | None,
     need_integral: bool,
     quiet_original: Callable[[], torch.Tensor],
+    backend: str,
 ) -> Callable[[], torch.Tensor]:
     """``fused()`` for :func:`run_or_fall_back`: ``run(None)`` runs the planned call.
 
@@ -108,22 +110,51 @@ def retry_float_labels(
     runs once more. Non-integral labels with ``need_integral`` (an ignore label that only
     unrounded values can match) give ``quiet_original()``: a documented fallback, no
     warning. Any other refusal repeats on the second run and reaches the caller.
+    With ``backend="auto"`` the labels are converted first where a backend that takes
+    integer labels on this device reads no float ones (:func:`float_labels_keep_backend`).
     """
 
     def fused() -> torch.Tensor:
         if float_labels is None:
             return run(None)
-        try:
-            return run(None)
-        except (fasttversky.InvalidInputError, fasttversky.BackendUnavailableError) as exc:
-            if isinstance(exc, TypeError):
-                raise
+        if backend != "auto" or float_labels_keep_backend(float_labels.device.type):
+            try:
+                return run(None)
+            except (fasttversky.InvalidInputError, fasttversky.BackendUnavailableError) as exc:
+                if isinstance(exc, TypeError):
+                    raise
         labels = float_labels_to_int(float_labels, need_integral)
         if labels is None:
             return quiet_original()
         return run(labels)
 
     return fused
+
+
+@functools.cache
+def float_labels_keep_backend(device_type: str) -> bool:
+    """Whether every backend that runs an integer label map on this device also reads
+    float ones (probed once per device type on a tiny input, through the public API).
+
+    Where one does not, ``backend="auto"`` would send a float label map to another,
+    possibly much slower backend (the torch fallback), so the drop-ins convert the
+    labels first: one cheap pass instead.
+    """
+    x = torch.zeros((1, 2, 2), device=device_type)
+    ints = torch.zeros((1, 2), dtype=torch.uint8, device=device_type)
+    refused = (fasttversky.InvalidInputError, fasttversky.BackendUnavailableError)
+    for name, why in fasttversky.available_backends(device_type).items():
+        if why is not None:
+            continue
+        try:
+            fasttversky.tversky_loss(x, ints, backend=name)
+        except refused:
+            continue
+        try:
+            fasttversky.tversky_loss(x, ints.float(), backend=name)
+        except refused:
+            return False
+    return True
 
 
 def warn_fallback(plan: Fallback, who: str) -> None:

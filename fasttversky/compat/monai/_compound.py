@@ -150,7 +150,7 @@ def run_or_fall_back(
     :class:`SlowPathWarning`); a float label map they refuse is first truncated to
     integers like MONAI's ``one_hot`` (``.long()``) and run again (see
     ``_common.retry_float_labels``)."""
-    fused = _common.retry_float_labels(
-        lambda t: run(plan, t), plan.target if plan.float_labels else None, False, original
-    )
+    labels = plan.target if plan.float_labels else None
+    backend = plan.calls[0].options.backend
+    fused = _common.retry_float_labels(lambda t: run(plan, t), labels, False, original, backend)
     return _common.run_or_fall_back(fused, original, who)

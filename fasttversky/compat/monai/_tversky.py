@@ -201,7 +201,8 @@ def retry_float_labels(plan: _FusedCall, run, original):
     non-integer float labels (``.long()``), except where ``ignore_index`` compares the
     unrounded values (then MONAI's computation, without a warning)."""
     labels = plan.target if plan.float_labels else None
-    return _common.retry_float_labels(run, labels, plan.options.ignore_index is not None, original)
+    need_integral = plan.options.ignore_index is not None
+    return _common.retry_float_labels(run, labels, need_integral, original, plan.options.backend)
 
 
 def _label_map(target, x, ii, scan: bool):
