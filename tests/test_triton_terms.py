@@ -251,3 +251,46 @@ def test_regions_table_is_cached_per_device():
     again, _ = tri._tables(x, lab.to(DEVICE), spec)
     assert first is again and first.dtype == torch.int64 and first.device == x.device
     assert first.tolist() == list(REGIONS)
+
+
+# ------------------------------------------------------------------------------------
+# soft targets and label smoothing with CE
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act,C", [("softmax", 3), ("softmax", 5), ("sigmoid", 1), ("sigmoid", 3)])
+def test_soft_target_ce(act, C, dtype):
+    x = _logits(2, C, 41, dtype, seed=7)
+    check_terms(x, _soft(2, C, 41, seed=7), _spec(act, C, soft_target=True, ce=CE_PLAIN))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("eps", [0.1, 0.35, 1.0])
+@pytest.mark.parametrize("ignore", [None, 2])
+def test_label_smoothing(eps, ignore, dtype):
+    x = _logits(2, 4, 39, dtype, seed=8)
+    lab = _labels(2, 39, 4, seed=8, ignore=ignore)
+    check_terms(x, lab, _spec("softmax", 4, ignore_index=ignore, ce=CE_PLAIN, label_smoothing=eps))
+
+
+def test_label_smoothing_soft_target_and_float_labels():
+    x = _logits(2, 3, 29, torch.float32, seed=9)
+    spec = _spec("softmax", 3, soft_target=True, ce=CE_PLAIN, label_smoothing=0.2)
+    check_terms(x, _soft(2, 3, 29, seed=9), spec)
+    lab = _labels(2, 29, 3, seed=9, dtype=torch.float16, ignore=255)
+    spec = _spec(
+        "softmax", 3, ignore_index=255, ce=CE_PLAIN, label_smoothing=0.2, float_labels=True
+    )
+    check_terms(x, lab, spec)
+
+
+def test_smoothed_ce_of_saturated_softmax_is_finite():
+    """Logits 120 apart: p of the low classes underflows to 0 in float32 while log p is
+    finite; with smoothing every class has q > 0, so the kernel must take log p from the
+    log-sum-exp, never log(p)."""
+    x = torch.zeros(1, 3, 20)
+    x[:, 0] = 60.0
+    x[:, 1] = -60.0
+    lab = torch.zeros(1, 20, dtype=torch.int64)
+    lab[:, ::3] = 2
+    stats, _ = check_terms(x, lab, _spec("softmax", 3, ce=CE_PLAIN, label_smoothing=0.1))
+    assert torch.isfinite(stats).all() and stats[0, 1, 3] > 0
