@@ -294,3 +294,55 @@ def test_smoothed_ce_of_saturated_softmax_is_finite():
     lab[:, ::3] = 2
     stats, _ = check_terms(x, lab, _spec("softmax", 3, ce=CE_PLAIN, label_smoothing=0.1))
     assert torch.isfinite(stats).all() and stats[0, 1, 3] > 0
+
+
+# ------------------------------------------------------------------------------------
+# focal CE
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.7])
+@pytest.mark.parametrize("act,C", [("softmax", 3), ("sigmoid", 1), ("sigmoid", 3)])
+def test_focal_labels(act, C, gamma, dtype):
+    x = _logits(2, C, 43, dtype, seed=10)
+    lab = _labels(2, 43, max(C, 2), seed=10, ignore=7)
+    check_terms(x, lab, _spec(act, C, ignore_index=7, ce=CE_FOCAL, focal_gamma=gamma))
+
+
+@pytest.mark.parametrize("act", ["softmax", "sigmoid"])
+def test_focal_soft_target(act):
+    x = _logits(2, 4, 31, torch.float32, seed=11)
+    spec = _spec(act, 4, soft_target=True, ce=CE_FOCAL, focal_gamma=1.5)
+    check_terms(x, _soft(2, 4, 31, seed=11), spec)
+
+
+def test_focal_with_smoothing_regions_and_half_precision():
+    x = _logits(2, 3, 35, torch.float64, seed=12)
+    lab = _labels(2, 35, 3, seed=12, ignore=255)
+    spec = _spec("softmax", 3, ignore_index=255, ce=CE_FOCAL, focal_gamma=2.0, label_smoothing=0.1)
+    check_terms(x, lab, spec)
+    lab = _labels(2, 35, 4, seed=12, ignore=255)
+    spec = _spec("sigmoid", 3, ignore_index=255, ce=CE_FOCAL, focal_gamma=2.0, region_masks=REGIONS)
+    check_terms(x.to(torch.float16), lab, spec)
+    check_terms(x.to(torch.bfloat16), lab.to(torch.uint8), spec)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_saturated_softmax(gamma):
+    """p == 1 exactly in float32 (logits 200 apart): (1 - p)^gamma is 0 (1 when gamma
+    is 0) and the gradient's gamma term is taken as 0, not 0 * inf."""
+    x = torch.zeros(1, 3, 20)
+    x[:, 0, :10] = 200.0
+    x[:, 1, 10:] = 1.0
+    lab = torch.zeros(1, 20, dtype=torch.int64)
+    lab[:, 5:] = 1
+    spec = _spec("softmax", 3, ce=CE_FOCAL, focal_gamma=gamma)
+    stats, flags = tri.BACKEND.forward_stats(x, lab, spec)
+    want = contract_stats(x.double(), lab, spec)
+    assert flags.tolist() == [0, 0] and torch.isfinite(stats).all()
+    assert torch.allclose(stats, want, rtol=2e-5, atol=1e-6)
+    coefs = [torch.ones(1, 3)] * 3
+    grad = tri.BACKEND.backward(x, lab, coefs[0], coefs[1], spec, coef_ce=coefs[2])
+    assert torch.isfinite(grad).all()
+    # voxels 0..4: label 0 with p_0 == 1: no focal CE and no focal gradient at all
+    # (the Tversky part still has its own gradient, zero here too: p is saturated)
+    assert (grad[0, :, :5] == 0).all()

@@ -93,7 +93,10 @@ def _bce(x, q, scale: tl.constexpr):
 def _pow_1m(p, gamma):
     """(1 - p)^gamma, with 0^0 = 1 (p == 1: a saturated class)."""
     omp = 1.0 - p
-    return tl.where(omp > 0.0, tl.exp(gamma * tl.log(omp)), tl.where(gamma == 0.0, 1.0, 0.0))
+    pos = omp > 0.0
+    # log of a positive value only: no inf (or 0 * inf = NaN) even in the unused branch
+    power = tl.exp(gamma * tl.log(tl.where(pos, omp, 1.0)))
+    return tl.where(pos, power, tl.where(gamma == 0.0, 1.0, 0.0))
 
 
 @triton.jit
@@ -513,8 +516,9 @@ def _grad_ce(x, p, q, keep, cmask2, e, e2, params_ptr, ACTIVATION: tl.constexpr,
             omp = 1.0 - p
             # gamma p (1 - p)^(gamma - 1) log p, which tends to 0 where p is 0 or 1 (where
             # log p or the power is infinite)
-            dmod = gamma * p * tl.exp((gamma - 1.0) * tl.log(omp)) * logp
-            dmod = tl.where((p > 0.0) & (omp > 0.0), dmod, 0.0)
+            inside = (p > 0.0) & (omp > 0.0)
+            dmod = gamma * p * tl.exp((gamma - 1.0) * tl.log(tl.where(inside, omp, 1.0))) * logp
+            dmod = tl.where(inside, dmod, 0.0)
             a = e * q * (dmod - _pow_1m(p, gamma))
         else:
             a = -(e * q)

@@ -193,7 +193,7 @@ class _TritonBackend(Backend):
     max_classes = MAX_CLASSES
     class_limit_why = "(one voxel's classes must fit in one register block)"
     max_batch = MAX_GRID_BATCH
-    features = frozenset({"ce", "soft_ce", "label_smoothing", "float_labels", "regions"})
+    features = frozenset({"ce", "soft_ce", "label_smoothing", "focal", "float_labels", "regions"})
 
     def unavailable(self):
         try:
