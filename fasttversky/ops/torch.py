@@ -124,6 +124,8 @@ def _ce_terms(x, p, q, w, spec: KernelSpec) -> list[torch.Tensor]:
         nll = -torch.log_softmax(x, dim=1)
         if spec.ce == CE_FOCAL:
             nll = _one_minus_pow(p, spec.focal_gamma) * nll
+        elif not spec.soft_target and not spec.label_smoothing:
+            return [torch.where(q != 0, nll, 0.0)]  # q is the 0/1 one-hot: no product
         return [torch.where(q != 0, q * nll, 0.0)]
     # max(x, 0) - x q + log1p(exp(-|x|)): finite for any finite x
     bce = torch.nn.functional.binary_cross_entropy_with_logits(x, q, reduction="none")
