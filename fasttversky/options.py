@@ -169,7 +169,8 @@ class TverskyOptions:
         ce_class_weights: C non-negative weights of the CE classes (torch's ``weight``),
             not all zero; independent of ``class_weights``.
         clamp_terms: False keeps MONAI's unclamped ``(1 - T) ** gamma`` (compat.monai).
-        ce_label_smoothing: ε in [0, 1], softmax only: the CE target becomes
+        ce_label_smoothing: ε in [0, 1], softmax only (like ``ce_focal_*``, it acts on
+            the CE term, so only when ``ce_weight > 0``): the CE target becomes
             ``(1 - ε)·onehot + ε / C``, exactly ``F.cross_entropy(..., weight=
             ce_class_weights, ignore_index=ignore_index, label_smoothing=ε)`` (with a
             label map: Σ_c w_c Σ_voxels q_c·(−log p_c) / Σ w_label over the non-ignored
