@@ -34,6 +34,12 @@ from tests._helpers import make_inputs
         (dict(ce_weight=1.0, reduction="none"), ValueError),
         (dict(alpha=[0.3, 0.3], beta=[0.7, 0.7, 0.7]), ValueError),
         (dict(ignore_index=1.5), TypeError),
+        (dict(ce_label_smoothing=2.0), ValueError),
+        (dict(ce_focal_gamma=-1.0), ValueError),
+        (dict(ce_focal_gamma=2.0, ce_focal_alpha=True), TypeError),
+        (dict(regions=((1,), (2,))), ValueError),  # softmax
+        (dict(activation="sigmoid", regions=((1,), (2, "3"))), TypeError),
+        (dict(activation="sigmoid", regions=((1,), (2,)), num_labels=2), ValueError),
     ],
 )
 def test_every_entry_point_rejects_at_construction(kw, error):
