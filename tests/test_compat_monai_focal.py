@@ -155,7 +155,7 @@ def test_dice_focal_equals_monai_on_random_options(seed):
         _parity("DiceFocalLoss", kw, x, y, fused)
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(12))
 def test_focal_equals_monai_on_random_options(seed):
     rng = random.Random(1000 + seed)
     for _ in range(10):
@@ -169,6 +169,7 @@ def test_focal_equals_monai_on_random_options(seed):
         if isinstance(weight, list) and len(weight) == 1:
             weight = None
         red = rng.choice(["mean", "sum", "mean", "sum", "none"])
+        ignore = rng.choice([None, None, 1, 255])
         kw = dict(
             include_background=bg,
             to_onehot_y=onehot_y,
@@ -177,14 +178,20 @@ def test_focal_equals_monai_on_random_options(seed):
             weight=weight,
             reduction=red,
             use_softmax=softmax,
+            ignore_index=ignore,
         )
         x, y = _case(C, kind, 7 * seed + C)
+        label_map = onehot_y or (C == 1 and kind == "onehot_uint8")
+        if ignore is not None and label_map:  # voxels holding the ignore label
+            y = y.clone()
+            y[:, :, 0] = ignore
         seq_alpha = isinstance(alpha, list)
         fused = (
             red != "none"
             and (bg or not softmax)
             and not (seq_alpha and not softmax)
             and not (seq_alpha and len(alpha) == 1)
+            and (ignore is None or (label_map and red == "mean"))
         )
         _parity("FocalLoss", kw, x, y, fused)
 
@@ -209,7 +216,7 @@ def test_fallbacks_warn_once_and_match_monai():
     x, y = _case(3, "labels_int64", 4)
     for cls, kw in (
         ("FocalLoss", dict(use_softmax=True, include_background=False, to_onehot_y=True)),
-        ("FocalLoss", dict(to_onehot_y=True, ignore_index=1)),
+        ("FocalLoss", dict(to_onehot_y=True, ignore_index=1, reduction="sum")),
         ("FocalLoss", dict(to_onehot_y=True, reduction="none")),
         ("DiceFocalLoss", dict(to_onehot_y=True, softmax=True, reduction="none")),
         ("DiceFocalLoss", dict(to_onehot_y=True, softmax=True, squared_pred=True)),

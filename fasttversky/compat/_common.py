@@ -197,21 +197,6 @@ def float_labels_to_int(labels: torch.Tensor, need_integral: bool) -> torch.Tens
     return labels.long()
 
 
-def onehot_to_labels(target: torch.Tensor) -> torch.Tensor | None:
-    """An exactly one-hot (B, C, *spatial) target as a (B, 1, *spatial) label map.
-
-    Returns uint8 labels (int64 for C > 256), or ``None`` when a value is not 0/1 or a
-    voxel does not have exactly one 1 (soft labels, NaN, empty voxels).
-    """
-    # TODO(perf): three passes over the one-hot target (two checks, argmax) and two host
-    # syncs; the label map it gives is C times smaller than the target.
-    t = target.to(torch.uint8) if target.dtype == torch.bool else target
-    if not bool(((t == 0) | (t == 1)).all()) or not bool((t.sum(1) == 1).all()):
-        return None
-    labels = t.argmax(1, keepdim=True)
-    return labels.to(torch.uint8) if target.shape[1] <= 256 else labels
-
-
 def ce_weight_problem(weight: torch.Tensor, logits: torch.Tensor) -> str | None:
     """Why a cross-entropy class weight cannot be fused with these logits, or None.
 

@@ -1,15 +1,16 @@
-"""``TverskyLoss``, ``DiceLoss``, ``GeneralizedDiceLoss`` and ``DiceCELoss`` with the
-constructors, defaults and values of MONAI's.
+"""``TverskyLoss``, ``DiceLoss``, ``GeneralizedDiceLoss``, ``DiceCELoss``, ``FocalLoss``
+and ``DiceFocalLoss`` with the constructors, defaults and values of MONAI's.
 
 Modules: ``_tversky`` (TverskyLoss), ``_dice`` (DiceLoss and GeneralizedDiceLoss: the
 Tversky plan with MONAI's Dice ratio, weights and reduction), ``_dice_ce``
-(DiceCELoss), ``_base`` (the options they all share), ``_mirror`` (MONAI's forwards in
-plain torch, the slower path); label conversion, argument checks and
-:class:`SlowPathWarning` are ``compat._common``'s.
+(DiceCELoss), ``_focal`` (FocalLoss, DiceFocalLoss), ``_compound`` (a Dice term and a
+cross-entropy-family term as one fused pass, or one per term where MONAI gives them
+different activations), ``_base`` (the options they all share), ``_mirror`` and
+``_mirror_focal`` (MONAI's forwards in plain torch, the slower path); label conversion,
+argument checks and :class:`SlowPathWarning` are ``compat._common``'s.
 
-``DiceCELoss`` (Dice + cross-entropy, ``monai.losses.DiceCELoss``) runs both terms in one
-fused pass when MONAI's options make them functions of the same probabilities; its
-docstring lists which. What follows describes ``TverskyLoss``.
+``DiceCELoss``, ``FocalLoss`` and ``DiceFocalLoss`` document their own fused and slower
+paths. What follows describes ``TverskyLoss``.
 
 Migrating is one import line::
 
@@ -30,9 +31,10 @@ in memory) whenever MONAI's semantics equal the kernels':
   ``other_act`` is applied first (like MONAI, materialising its output) and the fused
   loss runs on the result with no activation;
 * ``to_onehot_y=True`` with a (B, 1, *spatial) label map of any integer dtype, or float
-  labels (MONAI's float ``MetaTensor`` label maps): these are truncated like MONAI's
-  ``one_hot`` (``.long()``) into uint8 when they fit, else int64 -- one cheap pass,
-  never a one-hot;
+  labels (MONAI's float ``MetaTensor`` label maps), which the kernels read as they are
+  (where the backend ``auto`` picks for integer labels reads float ones; else one cheap
+  conversion pass first); non-integer float labels are truncated like MONAI's
+  ``one_hot`` (``.long()``) on a second try -- never a one-hot;
 * ``to_onehot_y=False`` with a float (B, C, *spatial) target in [0, 1] (one-hot or
   soft), an integer one-hot (converted to the logits' dtype), or for C = 1 a
   (B, 1, *spatial) mask (bool only with an ``ignore_index``, see below);

@@ -66,6 +66,7 @@ class FusedPlan(NamedTuple):
     target: torch.Tensor  # label map (B, 1, *spatial) or soft target (B, C, *spatial)
     out_dtype: torch.dtype  # the dtype MONAI's result would have
     float_labels: bool  # target is a float label map, read by the kernels as it is
+    need_integral: bool = False  # an ignore label: non-integer float labels take MONAI's path
 
 
 def dice_term(loss, input, lam: float, kept_weights) -> DiceTerm | None | Fallback:
@@ -152,5 +153,7 @@ def run_or_fall_back(
     ``_common.retry_float_labels``)."""
     labels = plan.target if plan.float_labels else None
     backend = plan.calls[0].options.backend
-    fused = _common.retry_float_labels(lambda t: run(plan, t), labels, False, original, backend)
+    fused = _common.retry_float_labels(
+        lambda t: run(plan, t), labels, plan.need_integral, original, backend
+    )
     return _common.run_or_fall_back(fused, original, who)

@@ -68,7 +68,8 @@ class FocalLoss(_Loss):
 
     **MONAI's computation in plain torch** (a :class:`SlowPathWarning` once per reason)
     for: softmax without the background (MONAI's softmax then runs over the remaining
-    channels only), reduction "none" (a voxel-sized result), ``ignore_index``, a
+    channels only), reduction "none" (a voxel-sized result), ``ignore_index`` with a
+    one-hot/soft target or reduction "sum" (fused with a label map and "mean"), a
     per-class ``alpha`` with sigmoid, a negative ``gamma``, ``use_softmax`` with one
     channel; without a warning where MONAI raises (wrong shapes or weights) and, with
     one, wherever the kernels refuse the inputs (NaN, labels out of range).
@@ -134,13 +135,14 @@ class FocalLoss(_Loss):
         tgt = kernel_target(input, target, self.to_onehot_y)
         if isinstance(tgt, Fallback):
             return tgt
-        term = focal_term(self, input, 1.0)
+        label_map = tgt[2] or not tgt[0].is_floating_point()
+        term = focal_term(self, input, 1.0, label_map)
         if isinstance(term, Fallback):
             return term
         if term is None:
             return Fallback("every class weight is 0", warn=True)
         calls = _compound.kernel_calls(input.shape[1], None, term, self.backend)
-        return FusedPlan(calls, tgt[0], torch.float32, tgt[2])
+        return FusedPlan(calls, tgt[0], torch.float32, tgt[2], self.ignore_index is not None)
 
 
 def _focal_warnings(focal, warn_onehot: bool) -> None:
@@ -221,15 +223,16 @@ def _alpha(focal, softmax: bool, n_kept: int):
     return values, None
 
 
-def focal_term(focal, input, lam: float) -> CeTerm | None | Fallback:
+def focal_term(focal, input, lam: float, label_map: bool) -> CeTerm | None | Fallback:
     """``lam`` × MONAI's ``FocalLoss(...)(input, target)`` as the kernels' focal term, or
-    None when it is 0 (every weight 0)."""
+    None when it is 0 (every weight 0); ``label_map``: the kernels' target is one."""
     B, C = input.shape[:2]
     softmax = focal.use_softmax
     if focal.reduction == "none":
         return Fallback("reduction='none' (a voxel-sized result)", warn=True)
-    if focal.ignore_index is not None:
-        return Fallback("ignore_index in the focal term", warn=True)
+    ii = focal.ignore_index
+    if ii is not None and (not label_map or focal.reduction != "mean"):
+        return Fallback("ignore_index with a one-hot/soft target or reduction='sum'", warn=True)
     if softmax and C == 1:
         return Fallback("use_softmax with one channel", warn=True)
     if softmax and not focal.include_background:
@@ -246,11 +249,15 @@ def focal_term(focal, input, lam: float) -> CeTerm | None | Fallback:
     kept = [w * f for w, f in zip(weights, factors, strict=True)]
     if not any(kept) or lam == 0:
         return None
-    # The kernels' focal mean runs over B·C·N; MONAI's over the kept B·C'·N ("mean") or
-    # N ("sum": a mean over space, summed over batch and classes).
+    # The kernels' focal mean runs over C × the non-ignored voxels (B·C·N); MONAI's over
+    # B·C'·N ("mean"), N ("sum": a mean over space, summed over batch and classes), or,
+    # with an ignore_index, the non-ignored voxels without the C.
     ce_weights = [0.0] * (C - n_kept) + kept
-    scale = lam * (C / n_kept if focal.reduction == "mean" else B * C)
-    options = dict(ce_focal_gamma=float(focal.gamma), ce_focal_alpha=ce_alpha)
+    if ii is not None:
+        scale = lam * C
+    else:
+        scale = lam * (C / n_kept if focal.reduction == "mean" else B * C)
+    options = dict(ce_focal_gamma=float(focal.gamma), ce_focal_alpha=ce_alpha, ignore_index=ii)
     if any(w != 1.0 for w in ce_weights):
         options["ce_class_weights"] = tuple(ce_weights)
     return CeTerm(input, "softmax" if softmax else "sigmoid", scale, options)
@@ -351,7 +358,7 @@ class DiceFocalLoss(_Loss):
         if isinstance(tgt, Fallback):
             return tgt
         dice = self._dice_term(input)
-        focal = focal_term(self.focal, input, self.lambda_focal)
+        focal = focal_term(self.focal, input, self.lambda_focal, False)
         for term in (dice, focal):
             if isinstance(term, Fallback):
                 return term

@@ -157,7 +157,9 @@ def focal_forward(loss, input, target, warn: bool = True, cast: bool = True) -> 
         out = out * mask
     out = _class_weighted(out, loss.class_weight)
     out = _reduce(out, mask, loss.reduction, t.ndim)
-    return out.to(torch.float32) if cast else out
+    # MONAI's float32 result, promoted by its ignore mask (float64 from a float64 one-hot)
+    monai_dtype = torch.float32 if mask is None else torch.promote_types(mask.dtype, torch.float32)
+    return out.to(monai_dtype) if cast else out
 
 
 def dice_focal_forward(loss, input, target, warn: bool = True) -> torch.Tensor:
