@@ -212,6 +212,32 @@ def test_dice_focal_common_configurations_are_fused(kw, C, kind):
     assert ours.DiceFocalLoss(**kw).explain(x, y).startswith(f"fused: {passes} pass")
 
 
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 4.0), (torch.bfloat16, 2.0)])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        ("DiceFocalLoss", dict(sigmoid=True, to_onehot_y=True, alpha=0.25)),
+        ("DiceFocalLoss", dict(softmax=True, to_onehot_y=True, include_background=False)),
+        ("FocalLoss", dict(to_onehot_y=True, use_softmax=True, alpha=0.25)),
+    ],
+)
+def test_low_precision_error_no_worse_than_monai(dtype, k, cls, kw):
+    # flash-attention's rule: error vs MONAI at float64 at most k x MONAI's own error in
+    # ``dtype`` (plus a floor for when MONAI happens to be exact).
+    x, y = _case(3, "labels_uint8", 8, shape=(16, 16, 16))
+    x = x.to(dtype)
+    with _monai64():
+        ref = _run(getattr(monai_losses, cls)(**kw), x.double(), y)
+    lo = _run(getattr(monai_losses, cls)(**kw), x, y)
+    got = _run(getattr(ours, cls)(**kw), x, y)
+    assert not got[4] and got[0].dtype == lo[0].dtype and got[1].dtype == x.dtype
+    for i, name in ((0, "value"), (1, "grad")):
+        err_monai = (lo[i].double() - ref[i]).abs().max().item()
+        err_ours = (got[i].double() - ref[i]).abs().max().item()
+        floor = (1e-6 if dtype == torch.float32 else 1e-3) * ref[i].abs().max().item()
+        assert err_ours <= k * err_monai + floor, (name, err_ours, err_monai)
+
+
 def test_fallbacks_warn_once_and_match_monai():
     x, y = _case(3, "labels_int64", 4)
     for cls, kw in (
@@ -282,6 +308,10 @@ def test_bad_arguments_are_named():
         ours.FocalLoss(gamma="two")
     with pytest.raises(TypeError, match="weight"):
         ours.DiceFocalLoss(weight="heavy")
+    with pytest.raises(TypeError, match="weight"):
+        ours.FocalLoss(weight="heavy")
+    with pytest.raises(TypeError, match="alpha"):
+        ours.FocalLoss(alpha="a")
     with pytest.raises(TypeError, match="use_softmax"):
         ours.FocalLoss(use_softmax="yes")
     with pytest.raises(ValueError, match="lambda_focal"):

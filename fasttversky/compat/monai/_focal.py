@@ -35,7 +35,7 @@ def _as_tensor(name: str, value) -> torch.Tensor | None:
     """MONAI's ``torch.as_tensor(value)`` for a number, a sequence or a tensor."""
     if value is None or isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Sequence)):
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (numbers.Real, Sequence)):
         raise fasttversky.errors.InvalidInputTypeError(
             f"{name} must be a number, a sequence or a tensor, got {value!r}"
         )
