@@ -18,7 +18,9 @@ passes). Providers:
 * ``monai``: MONAI's class on the same tensors (skipped without monai);
 * ``kernel``: ``fasttversky.tversky_loss`` with the same terms on a uint8 label map --
   the floor the drop-in's own work (planning, label handling, a second pass where MONAI's
-  terms need one) is measured against.
+  terms need one) is measured against;
+* ``kernel-float``: the same call on the float32 label map itself (what reading float
+  labels in the pass costs over uint8 ones).
 
 ``test_dropin_overhead`` is that ratio taken in one benchmark (issue 28: at most 1.15x
 for DiceCELoss on a float target): each round calls the drop-in and the kernel once each,
@@ -78,7 +80,7 @@ LOSSES = {
     "DiceFocalLoss-sigmoid": ("DiceFocalLoss", dict(sigmoid=True), _FOCAL),
     "DiceFocalLoss-softmax": ("DiceFocalLoss", dict(softmax=True), _FOCAL),
 }  # fmt: skip
-PROVIDERS = ("dropin", "monai", "kernel")
+PROVIDERS = ("dropin", "monai", "kernel", "kernel-float")
 
 
 def _provider(loss: str, provider: str):
@@ -86,6 +88,8 @@ def _provider(loss: str, provider: str):
     cls, kwargs, kernel_options = LOSSES[loss]
     if provider == "kernel":
         return lambda x, _, lab: fasttversky.tversky_loss(x, lab, **kernel_options)
+    if provider == "kernel-float":
+        return lambda x, y, _: fasttversky.tversky_loss(x, y, **kernel_options)
     if provider == "dropin":
         module = getattr(dropins, cls)(to_onehot_y=True, **kwargs)
     else:
