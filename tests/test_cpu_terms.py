@@ -429,3 +429,33 @@ def test_terms_independent_of_thread_count(case):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+# ---- many classes --------------------------------------------------------------------------
+
+MANY_CLASS_CASES = {
+    # label maps: the general tile with and without CE; softmax, sigmoid
+    "softmax-ce": dict(activation=SOFTMAX, ce=CE_PLAIN, ignore_index=255),
+    "softmax": dict(activation=SOFTMAX, ce=CE_NONE, ignore_index=None),
+    "sigmoid-ce": dict(activation=SIGMOID, ce=CE_PLAIN, ignore_index=None),
+    # the terms paths
+    "smoothing": dict(activation=SOFTMAX, ce=CE_PLAIN, ignore_index=None, label_smoothing=0.1),
+    "softmax-focal": dict(activation=SOFTMAX, ce=CE_FOCAL, ignore_index=255, focal_gamma=2.0),
+    "soft-ce": dict(activation=SOFTMAX, ce=CE_PLAIN, ignore_index=None, soft=True),
+    "soft": dict(activation=SIGMOID, ce=CE_NONE, ignore_index=None, soft=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(MANY_CLASS_CASES))
+def test_many_classes_against_contract(case, dtype):
+    """C = 118 (TotalSegmentator) and the kernels' limit, planar and channels-last."""
+    kw = dict(MANY_CLASS_CASES[case])
+    for C, layout in ((118, "channels_last"), (cpu.MAX_CLASSES, "contiguous")):
+        B, N = 1, 64 * 3 + 5
+        logits = make_logits(B, C, N, dtype, layout=layout)
+        if kw.get("soft"):
+            target = make_soft(B, C, N)
+        else:
+            target = make_labels(B, N, C, ignore_index=kw["ignore_index"])
+        check_case(logits, target, spec_of(C=C, **kw))

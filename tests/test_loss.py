@@ -501,16 +501,19 @@ def test_auto_picks_cpu_kernel_and_env_override(monkeypatch):
 
 
 def test_many_classes_fall_back_to_torch():
-    x = torch.randn(1, 40, 3, 3, 3, dtype=torch.float64)
-    t = torch.randint(0, 40, (1, 3, 3, 3))
+    from fasttversky.ops.cpu import MAX_CLASSES
+
+    C = MAX_CLASSES + 1  # more classes than the CPU kernels take
+    x = torch.randn(1, C, 3, 3, 3, dtype=torch.float64)
+    t = torch.randint(0, C, (1, 3, 3, 3))
     from fasttversky._dispatch import select_backend
     from fasttversky._spec import KernelSpec
     from fasttversky.functional import _prepare
 
     x3, t3 = _prepare(x, t, fasttversky.TverskyOptions())
-    spec = KernelSpec(activation=0, soft_target=False, ignore_index=None, num_classes=40)
+    spec = KernelSpec(activation=0, soft_target=False, ignore_index=None, num_classes=C)
     assert select_backend("auto", x3, t3, spec) == "torch"
-    with pytest.raises(fasttversky.BackendUnavailableError, match="C=40"):
+    with pytest.raises(fasttversky.BackendUnavailableError, match=f"C={C}"):
         tversky_loss(x, t, backend="cpu")
     check_against_reference(x, t, "auto")
 

@@ -33,7 +33,11 @@ namespace {
 
 constexpr int TILE = 64;        // voxels per inner tile (lanes)
 constexpr int64_t CHUNK = 16384;  // voxels per work item; fixed => deterministic sums
-constexpr int MAX_C = 32;       // larger C is routed to the torch backend (ops/cpu.py)
+// Classes a tile holds. Every per-class array of a work item is [MAX_C][TILE], on the
+// worker's stack (at most 8 such arrays: 512 KiB in float64); only the call's C rows are
+// touched, so the two-class paths run as with a small MAX_C, and at C = 128 a tile's rows
+// (32 KiB per array in float32) stay in L2. Larger C goes to the torch backend (ops/cpu.py).
+constexpr int MAX_C = 128;
 
 // Lanes of a tile whose accumulators the fused two-class forward holds in registers at
 // once (ForwardItem::block). With AVX-512's 32 zmm registers: two vectors,
@@ -313,8 +317,10 @@ using label_int_t = std::conditional_t<std::is_same_v<TT, int64_t>, int64_t, int
 // conversion pass) is itself when it is an integer in int32's range; anything else (NaN,
 // inf, a fraction, beyond int32) becomes INT32_MIN, which is out of range and never the
 // ignore_index (IgnoreLabel), so it is counted as a bad target like a label out of range.
-// Written as selects around one truncating conversion, so that it vectorises; the clamp
-// keeps the conversion defined (NaN fails both compares and lands on the lower bound).
+// Written as selects and bit masks around one truncating conversion, so that it
+// vectorises inside the callers' loops (a select on the final compare made gcc give up
+// on the fused two-class loop: 4x slower); the clamp keeps the conversion defined (NaN
+// fails both compares and lands on the lower bound).
 template <typename TT>
 __attribute__((always_inline)) inline label_int_t<TT> to_label(TT raw) {
   if constexpr (std::is_integral_v<TT>) {
@@ -327,7 +333,8 @@ __attribute__((always_inline)) inline label_int_t<TT> to_label(TT raw) {
     V c = v > lo ? v : lo;
     c = c < hi ? c : hi;
     const int32_t i = (int32_t)c;
-    return (V)i == v ? i : std::numeric_limits<int32_t>::min();
+    const uint32_t not_integral = -(uint32_t)((V)i != v);  // all ones or 0
+    return (int32_t)(((uint32_t)i & ~not_integral) | (0x80000000u & not_integral));
   }
 }
 

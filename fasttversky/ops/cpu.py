@@ -40,7 +40,7 @@ from ._native import (
 )
 from ._sources import csrc_dir
 
-MAX_CLASSES = 32  # MAX_C in csrc/cpu/tversky_cpu.cpp (checked when the library loads)
+MAX_CLASSES = 128  # MAX_C in csrc/cpu/tversky_cpu.cpp (checked when the library loads)
 ISA_CHOICES = ("auto", *(v.name for v in recipe.variants()), recipe.NATIVE.name)
 _HERE = Path(__file__).resolve().parent
 
