@@ -94,57 +94,64 @@ def _triton_variants():
     from fasttversky.ops.triton import fwd_block_elems
 
     ptr = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
-    # (activation, soft, ignore, binary, C_PAD, CE): the shapes the backend launches;
-    # CE only with label maps and softmax/sigmoid.
+    # (activation, target, ignore, binary, C_PAD, CE, other switches): the shapes the
+    # backend launches; target "soft" (the logits' dtype), else a label map's dtype; CE
+    # (0 none, 1 plain, 2 focal) only with softmax/sigmoid.
     cases = [
-        (0, False, True, False, 2, False),
-        (0, False, True, False, 2, True),
-        (0, False, True, False, 4, False),
-        (0, False, True, False, 4, True),
-        (1, False, True, True, 2, False),
-        (1, False, True, True, 2, True),
-        (1, True, False, False, 8, False),
+        (0, "*u8", True, False, 2, 0, {}),
+        (0, "*u8", True, False, 2, 1, {}),
+        (0, "*u8", True, False, 4, 0, {}),
+        (0, "*u8", True, False, 4, 1, {}),
+        (1, "*u8", True, True, 2, 0, {}),
+        (1, "*u8", True, True, 2, 1, {}),
+        (1, "soft", False, False, 8, 0, {}),
+        (0, "*fp32", True, False, 4, 1, {}),  # a float label map
+        (0, "*u8", True, False, 4, 1, dict(HAS_SMOOTHING=True)),
+        (0, "soft", False, False, 4, 1, {}),
+        (0, "*u8", True, False, 4, 2, {}),
+        (1, "*u8", True, True, 2, 2, {}),
+        (1, "*u8", True, False, 4, 1, dict(HAS_REGIONS=True)),
+        (1, "soft", False, False, 4, 2, {}),
     ]
     for xdt, cdt in (("fp32", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
         part = "*fp64" if xdt == "fp64" else "*fp32"
-        for act, soft, ign, binary, cpad, ce in cases:
-            tdt = ptr[xdt] if soft else "*u8"
+        for act, tdt, ign, binary, cpad, ce, other in cases:
+            soft = tdt == "soft"
             consts = dict(
                 ACTIVATION=act,
                 HAS_SOFT_TARGET=soft,
                 HAS_IGNORE_INDEX=ign,
                 BINARY_LABELS=binary,
                 C_PAD=cpad,
-                BLOCK_N=fwd_block_elems(ce, xdt == "fp64") // cpad,
+                BLOCK_N=fwd_block_elems(ce != 0, xdt == "fp64") // cpad,
                 CDTYPE=cdt,
-                HAS_CE=ce,
+                CE=ce,
+                **other,
             )
-            tag = f"x={xdt} act={act} soft={int(soft)} C_PAD={cpad} CE={int(ce)}"
+            tdt = ptr[xdt] if soft else tdt
+            extra = "".join(f" {k}" for k in other) + (
+                " float-labels" if "fp" in tdt and not soft else ""
+            )
+            tag = f"x={xdt} act={act} soft={int(soft)} C_PAD={cpad} CE={ce}{extra}"
+            common = dict(logits_ptr=ptr[xdt], target_ptr=tdt, regions_ptr="*i64", params_ptr=part)
             yield (
                 "fwd_partials " + tag,
                 "_tversky_fwd_partials_kernel",
-                dict(logits_ptr=ptr[xdt], target_ptr=tdt, partials_ptr=part, counts_ptr="*i32"),
+                dict(common, partials_ptr=part, counts_ptr="*i32"),
                 consts,
             )
             yield (
                 "bwd " + tag,
                 "_tversky_bwd_kernel",
-                dict(
-                    logits_ptr=ptr[xdt],
-                    target_ptr=tdt,
-                    coef_a_ptr=part,
-                    coef_b_ptr=part,
-                    coef_ce_ptr=part,
-                    grad_ptr=ptr[xdt],
-                ),
+                dict(common, coefs_ptr=part, grad_ptr=ptr[xdt]),
                 {**consts, "BLOCK_N": 2048 // cpad},  # the backward's block (triton.py)
             )
-        for ce in (False, True):
+        for nce in (0, 1, 2):
             yield (
-                f"finalize x={xdt} CE={int(ce)}",
+                f"finalize x={xdt} CE columns={nce}",
                 "_tversky_finalize_kernel",
                 dict(partials_ptr=part, counts_ptr="*i32", stats_ptr="*fp64", flag_sums_ptr="*i64"),
-                dict(C_PAD=4, BLOCK_T=256, HAS_CE=ce),
+                dict(C_PAD=4, BLOCK_T=256, NCE=nce),
             )
 
 

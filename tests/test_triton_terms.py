@@ -346,3 +346,59 @@ def test_focal_saturated_softmax(gamma):
     # voxels 0..4: label 0 with p_0 == 1: no focal CE and no focal gradient at all
     # (the Tversky part still has its own gradient, zero here too: p is saturated)
     assert (grad[0, :, :5] == 0).all()
+
+
+# ------------------------------------------------------------------------------------
+# the same contract as the torch backend
+# ------------------------------------------------------------------------------------
+TORCH_CASES = {
+    "float-labels-ce": (
+        "softmax",
+        3,
+        "float-labels",
+        dict(ce=CE_PLAIN, ignore_index=-1, float_labels=True),
+    ),
+    "regions-focal": (
+        "sigmoid",
+        3,
+        "regions",
+        dict(ce=CE_FOCAL, focal_gamma=2.0, region_masks=REGIONS, ignore_index=-1),
+    ),
+    "soft-smoothed": (
+        "softmax",
+        4,
+        "soft",
+        dict(ce=CE_PLAIN, soft_target=True, label_smoothing=0.1),
+    ),
+    "focal-softmax": ("softmax", 3, "labels", dict(ce=CE_FOCAL, focal_gamma=0.5, ignore_index=-1)),
+    "focal-sigmoid-soft": (
+        "sigmoid",
+        2,
+        "soft",
+        dict(ce=CE_FOCAL, focal_gamma=1.0, soft_target=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TORCH_CASES))
+def test_matches_torch_backend(case):
+    """Stats, flags and gradient equal the torch backend's (float64 logits)."""
+    from fasttversky.ops import torch as tb
+
+    act, C, kind, kw = TORCH_CASES[case]
+    x = _logits(2, C, 37, torch.float64, seed=13)
+    if kind == "soft":
+        t = _soft(2, C, 37, seed=13)
+    else:
+        t = _labels(2, 37, 4 if kind == "regions" else C, seed=13, ignore=-1)
+        t = t.double() if kind == "float-labels" else t
+    spec = _spec(act, C, **kw)
+    (s_k, f_k), (s_t, f_t) = (be.forward_stats(x, t, spec) for be in (tri.BACKEND, tb.BACKEND))
+    assert f_k.tolist() == f_t.tolist() == [0, 0]
+    tol = TOLERANCES[torch.float64][0] * s_t.abs().max().item()
+    assert torch.allclose(s_k, s_t, rtol=0, atol=tol), describe_mismatch(s_k, s_t, tol)
+    coef_a, coef_b, *ce = _coefs(2, C, 2 + spec.ce_columns, torch.float64, seed=14)
+    kw = dict(zip(("coef_ce", "coef_ce2"), ce, strict=False))
+    g_k, g_t = (be.backward(x, t, coef_a, coef_b, spec, **kw) for be in (tri.BACKEND, tb.BACKEND))
+    tol = TOLERANCES[torch.float64][1] * g_t.abs().max().item()
+    assert torch.allclose(g_k, g_t, rtol=0, atol=tol), describe_mismatch(g_k, g_t, tol)

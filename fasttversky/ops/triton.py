@@ -5,7 +5,10 @@ Contract as every backend (``fasttversky/_spec.py``). Forward = one pass of
 ``_tversky_finalize_kernel`` (fixed-order float64 sum of the partials); backward = one
 elementwise pass of ``_tversky_bwd_kernel``. The kernels live in ``_triton_math.py``,
 imported lazily, so that a machine without triton gets one reason from
-``unavailable()`` rather than an import error.
+``unavailable()`` rather than an import error. Every term of the contract is a
+compile-time switch (CE kind, label smoothing, regions; float label maps by the target's
+dtype), so a call compiles only the work it needs; the region table and [eps, gamma]
+reach the kernels as small cached device tensors (``_tables``).
 
 On a machine without a GPU the same kernels run in the Triton interpreter
 (``TRITON_INTERPRET=1``, set before triton is first imported) on CPU tensors; that is
