@@ -91,7 +91,7 @@ def cuda_rows() -> list[dict]:
 def _triton_variants():
     import triton.language as tl
 
-    from fasttversky.ops.triton import fwd_block_elems
+    from fasttversky.ops.triton import bwd_block_elems, fwd_block_elems
 
     ptr = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
     # (activation, target, ignore, binary, C_PAD, CE, other switches): the shapes the
@@ -144,7 +144,7 @@ def _triton_variants():
                 "bwd " + tag,
                 "_tversky_bwd_kernel",
                 dict(common, coefs_ptr=part, grad_ptr=ptr[xdt]),
-                {**consts, "BLOCK_N": 2048 // cpad},  # the backward's block (triton.py)
+                {**consts, "BLOCK_N": bwd_block_elems(ce, xdt == "fp64") // cpad},
             )
         for nce in (0, 1, 2):
             yield (

@@ -255,18 +255,25 @@ def _tile_terms(
     HAS_IGNORE_INDEX: tl.constexpr,
     BINARY_LABELS: tl.constexpr,
     HAS_REGIONS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    WITH_P: tl.constexpr,
 ):
-    """(x, g, keep, bad, nonfinite) of the voxels n of one sample, all (C_PAD, BLOCK_N).
+    """(x, p, g, keep, bad, nonfinite) of the voxels n of one sample, all (C_PAD, BLOCK_N).
 
     What both kernels read per tile. x_base: (C_PAD, 1) pointers to the sample's class
     rows (logits_ptr + b * stride_b + c * stride_c); t_base: the sample's target. x: the
-    logits in CDTYPE; g, keep, bad as _target_block; nonfinite: 1 per NaN/inf logit. Tail
-    voxels load 0 (a harmless finite value) and are masked out of every sum by keep.
+    logits in CDTYPE; p: _probs(x) with WITH_P (taken before the target is read, which
+    keeps fewer values live: the CE forward takes p with its log-sum-exp instead), else
+    x; g, keep, bad as _target_block; nonfinite: 1 per NaN/inf logit. Tail voxels load 0
+    (a harmless finite value) and are masked out of every sum by keep.
     """
     nmask = n < N
     m2 = cmask2 & nmask[None, :]
     x = tl.load(x_base + n[None, :] * logits_stride_n, mask=m2, other=0.0).to(CDTYPE)
     nonfinite = (m2 & ~((x == x) & (tl.abs(x) != float("inf")))).to(tl.int32)
+    p = x
+    if WITH_P:
+        p = _probs(x, cmask2, ACTIVATION)
     g, keep, bad = _target_block(
         t_base,
         regions_ptr,
@@ -284,7 +291,7 @@ def _tile_terms(
         BINARY_LABELS,
         HAS_REGIONS,
     )
-    return x, g, keep, bad, nonfinite
+    return x, p, g, keep, bad, nonfinite
 
 
 @triton.jit
@@ -329,7 +336,7 @@ def _fwd_tile_sums(
     n_bad = tl.zeros((C_PAD, BLOCK_N), dtype=tl.int32)
     for i in range(iters):
         n = (pid_t * iters + i) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        x, g, keep, bad, nonfinite = _tile_terms(
+        x, p, g, keep, bad, nonfinite = _tile_terms(
             x_base,
             t_base,
             regions_ptr,
@@ -347,6 +354,8 @@ def _fwd_tile_sums(
             HAS_IGNORE_INDEX,
             BINARY_LABELS,
             HAS_REGIONS,
+            ACTIVATION,
+            CE == 0,
         )
         n_nonfinite += nonfinite
         n_bad += bad
@@ -356,8 +365,6 @@ def _fwd_tile_sums(
             acc_ce += ce
             if CE == 2 and ACTIVATION == 1:
                 acc_ce2 += ce2
-        else:
-            p = _probs(x, cmask2, ACTIVATION)
         pw = tl.where(keep, p, 0.0)  # not p * w: an ignored voxel adds exact zeros
         acc_pg += pw * g
         acc_p += pw
@@ -591,7 +598,7 @@ def _tversky_bwd_kernel(
     cmask = cls < C
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     c64 = cls[:, None].to(tl.int64)
-    x, g, keep, _, _ = _tile_terms(
+    x, p, g, keep, _, _ = _tile_terms(
         logits_ptr + b * logits_stride_b + c64 * logits_stride_c,
         target_ptr + b * target_stride_b,
         regions_ptr,
@@ -609,8 +616,9 @@ def _tversky_bwd_kernel(
         HAS_IGNORE_INDEX,
         BINARY_LABELS,
         HAS_REGIONS,
+        ACTIVATION,
+        True,
     )
-    p = _probs(x, cmask[:, None], ACTIVATION)
     coefs = coefs_ptr + b * (K * C) + cls
     coef_a = tl.load(coefs, mask=cmask, other=0.0).to(CDTYPE)[:, None]
     coef_b = tl.load(coefs + C, mask=cmask, other=0.0).to(CDTYPE)[:, None]

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from .._spec import KernelSpec
+from .._spec import CE_FOCAL, KernelSpec
 from ._base import (
     MAX_GRID_BATCH,
     Backend,
@@ -93,6 +93,13 @@ def fwd_block_elems(with_ce: bool, float64: bool) -> int:
     if not with_ce:
         return _GPU_ELEMS
     return _GPU_ELEMS // (4 if float64 else 2)
+
+
+def bwd_block_elems(ce: int, float64: bool) -> int:
+    """(C_PAD x BLOCK_N) elements of the backward's register block on a GPU: half in
+    float64 with the focal term, whose gradient made ptxas spill at the full block
+    (bench/ptxas_report.py)."""
+    return _GPU_ELEMS // 2 if float64 and ce == CE_FOCAL else _GPU_ELEMS
 
 
 def _fwd_tiles(
@@ -273,7 +280,7 @@ class _TritonBackend(Backend):
         elif _interpreted():
             block_n = max(16, min(_next_pow2(N), _INTERP_ELEMS // C_PAD))
         else:
-            block_n = max(16, _GPU_ELEMS // C_PAD)
+            block_n = max(16, bwd_block_elems(spec.ce, logits.dtype == torch.float64) // C_PAD)
         # One (B, K, C) block of coefficients: [coef_a, coef_b] then one per CE column.
         coefs = [coef_a, coef_b, coef_ce, coef_ce2][: 2 + spec.ce_columns]
         coefs = torch.stack(kernel_coefs(logits, *coefs), dim=1)
