@@ -1023,8 +1023,8 @@ int backward_items(const TverskyParams& P) {
 // (contract: fasttversky/_spec.py). These paths hold the target as an array g[c][lane]
 // (masked: 0 on ignored and padded lanes) instead of the fast paths' label index y, and
 // form the CE target q from it: q_c = w ((1 - ε) g_c + ε / C) for softmax, q_c = g_c for
-// sigmoid. The Tversky-only and plain-CE label-map paths above never come here, so they
-// run exactly as before. Which target kind a terms path reads is a template argument, as
+// sigmoid. The Tversky-only and plain-CE paths of integer and float32 label maps never
+// come here, so they run exactly as before. Which target kind a terms path reads is a template argument, as
 // is its compute type F; the storage types of the logits, the target and the gradient are
 // switched at run time once per tile row (64 voxels), which costs nothing measurable and
 // keeps the number of instantiations (and the build time) down. Label maps stored as
