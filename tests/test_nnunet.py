@@ -35,6 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASET_ID = 917
 DATASET = f"Dataset{DATASET_ID:03d}_FastTverskyTiny"
 LABELS = {"background": 0, "blob_a": 1, "blob_b": 2, "ignore": 3}
+# Region-based (nnU-Net's BraTS layout): nested regions whole ⊇ core ⊇ enhancing over
+# labels 1..3, and an ignore label (the largest value, as nnU-Net requires).
+REGION_DATASET_ID = 918
+REGION_DATASET = f"Dataset{REGION_DATASET_ID:03d}_FastTverskyRegions"
+REGION_LABELS = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3, "ignore": 4}
+REGIONS = ((1, 2, 3), (2, 3), (3,))
 N_CASES, SIZE = 4, 32
 
 # Test subclasses: short epochs, seeded, and a record of the first step. nnU-Net imports
@@ -44,6 +50,7 @@ import random
 
 import numpy as np
 import torch
+from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from fasttversky.compat.nnunet.trainers.fasttversky_trainers import (
@@ -52,19 +59,32 @@ from fasttversky.compat.nnunet.trainers.fasttversky_trainers import (
 )
 
 
+def _stock_targets(trainer, target):
+    """What nnUNetTrainer's own pipeline gives its loss: on region datasets the label
+    maps (the fasttversky trainers' targets) through nnU-Net's region transform."""
+    lm = trainer.label_manager
+    if not lm.has_regions:
+        return target
+    ii = [lm.ignore_label] if lm.has_ignore_label else []
+    tr = ConvertSegmentationToRegionsTransform(list(lm.foreground_regions) + ii, 0)
+    one = lambda t: torch.stack([tr._apply_to_segmentation(s) for s in t.cpu()]).to(t.device)
+    return [one(t) for t in target] if isinstance(target, list) else one(target)
+
+
 class _FirstStepRecorder(torch.nn.Module):
     """Passes the loss through; on its first call also saves the step's tensors, the
     value and what the stock nnUNetTrainer loss gives on the same tensors."""
 
-    def __init__(self, loss, stock, path):
+    def __init__(self, loss, stock, path, trainer):
         super().__init__()
         self.loss, self.stock, self.path = loss, stock, path
+        self.to_stock = lambda t: _stock_targets(trainer, t)
 
     def forward(self, output, target):
         value = self.loss(output, target)
         if self.path is not None:
             with torch.no_grad():
-                stock = self.stock(output, target)
+                stock = self.stock(output, self.to_stock(target))
             torch.save(
                 {
                     "outputs": [o.detach().clone() for o in output],
@@ -87,16 +107,34 @@ class _Tiny:
         np.random.seed(0)
         torch.manual_seed(0)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_iterations_per_epoch = 2
+        self.num_iterations_per_epoch = 4  # enough steps for the mean loss to fall
         self.num_val_iterations_per_epoch = 1
         self.num_epochs = 2
+        self._val_path = None
 
     def _build_loss(self):
         stock = nnUNetTrainer._build_loss(self)
         path = self.output_folder + "/first_step.pt"
-        rec = _FirstStepRecorder(super()._build_loss(), stock, path)
+        rec = _FirstStepRecorder(super()._build_loss(), stock, path, self)
         rec.trainer_batch_dice = self.configuration_manager.batch_dice
+        self._val_path = self.output_folder + "/first_val_step.pt"
         return rec
+
+    def validation_step(self, batch):
+        # Also nnUNetTrainer's own validation step on what its pipeline gives (the
+        # stock loss, the region targets), once: the metrics must be the same.
+        got = super().validation_step(batch)
+        if self._val_path is not None and self.label_manager.has_regions:
+            ours, self.loss = self.loss, self.loss.stock
+            try:
+                stock = nnUNetTrainer.validation_step(
+                    self, {**batch, "target": _stock_targets(self, batch["target"])}
+                )
+            finally:
+                self.loss = ours
+            torch.save({"ours": got, "stock": stock}, self._val_path)
+            self._val_path = None
+        return got
 
     def perform_actual_validation(self, save_probabilities=False):
         pass  # sliding-window inference of the validation cases is nnU-Net's, not ours
@@ -142,19 +180,25 @@ run_training.run_training_entry()
 """
 
 
-def _write_dataset(raw: Path) -> None:
+def _write_dataset(raw: Path, regions: bool = False) -> None:
+    """Labels: two blobs (1, 2) and an unannotated slab (the ignore label). Regions: three
+    nested balls (labels 1 ⊃ 2 ⊃ 3 as BraTS's whole tumour, core, enhancing) and a slab."""
     sitk = pytest.importorskip("SimpleITK")
-    ds = raw / DATASET
+    ds = raw / (REGION_DATASET if regions else DATASET)
     (ds / "imagesTr").mkdir(parents=True)
     (ds / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
     zz, yy, xx = np.meshgrid(*(np.arange(SIZE),) * 3, indexing="ij")
+    labels = REGION_LABELS if regions else LABELS
     for i in range(N_CASES):
         seg = np.zeros((SIZE,) * 3, np.uint8)
-        for label, radius in ((1, 7), (2, 4)):
-            c = rng.integers(8, SIZE - 8, 3)
+        c = rng.integers(8, SIZE - 8, 3)
+        for label, radius in ((1, 8), (2, 5), (3, 2)) if regions else ((1, 7), (2, 4)):
+            if not regions:
+                c = rng.integers(8, SIZE - 8, 3)
             seg[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= radius**2] = label
-        seg[:, :, :3] = LABELS["ignore"]  # an unannotated slab
+        slab = slice(14, 17) if regions else slice(0, 3)  # regions: where every patch sees it
+        seg[:, :, slab] = labels["ignore"]  # an unannotated slab
         img = (seg * 40.0 + rng.normal(0, 10, seg.shape)).astype(np.float32)
         for arr, path in (
             (img, ds / "imagesTr" / f"case{i:03d}_0000.nii.gz"),
@@ -165,15 +209,17 @@ def _write_dataset(raw: Path) -> None:
             sitk.WriteImage(im, str(path))
     meta = {
         "channel_names": {"0": "T1"},
-        "labels": LABELS,
+        "labels": labels,
         "numTraining": N_CASES,
         "file_ending": ".nii.gz",
     }
+    if regions:
+        meta["regions_class_order"] = [1, 2, 3]
     (ds / "dataset.json").write_text(json.dumps(meta))
 
 
 def _run(cmd, env, cwd):
-    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout
 
@@ -199,6 +245,7 @@ def nnunet_env(tmp_path_factory):
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     _write_dataset(base / "nnUNet_raw")
+    _write_dataset(base / "nnUNet_raw", regions=True)
     # The console script's entry function, run by this interpreter (its bin/ may not be
     # on PATH or next to sys.executable).
     plan_entry = (
@@ -209,7 +256,7 @@ def nnunet_env(tmp_path_factory):
     _run(
         [
             sys.executable, "-c", plan_entry,
-            "-d", str(DATASET_ID),
+            "-d", str(DATASET_ID), str(REGION_DATASET_ID),
             "-c", "3d_fullres",
             "-np", "1",
             "--verify_dataset_integrity",
@@ -224,27 +271,29 @@ def nnunet_env(tmp_path_factory):
 def _narrow_plans(base: Path) -> None:
     """A narrower U-Net than planned (same stages, 8..64 features instead of 32..256):
     the loss sees the same shapes, the CPU does 16x less convolution work."""
-    plans_path = base / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json"
-    plans = json.loads(plans_path.read_text())
-    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = [min(8 * 2**i, 64) for i in range(arch["n_stages"])]
-    plans_path.write_text(json.dumps(plans))
+    for dataset in (DATASET, REGION_DATASET):
+        plans_path = base / "nnUNet_preprocessed" / dataset / "nnUNetPlans.json"
+        plans = json.loads(plans_path.read_text())
+        arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+        arch["features_per_stage"] = [min(8 * 2**i, 64) for i in range(arch["n_stages"])]
+        plans_path.write_text(json.dumps(plans))
 
 
-def _train(nnunet_env, trainer: str) -> Path:
+def _train(nnunet_env, trainer: str, regions: bool = False) -> Path:
     base, env = nnunet_env
     env = dict(env, nnUNet_n_proc_DA="0")  # single-threaded augmentation, no workers
+    dataset_id, dataset = (REGION_DATASET_ID, REGION_DATASET) if regions else (DATASET_ID, DATASET)
     _run(
         [
             sys.executable, str(base / "train_entry.py"),
-            str(DATASET_ID), "3d_fullres", "all",
+            str(dataset_id), "3d_fullres", "all",
             "-tr", trainer,
             "-device", "cpu",
         ],
         env,
         base,
     )  # fmt: skip
-    out = base / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_all"
+    out = base / "nnUNet_results" / dataset / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_all"
     assert (out / "checkpoint_final.pth").is_file(), sorted(p.name for p in out.iterdir())
     ckpt = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer
@@ -285,6 +334,61 @@ def test_fast_tversky_ce_trainer(nnunet_env):
         )  # fmt: skip
         want += w * (tv + F.cross_entropy(x, lab, ignore_index=ii)).item()
     _close(rec["loss"], want, "first-step loss vs reference Tversky + CE")
+
+
+def _check_region_run(out: Path, stock_loss: bool) -> dict:
+    """What every region run must show: the fused region loss announced in the log, the
+    loss fed the label map (no region channels), and a validation step whose metrics
+    (and loss, with ``stock_loss``) equal nnUNetTrainer's own on the region targets its
+    pipeline makes."""
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    assert "fasttversky: fused region loss" in log, log[-2000:]
+    rec = torch.load(out / "first_step.pt", weights_only=False)
+    assert len(rec["outputs"]) > 1 and rec["weights"][-1] == 0  # deep supervision is on
+    assert all(t.shape[1] == 1 for t in rec["targets"])  # label maps at every scale
+    assert rec["outputs"][0].shape[1] == len(REGIONS)
+    assert bool((rec["targets"][0] == REGION_LABELS["ignore"]).any())
+    val = torch.load(out / "first_val_step.pt", weights_only=False)
+    for key in ("tp_hard", "fp_hard", "fn_hard"):
+        assert val["ours"][key].shape == (len(REGIONS),), val["ours"][key]
+        np.testing.assert_array_equal(val["ours"][key], val["stock"][key], err_msg=key)
+    if stock_loss:
+        _close(val["ours"]["loss"], val["stock"]["loss"], "validation loss vs nnUNetTrainer's")
+    return rec
+
+
+@pytest.mark.nnunet
+def test_fast_dice_ce_trainer_regions_matches_stock_loss(nnunet_env):
+    out = _train(nnunet_env, "nnUNetTrainerFastDiceCE_tiny", regions=True)
+    rec = _check_region_run(out, stock_loss=True)
+    _close(rec["loss"], rec["stock"], "first-step region loss vs nnUNetTrainer's")
+
+
+def _region_tversky_bce(x: torch.Tensor, labels: torch.Tensor, batch: bool) -> float:
+    """Tversky (0.3, 0.7, smooth 1e-5, every region) + BCE (mean over regions and kept
+    voxels) in float64, from a (B, 1, ...) label map with the ignore label."""
+    keep = labels != REGION_LABELS["ignore"]
+    g = torch.cat([torch.isin(labels, torch.tensor(r, dtype=labels.dtype)) for r in REGIONS], 1)
+    g = g.double() * keep
+    p = torch.sigmoid(x) * keep
+    axes = (0, *range(2, x.dim())) if batch else tuple(range(2, x.dim()))
+    tp = (p * g).sum(axes)
+    fp, fn = p.sum(axes) - tp, g.sum(axes) - tp
+    tv = (1 - (tp + 1e-5) / (tp + 0.3 * fp + 0.7 * fn + 1e-5)).mean()
+    bce = F.binary_cross_entropy_with_logits(x, g, reduction="none")
+    return (tv + (bce * keep).sum() / (len(REGIONS) * keep.sum())).item()
+
+
+@pytest.mark.nnunet
+def test_fast_tversky_ce_trainer_regions(nnunet_env):
+    out = _train(nnunet_env, "nnUNetTrainerFastTverskyCE_tiny", regions=True)
+    rec = _check_region_run(out, stock_loss=False)
+    want = sum(
+        w * _region_tversky_bce(x.double(), y, rec["batch_dice"])
+        for w, x, y in zip(rec["weights"], rec["outputs"], rec["targets"], strict=True)
+        if w != 0
+    )
+    _close(rec["loss"], want, "first-step loss vs reference Tversky + BCE over regions")
 
 
 @pytest.mark.nnunet

@@ -10,7 +10,9 @@ a second environment given by ``FASTTVERSKY_NNUNET_VENV`` (torch 2.14.1 + torchv
 
 The trainers run as short, seeded test subclasses (``test_nnunet._TEST_TRAINERS``) kept
 in a folder of their own, listed in ``nnUNet_extTrainer`` beside the package's folder,
-exactly as the README tells a user to add their own trainer subclasses.
+exactly as the README tells a user to add their own trainer subclasses, on two tiny
+datasets: plain labels with an ignore label, and nested regions with an ignore label
+(nnU-Net's region-based training: sigmoid outputs, ``DC_and_BCE_loss``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_nnunet import _TEST_TRAINERS, DATASET, DATASET_ID, _close, _narrow_plans, _write_dataset
+from test_nnunet import (
+    _TEST_TRAINERS,
+    DATASET,
+    DATASET_ID,
+    REGION_DATASET,
+    REGION_DATASET_ID,
+    REGIONS,
+    _check_region_run,
+    _close,
+    _narrow_plans,
+    _write_dataset,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.nnunet]
 
@@ -41,7 +54,7 @@ def _venv_bin() -> Path:
 
 
 def _run(cmd, env, cwd) -> str:
-    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, (
         f"{' '.join(map(str, cmd))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     )
@@ -76,42 +89,50 @@ def cli_env(tmp_path_factory):
         nnUNet_def_n_proc="1",
     )
     _write_dataset(base / "nnUNet_raw")
+    _write_dataset(base / "nnUNet_raw", regions=True)
     _run(
-        ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres",
-         "-np", "1", "--verify_dataset_integrity"],
+        ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), str(REGION_DATASET_ID),
+         "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
         env, base,
     )  # fmt: skip
     _narrow_plans(base)
     return base, env
 
 
+@pytest.mark.parametrize("regions", [False, True], ids=["labels", "regions"])
 @pytest.mark.parametrize("trainer", TRAINERS)
-def test_nnunetv2_train_and_predict(cli_env, trainer):
+def test_nnunetv2_train_and_predict(cli_env, trainer, regions):
     base, env = cli_env
+    dataset_id, dataset = (REGION_DATASET_ID, REGION_DATASET) if regions else (DATASET_ID, DATASET)
     _run(
-        ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "all", "-tr", trainer, "-device", "cpu"],
+        ["nnUNetv2_train", str(dataset_id), "3d_fullres", "all", "-tr", trainer, "-device", "cpu"],
         dict(env, nnUNet_n_proc_DA="0"), base,  # augmentation in-process: seeded, no workers
     )  # fmt: skip
-    out = base / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_all"
+    out = base / "nnUNet_results" / dataset / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_all"
     ckpt = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == 2
+    dice_per_head = ckpt["logging"]["dice_per_class_or_region"][-1]
+    assert len(dice_per_head) == (len(REGIONS) if regions else 2), dice_per_head
     rec = torch.load(out / "first_step.pt", weights_only=False)
+    if regions:
+        _check_region_run(out, stock_loss="FastDiceCE" in trainer)
     if "FastDiceCE" in trainer:  # the fused loss is nnU-Net's own on the same tensors
         _close(rec["loss"], rec["stock"], "first-step loss vs nnUNetTrainer's")
     losses = [float(v) for v in ckpt["logging"]["train_losses"]]
     assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0], losses
 
-    images, pred = base / "nnUNet_raw" / DATASET / "imagesTr", base / f"pred_{trainer}"
+    images, pred = base / "nnUNet_raw" / dataset / "imagesTr", base / f"pred_{trainer}_{dataset}"
     _run(
-        ["nnUNetv2_predict", "-i", str(images), "-o", str(pred), "-d", str(DATASET_ID),
+        ["nnUNetv2_predict", "-i", str(images), "-o", str(pred), "-d", str(dataset_id),
          "-c", "3d_fullres", "-f", "all", "-tr", trainer, "-device", "cpu",
          "-npp", "1", "-nps", "1", "--disable_progress_bar"],
         env, base,
     )  # fmt: skip
     import SimpleITK as sitk
 
+    labels = {0, 1, 2, 3} if regions else {0, 1, 2}  # regions_class_order writes labels 1..3
     for image in sorted(images.glob("*_0000.nii.gz")):
         seg = pred / image.name.replace("_0000.nii.gz", ".nii.gz")
         got = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
         assert got.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(image))).shape
-        assert set(got.ravel().tolist()) <= {0, 1, 2}
+        assert set(got.ravel().tolist()) <= labels

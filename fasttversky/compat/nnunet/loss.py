@@ -116,7 +116,50 @@ class _FusedCall(NamedTuple):
     options: fasttversky.TverskyOptions  # checked for this call's C
 
 
-class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a drop-in import
+class _NnunetDice(nn.Module):
+    """What nnU-Net's compound losses share: their soft Dice options, checked, and
+    whether the fused kernels can compute that Dice."""
+
+    def _store_dice(self, kwargs: dict, dice_class, default: str, nonlin) -> None:
+        """nnU-Net's Dice options, checked; instantiates a Dice class that is not fused
+        (with ``nonlin``, nnU-Net's ``apply_nonlin``). ``default``: the name of the
+        class nnU-Net uses when ``dice_class`` is None."""
+        if dice_class is not None and not callable(dice_class):
+            raise InvalidInputTypeError(f"dice_class must be a class or None, got {dice_class!r}")
+        name = default if dice_class is None else getattr(dice_class, "__name__", None)
+        self.soft_dice_kwargs = kwargs
+        self.dc = None
+        self._dice_class_problem = None
+        if name not in _FUSABLE_DICE:
+            self._dice_class_problem = f"dice_class {name!r} is not nnU-Net's soft Dice"
+            self.dc = dice_class(apply_nonlin=nonlin, **kwargs)
+        elif set(kwargs) - _DICE_KEYS:
+            unknown = sorted(set(kwargs) - _DICE_KEYS)
+            raise InvalidInputTypeError(f"soft_dice_kwargs: unexpected keys {unknown}")
+        key = "soft_dice_kwargs[{!r}]".format
+        self.batch_dice = _common.check_flag(key("batch_dice"), kwargs.get("batch_dice", False))
+        self.do_bg = _common.check_flag(key("do_bg"), kwargs.get("do_bg", True))
+        self.ddp = _common.check_flag(key("ddp"), kwargs.get("ddp", True))
+        self.smooth = _common.check_real(key("smooth"), kwargs.get("smooth", 1.0))
+        if kwargs.get("clip_tp") is not None:
+            _common.check_real(key("clip_tp"), kwargs["clip_tp"])
+
+    def _dice_problem(self) -> str | None:
+        """Why the fused kernels cannot compute this Dice, or None."""
+        if self._dice_class_problem is not None:
+            return self._dice_class_problem
+        if self.soft_dice_kwargs.get("clip_tp") is not None:
+            return "clip_tp is set"
+        if not (math.isfinite(float(self.smooth)) and float(self.smooth) >= 1e-8):
+            return f"smooth={self.smooth!r} (< 1e-8: nnU-Net's 1e-8 clamp can act)"
+        return None
+
+    def _sync(self) -> bool:
+        """All-gather the Dice sums, as nnU-Net's AllGatherGrad under DDP with batch_dice."""
+        return self.batch_dice and self.ddp and _is_distributed()
+
+
+class DC_and_CE_loss(_NnunetDice):  # noqa: N801 -- nnU-Net's class name, for a drop-in import
     """Soft Dice + cross-entropy with nnU-Net v2's ``DC_and_CE_loss`` interface.
 
     ``forward(net_output, target)``:
@@ -167,29 +210,7 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
         self.ce = nn.CrossEntropyLoss(**ce_kwargs)  # nnU-Net's RobustCrossEntropyLoss
         # an ignore_index of its own (without ignore_label) masks CE only, not the Dice
         self._unfused_ce_keys = sorted(set(ce_kwargs) - fused_ce_keys)
-        self._store_dice(soft_dice_kwargs, dice_class)
-
-    def _store_dice(self, kwargs: dict, dice_class) -> None:
-        """nnU-Net's Dice options, checked; instantiates a Dice class that is not fused."""
-        if dice_class is not None and not callable(dice_class):
-            raise InvalidInputTypeError(f"dice_class must be a class or None, got {dice_class!r}")
-        name = "SoftDiceLoss" if dice_class is None else getattr(dice_class, "__name__", None)
-        self.soft_dice_kwargs = kwargs
-        self.dc = None
-        self._dice_class_problem = None
-        if name not in _FUSABLE_DICE:
-            self._dice_class_problem = f"dice_class {name!r} is not nnU-Net's soft Dice"
-            self.dc = dice_class(apply_nonlin=_softmax_dim1, **kwargs)
-        elif set(kwargs) - _DICE_KEYS:
-            unknown = sorted(set(kwargs) - _DICE_KEYS)
-            raise InvalidInputTypeError(f"soft_dice_kwargs: unexpected keys {unknown}")
-        key = "soft_dice_kwargs[{!r}]".format
-        self.batch_dice = _common.check_flag(key("batch_dice"), kwargs.get("batch_dice", False))
-        self.do_bg = _common.check_flag(key("do_bg"), kwargs.get("do_bg", True))
-        self.ddp = _common.check_flag(key("ddp"), kwargs.get("ddp", True))
-        self.smooth = _common.check_real(key("smooth"), kwargs.get("smooth", 1.0))
-        if kwargs.get("clip_tp") is not None:
-            _common.check_real(key("clip_tp"), kwargs["clip_tp"])
+        self._store_dice(soft_dice_kwargs, dice_class, "SoftDiceLoss", _softmax_dim1)
 
     # ----------------------------------------------------------------------------------
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -225,12 +246,8 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
         return _FusedCall(labels, self._options(x.shape[1]))
 
     def _option_problem(self) -> str | None:
-        if self._dice_class_problem is not None:
-            return self._dice_class_problem
-        if self.soft_dice_kwargs.get("clip_tp") is not None:
-            return "clip_tp is set"
-        if not (math.isfinite(float(self.smooth)) and float(self.smooth) >= 1e-8):
-            return f"smooth={self.smooth!r} (< 1e-8: nnU-Net's 1e-8 clamp can act)"
+        if (why := self._dice_problem()) is not None:
+            return why
         if self._unfused_ce_keys:
             return f"ce_kwargs {self._unfused_ce_keys}"
         if not self.weight_dice > 0:
@@ -268,7 +285,7 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 -- nnU-Net's class name, for a dr
             smooth_nr=s,
             smooth_dr=s,
             backend=self.backend,
-            sync_across_ranks=self.batch_dice and self.ddp and _is_distributed(),
+            sync_across_ranks=self._sync(),
         )
 
     def _fused(self, x: torch.Tensor, plan: _FusedCall) -> torch.Tensor:
