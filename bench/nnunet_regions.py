@@ -78,7 +78,7 @@ def _time(fn, x, y, t, repeats):
         loss.backward()
         if i:
             times.append(time.perf_counter() - t0)
-        value = float(loss)
+        value = float(loss.detach())
     return statistics.median(times) * 1e3, value
 
 
