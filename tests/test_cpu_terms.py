@@ -326,7 +326,8 @@ def test_soft_target_ce_against_contract(ce, activation, dtype):
             ce=ce,
             soft=True,
             label_smoothing=eps if activation == SOFTMAX else 0.0,
-            focal_gamma=1.5 if ce == CE_FOCAL else 0.0,
+            # γ = 2 takes the kernels' squared focal factors, other γ the exp/log form
+            focal_gamma=(2.0 if layout == "channels_last" else 1.5) if ce == CE_FOCAL else 0.0,
         )
         check_case(logits, soft, spec)
 
@@ -389,9 +390,14 @@ def test_terms_with_extreme_logits(activation, ce, eps):
     B, C, N = 1, 3, 64 * 3
     logits = make_logits(B, C, N, torch.float32) * 40
     labels = make_labels(B, N, C)
-    spec = spec_of(activation, C, ce=ce, label_smoothing=eps if activation == SOFTMAX else 0.0,
-                   focal_gamma=2.0)
-    check_case(logits, labels, spec)
+    soft = make_soft(B, C, N)
+    for gamma in (2.0, 1.5):
+        spec = spec_of(activation, C, ce=ce, focal_gamma=gamma,
+                       label_smoothing=eps if activation == SOFTMAX else 0.0)
+        check_case(logits, labels, spec)
+        spec = spec_of(activation, C, ce=ce, focal_gamma=gamma, soft=True,
+                       label_smoothing=eps if activation == SOFTMAX else 0.0)
+        check_case(logits, soft, spec)
 
 
 # ---- determinism ---------------------------------------------------------------------------

@@ -1127,23 +1127,43 @@ inline F exp_or_zero(F x) {
   return x < (F)-87 ? (F)0 : e;
 }
 
+// The focal paths take SQ = (γ == 2), MONAI's default, as a template argument: the
+// factors are then squares instead of an exp and a log per class and voxel.
+
 // (1 - p)^γ for p in [0, 1], with 0^0 = 1 (MONAI's softmax focal factor).
-template <typename F>
+template <bool SQ, typename F>
 inline F pow_one_minus(F p, F gamma) {
   const F omp = (F)1 - p;
+  if constexpr (SQ) return omp * omp;
   const F t = exp_or_zero(gamma * fast_log(omp > (F)0 ? omp : (F)1));
   return omp > (F)0 ? t : (gamma == (F)0 ? (F)1 : (F)0);
 }
 
-// The sigmoid focal factor of _spec.py: m = exp(γ logsigmoid(-x s)), s = 2q - 1, and
-// σ(x s) (the backward's); logsigmoid(-v) = -(max(v, 0) + log1p(exp(-|v|))).
-template <typename F>
-__attribute__((always_inline)) inline F sigmoid_focal_factor(F x, F q, F gamma, F& sig_xs) {
-  const F v = x * ((F)2 * q - (F)1);
-  const F es = exp_or_zero(-std::abs(v));
+// The sigmoid focal factor of _spec.py, m = exp(γ logsigmoid(-v)) = σ(-v)^γ with v = x s,
+// s = 2q - 1, and σ(v) (the backward's), from es = exp(-|v|) and l = log1p(es):
+// logsigmoid(-v) = -(max(v, 0) + l). A hard target (label maps and regions: q is 0 or 1,
+// s = ±1, HARD) has |v| = |x|: es and l are the sigmoid's own e and the BCE's log1p(e),
+// so the factor costs one exp more than the BCE (none with SQ).
+template <bool HARD, bool SQ, typename F>
+__attribute__((always_inline)) inline F sigmoid_focal_factor(F x, F q, F e, F l1p, F gamma,
+                                                             F& sig_v) {
+  F v, es, l;
+  if constexpr (HARD) {
+    v = q != (F)0 ? x : -x;
+    es = std::abs(x) > (F)87 ? (F)0 : e;  // exactly 0 where fast_exp clamps: see exp_or_zero
+    l = l1p;
+  } else {
+    v = x * ((F)2 * q - (F)1);
+    es = exp_or_zero(-std::abs(v));
+    l = log1p_small(es);
+  }
   const F r = (F)1 / ((F)1 + es);
-  sig_xs = v >= (F)0 ? r : es * r;
-  return exp_or_zero(-gamma * (std::max(v, (F)0) + log1p_small(es)));
+  sig_v = v >= (F)0 ? r : es * r;
+  if constexpr (SQ) {
+    const F sig_minus = v >= (F)0 ? es * r : r;  // σ(-v)
+    return sig_minus * sig_minus;
+  }
+  return exp_or_zero(-gamma * (std::max(v, (F)0) + l));
 }
 
 // One work item of the forward through the terms paths: sample b, voxels [start, stop).
@@ -1186,10 +1206,10 @@ struct TermsForwardItem {
       const int n = (int)std::min<int64_t>(TILE, stop - n0);
       nonfinite += load_logits_any<F>(P, b, n0, n, x);
       bad += load_g<F, TK>(P, b, n0, n, g, w, y);
-      if (P.activation == TV_SOFTMAX)
-        softmax_terms();
-      else if (P.activation == TV_SIGMOID)
-        sigmoid_terms();
+      if (FOCAL && gamma == (F)2)
+        activation_terms<FOCAL>();
+      else
+        activation_terms<false>();
       for (int64_t c = 0; c < C; ++c)
         for (int i = 0; i < TILE; ++i) {
           const F p = x[c][i] * (F)w[i];
@@ -1200,8 +1220,17 @@ struct TermsForwardItem {
     }
   }
 
+  template <bool SQ>
+  __attribute__((always_inline)) void activation_terms() {
+    if (P.activation == TV_SOFTMAX)
+      softmax_terms<SQ>();
+    else if (P.activation == TV_SIGMOID)
+      sigmoid_terms<SQ>();
+  }
+
   // x: logits -> probabilities, and the (focal) CE of q into acc_ce, in CE units:
   // -log p_c = log s - (x_c - m), both parts >= 0, so they are summed as they come.
+  template <bool SQ>
   __attribute__((always_inline)) void softmax_terms() {
     alignas(64) F m[TILE], s[TILE];
     for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
@@ -1226,13 +1255,14 @@ struct TermsForwardItem {
         if constexpr (CE) {
           const F q = (F)w[i] * (keep * g[c][i] + spread);
           F t = m[i] - lp[c][i];
-          if constexpr (FOCAL) t *= pow_one_minus(p, gamma);
+          if constexpr (FOCAL) t *= pow_one_minus<SQ>(p, gamma);
           acc_ce[c][i] += q != (F)0 ? q * t : (F)0;  // q = 0 adds 0, even where t is inf
         }
       }
   }
 
   // x: logits -> probabilities, and BCE(x, q) (focal: h, q h) into acc_ce (acc_ce2).
+  template <bool SQ>
   __attribute__((always_inline)) void sigmoid_terms() {
     for (int64_t c = 0; c < C; ++c)
       for (int i = 0; i < TILE; ++i) {
@@ -1242,11 +1272,11 @@ struct TermsForwardItem {
         } else {
           const F e = fast_exp(-std::abs(v));
           const F r = (F)1 / ((F)1 + e);
-          const F q = g[c][i], vs = v * ce_scale<F>;
-          F h = std::max(vs, (F)0) - vs * q + log1p_small(e) * ce_scale<F>;
+          const F q = g[c][i], vs = v * ce_scale<F>, l1p = log1p_small(e);
+          F h = std::max(vs, (F)0) - vs * q + l1p * ce_scale<F>;
           if constexpr (FOCAL) {
             F unused;
-            h *= sigmoid_focal_factor(v, q, gamma, unused);
+            h *= sigmoid_focal_factor<TK != TK_SOFT, SQ>(v, q, e, l1p, gamma, unused);
             acc_ce2[c][i] += (F)w[i] * q * h;
           }
           acc_ce[c][i] += (F)w[i] * h;
@@ -1311,20 +1341,29 @@ struct TermsBackwardItem {
         const F ac = A[c], bc = Bc[c];
         for (int i = 0; i < TILE; ++i) u[c][i] = ac + bc * g[c][i];
       }
-      if (P.activation == TV_SOFTMAX)
-        softmax_grad();
-      else if (P.activation == TV_SIGMOID)
-        sigmoid_grad();
+      if (FOCAL && gamma == (F)2)
+        activation_grad<FOCAL>();
       else
-        for (int64_t c = 0; c < C; ++c)
-          for (int i = 0; i < TILE; ++i) u[c][i] *= (F)w[i];
+        activation_grad<false>();
       for (int64_t c = 0; c < C; ++c)
         store_grad_row(P, u[c], n, b, c, n0);
     }
   }
 
+  template <bool SQ>
+  __attribute__((always_inline)) void activation_grad() {
+    if (P.activation == TV_SOFTMAX)
+      softmax_grad<SQ>();
+    else if (P.activation == TV_SIGMOID)
+      sigmoid_grad<SQ>();
+    else
+      for (int64_t c = 0; c < C; ++c)
+        for (int i = 0; i < TILE; ++i) u[c][i] *= (F)w[i];
+  }
+
   // x: logits -> p; g -> t (the CE family's part of dL/dz: e q, or -a for focal);
   // u -> dL/dz. Focal: log p_c = (x_c - max) - log s, kept in lq.
+  template <bool SQ>
   __attribute__((always_inline)) void softmax_grad() {
     alignas(64) F m[TILE], s[TILE], s1[TILE], st[TILE];
     for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
@@ -1355,7 +1394,7 @@ struct TermsBackwardItem {
           if constexpr (FOCAL) {
             // -a_c = e q ((1 - p)^γ - γ p (1 - p)^(γ-1) log p), the γ part 0 where
             // p is 0 or 1 or q is 0 (p log p -> 0; a term with q = 0 is 0)
-            const F omp = (F)1 - p, pw = pow_one_minus(p, gamma);
+            const F omp = (F)1 - p, pw = pow_one_minus<SQ>(p, gamma);
             const bool inner = (omp > (F)0) & (p > (F)0) & (q != (F)0);
             const F gp = gamma * p * (lq[c][i] - m[i]) * pw / (inner ? omp : (F)1);
             t *= pw - (inner ? gp : (F)0);
@@ -1373,6 +1412,7 @@ struct TermsBackwardItem {
   }
 
   // dz_c = w (u_c p (1 - p) + the CE family's part), p = σ(x) from one exp.
+  template <bool SQ>
   __attribute__((always_inline)) void sigmoid_grad() {
     for (int64_t c = 0; c < C; ++c) {
       const F ec = E[c], ec2 = E2[c];
@@ -1385,9 +1425,10 @@ struct TermsBackwardItem {
         if constexpr (CE) {
           const F q = g[c][i];
           if constexpr (FOCAL) {
-            const F bce = std::max(v, (F)0) - v * q + log1p_small(e);
+            const F l1p = log1p_small(e);
+            const F bce = std::max(v, (F)0) - v * q + l1p;
             F sig_xs;
-            const F mf = sigmoid_focal_factor(v, q, gamma, sig_xs);
+            const F mf = sigmoid_focal_factor<TK != TK_SOFT, SQ>(v, q, e, l1p, gamma, sig_xs);
             const F sgn = (F)2 * q - (F)1;
             du += (ec + ec2 * q) * mf * (p - q - gamma * sgn * sig_xs * bce);
           } else {
