@@ -34,7 +34,7 @@
 #define __forceinline__ inline
 #endif
 #undef __launch_bounds__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #undef __shared__
 #define __shared__ static
 

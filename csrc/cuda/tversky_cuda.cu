@@ -6,11 +6,15 @@
 // The math is derived once, in csrc/tversky.h. In short, per (sample b, class c) over the
 // non-ignored voxels (mask w):
 //   forward:  sum_pg = Σ w p g,  sum_p = Σ w p,  sum_g = Σ w g
-//   cross-entropy (template CE, label maps only): one more sum per (b, c), sum_ce, from
-//             the softmax's own max and exp sum (-log p_y = log s - (x_y - m), into the
-//             label's class) or the sigmoid's exp (BCE = max(x,0) - x g + log1p(e),
-//             e = exp(-|x|)); its backward adds e_y (p_k - [k = y]) (softmax) or
-//             e_c (p_c - g_c) (sigmoid), e = coef_ce. CE = false compiles as before.
+//   CE family (template CE; contract: fasttversky/_spec.py): one or two more sums per
+//             (b, c) with the CE target q_c = (1 - ε) g_c + ε / C (softmax) or g_c:
+//             kCeLabel (one-hot label maps, regions for sigmoid): -log p_y = log s -
+//             (x_y - m) from the softmax's own max and exp sum, into the label's class,
+//             or BCE = max(x,0) - x g + log1p(e), e = exp(-|x|); backward e_y (p_k -
+//             [k = y]) or e_c (p_c - g_c), e = coef_ce. kCeSoft (soft targets, label
+//             smoothing): Σ_c q_c (log s + m - x_c), backward p_k Σ e_c q_c - e_k q_k;
+//             kCeFocal: MONAI's focal term (softmax, or sigmoid with two columns).
+//             kNoCE compiles the Tversky-only code.
 //   backward: u_c = dL/dp_c = w (A_c + B_c g_c)  (affine in g: A = dL/dsum_p,
 //             B = dL/dsum_pg come from the host's O(B·C) autograd), then
 //             softmax dz_k = p_k (u_k - Σ_c p_c u_c); sigmoid dz_c = u_c p_c (1 - p_c);
@@ -34,12 +38,18 @@
 // float64 logits go to the triton backend, see ops/cuda.py), activation ACT (TV_SOFTMAX,
 // or TV_SIGMOID for the two per-element activations: sigmoid and none differ by one
 // uniform run-time branch), and MAXC, a bound on C (4 or 8) so that a voxel's classes
-// live in registers (C > 8 goes to the triton backend). The target's type (uint8/int16/int32/int64 labels, or a float soft
-// target) is a run-time switch at the load: it is uniform over the grid (no divergence)
-// and touches only the load, while templating on it multiplied the instantiations, and
-// nvcc's build time, by five. VEC = voxels per thread per step: 16 bytes of one class's
-// logits when the layout allows (stride_n == 1, aligned rows), fewer when MAXC is large
-// so that MAXC·VEC logits still fit in 64 registers.
+// live in registers (C > 8 goes to the triton backend), and the CE variant (above). The
+// target's type (uint8/int16/int32/int64 or float label maps, or a float soft target) and
+// a region table are run-time switches at the load: uniform over the grid (no
+// divergence), touching only the load, while templating on them multiplied the
+// instantiations, and nvcc's build time. A label becomes one 32-bit word as it is loaded
+// (label_word: its class bits and the voxel's mask). VEC = voxels per thread per step: 16
+// bytes of one class's logits when the layout allows (stride_n == 1, aligned rows), fewer
+// when MAXC is large so that MAXC·VEC logits still fit in 64 registers.
+// Every kernel is __launch_bounds__(kThreads, 1): with the one-block minimum stated, ptxas
+// gives a variant the registers it needs (at most 255) instead of squeezing some under an
+// occupancy step (80 or 128) with spills, which it did depending on unrelated code in the
+// same kernel (bench/ptxas_report.py prints the table; tests/test_cuda_build.py checks it).
 // TODO(perf): channels_last_3d logits (stride_c == 1, stride_n == C) take the scalar
 // path; a per-voxel packet over the classes would make them vector loads too.
 #include <cuda_bf16.h>
@@ -136,45 +146,101 @@ __device__ __forceinline__ void store_row(T* __restrict__ row, int64_t stride_n,
   }
 }
 
+// A stored label as int64. Integer labels convert exactly. A float label map (nnU-Net's
+// and MONAI's are float) must hold a finite integral value: anything else becomes `bad`,
+// a value outside [0, num_labels) that is not ignore_index, so that it is counted like a
+// label out of range. |v| < 2^63 keeps the conversion defined (NaN fails every test).
+template <typename L>
+__device__ __forceinline__ int64_t label_value(L v, int64_t) {
+  return (int64_t)v;
+}
+__device__ __forceinline__ int64_t label_value(float v, int64_t bad) {
+  return (v == floorf(v) && v >= -0x1p63f && v < 0x1p63f) ? (int64_t)v : bad;
+}
+__device__ __forceinline__ int64_t label_value(double v, int64_t bad) {
+  return (v == floor(v) && v >= -0x1p63 && v < 0x1p63) ? (int64_t)v : bad;
+}
+__device__ __forceinline__ int64_t label_value(__half v, int64_t bad) {
+  return label_value(__half2float(v), bad);
+}
+__device__ __forceinline__ int64_t label_value(__nv_bfloat16 v, int64_t bad) {
+  return label_value(__bfloat162float(v), bad);
+}
+
+// A label map's voxel as one word: bit c = g_c (c < C <= 8), bit 31 (kKeep) = the voxel
+// counts (w = 1: inside the volume, not ignore_index). g_c is label == c, label == 1 for
+// a binary (C == 1) map, or bit c of region_masks[label] (regions); a label out of range
+// has no bit set and adds 1 to n_bad.
+constexpr uint32_t kKeep = 1u << 31;
+
+__device__ __forceinline__ uint32_t label_word(const TverskyParams& p, int64_t y, bool inside,
+                                               int& n_bad) {
+  const bool keep = inside && !(p.has_ignore_index && y == p.ignore_index);
+  const bool valid = y >= 0 && y < p.num_labels;
+  n_bad += keep && !valid;
+  uint32_t g;
+  if (p.region_masks_ptr != nullptr)
+    g = valid ? (uint32_t)(p.region_masks_ptr[y] & 0xff) : 0u;
+  else if (p.binary_labels)
+    g = y == 1 ? 1u : 0u;
+  else
+    g = valid && y < 31 ? 1u << y : 0u;
+  return keep ? (g | kKeep) : 0u;
+}
+
+// label_word() of voxels n0 .. n0 + VEC - 1 of one row of labels of type L: each label
+// is turned into its word as it is loaded (no int64 array of labels is kept).
 template <typename L, int VEC>
-__device__ __forceinline__ void load_labels(const L* __restrict__ row, int64_t stride_n,
-                                            int64_t n0, int64_t N, bool vec,
-                                            int64_t (&out)[VEC]) {
-  if (vec && n0 + VEC <= N) {
+__device__ __forceinline__ int load_label_words(const TverskyParams& p, const L* __restrict__ row,
+                                                int64_t n0, bool vec, int64_t bad,
+                                                uint32_t (&bits)[VEC]) {
+  int n_bad = 0;
+  if (vec && n0 + VEC <= p.N) {
     const Packet<L, VEC> pk = *reinterpret_cast<const Packet<L, VEC>*>(row + n0);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = (int64_t)pk.v[i];
+    for (int i = 0; i < VEC; ++i) bits[i] = label_word(p, label_value(pk.v[i], bad), true, n_bad);
   } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = (n0 + i < N) ? (int64_t)row[(n0 + i) * stride_n] : 0;
+    for (int i = 0; i < VEC; ++i) {
+      const bool inside = n0 + i < p.N;
+      const int64_t y = inside ? label_value(row[(n0 + i) * p.target_stride_n], bad) : 0;
+      bits[i] = label_word(p, y, inside, n_bad);
+    }
+  }
+  return n_bad;
+}
+
+template <typename L, int VEC>
+__device__ __forceinline__ int label_bits_as(const TverskyParams& p, int64_t b, int64_t n0,
+                                             bool vec, int64_t bad, uint32_t (&bits)[VEC]) {
+  return load_label_words<L, VEC>(p, static_cast<const L*>(p.target_ptr) + b * p.target_stride_b,
+                                  n0, vec, bad, bits);
+}
+
+// The words of voxels n0..n0+VEC-1 of sample b's label map; returns the number of bad
+// labels. Labels are widened to int64 so that every stored value (negative, beyond
+// int32) is compared exactly. vec: Packet loads are legal. The dtype switch is uniform
+// over the grid; float label maps only reach it with spec.float_labels (a float target is
+// otherwise a soft target).
+template <int VEC>
+__device__ __forceinline__ int load_label_bits(const TverskyParams& p, int64_t b, int64_t n0,
+                                               bool vec, uint32_t (&bits)[VEC]) {
+  // what a bad float label becomes: out of range, and never ignore_index
+  const int64_t bad = (p.has_ignore_index && p.ignore_index == INT64_MIN) ? INT64_MAX : INT64_MIN;
+  switch (p.target_dtype) {
+    case TV_UINT8: return label_bits_as<uint8_t, VEC>(p, b, n0, vec, bad, bits);
+    case TV_INT16: return label_bits_as<int16_t, VEC>(p, b, n0, vec, bad, bits);
+    case TV_INT32: return label_bits_as<int32_t, VEC>(p, b, n0, vec, bad, bits);
+    case TV_FLOAT32: return label_bits_as<float, VEC>(p, b, n0, vec, bad, bits);
+    case TV_FLOAT16: return label_bits_as<__half, VEC>(p, b, n0, vec, bad, bits);
+    case TV_BFLOAT16: return label_bits_as<__nv_bfloat16, VEC>(p, b, n0, vec, bad, bits);
+    case TV_FLOAT64: return label_bits_as<double, VEC>(p, b, n0, vec, bad, bits);
+    default: return label_bits_as<int64_t, VEC>(p, b, n0, vec, bad, bits);
   }
 }
 
-// Labels of voxels n0..n0+VEC-1 of sample b, widened to int64 so that every stored
-// value (negative, beyond int32) is compared exactly. vec: Packet loads are legal.
-template <int VEC>
-__device__ __forceinline__ void load_labels_any(const TverskyParams& p, int64_t b, int64_t n0,
-                                                bool vec, int64_t (&lab)[VEC]) {
-  const int64_t off = b * p.target_stride_b;
-  switch (p.target_dtype) {
-    case TV_UINT8:
-      load_labels<uint8_t, VEC>(static_cast<const uint8_t*>(p.target_ptr) + off,
-                                p.target_stride_n, n0, p.N, vec, lab);
-      break;
-    case TV_INT16:
-      load_labels<int16_t, VEC>(static_cast<const int16_t*>(p.target_ptr) + off,
-                                p.target_stride_n, n0, p.N, vec, lab);
-      break;
-    case TV_INT32:
-      load_labels<int32_t, VEC>(static_cast<const int32_t*>(p.target_ptr) + off,
-                                p.target_stride_n, n0, p.N, vec, lab);
-      break;
-    default:
-      load_labels<int64_t, VEC>(static_cast<const int64_t*>(p.target_ptr) + off,
-                                p.target_stride_n, n0, p.N, vec, lab);
-      break;
-  }
-}
+__device__ __forceinline__ float bit_g(uint32_t bits, int c) { return (float)((bits >> c) & 1u); }
+__device__ __forceinline__ float bit_w(uint32_t bits) { return (float)(bits >> 31); }
 
 // One soft-target value; the dtype switch is uniform across the grid (no divergence).
 __device__ __forceinline__ float load_soft(const void* base, int32_t dtype, int64_t off) {
@@ -194,7 +260,21 @@ __device__ __forceinline__ float load_soft(const void* base, int32_t dtype, int6
 // exact, so every sum rounds as the unscaled one did (only terms below 2^-92, subnormal
 // once scaled, lose bits).
 constexpr float kCeScale = 0x1p-34f;
+constexpr float kCeUnitF = 0x1p34f;
 constexpr double kCeUnit = 0x1p34;
+
+// Which CE-family code a kernel carries (template CE), from TverskyParams' ce_kind, target
+// and label_smoothing (see dispatch()). Each is compiled only where it is used, so the
+// kNoCE kernels are the Tversky-only code and kCeLabel the hard-label CE of before.
+constexpr int kNoCE = 0;     // Tversky sums only
+constexpr int kCeLabel = 1;  // CE / BCE on a label map (regions too), no smoothing
+constexpr int kCeSoft = 2;   // CE / BCE on a general target q: soft target, label smoothing
+constexpr int kCeFocal = 3;  // the focal term, any target
+
+// CE-family stats columns after [sum_pg, sum_p, sum_g] (fasttversky/_spec.py ce_columns).
+__host__ __device__ constexpr int ce_columns(int act, int ce) {
+  return ce == kNoCE ? 0 : (ce == kCeFocal && act == TV_SIGMOID) ? 2 : 1;
+}
 
 // max over the first C classes of voxel i (the softmax's shift).
 template <int MAXC, int VEC>
@@ -236,22 +316,14 @@ __device__ __forceinline__ void activate(float (&x)[MAXC][VEC], int C, int activ
   // TV_NONE: the inputs already are probabilities.
 }
 
-// activate() plus the cross-entropy of each voxel, added to acc_ce (CE kernels only).
-// lab: the labels of voxels n0 .. n0 + VEC - 1 (never a soft target here); hit[i]: the
-// voxel's class (-1: none), keep[i]: the voxel counts. softmax: -log p_y = log s - (x_y -
-// m) into row y, one logf per voxel next to the C expf; sigmoid: BCE into every row, with
-// p = 1/(1+e) or e/(1+e) from the same e = exp(-|x|).
+// activate() plus the cross-entropy of each voxel on a label map, added to acc_ce
+// (kCeLabel kernels). bits: label_bits() of voxels n0 .. n0 + VEC - 1 (one class bit at
+// most with softmax). softmax: -log p_y = log s - (x_y - m) into row y, one logf per
+// voxel next to the C expf; sigmoid: BCE(x_c, g_c) into every row, with p = 1/(1+e) or
+// e/(1+e) from the same e = exp(-|x|).
 template <int ACT, int MAXC, int VEC>
-__device__ __forceinline__ void activate_ce(float (&x)[MAXC][VEC], int C, int64_t N,
-                                            const TverskyParams& p, int64_t n0,
-                                            const int64_t (&lab)[VEC], float (&acc_ce)[MAXC]) {
-  int64_t hit[VEC];
-  bool keep[VEC];
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    keep[i] = (n0 + i < N) && !(p.has_ignore_index && lab[i] == p.ignore_index);
-    hit[i] = p.binary_labels ? (lab[i] == 1 ? 0 : -1) : lab[i];
-  }
+__device__ __forceinline__ void activate_ce(float (&x)[MAXC][VEC], int C,
+                                            const uint32_t (&bits)[VEC], float (&acc_ce)[MAXC]) {
   if (ACT == TV_SOFTMAX) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
@@ -260,17 +332,17 @@ __device__ __forceinline__ void activate_ce(float (&x)[MAXC][VEC], int C, int64_
 #pragma unroll
       for (int c = 0; c < MAXC; ++c)
         if (c < C) {
-          xy = (hit[i] == c) ? x[c][i] : xy;
+          xy = ((bits[i] >> c) & 1u) ? x[c][i] : xy;
           x[c][i] = expf(x[c][i] - m);
           s += x[c][i];
         }
-      const float l = keep[i] ? logf(s) * kCeScale - (xy * kCeScale - m * kCeScale) : 0.f;
+      const float l = (bits[i] & kKeep) ? logf(s) * kCeScale - (xy * kCeScale - m * kCeScale) : 0.f;
       const float inv = 1.f / s;
 #pragma unroll
       for (int c = 0; c < MAXC; ++c)
         if (c < C) {
           x[c][i] *= inv;
-          acc_ce[c] += (hit[i] == c) ? l : 0.f;
+          acc_ce[c] += ((bits[i] >> c) & 1u) ? l : 0.f;
         }
     }
   } else {
@@ -282,9 +354,9 @@ __device__ __forceinline__ void activate_ce(float (&x)[MAXC][VEC], int C, int64_
           const float v = x[c][i];
           const float e = expf(-fabsf(v));
           const float r = 1.f / (1.f + e);
-          const float g = (hit[i] == c) ? 1.f : 0.f;
+          const float g = bit_g(bits[i], c);
           const float vs = v * kCeScale;  // BCE in CE units
-          acc_ce[c] += keep[i] ? fmaxf(vs, 0.f) - vs * g + log1pf(e) * kCeScale : 0.f;
+          acc_ce[c] += (bits[i] & kKeep) ? fmaxf(vs, 0.f) - vs * g + log1pf(e) * kCeScale : 0.f;
           x[c][i] = v >= 0.f ? r : e * r;
         }
       }
@@ -353,44 +425,39 @@ __device__ __forceinline__ int add_soft_target(const void* target, int32_t dtype
   return n_bad;
 }
 
-// The same for a label map: g = [label == c] on kept voxels, compared with the class
-// index in registers (a one-hot is never built); returns the number of bad labels.
+// The same for a label map: g = bit c of label_bits() on kept voxels (a one-hot is never
+// built); the bad labels were counted by label_bits().
 template <int MAXC, int VEC>
-__device__ __forceinline__ int add_label_map(const TverskyParams& p, int C, int64_t n0,
-                                             int64_t N, const int64_t (&lab)[VEC],
-                                             const float (&x)[MAXC][VEC],
-                                             float (&acc_pg)[MAXC], float (&acc_p)[MAXC],
-                                             float (&acc_g)[MAXC]) {
-  int n_bad = 0;
+__device__ __forceinline__ void add_label_map(int C, const uint32_t (&bits)[VEC],
+                                              const float (&x)[MAXC][VEC],
+                                              float (&acc_pg)[MAXC], float (&acc_p)[MAXC],
+                                              float (&acc_g)[MAXC]) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const bool keep = (n0 + i < N) && !(p.has_ignore_index && lab[i] == p.ignore_index);
-    n_bad += keep && (lab[i] < 0 || lab[i] >= p.num_labels);
-    if (!keep) continue;
-    const int64_t hit = p.binary_labels ? (lab[i] == 1 ? 0 : -1) : lab[i];
+    if (!(bits[i] & kKeep)) continue;
 #pragma unroll
     for (int c = 0; c < MAXC; ++c)
       if (c < C) {
-        const float g = (hit == c) ? 1.f : 0.f;
+        const float g = bit_g(bits[i], c);
         acc_pg[c] += x[c][i] * g;
         acc_p[c] += x[c][i];
         acc_g[c] += g;
       }
   }
-  return n_bad;
 }
 
 // The block's sums in a fixed order (lanes by butterfly, then warps 0..kWarps-1) into its
-// partial (S, C) and counts (2,).
-template <int MAXC, bool CE>
+// partial (S, C), S = 3 + NCE, and counts (2,).
+template <int MAXC, int NCE>
 __device__ __forceinline__ void store_block_sums(int C, const float (&acc_pg)[MAXC],
                                                  const float (&acc_p)[MAXC],
                                                  const float (&acc_g)[MAXC],
-                                                 const float (&acc_ce)[CE ? MAXC : 1],
+                                                 const float (&acc_ce)[NCE > 0 ? MAXC : 1],
+                                                 const float (&acc_ce2)[NCE > 1 ? MAXC : 1],
                                                  int n_nonfinite, int n_bad,
                                                  float* __restrict__ partial,
                                                  int* __restrict__ count) {
-  constexpr int S = CE ? 4 : 3;
+  constexpr int S = 3 + NCE;
   __shared__ float s_acc[kWarps][S * MAXC];
   __shared__ int s_cnt[kWarps][2];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -403,9 +470,13 @@ __device__ __forceinline__ void store_block_sums(int C, const float (&acc_pg)[MA
       s_acc[warp][MAXC + c] = q;
       s_acc[warp][2 * MAXC + c] = g;
     }
-    if constexpr (CE) {
+    if constexpr (NCE > 0) {
       const float e = warp_sum(acc_ce[c]);
       if (lane == 0) s_acc[warp][3 * MAXC + c] = e;
+    }
+    if constexpr (NCE > 1) {
+      const float e = warp_sum(acc_ce2[c]);
+      if (lane == 0) s_acc[warp][4 * MAXC + c] = e;
     }
   }
   n_nonfinite = warp_sum(n_nonfinite);
@@ -430,25 +501,222 @@ __device__ __forceinline__ void store_block_sums(int C, const float (&acc_pg)[MA
   }
 }
 
-template <typename T, int ACT, int MAXC, bool CE>
-__global__ void __launch_bounds__(kThreads)
+// ---------------------------------------------------------------------------------------
+// The general CE-family terms (kCeSoft, kCeFocal): a target q per class, read from a soft
+// target or a label map (with label smoothing: q = (1 - ε) g + ε / C).
+// ---------------------------------------------------------------------------------------
+
+// The target of voxel n0 + i for class c: a soft target's value (read where it is needed;
+// the second read of a value hits L1) or a label map's bit. w(i): the voxel counts;
+// q(g, i): the CE target w ((1 - ε) g + ε / C) (ε = 0 for sigmoid).
+template <int VEC>
+struct TargetAt {
+  const TverskyParams& p;
+  const uint32_t (&bits)[VEC];
+  int64_t off_b, n0;
+  float keep, eps_c;  // 1 - ε, ε / C
+
+  __device__ __forceinline__ float g(int c, int i) const {
+    if (!p.soft_target) return bit_g(bits[i], c);
+    if (n0 + i >= p.N) return 0.f;
+    return load_soft(p.target_ptr, p.target_dtype,
+                     off_b + c * p.target_stride_c + (n0 + i) * p.target_stride_n);
+  }
+  __device__ __forceinline__ float w(int i) const {
+    if (!p.soft_target) return bit_w(bits[i]);
+    return n0 + i < p.N ? 1.f : 0.f;
+  }
+  __device__ __forceinline__ float q(float g, int i) const { return w(i) * (keep * g + eps_c); }
+  // a soft target value outside [0, 1] or NaN (label maps: counted by label_bits())
+  __device__ __forceinline__ int bad(float g, int i) const {
+    return p.soft_target && n0 + i < p.N && !(g >= 0.f && g <= 1.f);
+  }
+};
+
+template <int ACT, int VEC>
+__device__ __forceinline__ TargetAt<VEC> target_at(const TverskyParams& p, int64_t b, int64_t n0,
+                                                   const uint32_t (&bits)[VEC]) {
+  const float eps = ACT == TV_SOFTMAX ? (float)p.label_smoothing : 0.f;
+  return TargetAt<VEC>{p, bits, b * p.target_stride_b, n0, 1.f - eps, eps / (float)p.C};
+}
+
+// Softmax with the kCeSoft CE: x becomes p. -log p_c = log s + (m - x_c) is summed in its
+// two parts, both >= 0 (nothing cancels): acc_ce[c] += w q_c (m - x_c) here, while the
+// target is at hand, and ls[i] = log s (CE units) for add_sums(), which reads q again.
+template <int MAXC, int VEC>
+__device__ __forceinline__ void softmax_ce_q(float (&x)[MAXC][VEC], int C, const TargetAt<VEC>& t,
+                                             float (&acc_ce)[MAXC], float (&ls)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const float m = class_max(x, C, i);
+    float s = 0.f;
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) {
+        acc_ce[c] += t.q(t.g(c, i), i) * (m * kCeScale - x[c][i] * kCeScale);
+        x[c][i] = expf(x[c][i] - m);
+        s += x[c][i];
+      }
+    ls[i] = logf(s) * kCeScale;
+    const float inv = 1.f / s;
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) x[c][i] *= inv;
+  }
+}
+
+// Softmax with the focal term: x becomes p, acc_ce[c] += w q_c (1 - p_c)^γ (-log p_c).
+// log p_c = (x_c - m) - log s is kept in CE units (finite for any finite logits) and p_c
+// taken from it, a second expf per class, since both are needed together.
+template <int MAXC, int VEC>
+__device__ __forceinline__ void softmax_focal(float (&x)[MAXC][VEC], int C, const TargetAt<VEC>& t,
+                                              float gamma, float (&acc_ce)[MAXC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const float m = class_max(x, C, i);
+    float s = 0.f;
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) {
+        s += expf(x[c][i] - m);
+        x[c][i] = x[c][i] * kCeScale - m * kCeScale;
+      }
+    const float ls = logf(s) * kCeScale;
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) {
+        const float lp = x[c][i] - ls, pc = expf(lp * kCeUnitF);
+        acc_ce[c] -= t.q(t.g(c, i), i) * powf(1.f - pc, gamma) * lp;
+        x[c][i] = pc;
+      }
+  }
+}
+
+// The Tversky sums of one step from x = p and the target; with LS, also the log s share
+// w q_c ls[i] of the kCeSoft CE. Returns the number of bad soft-target values.
+template <bool LS, int MAXC, int VEC>
+__device__ __forceinline__ int add_sums(int C, const float (&x)[MAXC][VEC],
+                                        const TargetAt<VEC>& t, const float (&ls)[VEC],
+                                        float (&acc_pg)[MAXC], float (&acc_p)[MAXC],
+                                        float (&acc_g)[MAXC], float (&acc_ce)[MAXC]) {
+  int n_bad = 0;
+#pragma unroll
+  for (int c = 0; c < MAXC; ++c)
+    if (c < C)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float g = t.g(c, i);
+        n_bad += t.bad(g, i);
+        if (!(t.w(i) > 0.f)) continue;
+        acc_pg[c] += x[c][i] * g;
+        acc_p[c] += x[c][i];
+        acc_g[c] += g;
+        if constexpr (LS) acc_ce[c] += t.q(g, i) * ls[i];
+      }
+  return n_bad;
+}
+
+// Per element of the sigmoid focal term, from the logit v and target q: p = σ(v), BCE(v, q)
+// (times `unit`: kCeScale in the forward), s = 2 q - 1, σ(v s) and MONAI's modulator
+// m = exp(γ logsigmoid(-v s)) (m = 1 for γ = 0).
+struct SigmoidFocal {
+  float p, bce, s, sig_vs, m;
+};
+
+__device__ __forceinline__ SigmoidFocal sigmoid_focal(float v, float q, float gamma, float unit) {
+  SigmoidFocal f;
+  const float e = expf(-fabsf(v)), r = 1.f / (1.f + e);
+  f.p = v >= 0.f ? r : e * r;
+  const float vu = v * unit;
+  f.bce = fmaxf(vu, 0.f) - vu * q + log1pf(e) * unit;
+  f.s = 2.f * q - 1.f;
+  const float z = v * f.s, ez = expf(-fabsf(z)), rz = 1.f / (1.f + ez);
+  f.sig_vs = z >= 0.f ? rz : ez * rz;
+  f.m = expf(gamma * (fminf(-z, 0.f) - log1pf(ez)));  // logsigmoid(-z)
+  return f;
+}
+
+// One step of the sigmoid kCeSoft (BCE, soft target) or kCeFocal forward, elementwise:
+// the Tversky sums, acc_ce (BCE, or h = m BCE) and for focal acc_ce2 (q h). Returns the
+// number of bad soft-target values.
+template <int CE, int MAXC, int VEC>
+__device__ __forceinline__ int sigmoid_terms(int C, const float (&x)[MAXC][VEC],
+                                             const TargetAt<VEC>& t, float gamma,
+                                             float (&acc_pg)[MAXC], float (&acc_p)[MAXC],
+                                             float (&acc_g)[MAXC], float (&acc_ce)[MAXC],
+                                             float (&acc_ce2)[CE == kCeFocal ? MAXC : 1]) {
+  int n_bad = 0;
+#pragma unroll
+  for (int c = 0; c < MAXC; ++c)
+    if (c < C)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float g = t.g(c, i);
+        n_bad += t.bad(g, i);
+        if (!(t.w(i) > 0.f)) continue;
+        const SigmoidFocal f = sigmoid_focal(x[c][i], g, gamma, kCeScale);
+        if constexpr (CE == kCeFocal) {
+          acc_ce[c] += f.m * f.bce;
+          acc_ce2[c] += g * (f.m * f.bce);
+        } else {
+          acc_ce[c] += f.bce;
+        }
+        acc_pg[c] += f.p * g;
+        acc_p[c] += f.p;
+        acc_g[c] += g;
+      }
+  return n_bad;
+}
+
+// One step of the kCeSoft / kCeFocal forward after the logits are loaded: the target, the
+// activation and every sum. Returns the number of bad targets.
+template <int ACT, int CE, int MAXC, int VEC>
+__device__ __forceinline__ int fwd_terms_step(const TverskyParams& p, int64_t b, int64_t n0,
+                                              bool vec_t, float (&x)[MAXC][VEC],
+                                              float (&acc_pg)[MAXC], float (&acc_p)[MAXC],
+                                              float (&acc_g)[MAXC], float (&acc_ce)[MAXC],
+                                              float (&acc_ce2)[ce_columns(ACT, CE) > 1 ? MAXC : 1]) {
+  const int C = (int)p.C;
+  uint32_t bits[VEC] = {};
+  int n_bad = 0;
+  if (!p.soft_target) {
+    n_bad = load_label_bits<VEC>(p, b, n0, vec_t, bits);
+  }
+  const TargetAt<VEC> t = target_at<ACT, VEC>(p, b, n0, bits);
+  if constexpr (ACT == TV_SOFTMAX) {
+    float ls[VEC];
+    if constexpr (CE == kCeSoft)
+      softmax_ce_q<MAXC, VEC>(x, C, t, acc_ce, ls);
+    else
+      softmax_focal<MAXC, VEC>(x, C, t, (float)p.focal_gamma, acc_ce);
+    return n_bad + add_sums<CE == kCeSoft, MAXC, VEC>(C, x, t, ls, acc_pg, acc_p, acc_g, acc_ce);
+  } else {
+    return n_bad + sigmoid_terms<CE, MAXC, VEC>(C, x, t, (float)p.focal_gamma, acc_pg, acc_p,
+                                                acc_g, acc_ce, acc_ce2);
+  }
+}
+
+template <typename T, int ACT, int MAXC, int CE>
+__global__ void __launch_bounds__(kThreads, 1)
     _tversky_fwd_partials_kernel(const TverskyParams p,
-                                 float* __restrict__ partials,  // (B, G, S, C) fp32, S = 3 (+1 CE)
+                                 float* __restrict__ partials,  // (B, G, S, C) fp32, S = 3 + NCE
                                  int* __restrict__ counts,      // (B, G, 2) int32
                                  int vec_x, int vec_t) {
   constexpr int VEC = vec_width<T, MAXC>();
+  constexpr int NCE = ce_columns(ACT, CE), S = 3 + NCE;
   const int C = (int)p.C;
   const int64_t N = p.N;
   const int64_t b = blockIdx.y;
   const T* xb = static_cast<const T*>(p.logits_ptr) + b * p.logits_stride_b;
 
-  constexpr int S = CE ? 4 : 3;
   float acc_pg[MAXC], acc_p[MAXC], acc_g[MAXC];
-  float acc_ce[CE ? MAXC : 1];
+  float acc_ce[NCE > 0 ? MAXC : 1], acc_ce2[NCE > 1 ? MAXC : 1];
 #pragma unroll
   for (int c = 0; c < MAXC; ++c) acc_pg[c] = acc_p[c] = acc_g[c] = 0.f;
 #pragma unroll
-  for (int c = 0; c < (CE ? MAXC : 1); ++c) acc_ce[c] = 0.f;
+  for (int c = 0; c < (NCE > 0 ? MAXC : 1); ++c) acc_ce[c] = 0.f;
+#pragma unroll
+  for (int c = 0; c < (NCE > 1 ? MAXC : 1); ++c) acc_ce2[c] = 0.f;
   int n_nonfinite = 0, n_bad = 0;
 
   const int64_t step = (int64_t)gridDim.x * kThreads * VEC;
@@ -456,33 +724,38 @@ __global__ void __launch_bounds__(kThreads)
     float x[MAXC][VEC];
     load_logits<T, MAXC, VEC>(xb, p.logits_stride_c, p.logits_stride_n, C, n0, N, vec_x, x);
     n_nonfinite += count_nonfinite<MAXC, VEC>(x, C, n0, N);
-    int64_t lab[VEC];
-    if constexpr (CE) {
+    if constexpr (CE == kCeSoft || CE == kCeFocal) {
+      n_bad += fwd_terms_step<ACT, CE, MAXC, VEC>(p, b, n0, vec_t, x, acc_pg, acc_p, acc_g,
+                                                  acc_ce, acc_ce2);
+    } else if constexpr (CE == kCeLabel) {
       // labels first: the CE term needs them next to the log-sum-exp (never soft here)
-      load_labels_any<VEC>(p, b, n0, vec_t, lab);
-      activate_ce<ACT, MAXC, VEC>(x, C, N, p, n0, lab, acc_ce);
+      uint32_t bits[VEC];
+      n_bad += load_label_bits<VEC>(p, b, n0, vec_t, bits);
+      activate_ce<ACT, MAXC, VEC>(x, C, bits, acc_ce);
+      add_label_map<MAXC, VEC>(C, bits, x, acc_pg, acc_p, acc_g);
     } else {
       activate<ACT, MAXC, VEC>(x, C, p.activation);
-    }
-    if (!CE && p.soft_target) {
-      n_bad += add_soft_target<MAXC, VEC>(p.target_ptr, p.target_dtype, b * p.target_stride_b,
-                                          p.target_stride_c, p.target_stride_n, C, n0, N, x,
-                                          acc_pg, acc_p, acc_g);
-    } else {
-      if (!CE) load_labels_any<VEC>(p, b, n0, vec_t, lab);
-      n_bad += add_label_map<MAXC, VEC>(p, C, n0, N, lab, x, acc_pg, acc_p, acc_g);
+      if (p.soft_target) {
+        n_bad += add_soft_target<MAXC, VEC>(p.target_ptr, p.target_dtype, b * p.target_stride_b,
+                                            p.target_stride_c, p.target_stride_n, C, n0, N, x,
+                                            acc_pg, acc_p, acc_g);
+      } else {
+        uint32_t bits[VEC];
+        n_bad += load_label_bits<VEC>(p, b, n0, vec_t, bits);
+        add_label_map<MAXC, VEC>(C, bits, x, acc_pg, acc_p, acc_g);
+      }
     }
   }
   const int64_t blk = b * gridDim.x + blockIdx.x;
-  store_block_sums<MAXC, CE>(C, acc_pg, acc_p, acc_g, acc_ce, n_nonfinite, n_bad,
-                             partials + blk * S * C, counts + blk * 2);
+  store_block_sums<MAXC, NCE>(C, acc_pg, acc_p, acc_g, acc_ce, acc_ce2, n_nonfinite, n_bad,
+                              partials + blk * S * C, counts + blk * 2);
 }
 
 // One block: stats[b, c, k] = Σ_g partials[b, g, k, c] in float64, g ascending.
-// S: stats per (b, c), 3, or 4 with the cross-entropy sum. A template parameter, not an
+// S: stats per (b, c), 3 + the CE-family columns. A template parameter, not an
 // argument: divisions by a run-time S cost registers and made ptxas spill at sm_90.
 template <int S>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     _tversky_finalize_kernel(const float* __restrict__ partials, const int* __restrict__ counts,
                              double* __restrict__ stats, int64_t* __restrict__ flags, int64_t B,
                              int64_t C, int64_t G) {
@@ -491,7 +764,7 @@ __global__ void __launch_bounds__(kThreads)
     const float* src = partials + b * G * S * C + k * C + c;
     double s = 0.0;
     for (int64_t g = 0; g < G; ++g) s += (double)src[g * S * C];
-    stats[j] = k == 3 ? s * kCeUnit : s;  // layout (B, C, S): j = (b*C + c)*S + k
+    stats[j] = k >= 3 ? s * kCeUnit : s;  // layout (B, C, S): j = (b*C + c)*S + k
   }
   if (threadIdx.x < 2) {
     int64_t s = 0;  // integers: exact in any order
@@ -501,14 +774,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // dL/dlogits of voxels n0 .. n0 + VEC - 1 from x (= p, activated), written to the
-// gradient's rows (gb, strides gsc, gsn). u_of(c, i): u_c = dL/dp_c of voxel n0 + i; lab,
-// w: the voxels' labels and mask (label maps); e: dL/dsum_ce per class (CE kernels only).
-template <typename T, int ACT, int MAXC, int VEC, bool CE, typename UOf>
+// gradient's rows (gb, strides gsc, gsn). u_of(c, i): u_c = dL/dp_c of voxel n0 + i;
+// bits: label_bits() (label maps); e: dL/dsum_ce per class (kCeLabel kernels only).
+template <typename T, int ACT, int MAXC, int VEC, int CE, typename UOf>
 __device__ __forceinline__ void store_grad(T* __restrict__ gb, int64_t gsc, int64_t gsn, int C,
                                            int activation, int64_t n0, int64_t N, bool vec_g,
                                            const float (&x)[MAXC][VEC], const UOf& u_of,
-                                           const int64_t (&lab)[VEC], const float (&w)[VEC],
-                                           const float* e) {
+                                           const uint32_t (&bits)[VEC], const float* e) {
   float dot[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) dot[i] = 0.f;
@@ -516,6 +788,7 @@ __device__ __forceinline__ void store_grad(T* __restrict__ gb, int64_t gsc, int6
   // the softmax's shift (dot - e_y), e_y = 0 on ignored voxels (w = 0). e_y is neither
   // kept per voxel nor summed in a pass of its own (either made ptxas spill at
   // MAXC = 8): it joins the dot product's loop, and the [k = y] term re-reads e[k].
+  // (bits has no class bit on ignored voxels: w = 0 needs no test there.)
   if (ACT == TV_SOFTMAX) {
 #pragma unroll
     for (int c = 0; c < MAXC; ++c)
@@ -523,7 +796,7 @@ __device__ __forceinline__ void store_grad(T* __restrict__ gb, int64_t gsc, int6
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           dot[i] += x[c][i] * u_of(c, i);
-          if constexpr (CE) dot[i] -= (lab[i] == c) ? w[i] * e[c] : 0.f;
+          if constexpr (CE == kCeLabel) dot[i] -= ((bits[i] >> c) & 1u) ? e[c] : 0.f;
         }
   }
 #pragma unroll
@@ -536,34 +809,190 @@ __device__ __forceinline__ void store_grad(T* __restrict__ gb, int64_t gsc, int6
       d[i] = ACT == TV_SOFTMAX        ? q * (u - dot[i])
              : activation == TV_SIGMOID ? u * q * (1.f - q)
                                         : u;
-      if constexpr (CE) {
+      if constexpr (CE == kCeLabel) {
         if (ACT == TV_SOFTMAX)
-          d[i] -= (lab[i] == c) ? w[i] * e[c] : 0.f;
+          d[i] -= ((bits[i] >> c) & 1u) ? e[c] : 0.f;
         else  // sigmoid: e_c (p_c - g_c) on kept voxels
-          d[i] += w[i] * e[c] * (q - ((lab[i] == c) ? 1.f : 0.f));
+          d[i] += bit_w(bits[i]) * e[c] * (q - bit_g(bits[i], c));
       }
     }
     store_row<T, VEC>(gb + c * gsc, gsn, n0, N, vec_g, d);
   }
 }
 
-template <typename T, int ACT, int MAXC, bool CE>
-__global__ void __launch_bounds__(kThreads)
+// The backward's (B, C) coefficients of one sample, in shared memory, and the CE target's
+// constants: a = dL/dsum_p, b = dL/dsum_pg, e = dL/dcol3, e2 = dL/dcol4.
+struct GradCoefs {
+  const float *a, *b, *e, *e2;
+  float gamma;
+};
+
+// Softmax kCeSoft / kCeFocal backward of one step. kCeSoft: x = p, and
+// dz_k = p_k (u_k - Σ_c (p_c u_c - e_c q_c)) - e_k q_k. kCeFocal: x = log p, and with
+// a_c = e_c q_c (γ p_c (1 - p_c)^(γ-1) log p_c - (1 - p_c)^γ) (the γ term 0 where p_c is
+// 0 or 1, or q_c = 0), dz_k = p_k (u_k - Σ_c (p_c u_c + a_c)) + a_k. Neither keeps a
+// per-class value across the two loops: u, q (and a) are recomputed, as store_grad does.
+template <typename T, int CE, int MAXC, int VEC>
+__device__ __forceinline__ void grad_softmax_terms(T* __restrict__ gb, int64_t gsc, int64_t gsn,
+                                                   int C, bool vec_g, const float (&x)[MAXC][VEC],
+                                                   const TargetAt<VEC>& t, const GradCoefs& k) {
+  // (p_c, u_c, the CE share: -e_c q_c or a_c) of voxel i, class c
+  auto terms = [&](int c, int i, float& pc, float& u) -> float {
+    const float g = t.g(c, i), q = t.q(g, i);
+    u = t.w(i) * (k.a[c] + k.b[c] * g);
+    if constexpr (CE == kCeSoft) {
+      pc = x[c][i];
+      return -k.e[c] * q;
+    } else {
+      const float lp = x[c][i];
+      pc = expf(lp);
+      const float om = 1.f - pc;
+      const bool inner = q != 0.f && pc > 0.f && om > 0.f;
+      const float gt = inner ? k.gamma * pc * powf(om, k.gamma - 1.f) * lp : 0.f;
+      return k.e[c] * q * (gt - powf(om, k.gamma));
+    }
+  };
+  float dot[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    dot[i] = 0.f;
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) {
+        float pc, u;
+        const float a = terms(c, i, pc, u);
+        dot[i] += pc * u + a;
+      }
+  }
+#pragma unroll
+  for (int c = 0; c < MAXC; ++c) {
+    if (c >= C) break;
+    float d[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      float pc, u;
+      const float a = terms(c, i, pc, u);
+      d[i] = pc * (u - dot[i]) + a;
+    }
+    store_row<T, VEC>(gb + c * gsc, gsn, t.n0, t.p.N, vec_g, d);
+  }
+}
+
+// Sigmoid kCeSoft / kCeFocal backward of one step, elementwise from the logits x:
+// dz_c = u_c p_c (1 - p_c) + w e_c (p_c - q_c)  (kCeSoft), or with the focal term
+// + w (e_c + e2_c q_c) m (p_c - q_c - γ s σ(x_c s) BCE)  (kCeFocal).
+template <typename T, int CE, int MAXC, int VEC>
+__device__ __forceinline__ void grad_sigmoid_terms(T* __restrict__ gb, int64_t gsc, int64_t gsn,
+                                                   int C, bool vec_g, const float (&x)[MAXC][VEC],
+                                                   const TargetAt<VEC>& t, const GradCoefs& k) {
+#pragma unroll
+  for (int c = 0; c < MAXC; ++c) {
+    if (c >= C) break;
+    float d[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float g = t.g(c, i), w = t.w(i);
+      const SigmoidFocal f = sigmoid_focal(x[c][i], g, k.gamma, 1.f);
+      d[i] = w * (k.a[c] + k.b[c] * g) * f.p * (1.f - f.p);
+      if constexpr (CE == kCeFocal)
+        d[i] += w * (k.e[c] + k.e2[c] * g) * f.m *
+                (f.p - g - k.gamma * f.s * f.sig_vs * f.bce);
+      else
+        d[i] += w * k.e[c] * (f.p - g);
+    }
+    store_row<T, VEC>(gb + c * gsc, gsn, t.n0, t.p.N, vec_g, d);
+  }
+}
+
+// x = log p (softmax, max-shifted log-sum-exp), for the focal backward.
+template <int MAXC, int VEC>
+__device__ __forceinline__ void log_softmax(float (&x)[MAXC][VEC], int C) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const float m = class_max(x, C, i);
+    float s = 0.f;
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) s += expf(x[c][i] - m);
+    const float ls = logf(s);
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c)
+      if (c < C) x[c][i] = (x[c][i] - m) - ls;
+  }
+}
+
+// One step of the kCeSoft / kCeFocal backward after the logits are loaded.
+template <typename T, int ACT, int CE, int MAXC, int VEC>
+__device__ __forceinline__ void bwd_terms_step(const TverskyParams& p, int64_t b, int64_t n0,
+                                               bool vec_t, bool vec_g, float (&x)[MAXC][VEC],
+                                               T* __restrict__ gb, const GradCoefs& k) {
+  const int C = (int)p.C;
+  uint32_t bits[VEC] = {};
+  if (!p.soft_target) {
+    load_label_bits<VEC>(p, b, n0, vec_t, bits);
+  }
+  const TargetAt<VEC> t = target_at<ACT, VEC>(p, b, n0, bits);
+  if constexpr (ACT == TV_SOFTMAX) {
+    if constexpr (CE == kCeFocal)
+      log_softmax<MAXC, VEC>(x, C);
+    else
+      activate<ACT, MAXC, VEC>(x, C, p.activation);
+    grad_softmax_terms<T, CE, MAXC, VEC>(gb, p.grad_stride_c, p.grad_stride_n, C, vec_g, x, t, k);
+  } else {
+    grad_sigmoid_terms<T, CE, MAXC, VEC>(gb, p.grad_stride_c, p.grad_stride_n, C, vec_g, x, t, k);
+  }
+}
+
+// One step of the kNoCE / kCeLabel backward after the logits are loaded.
+template <typename T, int ACT, int MAXC, int VEC, int CE>
+__device__ __forceinline__ void bwd_step(const TverskyParams& p, int64_t b, int64_t n0,
+                                         bool vec_t, bool vec_g, float (&x)[MAXC][VEC],
+                                         T* __restrict__ gb, const float* s_a, const float* s_b,
+                                         const float* s_e) {
+  const bool soft = p.soft_target != 0;
+  const int C = (int)p.C;
+  const int64_t N = p.N;
+  activate<ACT, MAXC, VEC>(x, C, p.activation);
+
+  // u_c = w (A_c + B_c g_c): recomputed where needed rather than kept, to spare
+  // MAXC x VEC registers (labels are in registers; soft targets re-read from L1).
+  uint32_t bits[VEC];
+  if (!soft) {
+    load_label_bits<VEC>(p, b, n0, vec_t, bits);
+  }
+  auto u_of = [&](int c, int i) -> float {
+    if (soft) {
+      if (n0 + i >= N) return 0.f;
+      const float g = load_soft(p.target_ptr, p.target_dtype,
+                                b * p.target_stride_b + c * p.target_stride_c +
+                                    (n0 + i) * p.target_stride_n);
+      return s_a[c] + s_b[c] * g;
+    } else {
+      return bit_w(bits[i]) * (s_a[c] + ((bits[i] >> c) & 1u ? s_b[c] : 0.f));
+    }
+  };
+  store_grad<T, ACT, MAXC, VEC, CE>(gb, p.grad_stride_c, p.grad_stride_n, C, p.activation, n0,
+                                    N, vec_g, x, u_of, bits, s_e);
+}
+
+template <typename T, int ACT, int MAXC, int CE>
+__global__ void __launch_bounds__(kThreads, 1)
     _tversky_bwd_kernel(const TverskyParams p, int vec_x, int vec_t, int vec_g) {
   constexpr int VEC = vec_width<T, MAXC>();
-  const bool soft = p.soft_target != 0;
+  constexpr int NCE = ce_columns(ACT, CE);
   const int C = (int)p.C;
   const int64_t N = p.N;
   const int64_t b = blockIdx.y;
   const T* xb = static_cast<const T*>(p.logits_ptr) + b * p.logits_stride_b;
   T* gb = static_cast<T*>(p.grad_ptr) + b * p.grad_stride_b;
 
-  // coef_a/coef_b (B, C) fp32: this sample's row, once per block.
-  __shared__ float s_a[MAXC], s_b[MAXC], s_e[CE ? MAXC : 1];
+  // coef_a/coef_b (and coef_ce, coef_ce2) (B, C) fp32: this sample's row, once per block.
+  __shared__ float s_a[MAXC], s_b[MAXC], s_e[NCE > 0 ? MAXC : 1], s_e2[NCE > 1 ? MAXC : 1];
   for (int c = threadIdx.x; c < C; c += kThreads) {
     s_a[c] = static_cast<const float*>(p.coef_a_ptr)[b * C + c];
     s_b[c] = static_cast<const float*>(p.coef_b_ptr)[b * C + c];
-    if constexpr (CE) s_e[c] = static_cast<const float*>(p.coef_ce_ptr)[b * C + c];
+    if constexpr (NCE > 0) s_e[c] = static_cast<const float*>(p.coef_ce_ptr)[b * C + c];
+    if constexpr (NCE > 1) s_e2[c] = static_cast<const float*>(p.coef_ce2_ptr)[b * C + c];
   }
   __syncthreads();
 
@@ -571,33 +1000,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t n0 = ((int64_t)blockIdx.x * kThreads + threadIdx.x) * VEC; n0 < N; n0 += step) {
     float x[MAXC][VEC];
     load_logits<T, MAXC, VEC>(xb, p.logits_stride_c, p.logits_stride_n, C, n0, N, vec_x, x);
-    activate<ACT, MAXC, VEC>(x, C, p.activation);
-
-    // u_c = w (A_c + B_c g_c): recomputed where needed rather than kept, to spare
-    // MAXC x VEC registers (labels are in registers; soft targets re-read from L1).
-    int64_t lab[VEC];
-    float w[VEC];
-    if (!soft) {
-      load_labels_any<VEC>(p, b, n0, vec_t, lab);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        w[i] = (p.has_ignore_index && lab[i] == p.ignore_index) ? 0.f : 1.f;
-        if (p.binary_labels) lab[i] = (lab[i] == 1) ? 0 : -1;
-      }
+    if constexpr (CE == kCeSoft || CE == kCeFocal) {
+      const GradCoefs k{s_a, s_b, s_e, s_e2, (float)p.focal_gamma};
+      bwd_terms_step<T, ACT, CE, MAXC, VEC>(p, b, n0, vec_t, vec_g, x, gb, k);
+    } else {
+      bwd_step<T, ACT, MAXC, VEC, CE>(p, b, n0, vec_t, vec_g, x, gb, s_a, s_b, s_e);
     }
-    auto u_of = [&](int c, int i) -> float {
-      if (soft) {
-        if (n0 + i >= N) return 0.f;
-        const float g = load_soft(p.target_ptr, p.target_dtype,
-                                  b * p.target_stride_b + c * p.target_stride_c +
-                                      (n0 + i) * p.target_stride_n);
-        return s_a[c] + s_b[c] * g;
-      } else {
-        return w[i] * (s_a[c] + (lab[i] == c ? s_b[c] : 0.f));
-      }
-    };
-    store_grad<T, ACT, MAXC, VEC, CE>(gb, p.grad_stride_c, p.grad_stride_n, C, p.activation, n0,
-                                      N, vec_g, x, u_of, lab, w, s_e);
   }
 }
 
@@ -609,13 +1017,13 @@ struct Tag {
   using type = X;
 };
 // One instantiation of the kernels: logits storage type T, activation ACT, class bound
-// MAXC, cross-entropy switch CE, and the voxels per thread per step that follow.
-template <typename T_, int ACT_, int MAXC_, bool CE_>
+// MAXC, cross-entropy variant CE, and the voxels per thread per step that follow.
+template <typename T_, int ACT_, int MAXC_, int CE_>
 struct Variant {
   using T = T_;
   static constexpr int ACT = ACT_, MAXC = MAXC_, VEC = vec_width<T_, MAXC_>();
-  static constexpr bool CE = CE_;
-  static constexpr int S = CE_ ? 4 : 3;  // stats per (b, c)
+  static constexpr int CE = CE_;
+  static constexpr int S = 3 + ce_columns(ACT_, CE_);  // stats per (b, c)
 };
 
 template <int V>
@@ -623,21 +1031,40 @@ struct IntTag {
   static constexpr int value = V;
 };
 
-// Calls f(Variant<...>{}) for p's logits dtype, activation, C and cross-entropy switch.
+// The kernels' CE variant for p (kNoCE .. kCeFocal), or TV_ERR_CE: the CE family needs
+// softmax or sigmoid, and softmax CE a one-hot target (no regions).
+inline int ce_variant(const TverskyParams& p) {
+  if (p.ce_kind == TV_CE_NONE) return kNoCE;
+  if (p.ce_kind != TV_CE_PLAIN && p.ce_kind != TV_CE_FOCAL) return TV_ERR_CE;
+  if (p.activation == TV_NONE) return TV_ERR_CE;
+  if (p.activation == TV_SOFTMAX && p.region_masks_ptr != nullptr) return TV_ERR_CE;
+  if (p.ce_kind == TV_CE_FOCAL) return kCeFocal;
+  const bool smooth = p.activation == TV_SOFTMAX && p.label_smoothing != 0.0;
+  return (p.soft_target || smooth) ? kCeSoft : kCeLabel;
+}
+
+// Label maps: integer codes, or float ones (float label maps); soft targets: float codes.
+inline bool target_dtype_ok(const TverskyParams& p) {
+  const bool is_float = p.target_dtype >= TV_FLOAT32 && p.target_dtype <= TV_FLOAT64;
+  const bool is_int = p.target_dtype >= TV_UINT8 && p.target_dtype <= TV_INT64;
+  return p.soft_target ? is_float : (is_float || is_int);
+}
+
+// Calls f(Variant<...>{}) for p's logits dtype, activation, C and cross-entropy variant.
 template <typename F>
 int dispatch(const TverskyParams& p, F&& f) {
-  // cross-entropy: label maps and softmax/sigmoid only
-  if (p.ce_kind && (p.soft_target || p.activation == TV_NONE)) return TV_ERR_CE;
-  if (p.soft_target) {
-    if (p.target_dtype > TV_FLOAT64) return TV_ERR_TARGET_DTYPE;
-  } else if (p.target_dtype < TV_UINT8 || p.target_dtype > TV_INT64) {
-    return TV_ERR_TARGET_DTYPE;
-  }
+  const int ce = ce_variant(p);
+  if (ce < 0) return ce;
+  if (!target_dtype_ok(p)) return TV_ERR_TARGET_DTYPE;
   auto with_ce = [&](auto t, auto act, auto maxc) -> int {
     using T = typename decltype(t)::type;
     constexpr int ACT = decltype(act)::value, MAXC = decltype(maxc)::value;
-    if (p.ce_kind) return f(Variant<T, ACT, MAXC, true>{});
-    return f(Variant<T, ACT, MAXC, false>{});
+    switch (ce) {
+      case kCeLabel: return f(Variant<T, ACT, MAXC, kCeLabel>{});
+      case kCeSoft: return f(Variant<T, ACT, MAXC, kCeSoft>{});
+      case kCeFocal: return f(Variant<T, ACT, MAXC, kCeFocal>{});
+    }
+    return f(Variant<T, ACT, MAXC, kNoCE>{});
   };
   auto with_maxc = [&](auto t, auto act) -> int {
     if (p.C <= 4) return with_ce(t, act, IntTag<4>{});
@@ -699,8 +1126,11 @@ struct RowsVec {
 inline int64_t label_size(int32_t code) {
   switch (code) {
     case TV_UINT8: return 1;
-    case TV_INT16: return 2;
-    case TV_INT32: return 4;
+    case TV_INT16:
+    case TV_FLOAT16:
+    case TV_BFLOAT16: return 2;
+    case TV_INT32:
+    case TV_FLOAT32: return 4;
     default: return 8;
   }
 }
@@ -721,7 +1151,8 @@ inline int64_t forward_grid(const TverskyParams& p, int num_sms) {
 }
 
 inline int64_t workspace_bytes_for(const TverskyParams& p, int64_t G) {
-  const int64_t S = p.ce_kind ? 4 : 3;
+  const int ce = ce_variant(p);
+  const int64_t S = 3 + ce_columns(p.activation == TV_SOFTMAX ? TV_SOFTMAX : TV_SIGMOID, ce);
   return p.B * G * (S * p.C * (int64_t)sizeof(float) + 2 * (int64_t)sizeof(int));
 }
 
@@ -763,7 +1194,7 @@ int64_t tversky_cuda_forward_workspace(const TverskyParams* p, int num_sms) {
   return G < 0 ? G : workspace_bytes_for(*p, G);
 }
 
-// Forward: p->stats_ptr (B, C, 3) float64 and p->flags_ptr (2,) int64, on `stream`.
+// Forward: p->stats_ptr (B, C, 3 + CE-family columns) float64 and p->flags_ptr (2,) int64.
 // workspace: device memory of tversky_cuda_forward_workspace() bytes, 16-byte aligned.
 // Returns 0, a negative code for arguments the kernels do not cover, or a cudaError_t.
 int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t workspace_bytes,
@@ -786,7 +1217,8 @@ int tversky_cuda_forward(const TverskyParams* pp, void* workspace, int64_t works
 }
 
 // Backward: writes p->grad_ptr (B, C, N), the logits' dtype, from logits, target and
-// coef_a/coef_b (B, C) float32, on `stream`. Same return codes as the forward.
+// coef_a/coef_b (and coef_ce, coef_ce2) (B, C) float32, on `stream`. Same return codes as
+// the forward.
 int tversky_cuda_backward(const TverskyParams* pp, int device, int num_sms,
                           cudaStream_t stream) {
   const TverskyParams& p = *pp;

@@ -45,6 +45,8 @@ from ._native import (
 from ._sources import csrc_dir
 
 MAX_CLASSES = 8  # the kernels keep a voxel's classes in registers (MAXC = 4 or 8)
+# Everything of KernelSpec.features() the kernels implement (tests/test_cuda_terms.py).
+FEATURES = frozenset({"ce", "float_labels", "regions", "soft_ce", "label_smoothing", "focal"})
 
 _LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -208,12 +210,27 @@ def _check(code: int, what: str):
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _region_table(masks: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """spec.region_masks as the kernels read it: an int64 tensor on ``device``, uploaded
+    once per (table, device) rather than at every step (it is never written)."""
+    return torch.tensor(masks, dtype=torch.int64, device=device)
+
+
+def _params(logits, target, spec: KernelSpec) -> TverskyParams:
+    """make_params plus the region table's device pointer (spec.region_masks)."""
+    p = make_params(logits, target, spec)
+    if spec.region_masks is not None:
+        p.region_masks_ptr = _region_table(spec.region_masks, logits.device).data_ptr()
+    return p
+
+
 class _CudaBackend(Backend):
     name = "cuda"
     max_classes = MAX_CLASSES
     class_limit_why = "kept in registers by the CUDA kernels"
     max_batch = MAX_GRID_BATCH
-    features = frozenset({"ce"})
+    features = FEATURES
 
     def unavailable(self):
         if not emulating():
@@ -252,9 +269,9 @@ class _CudaBackend(Backend):
         lib = _library()
         B, C, _ = logits.shape
         dev = logits.device
-        stats = torch.empty((B, C, 4 if spec.with_ce else 3), dtype=torch.float64, device=dev)
+        stats = torch.empty((B, C, 3 + spec.ce_columns), dtype=torch.float64, device=dev)
         flags = torch.empty(2, dtype=torch.int64, device=dev)
-        p = make_params(logits, target, spec)
+        p = _params(logits, target, spec)
         p.stats_ptr = stats.data_ptr()
         p.flags_ptr = flags.data_ptr()
         with device_guard(logits):
@@ -270,17 +287,20 @@ class _CudaBackend(Backend):
             _check(code, "forward")
         return stats, flags
 
-    def backward(self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None):
+    def backward(
+        self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None, coef_ce2=None
+    ):
         grad = new_grad(logits)
-        p = make_params(logits, target, spec)
+        p = _params(logits, target, spec)
         p.grad_ptr = grad.data_ptr()
         p.grad_stride_b, p.grad_stride_c, p.grad_stride_n = grad.stride()
         # float32: no float64 logits here
-        coef_a, coef_b, coef_ce = kernel_coefs(logits, coef_a, coef_b, coef_ce)
-        p.coef_a_ptr = coef_a.data_ptr()
-        p.coef_b_ptr = coef_b.data_ptr()
-        if coef_ce is not None:
-            p.coef_ce_ptr = coef_ce.data_ptr()
+        coefs = kernel_coefs(logits, coef_a, coef_b, coef_ce, coef_ce2)
+        p.coef_a_ptr, p.coef_b_ptr = coefs[0].data_ptr(), coefs[1].data_ptr()
+        if coefs[2] is not None:
+            p.coef_ce_ptr = coefs[2].data_ptr()
+        if coefs[3] is not None:
+            p.coef_ce2_ptr = coefs[3].data_ptr()
         with device_guard(logits):
             idx, sms, stream = _launch_env(logits)
             code = _library().tversky_cuda_backward(ctypes.byref(p), idx, sms, stream)
