@@ -48,9 +48,9 @@ def test_nvcc_builds_for_sm80_and_sm90(src, tmp_path):
     assert not ours, "\n".join(ours)
     if src.name != "tversky_cuda.cu":
         return
-    # The cross-entropy term must not make ptxas spill: every CE instantiation (template
-    # bool CE = true, mangled "Lb1E") and the finalize kernels have zero spill bytes.
-    # (bench/ptxas_report.py prints the whole register/spill table.)
+    # No kernel variant may make ptxas spill: every instantiation (logits dtype, activation,
+    # MAXC, and each CE-family variant: none, label, soft/smoothing, focal) and the
+    # finalize kernels have zero spill bytes. (bench/ptxas_report.py prints the table.)
     spills, name = {}, None
     for line in proc.stderr.splitlines():
         m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
@@ -60,9 +60,8 @@ def test_nvcc_builds_for_sm80_and_sm90(src, tmp_path):
         if m and name is not None:
             spills[name] = int(m.group(1)) + int(m.group(2))
             name = None
-    checked = {k: v for k, v in spills.items() if "Lb1E" in k or "finalize" in k}
-    assert checked, "no CE / finalize kernels found in ptxas -v output"
-    assert not {k: v for k, v in checked.items() if v}, checked
+    assert len(spills) >= 2 * (2 * 3 * 2 * 2 * 4 + 3), sorted(spills)  # both archs
+    assert not {k: v for k, v in spills.items() if v}, {k: v for k, v in spills.items() if v}
     # Link it as ops/cuda.py does and load it: the exported launchers exist and the
     # compiled struct has the size of the loader's ctypes mirror (csrc/tversky.h drift).
     lib_path = tmp_path / "libtversky_cuda.so"
