@@ -4,13 +4,13 @@ fused kernel alone, fwd+bwd, side by side in one run.
     taskset -c 1 python -m pytest bench/bench_dropins.py --benchmark-only [--quick]
     python -m pytest bench/bench_dropins.py --benchmark-disable --quick   # smoke run
 
-Cases (fp32): the paper's volume 1x2x128x224x256 and 1x4x128x128x128; logits standard
-normal, a label map with ~1 % foreground spread over the foreground classes, given as
+Cases: the paper's volume 1x2x128x224x256 and 1x4x128x128x128, fp32 and bf16 logits
+(``test_dropin_overhead``: fp32 only); logits standard normal, a label map with ~1 % foreground spread over the foreground classes, given as
 MONAI's loaders give it: float32 (B, 1, *spatial).
 
 Losses, each in the configuration people train with (``to_onehot_y=True``):
 ``TverskyLoss(softmax, alpha=0.3, beta=0.7)``, ``DiceLoss(softmax)``,
-``DiceCELoss(softmax)``, ``DiceFocalLoss(sigmoid)`` (one fused pass) and
+``GeneralizedDiceLoss(softmax)``, ``DiceCELoss(softmax)``, ``DiceFocalLoss(sigmoid)`` (one fused pass) and
 ``DiceFocalLoss(softmax)`` (MONAI's focal term is sigmoid whatever the Dice's: two
 passes). Providers:
 
@@ -49,11 +49,12 @@ from fasttversky.compat import monai as dropins
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    shape: tuple  # (B, C, *spatial), fp32
+    shape: tuple  # (B, C, *spatial)
+    dtype: torch.dtype = torch.float32
 
     @property
     def id(self) -> str:
-        return "x".join(map(str, self.shape))
+        return "x".join(map(str, self.shape)) + "-" + str(self.dtype).removeprefix("torch.")
 
     def make(self, device, quick):
         """(logits requiring grad, float32 label map (B, 1, ...), the same as uint8)."""
@@ -61,13 +62,15 @@ class Case:
         if quick:
             sp = [max(4, s // 4) for s in sp]
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn((B, C, *sp), generator=gen).to(device)
+        x = torch.randn((B, C, *sp), generator=gen).to(device, self.dtype)
         fg = torch.rand((B, 1, *sp), generator=gen) < 0.01
         lab = torch.randint(1, C, (B, 1, *sp), generator=gen) * fg
         return x.requires_grad_(True), lab.float().to(device), lab.to(torch.uint8).to(device)
 
 
-CASES = [Case((1, 2, 128, 224, 256)), Case((1, 4, 128, 128, 128))]
+SHAPES = ((1, 2, 128, 224, 256), (1, 4, 128, 128, 128))
+CASES = [Case(s, d) for s in SHAPES for d in (torch.float32, torch.bfloat16)]
+FP32_CASES = [Case(s) for s in SHAPES]
 
 # name -> (MONAI class, its arguments, the kernel's options for the same terms)
 _DICE = dict(alpha=0.5, beta=0.5, smooth_nr=0.5e-5, smooth_dr=0.5e-5, clamp_terms=False)
@@ -76,6 +79,8 @@ LOSSES = {
     "TverskyLoss": ("TverskyLoss", dict(softmax=True, alpha=0.3, beta=0.7),
                     dict(alpha=0.3, beta=0.7, clamp_terms=False)),
     "DiceLoss": ("DiceLoss", dict(softmax=True), _DICE),
+    "GeneralizedDiceLoss": ("GeneralizedDiceLoss", dict(softmax=True),
+                            dict(_DICE, generalized="square")),
     "DiceCELoss": ("DiceCELoss", dict(softmax=True), dict(_DICE, ce_weight=1.0)),
     "DiceFocalLoss-sigmoid": ("DiceFocalLoss", dict(sigmoid=True), _FOCAL),
     "DiceFocalLoss-softmax": ("DiceFocalLoss", dict(softmax=True), _FOCAL),
@@ -149,7 +154,7 @@ def test_dropin(benchmark, case, loss, provider, device, request):
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", FP32_CASES, ids=[c.id for c in FP32_CASES])
 def test_dropin_overhead(benchmark, case, loss, device, request):
     quick = request.config.getoption("--quick")
     benchmark.group = f"dropins-overhead{'-quick' if quick else ''}"
