@@ -5,14 +5,15 @@ fused kernel alone, fwd+bwd, side by side in one run.
     python -m pytest bench/bench_dropins.py --benchmark-disable --quick   # smoke run
 
 Cases: the paper's volume 1x2x128x224x256 and 1x4x128x128x128, fp32 and bf16 logits
-(``test_dropin_overhead``: fp32 only); logits standard normal, a label map with ~1 % foreground spread over the foreground classes, given as
-MONAI's loaders give it: float32 (B, 1, *spatial).
+(``test_dropin_overhead``: fp32 only); logits standard normal, a label map with ~1 %
+foreground spread over the foreground classes, given as MONAI's loaders give it: float32
+(B, 1, *spatial).
 
 Losses, each in the configuration people train with (``to_onehot_y=True``):
 ``TverskyLoss(softmax, alpha=0.3, beta=0.7)``, ``DiceLoss(softmax)``,
-``GeneralizedDiceLoss(softmax)``, ``DiceCELoss(softmax)``, ``DiceFocalLoss(sigmoid)`` (one fused pass) and
-``DiceFocalLoss(softmax)`` (MONAI's focal term is sigmoid whatever the Dice's: two
-passes). Providers:
+``GeneralizedDiceLoss(softmax)``, ``DiceCELoss(softmax)``, ``DiceFocalLoss(sigmoid)``
+(one fused pass) and ``DiceFocalLoss(softmax)`` (MONAI's focal term is sigmoid whatever
+the Dice's: two passes). Providers:
 
 * ``dropin``: the ``fasttversky.compat.monai`` class on the float label map;
 * ``monai``: MONAI's class on the same tensors (skipped without monai);

@@ -31,6 +31,7 @@ beyond its gradient (bench/conftest.py ``peak_memory``), and for soft targets th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import statistics
 import time
@@ -122,7 +123,7 @@ def test_term_cost(benchmark, case, term, device, copy_bandwidth, request):
     target = soft if kind == "soft" else lab
     C = x.shape[1]
     fns = {
-        name: (lambda o=_options(opts, C): fasttversky.tversky_loss(x, target, **o))
+        name: functools.partial(fasttversky.tversky_loss, x, target, **_options(opts, C))
         for name, opts in (("term", with_term), ("baseline", baseline))
     }
     times: dict[str, list[float]] = {p: [] for p in fns}

@@ -49,8 +49,10 @@ def terms(run: dict) -> list[str]:
         for e in rows:
             floor = (f"{e['term_x_floor']:.2f} / {e['baseline_x_floor']:.2f}"
                      if "floor_s" in e else "")  # fmt: skip
-            out.append(f"| {e['term']} | {e['term_s'] * 1e3:.1f} | {e['baseline_s'] * 1e3:.1f}"
-                       f" | {e['ratio']:.2f}× | {floor} | {_mib(e['beyond_grad_bytes'])} |")
+            out.append(
+                f"| {e['term']} | {e['term_s'] * 1e3:.1f} | {e['baseline_s'] * 1e3:.1f}"
+                f" | {e['ratio']:.2f}× | {floor} | {_mib(e['beyond_grad_bytes'])} |"
+            )
         out.append("")
     return out
 
@@ -76,15 +78,24 @@ def dropins(run: dict) -> list[str]:
         m = p.get("monai")
         mon = (f"{m[0] * 1e3:.1f} | {m[0] / d[0]:.1f}×", _mib(_beyond(m[1])),
                f"{m[1]['value']:.6f}") if m else ("n/a | n/a", "n/a", "n/a")  # fmt: skip
-        out.append(f"| {case} | {loss} | {d[0] * 1e3:.1f} | {k[0] * 1e3:.1f} | {kf[0] * 1e3:.1f}"
-                   f" | {mon[0]} | {_mib(_beyond(d[1]))} / {mon[1]}"
-                   f" | {d[1]['value']:.6f} / {mon[2]} |")
-    out += ["", "Drop-in over the kernel alone (alternating rounds, fp32, float labels for the"
-            " drop-in, uint8 for the kernel):", "",
-            "| case | loss | drop-in ms | kernel ms | ratio |", "|---|---|---:|---:|---:|"]
+        out.append(
+            f"| {case} | {loss} | {d[0] * 1e3:.1f} | {k[0] * 1e3:.1f} | {kf[0] * 1e3:.1f}"
+            f" | {mon[0]} | {_mib(_beyond(d[1]))} / {mon[1]}"
+            f" | {d[1]['value']:.6f} / {mon[2]} |"
+        )
+    out += [
+        "",
+        "Drop-in over the kernel alone (alternating rounds, fp32, float labels for the"
+        " drop-in, uint8 for the kernel):",
+        "",
+        "| case | loss | drop-in ms | kernel ms | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
     for e in overhead:
-        out.append(f"| {e['case']} | {e['loss']} | {e['dropin_s'] * 1e3:.1f}"
-                   f" | {e['kernel_s'] * 1e3:.1f} | {e['ratio']:.3f}× |")
+        out.append(
+            f"| {e['case']} | {e['loss']} | {e['dropin_s'] * 1e3:.1f}"
+            f" | {e['kernel_s'] * 1e3:.1f} | {e['ratio']:.3f}× |"
+        )
     return out + [""]
 
 
@@ -103,16 +114,20 @@ def compound(run: dict) -> list[str]:
                 " | peak beyond grad MiB | loss |", "|---|---:|---:|---:|---:|"]  # fmt: skip
         for name, (med, e) in p.items():
             vs = f"{med / ours[0]:.1f}×" if ours else "n/a"
-            out.append(f"| {name} | {med * 1e3:.1f} | {vs} | {_mib(_beyond(e))}"
-                       f" | {e['loss']:.6f} |")
+            out.append(
+                f"| {name} | {med * 1e3:.1f} | {vs} | {_mib(_beyond(e))} | {e['loss']:.6f} |"
+            )
         out.append("")
     if overhead:
         out += ["CE's price (compound / Tversky alone, alternating rounds):", "",
-                "| case | threads | compound ms | Tversky ms | ratio |", "|---|---:|---:|---:|---:|"]
+                "| case | threads | compound ms | Tversky ms | ratio |",
+                "|---|---:|---:|---:|---:|"]  # fmt: skip
         for e in overhead:
             ms = e["median_ms"]
-            out.append(f"| {e['case']} | {e['threads']} | {ms['fasttversky-compound']}"
-                       f" | {ms['fasttversky-tversky']} | {e['ratio']:.3f}× |")
+            out.append(
+                f"| {e['case']} | {e['threads']} | {ms['fasttversky-compound']}"
+                f" | {ms['fasttversky-tversky']} | {e['ratio']:.3f}× |"
+            )
         out.append("")
     return out
 
