@@ -21,6 +21,10 @@ as nnU-Net's dataloader delivers it:
 The baselines are built in ``bench/_baselines.py`` (shared with ``gpu_report.py``);
 ``extra_info`` records the nnunetv2 version (its Dice one-hot is float32 since 2.6.4).
 
+``test_nnunet_dropin_overhead`` is issue 28's drop-in ratio: ``fasttversky.compat.nnunet.
+DC_and_CE_loss`` (nnU-Net's arguments) on nnU-Net's float32 (B, 1, ...) target against
+``fasttversky-compound`` on the int16 label map, alternating as below (target <= 1.15x).
+
 ``test_compound_overhead`` is the CE's price (issue 10's target: at most 1.15x): each
 round calls ``fasttversky-compound`` and ``fasttversky-tversky`` once each, in an order
 that alternates between rounds, so that the load of a shared machine hits both alike;
@@ -192,6 +196,46 @@ def test_compound_overhead(benchmark, case, threads, device, request):
         ratio_of_minima=round(
             min(times["fasttversky-compound"]) / min(times["fasttversky-tversky"]), 3
         ),
+    )
+
+
+def _nnunet_dropin():
+    from fasttversky.compat.nnunet import DC_and_CE_loss
+
+    loss = DC_and_CE_loss(
+        {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, 1, 1
+    )
+    return loss
+
+
+@pytest.mark.parametrize("case", CASES[:1], ids=[c.id for c in CASES[:1]])
+def test_nnunet_dropin_overhead(benchmark, case, device, request):
+    quick = request.config.getoption("--quick")
+    benchmark.group = f"compound-nnunet-dropin{'-quick' if quick else ''}"
+    x, t = _inputs(case, device, quick)
+    inputs = {"dropin": t.float(), "kernel": t}  # nnU-Net's loader gives float32 labels
+    fns = {"dropin": _nnunet_dropin(), "kernel": _baselines.fused_dice_ce()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+
+    def one_round():
+        order.reverse()
+        for name in order:
+            x.grad = None
+            t0 = time.perf_counter()
+            fns[name](x, inputs[name]).backward()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(one_round, rounds=5 if quick else 30, iterations=1, warmup_rounds=1)
+    med = {k: statistics.median(v[1:] or v) for k, v in times.items()}
+    benchmark.extra_info.update(
+        case=case.id,
+        device=device,
+        threads=torch.get_num_threads(),
+        median_ms={k: round(v * 1e3, 2) for k, v in med.items()},
+        ratio=round(med["dropin"] / med["kernel"], 3),
+        values=[float(fns[k](x, inputs[k]).detach()) for k in fns],
     )
 
 
