@@ -65,6 +65,7 @@ _FUSABLE_DICE = ("MemoryEfficientSoftDiceLoss", "SoftDiceLoss")
 _DICE_KEYS = {"batch_dice", "do_bg", "smooth", "ddp", "clip_tp"}
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 _WHO = "fasttversky.compat.nnunet.DC_and_CE_loss"
+_NON_INTEGER = Fallback("float target holding non-integer labels", warn=True)
 
 
 def _softmax_dim1(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ def _check_mapping(name: str, value) -> dict:
 
 
 class _FusedCall(NamedTuple):
-    labels: torch.Tensor  # (B, 1, *spatial) integer label map
+    labels: torch.Tensor  # (B, 1, *spatial) label map: integer, or float read as it is
     options: fasttversky.TverskyOptions  # checked for this call's C
 
 
@@ -215,20 +216,36 @@ class DC_and_CE_loss(_NnunetDice):  # noqa: N801 -- nnU-Net's class name, for a 
     # ----------------------------------------------------------------------------------
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         plan = self._plan(net_output, target)
+
+        def original():
+            return _mirror.dc_and_ce_forward(self, net_output, target)
+
         if isinstance(plan, Fallback):
             _common.warn_fallback(plan, _WHO)
-            return _mirror.dc_and_ce_forward(self, net_output, target)
-        return _common.run_or_fall_back(
-            lambda: self._fused(net_output, plan),
-            lambda: _mirror.dc_and_ce_forward(self, net_output, target),
-            _WHO,
-        )
+            return original()
+
+        def run(labels):
+            return self._fused(net_output, plan if labels is None else plan._replace(labels=labels))
+
+        def non_integer():
+            _common.warn_fallback(_NON_INTEGER, _WHO)
+            return original()
+
+        # A float label map goes to the kernels as it is (no conversion pass): they flag a
+        # value that is not an integer, and such labels take nnU-Net's computation.
+        floats = plan.labels if plan.labels.is_floating_point() else None
+        fused = _common.retry_float_labels(run, floats, True, non_integer, plan.options.backend)
+        return _common.run_or_fall_back(fused, original, _WHO)
 
     def explain(self, net_output: torch.Tensor, target: torch.Tensor) -> str:
         """``"fused"`` or ``"fallback: <why>"`` for ``forward(net_output, target)``, from
-        the same plan (refusals found while the kernels run, such as NaN, are not
-        predicted here)."""
+        the same plan plus a scan for non-integer float labels (which ``forward`` leaves to
+        the kernels); other refusals found while the kernels run, such as NaN, are not
+        predicted here."""
         plan = self._plan(net_output, target)
+        if not isinstance(plan, Fallback) and plan.labels.is_floating_point():
+            if _integer_labels(plan.labels) is None:
+                plan = _NON_INTEGER
         return f"fallback: {plan.reason}" if isinstance(plan, Fallback) else "fused"
 
     # ----------------------------------------------------------------------------------
@@ -237,9 +254,8 @@ class DC_and_CE_loss(_NnunetDice):  # noqa: N801 -- nnU-Net's class name, for a 
         why = self._option_problem() or _label_map_problem(x, y)
         if why is not None:
             return Fallback(why)
-        labels = _integer_labels(y)
-        if labels is None:
-            return Fallback("float target holding non-integer labels", warn=True)
+        # float labels are read by the kernels as they are (forward)
+        labels = y if y.is_floating_point() else _integer_labels(y)
         why = self._ce_weight_problem(x, labels)
         if why is not None:
             return Fallback(why)
