@@ -365,6 +365,39 @@ def test_label_smoothing_against_contract(C, dtype):
         check_case(logits, labels, spec)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_label_smoothing_two_class_over_chunks(layout, dtype):
+    """The fused two-class paths with smoothing over several chunks: blocked tiles whose
+    log products are folded many times (planar, interleaved), strided tiles, tails."""
+    B, C, N = 2, 2, 2 * 16384 + 64 * 5 + 7
+    logits = make_logits(B, C, N, dtype, layout=layout)
+    for ignore_index, label_dtype in ((None, torch.uint8), (255, torch.float32)):
+        labels = make_labels(B, N, C, ignore_index=ignore_index, dtype=label_dtype)
+        spec = spec_of(SOFTMAX, C, ce=CE_PLAIN, ignore_index=ignore_index,
+                       label_smoothing=0.1, float_labels=label_dtype.is_floating_point)
+        check_case(logits, labels, spec)
+
+
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_focal_two_class_over_chunks(layout, dtype):
+    """The fused two-class paths with softmax focal CE (hard labels, no smoothing) over
+    several chunks: planar and interleaved blocks, strided tiles, tails; γ = 2 (squares),
+    other γ (an exp), γ = 0 (0^0 = 1)."""
+    B, C, N = 2, 2, 2 * 16384 + 64 * 5 + 7
+    logits = make_logits(B, C, N, dtype, layout=layout)
+    for gamma, ignore_index, label_dtype in (
+        (2.0, None, torch.uint8),
+        (1.5, 255, torch.float32),
+        (0.0, -100, torch.int64),
+    ):
+        labels = make_labels(B, N, C, ignore_index=ignore_index, dtype=label_dtype)
+        spec = spec_of(SOFTMAX, C, ce=CE_FOCAL, ignore_index=ignore_index, focal_gamma=gamma,
+                       float_labels=label_dtype.is_floating_point)
+        check_case(logits, labels, spec)
+
+
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
 @pytest.mark.parametrize("activation, C", [(SOFTMAX, 2), (SOFTMAX, 5), (SIGMOID, 1), (SIGMOID, 3)])
 def test_focal_on_label_maps_against_contract(activation, C, dtype):
@@ -383,11 +416,13 @@ def test_focal_on_label_maps_against_contract(activation, C, dtype):
         check_case(logits, labels, spec)
 
 
+@pytest.mark.parametrize("C", [2, 3])
 @pytest.mark.parametrize("activation", [SOFTMAX, SIGMOID])
 @pytest.mark.parametrize("ce, eps", [(CE_PLAIN, 0.1), (CE_FOCAL, 0.0)])
-def test_terms_with_extreme_logits(activation, ce, eps):
-    """Saturated probabilities (p rounds to 0 or 1): the terms stay finite and exact."""
-    B, C, N = 1, 3, 64 * 3
+def test_terms_with_extreme_logits(activation, ce, eps, C):
+    """Saturated probabilities (p rounds to 0 or 1): the terms stay finite and exact
+    (C = 2: the fused two-class softmax paths)."""
+    B, N = 1, 64 * 3
     logits = make_logits(B, C, N, torch.float32) * 40
     labels = make_labels(B, N, C)
     soft = make_soft(B, C, N)
@@ -408,7 +443,10 @@ THREAD_CASES = {
                               region_masks=REGION_MASKS), "labels4"),
     "soft-ce": (spec_of(SOFTMAX, 3, ce=CE_PLAIN, soft=True, label_smoothing=0.1), "soft"),
     "smoothing": (spec_of(SOFTMAX, 3, ce=CE_PLAIN, ignore_index=0, label_smoothing=0.1), "labels"),
+    "smoothing-2class": (spec_of(SOFTMAX, 2, ce=CE_PLAIN, label_smoothing=0.1), "labels"),
     "softmax-focal": (spec_of(SOFTMAX, 4, ce=CE_FOCAL, focal_gamma=0.5), "labels"),
+    "softmax-focal-2class": (spec_of(SOFTMAX, 2, ce=CE_FOCAL, focal_gamma=2.0), "labels"),
+    "softmax-focal-2class-g1.5": (spec_of(SOFTMAX, 2, ce=CE_FOCAL, focal_gamma=1.5), "labels"),
     "sigmoid-focal-soft": (spec_of(SIGMOID, 2, ce=CE_FOCAL, soft=True, focal_gamma=2.0), "soft"),
 }
 

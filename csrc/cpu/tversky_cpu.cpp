@@ -11,9 +11,10 @@
 // threads or on which thread ran which item, so it is bitwise reproducible and free of
 // atomics.
 //
-// This round's terms (fasttversky/_spec.py: soft-target CE, label smoothing, focal CE,
-// region tables, label maps of float16/bfloat16/float64) run on the "terms paths" near the
-// end of this file; float32 label maps take the integer label maps' paths.
+// This round's terms (fasttversky/_spec.py: soft-target CE, focal CE, region tables, label
+// maps of float16/bfloat16/float64) run on the "terms paths" near the end of this file;
+// float32 label maps take the integer label maps' paths, and so does label smoothing on
+// those maps (without focal CE).
 //
 // Compute precision: float32 for float32/float16/bfloat16 logits (per-lane float
 // accumulators over one chunk, then float64 across lanes and chunks), float64 for
@@ -211,6 +212,33 @@ __attribute__((always_inline)) inline float log1p_small(float e) {
   return exact ? e : q;
 }
 inline double log1p_small(double e) { return std::log1p(e); }
+
+// log(1 + e) for e in [0, 1] (the two-class softmax's e = exp(-|x1 - x0|)) as e · P(e), P
+// a degree-8 polynomial fitted to log1p(e) / e on [0, 1] (weighted least squares towards
+// minimax): ~3 ulp relative, e small included, in a third of the instructions of
+// log1p_small (fast_log's exponent handling and a division). The focal CE needs one per
+// voxel in both passes, where the plain CE's products avoid it.
+__attribute__((always_inline)) inline float log1p_unit(float e) {
+  float y = 5.3839255124e-03f;
+  y = fmadd(y, e, -3.0110426247e-02f);
+  y = fmadd(y, e, 7.9209871590e-02f);
+  y = fmadd(y, e, -1.3746549189e-01f);
+  y = fmadd(y, e, 1.9145083427e-01f);
+  y = fmadd(y, e, -2.4852937460e-01f);
+  y = fmadd(y, e, 3.3320343494e-01f);
+  y = fmadd(y, e, -4.9999552965e-01f);
+  y = fmadd(y, e, 1.0f);
+  return y * e;
+}
+inline double log1p_unit(double e) { return std::log1p(e); }
+
+// exp(x) that is exactly 0 below fast_exp's clamp (e^-87), where a focal factor must
+// vanish: it multiplies terms that may be as large as the logits.
+template <typename F>
+inline F exp_or_zero(F x) {
+  const F e = fast_exp(x);
+  return x < (F)-87 ? (F)0 : e;
+}
 
 // The cross-entropy is summed in units of CE_UNIT: each term is multiplied by
 // ce_scale<F> = 1 / CE_UNIT as it is formed, and the item's float64 sum by CE_UNIT. A
@@ -426,13 +454,23 @@ void parallel_items(int64_t n_items, int num_threads, Fn&& fn) {
 // (from the same max m and exp sum s the softmax needs: one log per voxel); sigmoid
 // BCE(x_c, g_c) = max(x, 0) - x g + log1p(e), e = exp(-|x|), into every class's row, with
 // p = 1/(1+e) or e/(1+e) from the same exp. Ignored and padded lanes (w = 0, y = -1) add 0.
+// Label smoothing (softmax, sm != nullptr) needs -log p_c of every class, not only of y:
+// -log p_c = log s - (x_c - m), so it adds the two parts it needs, Σ w log s (one row)
+// and Σ w (m - x_c) (one row per class), and ForwardItem::finish forms the columns.
+template <typename F>
+struct SmoothSums {
+  F (*__restrict per_class)[TILE];  // Σ w (m - x_c), CE units
+  F* __restrict log_s;              // Σ w log s, CE units
+};
+
 template <typename F, typename LT>
 __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams& P, int64_t b,
                                                              int64_t n0, int n,
                                                              F (*__restrict x)[TILE],
                                                              const int32_t* __restrict y,
                                                              const float* __restrict w,
-                                                             F (*__restrict acc_ce)[TILE]) {
+                                                             F (*__restrict acc_ce)[TILE],
+                                                             const SmoothSums<F>* sm) {
   const int64_t C = P.C;
   const int64_t nonfinite = load_logits<F, LT>(P, b, n0, n, x);
   if (P.activation == TV_SOFTMAX) {
@@ -440,6 +478,11 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
     for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
     for (int64_t c = 1; c < C; ++c)
       for (int i = 0; i < TILE; ++i) m[i] = std::max(m[i], x[c][i]);
+    if (sm)  // a separate loop, so that the plain CE's loops stay exactly as they were
+      for (int64_t c = 0; c < C; ++c)
+        for (int i = 0; i < TILE; ++i)
+          sm->per_class[c][i] +=
+              w[i] != 0.f ? m[i] * ce_scale<F> - x[c][i] * ce_scale<F> : (F)0;
     for (int i = 0; i < TILE; ++i) s[i] = xy[i] = (F)0;
     for (int64_t c = 0; c < C; ++c)
       for (int i = 0; i < TILE; ++i) {
@@ -447,10 +490,19 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
         x[c][i] = fast_exp(x[c][i] - m[i]);
         s[i] += x[c][i];
       }
-    for (int i = 0; i < TILE; ++i) {
-      const F lce = w[i] != 0.f ? fast_log(s[i]) * ce_scale<F> - xy[i] : (F)0;
-      xy[i] = lce;
-      s[i] = (F)1 / s[i];
+    if (sm) {
+      for (int i = 0; i < TILE; ++i) {
+        const F ls = w[i] != 0.f ? fast_log(s[i]) * ce_scale<F> : (F)0;
+        sm->log_s[i] += ls;
+        xy[i] = ls - xy[i];  // xy is 0 on ignored lanes (y = -1)
+        s[i] = (F)1 / s[i];
+      }
+    } else {
+      for (int i = 0; i < TILE; ++i) {
+        const F lce = w[i] != 0.f ? fast_log(s[i]) * ce_scale<F> - xy[i] : (F)0;
+        xy[i] = lce;
+        s[i] = (F)1 / s[i];
+      }
     }
     for (int64_t c = 0; c < C; ++c)
       for (int i = 0; i < TILE; ++i) {
@@ -473,6 +525,75 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
   return nonfinite;
 }
 
+// ---- the CE of the fused two-class softmax paths -------------------------------------------
+// Which CE a block of the fused two-class paths computes: a compile-time variant, so that
+// each loop holds only its own arithmetic. Focal CE takes these paths with a hard label
+// and no smoothing (needs_terms); γ = 2 (MONAI's default) squares instead of an exp.
+enum TwoClassCE { CE2_PLAIN = 0, CE2_SMOOTH = 1, CE2_FOCAL_SQ = 2, CE2_FOCAL = 3 };
+template <int M>
+using CE2 = std::integral_constant<int, M>;
+
+// Calls fn(CE2<mode>{}) with the call's TwoClassCE: a branch per tile or block, outside
+// the voxel loops. Only CE items (CE = true) instantiate more than CE2_PLAIN.
+template <bool CE, class Fn>
+__attribute__((always_inline)) inline void with_two_class_ce(bool smooth, bool focal,
+                                                             bool focal_sq, Fn&& fn) {
+  if constexpr (CE) {
+    if (focal && focal_sq)
+      fn(CE2<CE2_FOCAL_SQ>{});
+    else if (focal)
+      fn(CE2<CE2_FOCAL>{});
+    else if (smooth)
+      fn(CE2<CE2_SMOOTH>{});
+    else
+      fn(CE2<CE2_PLAIN>{});
+  } else {
+    fn(CE2<CE2_PLAIN>{});
+  }
+}
+
+// (1 - p_y)^γ from p_o = 1 - p_y (the other class's p, exact where p_y rounds to 1) or,
+// for a general γ, from nlpo = -log p_o in CE units: exp(-γ nlpo), capped so that γ = 0
+// gives 0^0 = 1 where nlpo exceeds float's range (extreme logits).
+template <bool SQ, typename F>
+__attribute__((always_inline)) inline F focal_factor2(F po, F nlpo, F gamma) {
+  if constexpr (SQ) return po * po;
+  constexpr F big = std::numeric_limits<F>::max();
+  const F t = nlpo * (F)CE_UNIT;
+  return exp_or_zero(-gamma * (t < big ? t : big));
+}
+
+// The focal CE of one voxel into the per-lane sums ce0, ce1 (CE units): with -log p_c =
+// l + d_c (l = log(1 + e); d0 = max(d, 0), d1 = max(-d, 0), d = x1 - x0 in CE units), the
+// column of y gets (1 - p_y)^γ (-log p_y). g0, g1: the label, 0 on ignored voxels.
+template <bool SQ, typename F>
+__attribute__((always_inline)) inline void focal_ce2(F d, F e, F p0, F p1, F g0, F g1,
+                                                     F gamma, F& ce0, F& ce1) {
+  const F d0 = std::max(d, (F)0), d1 = std::max(-d, (F)0);
+  const F l = log1p_unit(e) * ce_scale<F>;
+  const bool y1 = g1 != (F)0;
+  const F f = focal_factor2<SQ>(y1 ? p0 : p1, l + (y1 ? d0 : d1), gamma);
+  ce0 += g0 * f * (l + d0);
+  ce1 += g1 * f * (l + d1);
+}
+
+// dL/dz1 (= -dL/dz0) of the focal CE of one voxel with label y in {0, 1} (else 0): only
+// a_y is non-zero (_spec.py) and dz_k += a_y ([k = y] - p_k), so dz1 = ±a_y p_o (+ for
+// y = 1), a_y p_o = e_y (1 - p_y)^γ (γ p_y log p_y - p_o). p_y log p_y is formed from
+// -log p_y in CE units (|d| may exceed float's range), then scaled: it lies in [-1/e, 0].
+template <bool SQ, typename F>
+__attribute__((always_inline)) inline F focal_ce2_grad(F d, F e, F p0, F p1, bool y0,
+                                                       bool y1, F e0, F e1, F gamma) {
+  const F d0 = std::max(d, (F)0), d1 = std::max(-d, (F)0);
+  const F l = log1p_unit(e) * ce_scale<F>;
+  const F py = y1 ? p1 : p0, po = y1 ? p0 : p1;
+  const F f = focal_factor2<SQ>(po, l + (y1 ? d0 : d1), gamma);
+  const F plp = -(py * (l + (y1 ? d1 : d0))) * (F)CE_UNIT;
+  const F ey = y1 ? e1 : (y0 ? e0 : (F)0);
+  const F apo = ey * f * (gamma * plp - po);
+  return y1 ? apo : -apo;
+}
+
 // ---- forward ------------------------------------------------------------------------------
 // One work item of the forward: sample b, voxels [start, stop) (one CHUNK). It holds the
 // per-lane accumulators and runs, tile by tile, the path the inputs call for:
@@ -483,6 +604,12 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
 // Each lane sums its voxels in voxel order whichever path ran, so the sums depend only on
 // the shape. The methods are always inlined into the work item's loop: the accumulators
 // stay a local object whose address never escapes, as gcc needs to vectorise.
+//
+// Label smoothing (softmax CE, ε > 0): the CE target q_c = (1 - ε) g_c + ε / C gives
+// column c = (1 - ε) Σ_{y = c} (-log p_c) + (ε / C) Σ_kept (-log p_c). The first sum is the
+// plain CE's; the second is formed at finish() from a few more per-lane sums (acc_sm,
+// acc_lse), each of non-negative terms, so nothing cancels. The plain CE's loops are
+// unchanged: the smoothing sums are separate code, taken only when ε > 0.
 template <typename LT, typename TT, bool SOFT, bool CE>
 struct ForwardItem {
   using F = typename compute_of<LT>::type;
@@ -504,30 +631,50 @@ struct ForwardItem {
   alignas(64) F acc_pg[MAX_C][TILE], acc_p[MAX_C][TILE], acc_g[MAX_C][TILE];
   alignas(64) F acc_ce[CE ? MAX_C : 1][TILE];
   alignas(64) F prod_ce[CE ? 2 : 1][TILE];
+  // Label smoothing's sums, in CE units (finish() says how they combine):
+  //   two-class softmax: acc_lse[c] = Σ_{y = c} log(1 + e) (the products folded here
+  //     instead of into acc_ce, which then holds Σ_{y = c} [class c less likely] |d|),
+  //     acc_sm[c] = Σ_{y = other class} [class c less likely] |d|;
+  //   general path: acc_lse[0] = Σ_kept log s, acc_sm[c] = Σ_kept (m - x_c).
+  alignas(64) F acc_sm[CE ? MAX_C : 1][TILE];
+  alignas(64) F acc_lse[CE ? 2 : 1][TILE];
   alignas(64) int32_t y[TILE];
   alignas(64) float w[TILE];
   int64_t nonfinite = 0, bad = 0;
+  // softmax CE with label smoothing (sigmoid has no ε: _spec.py); focal CE (two-class
+  // softmax only, without smoothing: needs_terms), γ = 2 or not
+  const bool smooth, focal, focal_sq;
+  const F gamma;
 
   __attribute__((always_inline)) ForwardItem(const TverskyParams& p, int64_t b_, int64_t start_,
                                              int64_t stop_)
-      : P(p), b(b_), start(start_), stop(stop_), C(p.C) {
+      : P(p), b(b_), start(start_), stop(stop_), C(p.C),
+        smooth(CE && p.activation == TV_SOFTMAX && p.label_smoothing != 0.0),
+        focal(CE && p.ce_kind == TV_CE_FOCAL), focal_sq(focal && p.focal_gamma == 2.0),
+        gamma((F)p.focal_gamma) {
     for (int64_t c = 0; c < C; ++c)
       for (int i = 0; i < TILE; ++i) acc_pg[c][i] = acc_p[c][i] = acc_g[c][i] = (F)0;
     if constexpr (CE) {
       for (int64_t c = 0; c < C; ++c)
-        for (int i = 0; i < TILE; ++i) acc_ce[c][i] = (F)0;
+        for (int i = 0; i < TILE; ++i) acc_ce[c][i] = acc_sm[c][i] = (F)0;
       for (int c = 0; c < 2; ++c)
-        for (int i = 0; i < TILE; ++i) prod_ce[c][i] = (F)1;
+        for (int i = 0; i < TILE; ++i) {
+          prod_ce[c][i] = (F)1;
+          acc_lse[c][i] = (F)0;
+        }
     }
   }
 
   __attribute__((always_inline)) void fold_products() {
-    if constexpr (CE)
+    if constexpr (CE) {
+      if (focal) return;  // focal CE takes no products
+      F(*to)[TILE] = smooth ? acc_lse : acc_ce;
       for (int c = 0; c < 2; ++c)
         for (int i = 0; i < TILE; ++i) {
-          acc_ce[c][i] += fast_log(prod_ce[c][i]) * ce_scale<F>;
+          to[c][i] += fast_log(prod_ce[c][i]) * ce_scale<F>;
           prod_ce[c][i] = (F)1;
         }
+    }
   }
 
   // The dispatcher: the blocked path over the chunk's full tiles where it applies, then a
@@ -548,7 +695,8 @@ struct ForwardItem {
       if constexpr (SOFT)
         tile_soft(n0, n);
       else if (two_class_softmax)
-        tile_two_class(n0, n);
+        with_two_class_ce<CE>(smooth, focal, focal_sq,
+                              [&](auto mode) { tile_two_class<decltype(mode)::value>(n0, n); });
       else
         tile_general(n0, n);
     }
@@ -569,18 +717,22 @@ struct ForwardItem {
     for (int64_t t0 = 0; t0 < n_full; t0 += KT) {
       const int64_t kt = std::min<int64_t>(KT, n_full - t0);
       // Compile-time variants: with/without ignore_index (without it, the common case,
-      // the mask work disappears), planar/interleaved classes (voxel stride 1 or 2).
-      if (interleaved) {
-        if (ignore.active)
-          block(std::true_type{}, Two{}, ignore.value, t0, kt);
-        else
-          block(std::false_type{}, Two{}, ignore.value, t0, kt);
-      } else {
-        if (ignore.active)
-          block(std::true_type{}, One{}, ignore.value, t0, kt);
-        else
-          block(std::false_type{}, One{}, ignore.value, t0, kt);
-      }
+      // the mask work disappears), planar/interleaved classes (voxel stride 1 or 2),
+      // and which CE (TwoClassCE; only a CE item instantiates more than CE2_PLAIN).
+      auto run_block = [&](auto mode) {
+        if (interleaved) {
+          if (ignore.active)
+            block(std::true_type{}, Two{}, mode, ignore.value, t0, kt);
+          else
+            block(std::false_type{}, Two{}, mode, ignore.value, t0, kt);
+        } else {
+          if (ignore.active)
+            block(std::true_type{}, One{}, mode, ignore.value, t0, kt);
+          else
+            block(std::false_type{}, One{}, mode, ignore.value, t0, kt);
+        }
+      };
+      with_two_class_ce<CE>(smooth, focal, focal_sq, run_block);
       // the CE's products are folded every FOLD_TILES tiles, as a tile loop would
       if constexpr (CE)
         if ((t0 + kt) % FOLD_TILES == 0) fold_products();
@@ -590,16 +742,22 @@ struct ForwardItem {
 
   // The accumulators of one lane group, held in registers over a block of tiles instead
   // of being loaded and stored once per tile (measured: 2-5 % on the AVX-512 forward; the
-  // CE's cost is its arithmetic, not these stores). Ten with the CE: six sums, four CE.
-  template <int G>
+  // CE's cost is its arithmetic, not these stores). Ten with the CE: six sums, four CE;
+  // twelve with label smoothing's two (SM).
+  template <int G, bool SM>
   struct GroupSums {
     F p0[G], p1[G], pg0[G], pg1[G], g0[G], g1[G];
     F pc0[G], pc1[G], ce0[G], ce1[G];
+    F sm0[SM ? G : 1], sm1[SM ? G : 1];
   };
 
-  template <int G>
-  __attribute__((always_inline)) void load_group(int g, GroupSums<G>& r) const {
+  template <int G, bool SM>
+  __attribute__((always_inline)) void load_group(int g, GroupSums<G, SM>& r) const {
     for (int i = 0; i < G; ++i) {
+      if constexpr (SM) {
+        r.sm0[i] = acc_sm[0][g + i];
+        r.sm1[i] = acc_sm[1][g + i];
+      }
       r.p0[i] = acc_p[0][g + i];
       r.p1[i] = acc_p[1][g + i];
       r.pg0[i] = acc_pg[0][g + i];
@@ -615,9 +773,13 @@ struct ForwardItem {
     }
   }
 
-  template <int G>
-  __attribute__((always_inline)) void store_group(int g, const GroupSums<G>& r) {
+  template <int G, bool SM>
+  __attribute__((always_inline)) void store_group(int g, const GroupSums<G, SM>& r) {
     for (int i = 0; i < G; ++i) {
+      if constexpr (SM) {
+        acc_sm[0][g + i] = r.sm0[i];
+        acc_sm[1][g + i] = r.sm1[i];
+      }
       acc_p[0][g + i] = r.p0[i];
       acc_p[1][g + i] = r.p1[i];
       acc_pg[0][g + i] = r.pg0[i];
@@ -636,11 +798,13 @@ struct ForwardItem {
   // Tiles t0 .. t0 + kt - 1 of the chunk, LANE_GROUP lanes at a time. Each lane sums the
   // same voxels in the same order as a tile-by-tile loop, so the result does not depend
   // on LANE_GROUP.
-  template <typename HasII, typename Stride>
-  __attribute__((always_inline)) void block(HasII, Stride, label_int_t<TT> ii, int64_t t0,
-                                            int64_t kt) {
+  template <typename HasII, typename Stride, typename Mode>
+  __attribute__((always_inline)) void block(HasII, Stride, Mode, label_int_t<TT> ii,
+                                            int64_t t0, int64_t kt) {
     constexpr bool HAS_II = HasII::value;
     constexpr int S2 = Stride::value;  // voxel stride: 1 planar, 2 interleaved
+    constexpr bool SM = Mode::value == CE2_SMOOTH;  // label smoothing's sums (see acc_sm)
+    constexpr bool FOCAL = Mode::value >= CE2_FOCAL_SQ;
     constexpr int G = LANE_GROUP<F>;
     using L = label_int_t<TT>;
     using U = std::make_unsigned_t<L>;
@@ -649,8 +813,8 @@ struct ForwardItem {
     const int64_t sc = P.logits_stride_c, sn = P.logits_stride_n;
     int32_t nf = 0, nb = 0;
     for (int g = 0; g < TILE; g += G) {
-      GroupSums<G> r;
-      load_group<G>(g, r);
+      GroupSums<G, SM> r;
+      load_group<G, SM>(g, r);
       for (int64_t t = t0; t < t0 + kt; ++t) {
         const int64_t n0 = start + t * TILE + g;
         // interleaved: both classes from one base pointer, so gcc sees one load
@@ -669,7 +833,11 @@ struct ForwardItem {
           const F g1 = (keep & (v == 1)) ? (F)1 : (F)0;
           F p0, p1, e, rr;
           softmax2(x0, x1, p0, p1, e, rr);
-          if constexpr (CE) {
+          if constexpr (FOCAL) {
+            const F d = x1 * ce_scale<F> - x0 * ce_scale<F>;
+            focal_ce2<Mode::value == CE2_FOCAL_SQ>(d, e, p0, p1, g0, g1, gamma,
+                                                   r.ce0[i], r.ce1[i]);
+          } else if constexpr (CE) {
             // -log p_hi = log(1 + e), -log p_lo = |d| + log(1 + e), d = x1 - x0
             // (p_hi is class 1 when d >= 0), in CE units (see ce_scale); g0, g1 are
             // already 0 on ignored voxels.
@@ -678,8 +846,13 @@ struct ForwardItem {
             r.pc1[i] *= g1 * e + (F)1;
             // |d| where class 0 resp. 1 is the less likely one: max(±d, 0), which is
             // one instruction, and one fma into the sum
-            r.ce0[i] += g0 * std::max(d, (F)0);
-            r.ce1[i] += g1 * std::max(-d, (F)0);
+            const F d0 = std::max(d, (F)0), d1 = std::max(-d, (F)0);
+            r.ce0[i] += g0 * d0;
+            r.ce1[i] += g1 * d1;
+            if constexpr (SM) {  // the same for the voxels of the other class
+              r.sm0[i] += g1 * d0;
+              r.sm1[i] += g0 * d1;
+            }
           }
           if constexpr (HAS_II) {
             const F wi = keep ? (F)1 : (F)0;
@@ -694,7 +867,7 @@ struct ForwardItem {
           r.g1[i] += g1;
         }
       }
-      store_group<G>(g, r);
+      store_group<G, SM>(g, r);
     }
     if (nf)
       for (int64_t t = t0; t < t0 + kt; ++t) {
@@ -720,7 +893,8 @@ struct ForwardItem {
       }
   }
 
-  // Fused two-class path on a tail or strided tile: one exp per voxel.
+  // Fused two-class path on a tail or strided tile: one exp per voxel; MODE: which CE.
+  template <int MODE>
   __attribute__((always_inline)) void tile_two_class(int64_t n0, int n) {
     const int64_t nf = load_logits<F, LT>(P, b, n0, n, x);
     nonfinite += nf;
@@ -735,8 +909,21 @@ struct ForwardItem {
         // in CE units (see ce_scale)
         const F d = x[1][i] * ce_scale<F> - x[0][i] * ce_scale<F>;
         const F l1p = log1p_small(e) * ce_scale<F>, ad = std::abs(d);
-        acc_ce[0][i] += g0 * (d >= (F)0 ? l1p + ad : l1p);
-        acc_ce[1][i] += g1 * (d >= (F)0 ? l1p : l1p + ad);
+        if constexpr (MODE >= CE2_FOCAL_SQ) {
+          focal_ce2<MODE == CE2_FOCAL_SQ>(d, e, p0, p1, g0, g1, gamma, acc_ce[0][i],
+                                          acc_ce[1][i]);
+        } else if constexpr (MODE == CE2_SMOOTH) {  // the blocked path's sums (see acc_sm)
+          const F d0 = std::max(d, (F)0), d1 = std::max(-d, (F)0);
+          acc_lse[0][i] += g0 * l1p;
+          acc_lse[1][i] += g1 * l1p;
+          acc_ce[0][i] += g0 * d0;
+          acc_ce[1][i] += g1 * d1;
+          acc_sm[0][i] += g1 * d0;
+          acc_sm[1][i] += g0 * d1;
+        } else {
+          acc_ce[0][i] += g0 * (d >= (F)0 ? l1p + ad : l1p);
+          acc_ce[1][i] += g1 * (d >= (F)0 ? l1p : l1p + ad);
+        }
       }
       acc_p[0][i] += p0;
       acc_p[1][i] += p1;
@@ -751,7 +938,8 @@ struct ForwardItem {
   __attribute__((always_inline)) void tile_general(int64_t n0, int n) {
     if constexpr (CE) {
       bad += load_labels<TT>(P, b, n0, n, y, w);
-      nonfinite += load_probs_ce<F, LT>(P, b, n0, n, x, y, w, acc_ce);
+      const SmoothSums<F> sums{acc_sm, acc_lse[0]};
+      nonfinite += load_probs_ce<F, LT>(P, b, n0, n, x, y, w, acc_ce, smooth ? &sums : nullptr);
     } else {
       nonfinite += load_probs<F, LT>(P, b, n0, n, x);
       bad += load_labels<TT>(P, b, n0, n, y, w);
@@ -781,11 +969,31 @@ struct ForwardItem {
       if constexpr (CE) {
         double s_ce = 0;
         for (int i = 0; i < TILE; ++i) s_ce += (double)acc_ce[c][i];
-        out[c * S + 3] = s_ce * CE_UNIT;
+        out[c * S + 3] = (smooth ? smoothed_ce(c, s_ce) : s_ce) * CE_UNIT;
       }
     }
     flags[0] = nonfinite;
     flags[1] = bad;
+  }
+
+  // Column c with label smoothing, in CE units, from acc_ce's lane sum s_ce:
+  // (1 - ε) own + (ε / C) all, own = Σ_{y = c} -log p_c, all = Σ_kept -log p_c.
+  // Two-class softmax (-log p_c = log(1 + e) + [class c less likely] |d|):
+  //   own = acc_lse[c] + s_ce, all = acc_lse[0] + acc_lse[1] + s_ce + acc_sm[c];
+  // general path (-log p_c = log s + (m - x_c)): own = s_ce, all = acc_lse[0] + acc_sm[c].
+  // A bad label (the call raises) adds to `all` on the general path only.
+  double smoothed_ce(int64_t c, double s_ce) const {
+    auto lanes = [](const F* row) {
+      double s = 0;
+      for (int i = 0; i < TILE; ++i) s += (double)row[i];
+      return s;
+    };
+    const bool two_class = C == 2;  // smoothing is softmax only: C == 2 is the fused path
+    const double lse0 = lanes(acc_lse[0]), lse1 = two_class ? lanes(acc_lse[1]) : 0.0;
+    const double own = two_class ? (c == 0 ? lse0 : lse1) + s_ce : s_ce;
+    const double all = lse0 + lse1 + (two_class ? s_ce : 0.0) + lanes(acc_sm[c]);
+    const double eps = P.label_smoothing;
+    return (1.0 - eps) * own + eps / (double)C * all;
   }
 };
 
@@ -833,6 +1041,10 @@ int forward_items(const TverskyParams& P) {
 //   two_class_tile    two-class softmax label maps on a tail or strided tile
 //   general_tile      everything else: u = dL/dp (affine in g), then chain_rule()
 // Always inlined into the work item's loop, like the forward's ForwardItem.
+//
+// Label smoothing (softmax CE, ε > 0): on a kept voxel of label y, q_c = (1 - ε)[c = y] +
+// ε / C, so the CE's dz_k = p_k Σ_c e_c q_c - e_k q_k (_spec.py) takes per-class
+// constants instead of e_y alone (EK, ES below); separate code, taken only when ε > 0.
 template <typename LT, typename TT, bool SOFT, bool CE>
 struct BackwardItem {
   using F = typename compute_of<LT>::type;
@@ -845,15 +1057,31 @@ struct BackwardItem {
   alignas(64) float w[TILE];
   alignas(64) F s[TILE];
   F A[MAX_C], Bc[MAX_C], E[MAX_C];
+  // smoothing: EK[c] = e_c (1 - ε), ES[c] = e_c ε / C, ES_SUM = Σ_c ES[c]; focal: as
+  // ForwardItem's
+  const bool smooth, focal, focal_sq;
+  const F gamma;
+  F EK[CE ? MAX_C : 1], ES[CE ? MAX_C : 1], ES_SUM = 0;
 
   __attribute__((always_inline)) BackwardItem(const TverskyParams& p, int64_t b_)
-      : P(p), b(b_), C(p.C), gbase((LT*)p.grad_ptr + b_ * p.grad_stride_b) {
+      : P(p), b(b_), C(p.C), gbase((LT*)p.grad_ptr + b_ * p.grad_stride_b),
+        smooth(CE && p.activation == TV_SOFTMAX && p.label_smoothing != 0.0),
+        focal(CE && p.ce_kind == TV_CE_FOCAL), focal_sq(focal && p.focal_gamma == 2.0),
+        gamma((F)p.focal_gamma) {
     const F* coef_a = (const F*)P.coef_a_ptr;
     const F* coef_b = (const F*)P.coef_b_ptr;
     for (int64_t c = 0; c < C; ++c) {
       A[c] = coef_a[b * C + c];
       Bc[c] = coef_b[b * C + c];
       E[c] = CE ? ((const F*)P.coef_ce_ptr)[b * C + c] : (F)0;
+    }
+    if constexpr (CE) {
+      const F keep = (F)(1.0 - P.label_smoothing), spread = (F)(P.label_smoothing / (double)C);
+      for (int64_t c = 0; c < C; ++c) {
+        EK[c] = E[c] * keep;
+        ES[c] = E[c] * spread;
+        ES_SUM += ES[c];
+      }
     }
   }
 
@@ -870,14 +1098,13 @@ struct BackwardItem {
       const int n = (int)std::min<int64_t>(TILE, stop - n0);
       if constexpr (!SOFT) {
         if (two_class_softmax && n == TILE && (contiguous || interleaved)) {
-          if (interleaved)
-            two_class_direct<2>(n0, ignore);
-          else
-            two_class_direct<1>(n0, ignore);
+          two_class_direct_any(n0, ignore, interleaved);
           continue;
         }
         if (two_class_softmax) {
-          two_class_tile(n0, n);
+          with_two_class_ce<CE>(smooth, focal, focal_sq, [&](auto mode) {
+            two_class_tile<decltype(mode)::value>(n0, n);
+          });
           continue;
         }
       }
@@ -885,10 +1112,22 @@ struct BackwardItem {
     }
   }
 
+  // two_class_direct's variant for this call: layout and CE (TwoClassCE; only a CE item
+  // instantiates more than CE2_PLAIN).
+  __attribute__((always_inline)) void two_class_direct_any(int64_t n0, const IgnoreLabel<TT>& ignore,
+                                                           bool interleaved) {
+    with_two_class_ce<CE>(smooth, focal, focal_sq, [&](auto mode) {
+      if (interleaved)
+        two_class_direct<2, decltype(mode)::value>(n0, ignore);
+      else
+        two_class_direct<1, decltype(mode)::value>(n0, ignore);
+    });
+  }
+
   // dL/dz1 = -dL/dz0 = w p0 p1 (u1 - u0), p0 p1 = e r^2: one exp per voxel, read and
   // written straight from/to memory on a full tile; S = voxel stride, 1 planar or 2
-  // interleaved.
-  template <int S>
+  // interleaved; MODE: which CE (TwoClassCE).
+  template <int S, int MODE>
   __attribute__((always_inline)) void two_class_direct(int64_t n0, const IgnoreLabel<TT>& ignore) {
     using L = label_int_t<TT>;
     const bool has_ii = ignore.active;
@@ -901,7 +1140,8 @@ struct BackwardItem {
     const F dA = A[1] - A[0], B0 = Bc[0], B1 = Bc[1], E0 = E[0], E1 = E[1];
 #pragma GCC ivdep
     for (int i = 0; i < TILE; ++i) {
-      const F d = (F)load_val(S == 2 ? r0 + 2 * i + 1 : r1 + i) - (F)load_val(r0 + i * S);
+      const F x1 = (F)load_val(S == 2 ? r0 + 2 * i + 1 : r1 + i), x0 = (F)load_val(r0 + i * S);
+      const F d = x1 - x0;
       const F e = fast_exp(-std::abs(d));
       const F r = (F)1 / ((F)1 + e);
       const L v = to_label(lab[i]);
@@ -911,7 +1151,13 @@ struct BackwardItem {
       if constexpr (CE) {
         // dz1 = -dz0 = e_y (p1 - [y = 1]); p1 - 1 = -p0 kept exact for y = 1
         const F lo = e * r, p0 = d >= (F)0 ? lo : r, p1 = d >= (F)0 ? r : lo;
-        t += v == 1 ? -E1 * p0 : (v == 0 ? E0 * p1 : (F)0);
+        if constexpr (MODE >= CE2_FOCAL_SQ)
+          t += focal_ce2_grad<MODE == CE2_FOCAL_SQ>(x1 * ce_scale<F> - x0 * ce_scale<F>, e,
+                                                    p0, p1, v == 0, v == 1, E0, E1, gamma);
+        else if constexpr (MODE == CE2_SMOOTH)
+          t += smoothed_ce2(v == 0, v == 1, p0, p1);
+        else
+          t += v == 1 ? -E1 * p0 : (v == 0 ? E0 * p1 : (F)0);
       }
       const F g1 = keep ? t : (F)0;
       store_val(o0 + i * S, -g1);
@@ -920,6 +1166,7 @@ struct BackwardItem {
   }
 
   // The same through the tile arrays (any strides, partial tiles).
+  template <int MODE>
   __attribute__((always_inline)) void two_class_tile(int64_t n0, int n) {
     load_logits<F, LT>(P, b, n0, n, x);
     load_labels<TT>(P, b, n0, n, y, w);
@@ -931,13 +1178,27 @@ struct BackwardItem {
       F t = e * r * r * du;
       if constexpr (CE) {
         const F lo = e * r, p0 = d >= (F)0 ? lo : r, p1 = d >= (F)0 ? r : lo;
-        t += y[i] == 1 ? -E[1] * p0 : (y[i] == 0 ? E[0] * p1 : (F)0);
+        const bool y0 = y[i] == 0, y1 = y[i] == 1;
+        if constexpr (MODE >= CE2_FOCAL_SQ)
+          t += focal_ce2_grad<MODE == CE2_FOCAL_SQ>(x[1][i] * ce_scale<F> - x[0][i] * ce_scale<F>,
+                                                    e, p0, p1, y0, y1, E[0], E[1], gamma);
+        else if constexpr (MODE == CE2_SMOOTH)
+          t += smoothed_ce2(y0, y1, p0, p1);
+        else
+          t += y1 ? -E[1] * p0 : (y0 ? E[0] * p1 : (F)0);
       }
       const F g1 = (F)w[i] * t;
       u[0][i] = -g1;
       u[1][i] = g1;
     }
     store_tile(n0, n, 2);
+  }
+
+  // Two classes with label smoothing: dz1 = -dz0 = p1 e0 q0 - p0 e1 q1 (the softmax CE's
+  // gradient with q0 + q1 = 1), q_c = (1 - ε)[y = c] + ε / 2. A bad label (the forward
+  // raised) gets q_c = ε / 2, as on the terms paths.
+  __attribute__((always_inline)) F smoothed_ce2(bool y0, bool y1, F p0, F p1) const {
+    return p1 * (y0 ? EK[0] + ES[0] : ES[0]) - p0 * (y1 ? EK[1] + ES[1] : ES[1]);
   }
 
   __attribute__((always_inline)) void general_tile(int64_t n0, int n) {
@@ -962,7 +1223,9 @@ struct BackwardItem {
 
   // Chain rule through the activation, written back into u as dL/dlogit (x holds p).
   __attribute__((always_inline)) void chain_rule() {
-    if (CE && P.activation == TV_SOFTMAX) {
+    if (CE && smooth) {
+      smoothed_chain_rule();
+    } else if (CE && P.activation == TV_SOFTMAX) {
       // + e_y (p_k - [k = y]): fold e_y into the softmax's shift, subtract it at k = y
       alignas(64) F ey[TILE];
       for (int i = 0; i < TILE; ++i) s[i] = ey[i] = (F)0;
@@ -998,6 +1261,26 @@ struct BackwardItem {
     }
   }
 
+  // Softmax with the smoothed CE: Σ_c e_c q_c = EK[y] + ES_SUM, e_k q_k = [k = y] EK[k] +
+  // ES[k], so dz_k = w (p_k (u_k - s + EK[y] + ES_SUM) - [k = y] EK[k] - ES[k]).
+  __attribute__((always_inline)) void smoothed_chain_rule() {
+    alignas(64) F ey[TILE];
+    for (int i = 0; i < TILE; ++i) s[i] = ey[i] = (F)0;
+    for (int64_t c = 0; c < C; ++c) {
+      const F ek = EK[c];
+      for (int i = 0; i < TILE; ++i) {
+        s[i] += x[c][i] * u[c][i];
+        ey[i] += y[i] == (int32_t)c ? ek : (F)0;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const F es = ES[c];
+      for (int i = 0; i < TILE; ++i)
+        u[c][i] = (F)w[i] * (x[c][i] * (u[c][i] - s[i] + ey[i] + ES_SUM) -
+                             (y[i] == (int32_t)c ? ey[i] : (F)0) - es);
+    }
+  }
+
   // u's first `classes` rows into the gradient's voxels n0 .. n0 + n - 1.
   __attribute__((always_inline)) void store_tile(int64_t n0, int n, int64_t classes) {
     for (int64_t c = 0; c < classes; ++c)
@@ -1023,8 +1306,9 @@ int backward_items(const TverskyParams& P) {
 // (contract: fasttversky/_spec.py). These paths hold the target as an array g[c][lane]
 // (masked: 0 on ignored and padded lanes) instead of the fast paths' label index y, and
 // form the CE target q from it: q_c = w ((1 - ε) g_c + ε / C) for softmax, q_c = g_c for
-// sigmoid. The Tversky-only and plain-CE paths of integer and float32 label maps never
-// come here, so they run exactly as before. Which target kind a terms path reads is a template argument, as
+// sigmoid. The Tversky-only, plain-CE and smoothed-CE paths of integer and float32 label
+// maps never come here (needs_terms); label smoothing comes here with soft targets or
+// focal CE. Which target kind a terms path reads is a template argument, as
 // is its compute type F; the storage types of the logits, the target and the gradient are
 // switched at run time once per tile row (64 voxels), which costs nothing measurable and
 // keeps the number of instantiations (and the build time) down. Label maps stored as
@@ -1117,14 +1401,6 @@ __attribute__((always_inline)) inline int64_t load_g(const TverskyParams& P, int
       for (int i = 0; i < TILE; ++i) g[c][i] = y[i] == (int32_t)c ? (F)1 : (F)0;
   }
   return bad;
-}
-
-// exp(x) that is exactly 0 below fast_exp's clamp (e^-87), where a focal factor must
-// vanish: it multiplies terms that may be as large as the logits.
-template <typename F>
-inline F exp_or_zero(F x) {
-  const F e = fast_exp(x);
-  return x < (F)-87 ? (F)0 : e;
 }
 
 // The focal paths take SQ = (γ == 2), MONAI's default, as a template argument: the
@@ -1507,14 +1783,18 @@ int dispatch_terms(const TverskyParams& P) {
   return dispatch_terms_ce<Dir, F, TK_LABELS>(P);
 }
 
-// Whether a call takes a terms path: regions, soft targets with CE, focal CE, label
-// smoothing, and label maps stored as float16/bfloat16/float64.
+// Whether a call takes a terms path: regions, soft targets with CE, label maps stored as
+// float16/bfloat16/float64, and focal CE other than two-class softmax without smoothing.
+// Label smoothing and that focal CE on the other label maps stay on the fast paths
+// (ForwardItem, BackwardItem).
 inline bool needs_terms(const TverskyParams& P) {
   if (P.region_masks_ptr) return true;
   if (P.soft_target) return P.ce_kind != TV_CE_NONE;
-  const bool smoothing = P.activation == TV_SOFTMAX && P.label_smoothing != 0.0;
-  const bool rare_labels = P.target_dtype >= TV_FLOAT16 && P.target_dtype <= TV_FLOAT64;
-  return P.ce_kind == TV_CE_FOCAL || (P.ce_kind && smoothing) || rare_labels;
+  if (P.target_dtype >= TV_FLOAT16 && P.target_dtype <= TV_FLOAT64) return true;
+  if (P.ce_kind != TV_CE_FOCAL) return false;
+  const bool two_class_focal =
+      P.activation == TV_SOFTMAX && P.C == 2 && P.label_smoothing == 0.0;
+  return !two_class_focal;
 }
 
 // What no path covers, as a TverskyError (0: every path can run it).
