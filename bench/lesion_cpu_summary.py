@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = group(read_runs(args.runs))
     header = (
         f"# lesion-cpu models by arm ({args.runs.name}; final checkpoint, 64³ Gaussian windows, "
-        "brain, ≥ 10-voxel components; values in %, several seeds as mean ± sd [bootstrap 95 % CI])\n\n"
+        "brain, ≥ 10-voxel components; values in %, several seeds as mean ± sd "
+        "[bootstrap 95 % CI])\n\n"
         "Versions: 2 = `wide` transplants, 3 = `varied`, 4-5 = the β sweep, CE and the "
         "patient07 arms, 6 = network depth and resolution augmentation, 7 = third seeds of "
         "the β sweep and CE, the preset's seeds on patient07 (bench/results/lesion_cpu.md).\n\n"

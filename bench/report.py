@@ -341,7 +341,8 @@ def render(data: dict) -> str:
                 False,
                 "–"
                 if e.get("beyond_grad_frac") is None
-                else f"{100 * e['beyond_grad_frac']:.2f} % ({_fmt_mb(e.get('beyond_grad_bytes'))} MB)",
+                else f"{100 * e['beyond_grad_frac']:.2f} %"
+                f" ({_fmt_mb(e.get('beyond_grad_bytes'))} MB)",
             ),
         ):
             v, gap = _verdict(val, tgt, hib)
@@ -358,11 +359,14 @@ def render(data: dict) -> str:
         any_row = next(r for (c, _, _), r in rows.items() if c == case)
         e = any_row["extra_info"]
         shape = "×".join(map(str, e["shape"]))
+        moved = {
+            m: _fmt_mb(rows.get((case, providers[0], m), any_row)["extra_info"]["bytes_moved"])
+            for m in ("fwd", "fwdbwd")
+        }
         L += [
             f"### {case}: logits {shape} {e['dtype']}, labels uint8",
             "",
-            f"Bytes that must move: fwd {_fmt_mb(rows.get((case, providers[0], 'fwd'), any_row)['extra_info']['bytes_moved'])} MB, "
-            f"fwd+bwd {_fmt_mb(rows.get((case, providers[0], 'fwdbwd'), any_row)['extra_info']['bytes_moved'])} MB.",
+            f"Bytes that must move: fwd {moved['fwd']} MB, fwd+bwd {moved['fwdbwd']} MB.",
             "",
             *_table(rows, case, providers),
             "",

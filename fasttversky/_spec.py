@@ -8,7 +8,8 @@ Backends see
 * ``target``: a (B, N) label map (bool is viewed as uint8) when ``spec.soft_target`` is
   False, else (B, C, N) float probabilities (see "Targets" below).
 * ``forward_stats`` returns ``stats`` (B, C, 3 + spec.ce_columns) float64 holding, per
-  sample and class, ``[sum_pg, sum_p, sum_g]`` (then the CE-family columns) over the non-ignored voxels, and ``flags`` (2,) int64:
+  sample and class, ``[sum_pg, sum_p, sum_g]`` (then the CE-family columns) over the
+  non-ignored voxels, and ``flags`` (2,) int64:
   ``[number of non-finite logits, number of bad targets]`` (labels outside the valid
   range other than ``ignore_index``, or soft targets outside [0, 1]).
 * ``backward`` gets ``coef_a``, ``coef_b`` (B, C), float32 (float64 for float64 logits),

@@ -149,7 +149,7 @@ def test_named_contrast_modes_stay_in_their_tables(name):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cortex_mode_recontrasts_grey_matter_only(seed):
-    """"varied-cortex": the phantom's cortex (GM away from lesions) ends at a median
+    """ "varied-cortex": the phantom's cortex (GM away from lesions) ends at a median
     ratio to normal WM inside CORTEX_FACTOR's range for FLAIR and T2, different per
     draw; lesions and T1 are bitwise those of "varied" with the same stream, and deep WM
     nearly so (only its voxels as dark on T1 as cortex, under the bias field, may move)."""

@@ -225,9 +225,7 @@ class _CpuBackend(Backend):
     name = "cpu"
     max_classes = MAX_CLASSES
     class_limit_why = "supported by the kernel"
-    features = frozenset(
-        {"ce", "soft_ce", "label_smoothing", "focal", "float_labels", "regions"}
-    )
+    features = frozenset({"ce", "soft_ce", "label_smoothing", "focal", "float_labels", "regions"})
 
     def unavailable(self):
         try:
