@@ -13,6 +13,7 @@ csrc/cuda/host_emulation.h on CPU tensors without a GPU; compiled with one).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -159,3 +160,36 @@ def check_against_reference(logits, target, backend, **kwargs):
         grad, ref_grad, grad_tol
     )
     return loss, grad
+
+
+def monai_slow_path_warnings(cls: str, path: str) -> list[str]:
+    """The SlowPathWarning texts a fresh ``fasttversky.compat.monai`` instance of ``cls``
+    gives on its first call whose ``explain()`` was ``path`` and which returned a result:
+    none when fused, else one naming the class and ``explain()``'s reason."""
+    if path.startswith("fused"):
+        return []
+    reason = path.removeprefix("fallback: ")
+    return [
+        f"fasttversky.compat.monai.{cls}: {reason}; "
+        "computing MONAI's result with the slower torch path."
+    ]
+
+
+def is_monai_refusal_warning(cls: str, text: str) -> bool:
+    """Whether ``text`` is the SlowPathWarning of a ``compat.monai`` ``cls`` whose kernels
+    refused the inputs' values while running (NaN logits, targets out of range)."""
+    return text.startswith(
+        f"fasttversky.compat.monai.{cls}: the fused kernels refused these inputs ("
+    ) and text.endswith("; computing MONAI's result with the slower torch path.")
+
+
+@contextlib.contextmanager
+def monai_focal_float64():
+    """MONAI's focal term at float64: its ``.float()`` casts go to float64 instead
+    (MONAI computes it in float32 whatever the input's dtype; the drop-ins do not)."""
+    original = torch.Tensor.float
+    torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
+    try:
+        yield
+    finally:
+        torch.Tensor.float = original

@@ -20,6 +20,8 @@ import torch
 
 monai_losses = pytest.importorskip("monai.losses")
 
+from _helpers import is_monai_refusal_warning, monai_slow_path_warnings  # noqa: E402
+
 import fasttversky  # noqa: E402
 from fasttversky.compat.monai import SlowPathWarning, TverskyLoss  # noqa: E402
 
@@ -92,14 +94,16 @@ def _make_case(C, kind, ignore_index, dtype=torch.float64, shape=(4, 5, 6), B=2,
 
 
 def _run(loss_fn, x, y):
-    """(value, input grad, exception type, UserWarning texts, SlowPathWarnings)."""
+    """(value, input grad, exception type, UserWarning texts, SlowPathWarnings); on an
+    exception, the SlowPathWarnings given before it."""
     xi = x.detach().clone().requires_grad_(True)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         try:
             out = loss_fn(xi, y)
         except Exception as exc:  # parity includes the errors
-            return None, None, type(exc), None, None
+            slow = [str(w.message) for w in rec if w.category is SlowPathWarning]
+            return None, None, type(exc), None, slow
         out.sum().backward()
     user = [str(w.message) for w in rec if w.category is UserWarning]
     slow = [str(w.message) for w in rec if w.category is SlowPathWarning]
@@ -119,14 +123,27 @@ def _assert_close(name, got, want, rtol, atol):
         )
 
 
+def _slow_path_as_explained(cls, path, slow, allow_refusal=False):
+    """The SlowPathWarnings of a first call: one naming ``explain()``'s reason for a
+    fallback, none when fused -- or, with ``allow_refusal``, at most one saying that the
+    kernels refused the values (found only while running, so not in ``path``)."""
+    if allow_refusal and path.startswith("fused") and slow:
+        assert len(slow) == 1 and is_monai_refusal_warning(cls, slow[0]), slow
+    else:
+        assert slow == monai_slow_path_warnings(cls, path), f"{path}: {slow}"
+
+
 def _check_parity(kwargs, x, y, backend, rtol=1e-9, atol=1e-12, allow_slow=False, y_monai=None):
     want = _run(monai_losses.TverskyLoss(**kwargs), x, y if y_monai is None else y_monai)
-    got = _run(TverskyLoss(**kwargs, backend=backend), x, y)
+    ours = TverskyLoss(**kwargs, backend=backend)
+    path = ours.explain(x, y) if want[2] is None else ""
+    got = _run(ours, x, y)
     assert got[2] is want[2], f"{kwargs}: exception {got[2]} vs MONAI {want[2]}"
     if want[2] is not None:
+        assert not got[4], f"{kwargs}: {got[4]} before MONAI's error"
         return
     assert got[3] == want[3], f"{kwargs}: warnings {got[3]} vs MONAI {want[3]}"
-    assert allow_slow or not got[4], f"{kwargs}: unexpected slow path: {got[4]}"
+    _slow_path_as_explained("TverskyLoss", path, got[4], allow_refusal=allow_slow)
     assert got[0].dtype == want[0].dtype, f"{kwargs}: dtype {got[0].dtype} vs {want[0].dtype}"
     _assert_close(f"{kwargs} value", got[0], want[0], rtol, atol)
     _assert_close(f"{kwargs} grad", got[1], want[1], rtol, atol)
@@ -248,7 +265,8 @@ def test_fallbacks_match_monai(backend):
     _check_parity(dict(sigmoid=True, alpha=-0.2, beta=1.5), x, y, backend)
     yg = y.clone().requires_grad_(True)
     want = monai_losses.TverskyLoss(sigmoid=True)(x, yg)
-    got = TverskyLoss(sigmoid=True, backend=backend)(x, yg)
+    with pytest.warns(SlowPathWarning, match="target requires grad"):
+        got = TverskyLoss(sigmoid=True, backend=backend)(x, yg)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     (gw,) = torch.autograd.grad(want, yg)
     (gg,) = torch.autograd.grad(got, yg)
@@ -398,9 +416,10 @@ def _dce_parity(kwargs, x, y, backend="auto", rtol=1e-9, atol=1e-12, expect_fuse
     got = _run(ours, x, y)
     assert got[2] is want[2], f"{kwargs}: exception {got[2]} vs MONAI {want[2]}"
     if want[2] is not None:
+        assert not got[4], f"{kwargs}: {got[4]} before MONAI's error"
         return
     assert got[3] == want[3], f"{kwargs}: warnings {got[3]} vs MONAI {want[3]}"
-    assert not got[4], f"{kwargs}: unexpected slow path: {got[4]}"
+    _slow_path_as_explained("DiceCELoss", path, got[4])
     if expect_fused is not None:
         assert path.startswith("fused") == expect_fused, f"{kwargs}: {path}"
     assert got[0].dtype == want[0].dtype, f"{kwargs}: dtype {got[0].dtype} vs {want[0].dtype}"
@@ -515,7 +534,8 @@ def test_monai_case_sigmoid_with_pos_weight():
     x = torch.randn(2, 1, 3, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 2, (2, 1, 3, 4), generator=gen).double()
     w = 0.5
-    got = DiceCELoss(sigmoid=True, weight=torch.tensor([w]).double())(x, y)
+    with pytest.warns(SlowPathWarning, match="pos_weight"):
+        got = DiceCELoss(sigmoid=True, weight=torch.tensor([w]).double())(x, y)
     s = torch.sigmoid(x)
     tp, sp, sg = (s * y).sum((2, 3)), s.sum((2, 3)), y.sum((2, 3))
     dice = (1 - (2 * tp + 1e-5) / (sp + sg + 1e-5)).mean()
@@ -618,8 +638,10 @@ def test_dice_ce_nan_when_no_voxel_has_a_weighted_class(
     got = _run(DiceCELoss(**kw, backend=backend), x, y)
     assert _all_nan(want[0]) and _all_nan(want[1])
     assert _all_nan(got[0]) and _all_nan(got[1]), got[0]
-    assert not got[4], got[4]  # the plan knows: no refusal, no SlowPathWarning
-    assert DiceCELoss(**kw).explain(x, y).startswith("fallback: ")
+    path = DiceCELoss(**kw).explain(x, y)
+    assert path.startswith("fallback: ")
+    # the plan knows (no refusal): one SlowPathWarning with the plan's reason
+    assert got[4] == monai_slow_path_warnings("DiceCELoss", path), got[4]
 
 
 def test_dice_ce_zero_weights_that_leave_a_counted_voxel_stay_fused(backend):

@@ -1,6 +1,7 @@
 """``compat.monai.DiceLoss`` and ``GeneralizedDiceLoss`` against MONAI's own classes:
 value and gradient in float64 (1e-7 of the largest), over random option combinations;
-the common configurations stay fused (no SlowPathWarning)."""
+the common configurations stay fused (no SlowPathWarning), the others give one naming
+``explain()``'s reason."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 monai_losses = pytest.importorskip("monai.losses", reason="MONAI is in the [test] extra")
+
+from _helpers import monai_slow_path_warnings  # noqa: E402
 
 from fasttversky.compat import monai as ours  # noqa: E402
 from fasttversky.compat.monai import SlowPathWarning  # noqa: E402
@@ -37,11 +40,13 @@ def _compare(theirs, mine, x, t, fused_expected):
         ref = theirs(x1, t)
     ref.sum().backward()
     x2 = x.clone().requires_grad_(True)
+    path = mine.explain(x, t)
+    assert path.startswith("fused") or not fused_expected, path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = mine(x2, t)
-    slow = [w for w in caught if issubclass(w.category, SlowPathWarning)]
-    assert not (fused_expected and slow), [str(w.message) for w in slow]
+    slow = [str(w.message) for w in caught if issubclass(w.category, SlowPathWarning)]
+    assert slow == monai_slow_path_warnings(type(mine).__name__, path), slow
     got.sum().backward()
     assert got.shape == ref.shape and got.dtype == ref.dtype
     torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-7 * ref.abs().max().item() + 1e-15)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 monai_losses = pytest.importorskip("monai.losses", reason="MONAI is in the [test] extra")
 
+from _helpers import monai_slow_path_warnings  # noqa: E402
+
 from fasttversky.compat.monai import DiceCELoss, SlowPathWarning  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +54,7 @@ def _parity(kw, x, y, fused: bool):
     if want[2] is not None:
         return
     assert got[3] == want[3], f"{kw}: warnings {got[3]} vs MONAI {want[3]}"
-    assert not got[4], f"{kw}: {got[4]}"
+    assert got[4] == monai_slow_path_warnings("DiceCELoss", path), f"{kw}: {got[4]}"
     assert path.startswith("fused") == fused, f"{kw}: {path}"
     assert got[0].dtype == want[0].dtype, f"{kw}: dtype {got[0].dtype} vs {want[0].dtype}"
     _close(f"{kw} value", got[0], want[0])
@@ -164,7 +166,12 @@ _LAB = torch.tensor([[[0.0, 0.0, 1.0]], [[0.0, 1.0, 0.0]]])
     ],
 )  # fmt: skip
 def test_monai_dice_ce_values(kw, x, y, expected):
-    got = DiceCELoss(**kw)(x, y)
+    loss = DiceCELoss(**kw)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        got = loss(x, y)
+    slow = [str(w.message) for w in rec if w.category is SlowPathWarning]
+    assert slow == monai_slow_path_warnings("DiceCELoss", loss.explain(x, y)), slow
     assert abs(got.item() - expected) <= 1e-4 + 1e-4 * expected, (kw, got.item())
     want = monai_losses.DiceCELoss(**kw)(x, y)
     _close(f"{kw}", got, want, 1e-6)

@@ -23,18 +23,23 @@ LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
 class SlowPathWarning(UserWarning):
-    """A call the drop-in would fuse ran the original's computation in torch instead:
-    the kernels refused the inputs' values (NaN logits, labels out of range), or the
-    values are ones the original's own pipeline never produces."""
+    """A drop-in computed the original's result in plain torch, the slower path.
+
+    ``compat.monai``: for every option or input that cannot be fused, once per loss
+    instance and reason (see that package's docstring). ``compat.nnunet``: where the
+    kernels refused the inputs' values (NaN logits, labels out of range), or the values
+    are ones the original's own pipeline never produces."""
 
 
 class Fallback(NamedTuple):
     """Why a call takes the original's computation instead of the fused kernels.
 
-    ``explain`` reports every fallback. ``warn``: ``forward`` also says so with a
-    :class:`SlowPathWarning`, for values the original's own pipeline never produces
-    (nnU-Net's loader gives integer labels) -- a slower path the user would not expect.
-    The other fallbacks follow from options and inputs the drop-in's docstring lists.
+    ``explain`` reports every fallback. ``warn`` (``compat.nnunet``'s policy): its
+    ``forward`` also says so with a :class:`SlowPathWarning`, for values the original's
+    own pipeline never produces (nnU-Net's loader gives integer labels) -- a slower path
+    the user would not expect; its other fallbacks follow from options and inputs the
+    drop-in's docstring lists. ``compat.monai`` ignores ``warn``: it announces every
+    fallback that returns a result, once per instance and reason.
     """
 
     reason: str
@@ -67,10 +72,15 @@ def fused_loss(
 
 
 def run_or_fall_back(
-    fused: Callable[[], torch.Tensor], original: Callable[[], torch.Tensor], who: str
+    fused: Callable[[], torch.Tensor],
+    original: Callable[[], torch.Tensor],
+    who: str,
+    slow_path: Callable[[Exception, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``fused()``, or, when the kernels refuse the inputs while running, ``original()``
-    (the original's value or its error) with a :class:`SlowPathWarning`.
+    (the original's value or its error) with a :class:`SlowPathWarning` before it; or,
+    where given, ``slow_path(refusal, original)``, which computes and announces it in its
+    own way (``compat.monai``: once per instance and kind of refusal, after the result).
 
     The plan has checked the options, shapes and dtypes before this call, so what the
     kernels refuse here lies in the values: non-finite logits
@@ -85,13 +95,20 @@ def run_or_fall_back(
         if isinstance(exc, TypeError):
             raise
         refusal = exc
+    if slow_path is not None:
+        return slow_path(refusal, original)
     warnings.warn(
-        f"{who}: the fused kernels refused these inputs ({refusal}); computing the "
-        "original's result with the slower torch path.",
+        f"{who}: {refused_reason(refusal)}; computing the original's result with the "
+        "slower torch path.",
         SlowPathWarning,
         stacklevel=3,
     )
     return original()
+
+
+def refused_reason(refusal: Exception) -> str:
+    """The reason a SlowPathWarning gives for inputs the kernels refused while running."""
+    return f"the fused kernels refused these inputs ({refusal})"
 
 
 def retry_float_labels(
@@ -108,8 +125,9 @@ def retry_float_labels(
     the originals' ``.long()`` truncates, or a backend that reads no float label maps --
     the labels are truncated to integers (:func:`float_labels_to_int`) and ``run(labels)``
     runs once more. Non-integral labels with ``need_integral`` (an ignore label that only
-    unrounded values can match) give ``quiet_original()``: a documented fallback, no
-    warning. Any other refusal repeats on the second run and reaches the caller.
+    unrounded values can match) give ``quiet_original()``: a documented fallback, which
+    that function announces or not (no :class:`SlowPathWarning` from here). Any other
+    refusal repeats on the second run and reaches the caller.
     With ``backend="auto"`` the labels are converted first where a backend that takes
     integer labels on this device reads no float ones (:func:`float_labels_keep_backend`).
     """

@@ -10,7 +10,8 @@ different activations), ``_base`` (the options they all share), ``_mirror`` and
 argument checks and :class:`SlowPathWarning` are ``compat._common``'s.
 
 ``DiceCELoss``, ``FocalLoss`` and ``DiceFocalLoss`` document their own fused and slower
-paths. What follows describes ``TverskyLoss``.
+paths (``DiceLoss`` and ``GeneralizedDiceLoss`` share ``TverskyLoss``'s). What follows
+describes ``TverskyLoss``; *When a SlowPathWarning is given* holds for every class.
 
 Migrating is one import line::
 
@@ -57,9 +58,31 @@ forward, including its errors) for everything else:
   fewer than 1 or more than 3 spatial dims, empty tensors, shapes MONAI would reject;
 * any input the fused kernels refuse while running (non-finite logits, a soft target
   outside [0, 1], labels outside [0, C)): the mirror then returns what MONAI returns
-  (NaN) or raises MONAI's error, and a :class:`SlowPathWarning` says so.
+  (NaN) or raises MONAI's error.
 
 ``TverskyLoss.explain(input, target)`` says which path a call takes and why.
+
+When a SlowPathWarning is given
+-------------------------------
+Every class here, whenever a call returns MONAI's result computed by the slower path --
+for an option, an input, or values the kernels refuse while running -- gives one
+:class:`SlowPathWarning` naming the class and the reason (``explain()``'s text after
+``"fallback: "``; for a refusal, ``"the fused kernels refused these inputs (...)"``):
+
+* once per loss instance and reason: the first training step with ``squared_pred=True``
+  warns, the following ones do not; a new reason (another target dtype, say) warns
+  again, and so does a new instance. Refusals count once per kind (the error's type:
+  non-finite logits, out-of-range targets), whatever counts their text gives. (A warning
+  that the warning filters turn into an error is not counted as given.)
+* after MONAI's result is computed, so where the slower path only mirrors MONAI raising
+  (a shape, dtype or option MONAI rejects, labels MONAI's ``one_hot`` cannot encode),
+  MONAI's error comes alone, with no SlowPathWarning: no slower result was returned.
+* MONAI's own warnings (one channel with ``softmax=True``, ``to_onehot_y=True`` or
+  ``include_background=False``; FocalLoss's "scalar alpha ignored") are given
+  exactly as MONAI gives them, on either path.
+
+The common configurations (softmax or sigmoid, ``to_onehot_y=True`` or a one-hot/soft
+target, with or without background, ``batch``, class weights) run fused and give none.
 
 Differences that remain
 -----------------------

@@ -1,8 +1,11 @@
-"""What MONAI's ``TverskyLoss`` and ``DiceLoss`` (inside ``DiceCELoss``) share: the
-activation, one-hot, background, batch and smoothing options, checked and stored once."""
+"""What the MONAI drop-ins share: the activation, one-hot, background, batch and
+smoothing options, checked and stored once, and the one way they announce the slower
+path (:func:`slow_path`)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -14,6 +17,64 @@ from fasttversky.errors import InvalidInputTypeError
 
 from .. import _common
 from ._mirror import SINGLE_CHANNEL
+
+# The reason a float label map with an ignore_index takes MONAI's computation: MONAI
+# compares the unrounded values with ignore_index, which a label map cannot reproduce.
+NON_INTEGER_LABELS = "non-integer float labels with ignore_index"
+
+# Frames a SlowPathWarning is not attributed to: the drop-ins' and torch's Module call.
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+    os.path.dirname(os.path.abspath(torch.nn.modules.module.__file__)) + os.sep,
+)
+
+
+def slow_path(
+    loss, reason: str, compute: Callable[[], torch.Tensor], key: str | None = None
+) -> torch.Tensor:
+    """``compute()`` (MONAI's forward in plain torch) and, the first time the drop-in
+    instance ``loss`` computes it for ``key`` (default: ``reason``), one
+    :class:`SlowPathWarning` naming the class and ``reason`` (``explain()``'s text).
+
+    Once per instance and reason: a training loop hears it on its first step, a new
+    reason (another target dtype, say) is heard again. The warning follows a result:
+    where the fallback only mirrors MONAI raising (shapes, dtypes or options MONAI
+    rejects), MONAI's error comes alone. A warning the filters turn into an error is
+    not marked as given, so it raises on every such call.
+    """
+    out = compute()
+    given = loss.__dict__.setdefault("_slow_path_reasons", set())
+    key = reason if key is None else key
+    if key not in given:
+        warnings.warn(
+            f"{loss._who}: {reason}; computing MONAI's result with the slower torch path.",
+            _common.SlowPathWarning,
+            stacklevel=_caller_level(),
+        )
+        given.add(key)
+    return out
+
+
+def refused(loss) -> Callable[[Exception, Callable[[], torch.Tensor]], torch.Tensor]:
+    """``_common.run_or_fall_back``'s ``slow_path`` for ``loss``: inputs the kernels
+    refused while running, announced once per kind of refusal (the error's type), since
+    its text holds counts that change from batch to batch (NaN logits in a diverging
+    run would otherwise warn on every step)."""
+
+    def announce(refusal: Exception, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        reason = _common.refused_reason(refusal)
+        return slow_path(loss, reason, compute, key=f"refused: {type(refusal).__name__}")
+
+    return announce
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` (for the caller of this function's caller) of the first frame
+    outside the drop-ins and torch's ``Module.__call__``: the user's line."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class MonaiLoss(_Loss):

@@ -31,6 +31,7 @@ import fasttversky
 
 from .. import _common
 from .._common import Fallback
+from ._base import NON_INTEGER_LABELS, refused, slow_path
 
 _NULL_TVERSKY = dict(alpha=0.0, beta=0.0, smooth_nr=1.0, smooth_dr=1.0)
 
@@ -144,16 +145,15 @@ def run(plan: FusedPlan, target: torch.Tensor | None = None) -> torch.Tensor:
     return total.to(plan.out_dtype)
 
 
-def run_or_fall_back(
-    plan: FusedPlan, original: Callable[[], torch.Tensor], who: str
-) -> torch.Tensor:
-    """``run(plan)``, or MONAI's computation when the kernels refuse the inputs (with a
-    :class:`SlowPathWarning`); a float label map they refuse is first truncated to
-    integers like MONAI's ``one_hot`` (``.long()``) and run again (see
-    ``_common.retry_float_labels``)."""
+def run_or_fall_back(plan: FusedPlan, original: Callable[[], torch.Tensor], loss) -> torch.Tensor:
+    """``run(plan)``, or MONAI's computation ``original()`` through ``slow_path(loss, ...)``
+    when the kernels refuse the inputs; a float label map they refuse is first truncated
+    to integers like MONAI's ``one_hot`` (``.long()``) and run again, except where an
+    ignore label compares the unrounded values (see ``_common.retry_float_labels``)."""
     labels = plan.target if plan.float_labels else None
     backend = plan.calls[0].options.backend
+    non_integer = lambda: slow_path(loss, NON_INTEGER_LABELS, original)  # noqa: E731
     fused = _common.retry_float_labels(
-        lambda t: run(plan, t), labels, plan.need_integral, original, backend
+        lambda t: run(plan, t), labels, plan.need_integral, non_integer, backend
     )
-    return _common.run_or_fall_back(fused, original, who)
+    return _common.run_or_fall_back(fused, original, loss._who, refused(loss))

@@ -20,7 +20,8 @@ from fasttversky.errors import InvalidInputTypeError
 from .. import _common
 from .._common import Fallback
 from . import _mirror
-from ._tversky import TverskyLoss, retry_float_labels
+from ._base import slow_path
+from ._tversky import TverskyLoss, run_fused
 
 _W_TYPES = ("square", "simple", "uniform")
 
@@ -29,14 +30,11 @@ class _DiceBase(TverskyLoss):
     """The fused call is ``tversky_loss(..., reduction="none")``; MONAI's own reduction,
     weights and result shape are applied to its terms (``_finish``)."""
 
-    _who = ""
-
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         input, target = _common.plain(input), _common.plain(target)
         plan = self._plan(input, target)
         if isinstance(plan, Fallback):
-            _common.warn_fallback(plan, self._who)
-            return self._mirror(input, target)
+            return slow_path(self, plan.reason, lambda: self._mirror(input, target))
         self._single_channel_warnings(input.shape[1])
 
         def run(labels):
@@ -45,9 +43,7 @@ class _DiceBase(TverskyLoss):
             return self._finish(terms.to(plan.out_dtype), input.ndim)
 
         original = lambda: self._mirror(input, target, False)  # noqa: E731
-        return _common.run_or_fall_back(
-            retry_float_labels(plan, run, original), original, self._who
-        )
+        return run_fused(self, plan, run, original)
 
     def _options(self, C: int, activation: str, ignore_index: int | None):
         return _common.loss_options(C, **self._fused_options(activation, ignore_index))
@@ -70,7 +66,8 @@ class DiceLoss(_DiceBase):
 
     Fused under the same conditions as :class:`TverskyLoss` (its docstring lists them),
     with alpha = beta = 1/2 (1 for ``jaccard``); ``squared_pred=True`` (sums of p², not
-    of p) runs MONAI's computation in plain torch with a :class:`SlowPathWarning`.
+    of p) runs MONAI's computation in plain torch, said once per instance with a
+    :class:`SlowPathWarning` like every fallback (see the package docstring).
     ``weight`` multiplies each class's term before MONAI's mean over batch and classes,
     exactly as MONAI does (it is not a normalised weighted mean). ``backend``
     (keyword-only, not MONAI's) picks fasttversky's backend.
@@ -132,7 +129,8 @@ class GeneralizedDiceLoss(_DiceBase):
     interface (MONAI 1.6): fused like :class:`DiceLoss`, the class weights 1/G², 1/G or 1
     (``w_type``) computed from the label counts the fused pass already has, with MONAI's
     rule for a class absent from a sample (it takes the largest weight of the present
-    ones). ``backend`` (keyword-only, not MONAI's) picks fasttversky's backend.
+    ones). Its fallbacks are :class:`TverskyLoss`'s, announced in the same way.
+    ``backend`` (keyword-only, not MONAI's) picks fasttversky's backend.
     """
 
     _who = "fasttversky.compat.monai.GeneralizedDiceLoss"

@@ -12,10 +12,8 @@ import fasttversky
 from .. import _common
 from .._common import Fallback
 from . import _compound, _mirror
-from ._base import MonaiLoss, tensor_problem
+from ._base import MonaiLoss, slow_path, tensor_problem
 from ._compound import CeTerm, DiceTerm, FusedPlan
-
-_WHO = "fasttversky.compat.monai.DiceCELoss"
 
 
 class DiceCELoss(MonaiLoss):
@@ -49,10 +47,11 @@ class DiceCELoss(MonaiLoss):
     map and reduction "sum" (the CE sum needs a class histogram), with C = 1 (MONAI's
     BCE ``pos_weight``), of another dtype than the input (torch's CE raises for a label
     map), or whose non-zero classes label no voxel (MONAI's weighted CE is then 0/0 =
-    NaN; one scan of the labels when a weight is 0); shapes MONAI rejects -- and, with a
-    :class:`SlowPathWarning`, whenever the kernels refuse the inputs while running (NaN,
-    labels out of range, a soft target outside [0, 1]).
-    ``explain(input, target)`` says which path a call takes.
+    NaN; one scan of the labels when a weight is 0); shapes MONAI rejects; and whatever
+    the kernels refuse while running (NaN, labels out of range, a soft target outside
+    [0, 1]). Each reason is announced once per instance with a :class:`SlowPathWarning`
+    (none where MONAI raises; see the package docstring); ``explain(input, target)``
+    says which path a call takes.
 
     ``forward(input, target)``: input (B, C, *spatial) float, 1-3 spatial dims; target
     (B, 1, *spatial) or (B, C, *spatial). Returns a scalar in MONAI's dtype.
@@ -61,6 +60,8 @@ class DiceCELoss(MonaiLoss):
     tensor or None: anything else is a TypeError naming the argument; a negative lambda
     or a ``label_smoothing`` outside [0, 1] is a ValueError.
     """
+
+    _who = "fasttversky.compat.monai.DiceCELoss"
 
     def __init__(
         self,
@@ -132,11 +133,12 @@ class DiceCELoss(MonaiLoss):
         input, target = _common.plain(input), _common.plain(target)
         plan = self._plan(input, target)
         if isinstance(plan, Fallback):
-            _common.warn_fallback(plan, _WHO)
-            return _mirror.dice_ce_forward(self, input, target)
+            return slow_path(
+                self, plan.reason, lambda: _mirror.dice_ce_forward(self, input, target)
+            )
         self._single_channel_warnings(input.shape[1])
         return _compound.run_or_fall_back(
-            plan, lambda: _mirror.dice_ce_forward(self, input, target, warn=False), _WHO
+            plan, lambda: _mirror.dice_ce_forward(self, input, target, warn=False), self
         )
 
     def explain(self, input: torch.Tensor, target: torch.Tensor) -> str:

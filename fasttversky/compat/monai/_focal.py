@@ -14,9 +14,9 @@ from torch.nn.modules.loss import _Loss
 import fasttversky
 
 from .. import _common
-from .._common import Fallback, SlowPathWarning
+from .._common import Fallback
 from . import _compound, _mirror, _mirror_focal
-from ._base import tensor_problem
+from ._base import slow_path, tensor_problem
 from ._compound import CeTerm, FusedPlan
 from ._dice import DiceLoss
 from ._mirror import SINGLE_CHANNEL
@@ -42,19 +42,6 @@ def _as_tensor(name: str, value) -> torch.Tensor | None:
     return torch.as_tensor(value)
 
 
-def _warn_once(module, plan: Fallback, who: str) -> None:
-    """A :class:`SlowPathWarning` the first time ``module`` computes a fallback (one that
-    does not end in MONAI's own error) for this reason."""
-    if not plan.warn or plan.reason in module._warned:
-        return
-    module._warned.add(plan.reason)
-    warnings.warn(
-        f"{who}: {plan.reason} is not fused; computing MONAI's result with the slower torch path.",
-        SlowPathWarning,
-        stacklevel=3,
-    )
-
-
 class FocalLoss(_Loss):
     """Focal loss (Lin et al. 2017) with ``monai.losses.FocalLoss``'s interface (MONAI 1.6).
 
@@ -66,13 +53,14 @@ class FocalLoss(_Loss):
     value per class; ``weight`` None, a number or one value per kept class; reductions
     "mean" and "sum".
 
-    **MONAI's computation in plain torch** (a :class:`SlowPathWarning` once per reason)
-    for: softmax without the background (MONAI's softmax then runs over the remaining
-    channels only), reduction "none" (a voxel-sized result), ``ignore_index`` with a
-    one-hot/soft target or reduction "sum" (fused with a label map and "mean"), a
-    per-class ``alpha`` with sigmoid, a negative ``gamma``, ``use_softmax`` with one
-    channel; without a warning where MONAI raises (wrong shapes or weights) and, with
-    one, wherever the kernels refuse the inputs (NaN, labels out of range).
+    **MONAI's computation in plain torch** for: softmax without the background (MONAI's
+    softmax then runs over the remaining channels only), reduction "none" (a voxel-sized
+    result), ``ignore_index`` with a one-hot/soft target or reduction "sum" (fused with a
+    label map and "mean"), a per-class ``alpha`` with sigmoid, a negative ``gamma``,
+    ``use_softmax`` with one channel, shapes or weights MONAI rejects, and whatever the
+    kernels refuse while running (NaN, labels out of range). Each reason is announced
+    once per instance with a :class:`SlowPathWarning` (none where MONAI raises; see the
+    package docstring).
 
     MONAI computes the focal term in float32 whatever the input's dtype; this class
     computes in the input's precision (float64 stays float64) and returns MONAI's
@@ -106,7 +94,6 @@ class FocalLoss(_Loss):
         self.use_softmax = _common.check_flag("use_softmax", use_softmax)
         self.ignore_index = _common.check_index("ignore_index", ignore_index)
         self.backend = _common.check_backend(backend)
-        self._warned: set[str] = set()
 
     @property
     def weight(self):
@@ -116,12 +103,13 @@ class FocalLoss(_Loss):
         input, target = _common.plain(input), _common.plain(target)
         plan = self._plan(input, target)
         if isinstance(plan, Fallback):
-            _warn_once(self, plan, self._who)
-            return _mirror_focal.focal_forward(self, input, target)
+            return slow_path(
+                self, plan.reason, lambda: _mirror_focal.focal_forward(self, input, target)
+            )
         if input.shape[1] == 1:
             _focal_warnings(self, warn_onehot=self.to_onehot_y)
         return _compound.run_or_fall_back(
-            plan, lambda: _mirror_focal.focal_forward(self, input, target, False), self._who
+            plan, lambda: _mirror_focal.focal_forward(self, input, target, False), self
         )
 
     def explain(self, input: torch.Tensor, target: torch.Tensor) -> str:
@@ -140,7 +128,7 @@ class FocalLoss(_Loss):
         if isinstance(term, Fallback):
             return term
         if term is None:
-            return Fallback("every class weight is 0", warn=True)
+            return Fallback("every class weight is 0")
         calls = _compound.kernel_calls(input.shape[1], None, term, self.backend)
         return FusedPlan(calls, tgt[0], torch.float32, tgt[2], self.ignore_index is not None)
 
@@ -208,18 +196,18 @@ def _alpha(focal, softmax: bool, n_kept: int):
         return [1.0] * n_kept, None
     if isinstance(a, float):
         if not 0.0 <= a <= 1.0:
-            return Fallback(f"alpha={a} outside [0, 1]", warn=True)
+            return Fallback(f"alpha={a} outside [0, 1]")
         if not softmax:  # the kernels weigh positives by alpha, negatives by 1 - alpha
             return [1.0] * n_kept, a
         # (1 - alpha) for the background, alpha for the others, as MONAI builds them: float32
         return torch.tensor([1 - a] + [a] * (n_kept - 1)).tolist(), None
     if not softmax:
-        return Fallback("a per-class alpha with sigmoid (alpha on positives only)", warn=True)
+        return Fallback("a per-class alpha with sigmoid (alpha on positives only)")
     if a.ndim != 1 or a.numel() != n_kept:
         return Fallback(f"alpha of shape {tuple(a.shape)} for {n_kept} channels (MONAI raises)")
     values = [float(v) for v in a.tolist()]
     if not all(_common.nonneg_real(v) for v in values):
-        return Fallback("a negative or non-finite alpha", warn=True)
+        return Fallback("a negative or non-finite alpha")
     return values, None
 
 
@@ -229,17 +217,19 @@ def focal_term(focal, input, lam: float, label_map: bool) -> CeTerm | None | Fal
     B, C = input.shape[:2]
     softmax = focal.use_softmax
     if focal.reduction == "none":
-        return Fallback("reduction='none' (a voxel-sized result)", warn=True)
+        return Fallback("reduction='none' (a voxel-sized result)")
     ii = focal.ignore_index
     if ii is not None and (not label_map or focal.reduction != "mean"):
-        return Fallback("ignore_index with a one-hot/soft target or reduction='sum'", warn=True)
+        return Fallback("ignore_index with a one-hot/soft target or reduction='sum'")
     if softmax and C == 1:
-        return Fallback("use_softmax with one channel", warn=True)
+        return Fallback("use_softmax with one channel")
     if softmax and not focal.include_background:
-        return Fallback("softmax focal without the background (MONAI's softmax then runs "
-                        "over the remaining channels)", warn=True)  # fmt: skip
+        return Fallback(
+            "softmax focal without the background (MONAI's softmax then runs "
+            "over the remaining channels)"
+        )
     if not _common.nonneg_real(focal.gamma):
-        return Fallback(f"gamma={focal.gamma!r}", warn=True)
+        return Fallback(f"gamma={focal.gamma!r}")
     n_kept = C - 1 if not focal.include_background and C > 1 else C
     weights, alpha = _kept_weights(focal, n_kept), _alpha(focal, softmax, n_kept)
     for problem in (weights, alpha):
@@ -280,10 +270,11 @@ class DiceFocalLoss(_Loss):
     background, ``batch``, ``jaccard``, ``weight`` (a number or one per kept class),
     ``gamma`` >= 0, ``alpha`` in [0, 1], reductions "mean" and "sum".
 
-    **MONAI's computation in plain torch** (a :class:`SlowPathWarning` once per reason):
-    reduction "none" (a voxel-sized result), ``squared_pred``, a per-class ``alpha``,
-    a negative ``gamma`` or smoothing; without a warning where MONAI raises; with one
-    wherever the kernels refuse the inputs (NaN logits, labels out of range).
+    **MONAI's computation in plain torch**: reduction "none" (a voxel-sized result),
+    ``squared_pred``, a per-class ``alpha``, a negative ``gamma`` or smoothing, shapes or
+    weights MONAI rejects, and whatever the kernels refuse while running (NaN logits,
+    labels out of range); each reason announced once per instance with a
+    :class:`SlowPathWarning` (none where MONAI raises; see the package docstring).
 
     The focal term is computed in the input's precision where MONAI rounds it to
     float32. ``backend`` (keyword-only, not MONAI's) picks fasttversky's backend.
@@ -327,21 +318,20 @@ class DiceFocalLoss(_Loss):
         self.lambda_focal = lambda_focal
         self.to_onehot_y = _common.check_flag("to_onehot_y", to_onehot_y)
         self.backend = self.dice.backend
-        self._warned: set[str] = set()
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         input, target = _common.plain(input), _common.plain(target)
         plan = self._plan(input, target)
         if isinstance(plan, Fallback):
-            _warn_once(self, plan, self._who)
-            return _mirror_focal.dice_focal_forward(self, input, target)
+            mirror = lambda: _mirror_focal.dice_focal_forward(self, input, target)  # noqa: E731
+            return slow_path(self, plan.reason, mirror)
         if input.shape[1] == 1:  # MONAI's warnings: its own, its DiceLoss's, its FocalLoss's
             if self.to_onehot_y:
                 warnings.warn(SINGLE_CHANNEL.format("to_onehot_y=True"), stacklevel=2)
             self.dice._single_channel_warnings(1)
             _focal_warnings(self.focal, warn_onehot=False)
         return _compound.run_or_fall_back(
-            plan, lambda: _mirror_focal.dice_focal_forward(self, input, target, False), self._who
+            plan, lambda: _mirror_focal.dice_focal_forward(self, input, target, False), self
         )
 
     def explain(self, input: torch.Tensor, target: torch.Tensor) -> str:
@@ -363,7 +353,7 @@ class DiceFocalLoss(_Loss):
             if isinstance(term, Fallback):
                 return term
         if dice is None and focal is None:
-            return Fallback("both terms are 0 (zero lambdas or weights)", warn=True)
+            return Fallback("both terms are 0 (zero lambdas or weights)")
         calls = _compound.kernel_calls(input.shape[1], dice, focal, self.backend)
         dice_dtype = torch.promote_types(tgt[1], input.dtype if dice is None else dice.input.dtype)
         return FusedPlan(calls, tgt[0], torch.promote_types(dice_dtype, torch.float32), tgt[2])
@@ -372,7 +362,7 @@ class DiceFocalLoss(_Loss):
         """MONAI's DiceLoss term (its ``weight`` checks: a fallback where they raise)."""
         why = self.dice._option_problem()
         if why is not None:
-            return Fallback(why, warn=True)
+            return Fallback(why)
         C = input.shape[1]
         n_kept = C - 1 if (not self.dice.include_background and C > 1) else C
         try:

@@ -13,10 +13,9 @@ import fasttversky
 from .. import _common
 from .._common import Fallback
 from . import _mirror
-from ._base import MonaiLoss, tensor_problem
+from ._base import NON_INTEGER_LABELS, MonaiLoss, refused, slow_path, tensor_problem
 
 _REDUCTIONS = ("none", "mean", "sum")
-_WHO = "fasttversky.compat.monai.TverskyLoss"
 
 
 class _FusedCall(NamedTuple):
@@ -56,6 +55,8 @@ class TverskyLoss(MonaiLoss):
         backend: fasttversky's backend for the fused path ("auto", "cpu", "torch",
             "triton", "cuda"); keyword-only and not in MONAI.
     """
+
+    _who = "fasttversky.compat.monai.TverskyLoss"
 
     def __init__(
         self,
@@ -100,8 +101,9 @@ class TverskyLoss(MonaiLoss):
         input, target = _common.plain(input), _common.plain(target)
         plan = self._plan(input, target)
         if isinstance(plan, Fallback):
-            _common.warn_fallback(plan, _WHO)
-            return _mirror.tversky_forward(self, input, target)
+            return slow_path(
+                self, plan.reason, lambda: _mirror.tversky_forward(self, input, target)
+            )
         self._single_channel_warnings(input.shape[1])
 
         def run(labels):
@@ -109,7 +111,7 @@ class TverskyLoss(MonaiLoss):
             return _common.fused_loss(plan.input, t, plan.options).to(plan.out_dtype)
 
         original = lambda: _mirror.tversky_forward(self, input, target, warn=False)  # noqa: E731
-        return _common.run_or_fall_back(retry_float_labels(plan, run, original), original, _WHO)
+        return run_fused(self, plan, run, original)
 
     def explain(self, input: torch.Tensor, target: torch.Tensor) -> str:
         """Which path ``forward(input, target)`` takes: ``"fused: ..."`` or ``"fallback: <why>"``.
@@ -196,13 +198,17 @@ class TverskyLoss(MonaiLoss):
 # --------------------------------------------------------------------------------------
 # the target as the kernels take it: (tensor, the dtype MONAI's target has) or why not
 # --------------------------------------------------------------------------------------
-def retry_float_labels(plan: _FusedCall, run, original):
-    """``_common.retry_float_labels`` for one fused call: MONAI's ``one_hot`` truncates
-    non-integer float labels (``.long()``), except where ``ignore_index`` compares the
-    unrounded values (then MONAI's computation, without a warning)."""
+def run_fused(loss, plan: _FusedCall, run, original) -> torch.Tensor:
+    """``run(None)`` (the planned call), or MONAI's computation ``original()`` through
+    :func:`slow_path` where the kernels refuse the inputs. A float label map they refuse
+    is truncated like MONAI's ``one_hot`` (``.long()``) and run again, except where
+    ``ignore_index`` compares the unrounded values (``_common.retry_float_labels``)."""
     labels = plan.target if plan.float_labels else None
     need_integral = plan.options.ignore_index is not None
-    return _common.retry_float_labels(run, labels, need_integral, original, plan.options.backend)
+    non_integer = lambda: slow_path(loss, NON_INTEGER_LABELS, original)  # noqa: E731
+    backend = plan.options.backend
+    fused = _common.retry_float_labels(run, labels, need_integral, non_integer, backend)
+    return _common.run_or_fall_back(fused, original, loss._who, refused(loss))
 
 
 def _label_map(target, x, ii, scan: bool):
@@ -220,7 +226,7 @@ def _label_map(target, x, ii, scan: bool):
         # unrounded value, which a label map reproduces only for integers.
         labels = _common.float_labels_to_int(target, need_integral=ii is not None)
         if labels is None:
-            return Fallback("non-integer float labels with ignore_index")
+            return Fallback(NON_INTEGER_LABELS)
     elif target.dtype in _common.LABEL_DTYPES:
         labels = target
     else:
