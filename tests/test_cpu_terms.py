@@ -399,6 +399,24 @@ def test_focal_two_class_over_chunks(layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_focal_general_classes(layout, dtype):
+    """Softmax focal CE on label maps of C != 2 classes (the general tile, no smoothing):
+    γ = 2 (squares), other γ (exp and log), γ < 1 (its gradient's (1 - p)^(γ-1))."""
+    B, N = 2, 64 * 5 + 11
+    for C, gamma, ignore_index, label_dtype in (
+        (3, 2.0, None, torch.uint8),
+        (5, 1.5, 255, torch.float32),
+        (3, 0.5, -100, torch.int32),
+    ):
+        logits = make_logits(B, C, N, dtype, layout=layout)
+        labels = make_labels(B, N, C, ignore_index=ignore_index, dtype=label_dtype)
+        spec = spec_of(SOFTMAX, C, ce=CE_FOCAL, ignore_index=ignore_index, focal_gamma=gamma,
+                       float_labels=label_dtype.is_floating_point)
+        check_case(logits, labels, spec)
+
+
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
 @pytest.mark.parametrize("activation, C", [(SOFTMAX, 2), (SOFTMAX, 5), (SIGMOID, 1), (SIGMOID, 3)])
 def test_focal_on_label_maps_against_contract(activation, C, dtype):
     B, N = 2, 64 * 5 + 11

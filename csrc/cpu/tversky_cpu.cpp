@@ -149,8 +149,10 @@ inline float round_nearest(float v) {
 
 // libm's expf does not vectorise; this one does (range reduction to 2^n·e^r with
 // |r| <= ln2/2, degree-6 polynomial, 2^n built in the exponent bits): ~2 ulp, far
-// below the float32 tolerance of a loss summed over millions of voxels.
-inline float fast_exp(float x) {
+// below the float32 tolerance of a loss summed over millions of voxels. Always inlined:
+// in a large work item gcc's inliner may otherwise leave it a call, and the voxel loop
+// around it scalar.
+__attribute__((always_inline)) inline float fast_exp(float x) {
   // Written as selects (not std::min/max) so they compile to single vmaxps/vminps, in
   // the order that lets a NaN through (x86 max/min return their second operand when
   // either is NaN): exp(NaN) must be NaN, or NaN logits become a finite loss.
@@ -235,9 +237,22 @@ inline double log1p_unit(double e) { return std::log1p(e); }
 // exp(x) that is exactly 0 below fast_exp's clamp (e^-87), where a focal factor must
 // vanish: it multiplies terms that may be as large as the logits.
 template <typename F>
-inline F exp_or_zero(F x) {
+__attribute__((always_inline)) inline F exp_or_zero(F x) {
   const F e = fast_exp(x);
   return x < (F)-87 ? (F)0 : e;
+}
+
+// omp^γ for omp = 1 - p in [0, 1], with 0^0 = 1 (MONAI's softmax focal factor): log 0 is
+// taken as -FLT_MAX, so that γ > 0 gives exp(-huge) = 0 and γ = 0 gives exp(-0) = 1
+// without a select on γ (a loop-invariant condition that gcc may leave as a branch, and
+// then not vectorise). SQ: γ = 2 (MONAI's default), a square instead of an exp and a log.
+// Always inlined: a call per lane would stop gcc vectorising the loops around it.
+template <bool SQ, typename F>
+__attribute__((always_inline)) inline F pow_focal(F omp, F gamma) {
+  if constexpr (SQ) return omp * omp;
+  constexpr F log0 = -std::numeric_limits<F>::max();
+  const F l = fast_log(omp > (F)0 ? omp : (F)1);
+  return exp_or_zero(gamma * (omp > (F)0 ? l : log0));
 }
 
 // The cross-entropy is summed in units of CE_UNIT: each term is multiplied by
@@ -525,6 +540,44 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
   return nonfinite;
 }
 
+// ---- softmax focal CE of one tile (general path) -----------------------------------------
+// Label maps without smoothing (needs_terms): only class y has q != 0, so y's row gets
+// (1 - p_y)^γ (-log p_y), -log p_y as in load_probs_ce. 1 - p_y is summed from the other
+// classes' exps (so), exact where p_y rounds to 1. x: logits in, probabilities out; SQ: γ = 2.
+template <bool SQ, typename F, typename LT>
+__attribute__((always_inline)) inline int64_t load_probs_focal(
+    const TverskyParams& P, int64_t b, int64_t n0, int n, F (*__restrict x)[TILE],
+    const int32_t* __restrict y, const float* __restrict w, F (*__restrict acc_ce)[TILE],
+    F gamma) {
+  const int64_t C = P.C;
+  const int64_t nonfinite = load_logits<F, LT>(P, b, n0, n, x);
+  alignas(64) F m[TILE], s[TILE], so[TILE], xy[TILE];
+  for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
+  for (int64_t c = 1; c < C; ++c)
+    for (int i = 0; i < TILE; ++i) m[i] = std::max(m[i], x[c][i]);
+  for (int i = 0; i < TILE; ++i) s[i] = so[i] = xy[i] = (F)0;
+  for (int64_t c = 0; c < C; ++c)
+    for (int i = 0; i < TILE; ++i) {
+      const bool is_y = y[i] == (int32_t)c;
+      xy[i] += is_y ? x[c][i] * ce_scale<F> - m[i] * ce_scale<F> : (F)0;
+      x[c][i] = fast_exp(x[c][i] - m[i]);
+      s[i] += x[c][i];
+      so[i] += is_y ? (F)0 : x[c][i];
+    }
+  for (int i = 0; i < TILE; ++i) {
+    const F r = (F)1 / s[i];
+    const F lce = w[i] != 0.f ? fast_log(s[i]) * ce_scale<F> - xy[i] : (F)0;
+    xy[i] = pow_focal<SQ>(so[i] * r, gamma) * lce;  // ignored lanes: lce = 0
+    s[i] = r;
+  }
+  for (int64_t c = 0; c < C; ++c)
+    for (int i = 0; i < TILE; ++i) {
+      x[c][i] *= s[i];
+      acc_ce[c][i] += y[i] == (int32_t)c ? xy[i] : (F)0;
+    }
+  return nonfinite;
+}
+
 // ---- the CE of the fused two-class softmax paths -------------------------------------------
 // Which CE a block of the fused two-class paths computes: a compile-time variant, so that
 // each loop holds only its own arithmetic. Focal CE takes these paths with a hard label
@@ -641,8 +694,8 @@ struct ForwardItem {
   alignas(64) int32_t y[TILE];
   alignas(64) float w[TILE];
   int64_t nonfinite = 0, bad = 0;
-  // softmax CE with label smoothing (sigmoid has no ε: _spec.py); focal CE (two-class
-  // softmax only, without smoothing: needs_terms), γ = 2 or not
+  // softmax CE with label smoothing (sigmoid has no ε: _spec.py); focal CE (softmax
+  // only, without smoothing: needs_terms), γ = 2 or not
   const bool smooth, focal, focal_sq;
   const F gamma;
 
@@ -939,7 +992,12 @@ struct ForwardItem {
     if constexpr (CE) {
       bad += load_labels<TT>(P, b, n0, n, y, w);
       const SmoothSums<F> sums{acc_sm, acc_lse[0]};
-      nonfinite += load_probs_ce<F, LT>(P, b, n0, n, x, y, w, acc_ce, smooth ? &sums : nullptr);
+      if (focal && focal_sq)
+        nonfinite += load_probs_focal<true, F, LT>(P, b, n0, n, x, y, w, acc_ce, gamma);
+      else if (focal)
+        nonfinite += load_probs_focal<false, F, LT>(P, b, n0, n, x, y, w, acc_ce, gamma);
+      else
+        nonfinite += load_probs_ce<F, LT>(P, b, n0, n, x, y, w, acc_ce, smooth ? &sums : nullptr);
     } else {
       nonfinite += load_probs<F, LT>(P, b, n0, n, x);
       bad += load_labels<TT>(P, b, n0, n, y, w);
@@ -1137,7 +1195,9 @@ struct BackwardItem {
     const TT* lab = (const TT*)P.target_ptr + b * P.target_stride_b + n0;
     LT* o0 = gbase + n0 * P.grad_stride_n;
     LT* o1 = o0 + P.grad_stride_c;
-    const F dA = A[1] - A[0], B0 = Bc[0], B1 = Bc[1], E0 = E[0], E1 = E[1];
+    // locals, not the item's members, in the loop: see smooth2()
+    const F dA = A[1] - A[0], B0 = Bc[0], B1 = Bc[1], E0 = E[0], E1 = E[1], gm = gamma;
+    const Smooth2 k2 = smooth2();
 #pragma GCC ivdep
     for (int i = 0; i < TILE; ++i) {
       const F x1 = (F)load_val(S == 2 ? r0 + 2 * i + 1 : r1 + i), x0 = (F)load_val(r0 + i * S);
@@ -1153,9 +1213,9 @@ struct BackwardItem {
         const F lo = e * r, p0 = d >= (F)0 ? lo : r, p1 = d >= (F)0 ? r : lo;
         if constexpr (MODE >= CE2_FOCAL_SQ)
           t += focal_ce2_grad<MODE == CE2_FOCAL_SQ>(x1 * ce_scale<F> - x0 * ce_scale<F>, e,
-                                                    p0, p1, v == 0, v == 1, E0, E1, gamma);
+                                                    p0, p1, v == 0, v == 1, E0, E1, gm);
         else if constexpr (MODE == CE2_SMOOTH)
-          t += smoothed_ce2(v == 0, v == 1, p0, p1);
+          t += smoothed_ce2(k2, v == 0, v == 1, p0, p1);
         else
           t += v == 1 ? -E1 * p0 : (v == 0 ? E0 * p1 : (F)0);
       }
@@ -1170,6 +1230,7 @@ struct BackwardItem {
   __attribute__((always_inline)) void two_class_tile(int64_t n0, int n) {
     load_logits<F, LT>(P, b, n0, n, x);
     load_labels<TT>(P, b, n0, n, y, w);
+    const Smooth2 k2 = smooth2();
     for (int i = 0; i < TILE; ++i) {
       const F d = x[1][i] - x[0][i];
       const F e = fast_exp(-std::abs(d));
@@ -1183,7 +1244,7 @@ struct BackwardItem {
           t += focal_ce2_grad<MODE == CE2_FOCAL_SQ>(x[1][i] * ce_scale<F> - x[0][i] * ce_scale<F>,
                                                     e, p0, p1, y0, y1, E[0], E[1], gamma);
         else if constexpr (MODE == CE2_SMOOTH)
-          t += smoothed_ce2(y0, y1, p0, p1);
+          t += smoothed_ce2(k2, y0, y1, p0, p1);
         else
           t += y1 ? -E[1] * p0 : (y0 ? E[0] * p1 : (F)0);
       }
@@ -1196,12 +1257,27 @@ struct BackwardItem {
 
   // Two classes with label smoothing: dz1 = -dz0 = p1 e0 q0 - p0 e1 q1 (the softmax CE's
   // gradient with q0 + q1 = 1), q_c = (1 - ε)[y = c] + ε / 2. A bad label (the forward
-  // raised) gets q_c = ε / 2, as on the terms paths.
-  __attribute__((always_inline)) F smoothed_ce2(bool y0, bool y1, F p0, F p1) const {
-    return p1 * (y0 ? EK[0] + ES[0] : ES[0]) - p0 * (y1 ? EK[1] + ES[1] : ES[1]);
+  // raised) gets q_c = ε / 2, as on the terms paths. The four e_c q_c are taken into locals
+  // before a voxel loop (smooth2()): read from the item inside it, gcc must assume that
+  // the gradient's stores may change them, and leaves the loop scalar.
+  struct Smooth2 {
+    F hi0, lo0, hi1, lo1;  // e_c q_c for y = c and for y != c
+  };
+  __attribute__((always_inline)) Smooth2 smooth2() const {
+    if constexpr (CE)
+      return {EK[0] + ES[0], ES[0], EK[1] + ES[1], ES[1]};
+    else
+      return {};  // EK, ES hold one element without CE
+  }
+  __attribute__((always_inline)) static F smoothed_ce2(const Smooth2& k, bool y0, bool y1, F p0,
+                                                       F p1) {
+    return p1 * (y0 ? k.hi0 : k.lo0) - p0 * (y1 ? k.hi1 : k.lo1);
   }
 
   __attribute__((always_inline)) void general_tile(int64_t n0, int n) {
+    if constexpr (CE && !SOFT) {
+      if (focal) return focal_general_tile(n0, n);
+    }
     load_probs<F, LT>(P, b, n0, n, x);
     // u = dL/dp / w = A + B g  (affine in g)
     if constexpr (SOFT) {
@@ -1219,6 +1295,77 @@ struct BackwardItem {
     }
     chain_rule();
     store_tile(n0, n, C);
+  }
+
+  // Softmax focal CE (label maps, no smoothing) on the general path: only a_y != 0
+  // (_spec.py), dz_k += a_y ([k = y] - p_k), which is the plain CE's e_y (p_k - [k = y])
+  // with e_y replaced per voxel by t = -a_y = e_y (1 - p_y)^γ - γ e_y p_y (1 - p_y)^(γ-1)
+  // log p_y (focal_probs).
+  __attribute__((always_inline)) void focal_general_tile(int64_t n0, int n) {
+    alignas(64) F t[TILE];
+    load_labels<TT>(P, b, n0, n, y, w);
+    if (focal_sq)
+      focal_probs<true>(n0, n, t);
+    else
+      focal_probs<false>(n0, n, t);
+    for (int i = 0; i < TILE; ++i) s[i] = (F)0;
+    for (int64_t c = 0; c < C; ++c) {
+      const F ac = A[c], bc = Bc[c];
+      for (int i = 0; i < TILE; ++i) {
+        u[c][i] = ac + (y[i] == (int32_t)c ? bc : (F)0);
+        s[i] += x[c][i] * u[c][i];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i)
+        u[c][i] = (F)w[i] * (x[c][i] * (u[c][i] - s[i] + t[i]) -
+                             (y[i] == (int32_t)c ? t[i] : (F)0));
+    store_tile(n0, n, C);
+  }
+
+  // x: logits -> p; t[i] = -a_y of focal_general_tile (0 on ignored lanes). p_o = 1 - p_y
+  // is summed from the other classes' exps; p_y log p_y is formed from log p_y in CE
+  // units (x_y - m may exceed float's range), then scaled: it lies in [-1/e, 0]. The γ
+  // part is 0 where p_y or p_o is 0; SQ (γ = 2) needs no division by p_o.
+  template <bool SQ>
+  __attribute__((always_inline)) void focal_probs(int64_t n0, int n, F* __restrict t) {
+    load_logits<F, LT>(P, b, n0, n, x);
+    alignas(64) F m[TILE], so[TILE], ex[TILE], xy[TILE], ey[TILE];
+    for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
+    for (int64_t c = 1; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) m[i] = std::max(m[i], x[c][i]);
+    for (int i = 0; i < TILE; ++i) s[i] = so[i] = ex[i] = xy[i] = ey[i] = (F)0;
+    for (int64_t c = 0; c < C; ++c) {
+      const F ec = E[c];
+      for (int i = 0; i < TILE; ++i) {
+        const bool is_y = y[i] == (int32_t)c;
+        xy[i] += is_y ? x[c][i] * ce_scale<F> - m[i] * ce_scale<F> : (F)0;
+        ey[i] += is_y ? ec : (F)0;
+        x[c][i] = fast_exp(x[c][i] - m[i]);
+        s[i] += x[c][i];
+        so[i] += is_y ? (F)0 : x[c][i];
+        ex[i] += is_y ? x[c][i] : (F)0;
+      }
+    }
+    for (int i = 0; i < TILE; ++i) {
+      const F r = (F)1 / s[i], po = so[i] * r, py = ex[i] * r;
+      const F plp = py * (xy[i] - fast_log(s[i]) * ce_scale<F>) * (F)CE_UNIT;
+      F a;
+      if constexpr (SQ) {
+        a = po * (po - gamma * plp);
+      } else {
+        const F pw = pow_focal<false>(po, gamma);
+        const bool inner = (po > (F)0) & (py > (F)0);
+        // divided unconditionally, then selected: gcc does not if-convert a division
+        // under a condition, and the loop would not vectorise
+        const F gp = gamma * plp * pw / (inner ? po : (F)1);
+        a = pw - (inner ? gp : (F)0);
+      }
+      t[i] = w[i] != 0.f ? ey[i] * a : (F)0;
+      s[i] = r;
+    }
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) x[c][i] *= s[i];
   }
 
   // Chain rule through the activation, written back into u as dL/dlogit (x holds p).
@@ -1406,13 +1553,10 @@ __attribute__((always_inline)) inline int64_t load_g(const TverskyParams& P, int
 // The focal paths take SQ = (γ == 2), MONAI's default, as a template argument: the
 // factors are then squares instead of an exp and a log per class and voxel.
 
-// (1 - p)^γ for p in [0, 1], with 0^0 = 1 (MONAI's softmax focal factor).
+// (1 - p)^γ for p in [0, 1], with 0^0 = 1 (pow_focal).
 template <bool SQ, typename F>
 inline F pow_one_minus(F p, F gamma) {
-  const F omp = (F)1 - p;
-  if constexpr (SQ) return omp * omp;
-  const F t = exp_or_zero(gamma * fast_log(omp > (F)0 ? omp : (F)1));
-  return omp > (F)0 ? t : (gamma == (F)0 ? (F)1 : (F)0);
+  return pow_focal<SQ>((F)1 - p, gamma);
 }
 
 // The sigmoid focal factor of _spec.py, m = exp(γ logsigmoid(-v)) = σ(-v)^γ with v = x s,
@@ -1784,7 +1928,7 @@ int dispatch_terms(const TverskyParams& P) {
 }
 
 // Whether a call takes a terms path: regions, soft targets with CE, label maps stored as
-// float16/bfloat16/float64, and focal CE other than two-class softmax without smoothing.
+// float16/bfloat16/float64, and focal CE other than softmax without smoothing.
 // Label smoothing and that focal CE on the other label maps stay on the fast paths
 // (ForwardItem, BackwardItem).
 inline bool needs_terms(const TverskyParams& P) {
@@ -1792,9 +1936,7 @@ inline bool needs_terms(const TverskyParams& P) {
   if (P.soft_target) return P.ce_kind != TV_CE_NONE;
   if (P.target_dtype >= TV_FLOAT16 && P.target_dtype <= TV_FLOAT64) return true;
   if (P.ce_kind != TV_CE_FOCAL) return false;
-  const bool two_class_focal =
-      P.activation == TV_SOFTMAX && P.C == 2 && P.label_smoothing == 0.0;
-  return !two_class_focal;
+  return !(P.activation == TV_SOFTMAX && P.label_smoothing == 0.0);
 }
 
 // What no path covers, as a TverskyError (0: every path can run it).
