@@ -180,17 +180,41 @@ run_training.run_training_entry()
 """
 
 
+def write_raw_dataset(ds: Path, cases, labels: dict, regions_class_order=None) -> None:
+    """nnU-Net's raw layout under ``ds``: each (image, label map) of ``cases`` as
+    ``imagesTr/caseNNN_0000.nii.gz`` and ``labelsTr/caseNNN.nii.gz`` (1 mm spacing), and
+    ``dataset.json`` (``regions_class_order`` given: a region-based dataset)."""
+    sitk = pytest.importorskip("SimpleITK")
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    n = 0
+    for n, (img, seg) in enumerate(cases, 1):
+        for arr, path in (
+            (img, ds / "imagesTr" / f"case{n - 1:03d}_0000.nii.gz"),
+            (seg, ds / "labelsTr" / f"case{n - 1:03d}.nii.gz"),
+        ):
+            im = sitk.GetImageFromArray(arr)
+            im.SetSpacing((1.0, 1.0, 1.0))
+            sitk.WriteImage(im, str(path))
+    meta = {
+        "channel_names": {"0": "T1"},
+        "labels": labels,
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+    }
+    if regions_class_order is not None:
+        meta["regions_class_order"] = list(regions_class_order)
+    (ds / "dataset.json").write_text(json.dumps(meta))
+
+
 def _write_dataset(raw: Path, regions: bool = False) -> None:
     """Labels: two blobs (1, 2) and an unannotated slab (the ignore label). Regions: three
     nested balls (labels 1 ⊃ 2 ⊃ 3 as BraTS's whole tumour, core, enhancing) and a slab."""
-    sitk = pytest.importorskip("SimpleITK")
-    ds = raw / (REGION_DATASET if regions else DATASET)
-    (ds / "imagesTr").mkdir(parents=True)
-    (ds / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
     zz, yy, xx = np.meshgrid(*(np.arange(SIZE),) * 3, indexing="ij")
     labels = REGION_LABELS if regions else LABELS
-    for i in range(N_CASES):
+
+    def case():
         seg = np.zeros((SIZE,) * 3, np.uint8)
         c = rng.integers(8, SIZE - 8, 3)
         for label, radius in ((1, 8), (2, 5), (3, 2)) if regions else ((1, 7), (2, 4)):
@@ -200,22 +224,14 @@ def _write_dataset(raw: Path, regions: bool = False) -> None:
         slab = slice(14, 17) if regions else slice(0, 3)  # regions: where every patch sees it
         seg[:, :, slab] = labels["ignore"]  # an unannotated slab
         img = (seg * 40.0 + rng.normal(0, 10, seg.shape)).astype(np.float32)
-        for arr, path in (
-            (img, ds / "imagesTr" / f"case{i:03d}_0000.nii.gz"),
-            (seg, ds / "labelsTr" / f"case{i:03d}.nii.gz"),
-        ):
-            im = sitk.GetImageFromArray(arr)
-            im.SetSpacing((1.0, 1.0, 1.0))
-            sitk.WriteImage(im, str(path))
-    meta = {
-        "channel_names": {"0": "T1"},
-        "labels": labels,
-        "numTraining": N_CASES,
-        "file_ending": ".nii.gz",
-    }
-    if regions:
-        meta["regions_class_order"] = [1, 2, 3]
-    (ds / "dataset.json").write_text(json.dumps(meta))
+        return img, seg
+
+    write_raw_dataset(
+        raw / (REGION_DATASET if regions else DATASET),
+        (case() for _ in range(N_CASES)),
+        labels,
+        [1, 2, 3] if regions else None,
+    )
 
 
 def _run(cmd, env, cwd):
@@ -268,10 +284,10 @@ def nnunet_env(tmp_path_factory):
     return base, env
 
 
-def _narrow_plans(base: Path) -> None:
+def _narrow_plans(base: Path, datasets=(DATASET, REGION_DATASET)) -> None:
     """A narrower U-Net than planned (same stages, 8..64 features instead of 32..256):
     the loss sees the same shapes, the CPU does 16x less convolution work."""
-    for dataset in (DATASET, REGION_DATASET):
+    for dataset in datasets:
         plans_path = base / "nnUNet_preprocessed" / dataset / "nnUNetPlans.json"
         plans = json.loads(plans_path.read_text())
         arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]

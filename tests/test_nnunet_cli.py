@@ -61,9 +61,11 @@ def _run(cmd, env, cwd) -> str:
     return r.stdout + r.stderr
 
 
-@pytest.fixture(scope="module")
-def cli_env(tmp_path_factory):
-    bin_dir = _venv_bin()
+def cli_environment(base: Path, bin_dir: Path, own_trainers: dict[str, str]) -> dict:
+    """The environment a user sets for nnU-Net's commands, with its folders under ``base``:
+    ``bin_dir`` (the nnU-Net environment's console scripts) first on PATH, this checkout's
+    fasttversky, and ``nnUNet_extTrainer`` listing the package's trainer folder and a folder
+    of the user's own subclasses (``own_trainers``: module file name -> source)."""
     trainer_dir = (
         _run(
             [bin_dir / "python", "-m", "fasttversky.compat.nnunet"],
@@ -73,10 +75,10 @@ def cli_env(tmp_path_factory):
         .strip()
         .splitlines()[-1]
     )
-    base = tmp_path_factory.mktemp("nnunet_cli")
     own = base / "my_trainers"  # a user's own subclasses, beside the package's folder
-    own.mkdir()
-    (own / "fasttversky_test_trainers.py").write_text(_TEST_TRAINERS)
+    own.mkdir(exist_ok=True)
+    for name, source in own_trainers.items():
+        (own / name).write_text(source)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(
         PATH=os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
@@ -88,6 +90,14 @@ def cli_env(tmp_path_factory):
         nnUNet_compile="false",
         nnUNet_def_n_proc="1",
     )
+    return env
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    bin_dir = _venv_bin()
+    base = tmp_path_factory.mktemp("nnunet_cli")
+    env = cli_environment(base, bin_dir, {"fasttversky_test_trainers.py": _TEST_TRAINERS})
     _write_dataset(base / "nnUNet_raw")
     _write_dataset(base / "nnUNet_raw", regions=True)
     _run(
