@@ -18,14 +18,16 @@ What it does (``--work`` keeps the dataset and its preprocessing between invocat
    (torch + torchvision + nnunetv2, e.g. the one ``.ci/run`` builds for
    ``tests/test_nnunet_cli.py``, whose helpers set up the environment here); the planned
    patch is capped at ``--patch`` voxels per axis (a multiple of the U-Net's total
-   stride; the planned architecture and batch size are kept);
+   stride; the planned stages and batch size are kept) and, unless ``--full-width``, the
+   U-Net narrowed to 8..64 features (the tests' ``_narrow_plans``); fasttversky's CPU
+   kernels are built once in that environment, outside any timing;
 3. ``--rounds`` times, the two trainers one after the other, each as ``nnUNetv2_train
    DATASET 3d_fullres all -tr <trainer> -device cpu`` with ``nnUNet_n_proc_DA=--workers``,
    through the timed subclasses of ``bench/_nnunet_epoch_trainers.py`` (what is timed
    and how: that file's docstring), the load average (``os.getloadavg``) read before and
    after each run;
-4. prints a markdown table per run and the per-trainer means over rounds, and writes
-   every run's record to ``--json``.
+4. prints a markdown row per run as it ends, then the whole table with the setup, and
+   writes every run's record (per-iteration times included) to ``--json``.
 
 Pin it (``taskset``) to the cores it may use: the nnU-Net processes inherit the pinning,
 and the trainers run torch on one thread.
