@@ -374,8 +374,14 @@ def test_label_smoothing_two_class_over_chunks(layout, dtype):
     logits = make_logits(B, C, N, dtype, layout=layout)
     for ignore_index, label_dtype in ((None, torch.uint8), (255, torch.float32)):
         labels = make_labels(B, N, C, ignore_index=ignore_index, dtype=label_dtype)
-        spec = spec_of(SOFTMAX, C, ce=CE_PLAIN, ignore_index=ignore_index,
-                       label_smoothing=0.1, float_labels=label_dtype.is_floating_point)
+        spec = spec_of(
+            SOFTMAX,
+            C,
+            ce=CE_PLAIN,
+            ignore_index=ignore_index,
+            label_smoothing=0.1,
+            float_labels=label_dtype.is_floating_point,
+        )
         check_case(logits, labels, spec)
 
 
@@ -393,8 +399,14 @@ def test_focal_two_class_over_chunks(layout, dtype):
         (0.0, -100, torch.int64),
     ):
         labels = make_labels(B, N, C, ignore_index=ignore_index, dtype=label_dtype)
-        spec = spec_of(SOFTMAX, C, ce=CE_FOCAL, ignore_index=ignore_index, focal_gamma=gamma,
-                       float_labels=label_dtype.is_floating_point)
+        spec = spec_of(
+            SOFTMAX,
+            C,
+            ce=CE_FOCAL,
+            ignore_index=ignore_index,
+            focal_gamma=gamma,
+            float_labels=label_dtype.is_floating_point,
+        )
         check_case(logits, labels, spec)
 
 
@@ -411,8 +423,14 @@ def test_focal_general_classes(layout, dtype):
     ):
         logits = make_logits(B, C, N, dtype, layout=layout)
         labels = make_labels(B, N, C, ignore_index=ignore_index, dtype=label_dtype)
-        spec = spec_of(SOFTMAX, C, ce=CE_FOCAL, ignore_index=ignore_index, focal_gamma=gamma,
-                       float_labels=label_dtype.is_floating_point)
+        spec = spec_of(
+            SOFTMAX,
+            C,
+            ce=CE_FOCAL,
+            ignore_index=ignore_index,
+            focal_gamma=gamma,
+            float_labels=label_dtype.is_floating_point,
+        )
         check_case(logits, labels, spec)
 
 
