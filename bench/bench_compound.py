@@ -42,13 +42,11 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import statistics
-import time
 
 import _baselines
 import pytest
 import torch
-from conftest import peak_memory, sync
+from conftest import InputCache, alternating, peak_memory, sync
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,18 +104,7 @@ def _provider(name: str):
         pytest.skip(f"{name}: not importable ({type(exc).__name__}: {exc})")
 
 
-_CURRENT: dict = {}
-
-
-def _inputs(case, device, quick):
-    """One case's tensors, kept for the next benchmark of the same case only (RAM)."""
-    key = (case, device, quick)
-    if _CURRENT.get("key") != key:
-        _CURRENT.clear()
-        gc.collect()
-        _CURRENT["key"] = key
-        _CURRENT["tensors"] = case.make(device, quick)
-    return _CURRENT["tensors"]
+_inputs = InputCache().get
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -166,27 +153,18 @@ def test_compound_overhead(benchmark, case, threads, device, request):
     benchmark.group = f"compound-overhead{'-quick' if quick else ''}"
     x, t = _inputs(case, device, quick)
     fns = {name: _provider(name) for name in ("fasttversky-compound", "fasttversky-tversky")}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
+    calls = {name: (lambda f=fn: f(x, t).backward()) for name, fn in fns.items()}
 
-    def one_round():
-        order.reverse()
-        for name in order:
-            x.grad = None
-            t0 = time.perf_counter()
-            fns[name](x, t).backward()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+    def reset():
+        x.grad = None
 
     n = torch.get_num_threads()
     try:
         if threads == "1":
             torch.set_num_threads(1)
-        benchmark.pedantic(one_round, rounds=60, iterations=1, warmup_rounds=2)
+        med, times = alternating(benchmark, calls, device, reset, rounds=60, warmup_rounds=2)
     finally:
         torch.set_num_threads(n)
-    # minus warm-up (with --benchmark-disable one round runs: keep it)
-    med = {k: statistics.median(v[2:] or v) for k, v in times.items()}
     benchmark.extra_info.update(
         case=case.id,
         device=device,
@@ -215,20 +193,12 @@ def test_nnunet_dropin_overhead(benchmark, case, device, request):
     x, t = _inputs(case, device, quick)
     inputs = {"dropin": t.float(), "kernel": t}  # nnU-Net's loader gives float32 labels
     fns = {"dropin": _nnunet_dropin(), "kernel": _baselines.fused_dice_ce()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
+    calls = {name: (lambda k=name: fns[k](x, inputs[k]).backward()) for name in fns}
 
-    def one_round():
-        order.reverse()
-        for name in order:
-            x.grad = None
-            t0 = time.perf_counter()
-            fns[name](x, inputs[name]).backward()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+    def reset():
+        x.grad = None
 
-    benchmark.pedantic(one_round, rounds=5 if quick else 30, iterations=1, warmup_rounds=1)
-    med = {k: statistics.median(v[1:] or v) for k, v in times.items()}
+    med, _ = alternating(benchmark, calls, device, reset, rounds=5 if quick else 30)
     benchmark.extra_info.update(
         case=case.id,
         device=device,

@@ -36,13 +36,10 @@ peak extra memory of one more call (bench/conftest.py ``peak_memory``) and the v
 from __future__ import annotations
 
 import dataclasses
-import gc
-import statistics
-import time
 
 import pytest
 import torch
-from conftest import peak_memory, sync
+from conftest import InputCache, alternating, peak_memory, sync
 
 import fasttversky
 from fasttversky.compat import monai as dropins
@@ -107,18 +104,7 @@ def _provider(loss: str, provider: str):
     return lambda x, y, _: module(x, y)
 
 
-_CURRENT: dict = {}
-
-
-def _inputs(case, device, quick):
-    """One case's tensors, kept for the next benchmark of the same case only (RAM)."""
-    key = (case, device, quick)
-    if _CURRENT.get("key") != key:
-        _CURRENT.clear()
-        gc.collect()
-        _CURRENT["key"] = key
-        _CURRENT["tensors"] = case.make(device, quick)
-    return _CURRENT["tensors"]
+_inputs = InputCache().get
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -161,20 +147,12 @@ def test_dropin_overhead(benchmark, case, loss, device, request):
     benchmark.group = f"dropins-overhead{'-quick' if quick else ''}"
     x, y, lab = _inputs(case, device, quick)
     fns = {p: _provider(loss, p) for p in ("dropin", "kernel")}
-    times: dict[str, list[float]] = {p: [] for p in fns}
-    order = list(fns)
+    calls = {name: (lambda f=fn: f(x, y, lab).backward()) for name, fn in fns.items()}
 
-    def one_round():
-        order.reverse()
-        for name in order:
-            x.grad = None
-            t0 = time.perf_counter()
-            fns[name](x, y, lab).backward()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+    def reset():
+        x.grad = None
 
-    benchmark.pedantic(one_round, rounds=5 if quick else 30, iterations=1, warmup_rounds=1)
-    med = {k: statistics.median(v[1:] or v) for k, v in times.items()}  # minus warm-up
+    med, _ = alternating(benchmark, calls, device, reset, rounds=5 if quick else 30)
     benchmark.extra_info.update(
         loss=loss,
         case=case.id,

@@ -32,13 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
-import statistics
-import time
 
 import pytest
 import torch
-from conftest import peak_memory, sync
+from conftest import InputCache, alternating, peak_memory
 
 import fasttversky
 
@@ -86,18 +83,7 @@ TERMS = {
     "soft-ce": (dict(_BASE, ce_weight=1.0), _BASE, "soft"),
 }  # fmt: skip
 
-_CURRENT: dict = {}
-
-
-def _inputs(case, device, quick):
-    """One case's tensors, kept for the next benchmark of the same case only (RAM)."""
-    key = (case, device, quick)
-    if _CURRENT.get("key") != key:
-        _CURRENT.clear()
-        gc.collect()
-        _CURRENT["key"] = key
-        _CURRENT["tensors"] = case.make(device, quick)
-    return _CURRENT["tensors"]
+_inputs = InputCache().get
 
 
 def _options(opts: dict, C: int) -> dict:
@@ -126,24 +112,12 @@ def test_term_cost(benchmark, case, term, device, copy_bandwidth, request):
         name: functools.partial(fasttversky.tversky_loss, x, target, **_options(opts, C))
         for name, opts in (("term", with_term), ("baseline", baseline))
     }
-    times: dict[str, list[float]] = {p: [] for p in fns}
-    order = list(fns)
 
-    def call(name):
+    def reset():
         x.grad = None
-        sync(device)
-        t0 = time.perf_counter()
-        fns[name]().backward()
-        sync(device)
-        times[name].append(time.perf_counter() - t0)
 
-    def one_round():
-        order.reverse()
-        for name in order:
-            call(name)
-
-    benchmark.pedantic(one_round, rounds=3 if quick else 21, iterations=1, warmup_rounds=1)
-    med = {k: statistics.median(v[1:] or v) for k, v in times.items()}  # minus warm-up
+    calls = {name: (lambda f=fn: f().backward()) for name, fn in fns.items()}
+    med, _ = alternating(benchmark, calls, device, reset, rounds=3 if quick else 21)
     x.grad = None
     peak = peak_memory(lambda: fns["term"]().backward(), device)
     grad_bytes = x.numel() * x.element_size()

@@ -101,6 +101,48 @@ def copy_bandwidth(device) -> dict:
 
 
 # --------------------------------------------------------------------------------------
+# shared by the side-by-side benchmarks (bench_compound, bench_dropins, bench_terms)
+# --------------------------------------------------------------------------------------
+class InputCache:
+    """One case's tensors (``case.make(device, quick)``), kept only until a benchmark of
+    another case asks: the big cases do not all fit in RAM at once."""
+
+    def __init__(self):
+        self._key, self._tensors = None, None
+
+    def get(self, case, device: str, quick: bool):
+        key = (case, device, quick)
+        if self._key != key:
+            self._key = self._tensors = None
+            gc.collect()
+            self._tensors, self._key = case.make(device, quick), key
+        return self._tensors
+
+
+def alternating(benchmark, calls: dict, device: str, reset, rounds: int, warmup_rounds: int = 1):
+    """Time every ``calls[name]()`` once per round, in an order that reverses each round,
+    so that a shared machine's load hits all of them alike; ``reset()`` runs untimed
+    before each call (e.g. ``x.grad = None``). Returns ({name: median seconds without the
+    warm-up rounds (all of them with --benchmark-disable, which runs one)}, all times)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+
+    def one_round():
+        order.reverse()
+        for name in order:
+            reset()
+            sync(device)
+            t0 = time.perf_counter()
+            calls[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    medians = {k: statistics.median(v[warmup_rounds:] or v) for k, v in times.items()}
+    return medians, times
+
+
+# --------------------------------------------------------------------------------------
 # peak memory
 # --------------------------------------------------------------------------------------
 def _proc_status(key: str) -> int:
