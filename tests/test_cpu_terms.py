@@ -223,7 +223,7 @@ def test_float_labels_match_integer_labels(path, label_dtype):
         want = run_kernels(logits, labels, spec, coefs)
         got = check_case(logits, labels.to(label_dtype), fspec)
         if label_dtype == torch.float32:
-            for a, b in zip(got, want):
+            for a, b in zip(got, want, strict=True):
                 assert torch.equal(a, b)
 
 
@@ -268,7 +268,8 @@ REGION_MASKS = (0b000, 0b001, 0b011, 0b111)
 
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "activation, ce", [(SIGMOID, CE_NONE), (SIGMOID, CE_PLAIN), (SIGMOID, CE_FOCAL), (NONE, CE_NONE)]
+    "activation, ce",
+    [(SIGMOID, CE_NONE), (SIGMOID, CE_PLAIN), (SIGMOID, CE_FOCAL), (NONE, CE_NONE)],
 )
 def test_regions_against_contract(activation, ce, dtype):
     B, C, N = 2, 3, 64 * 5 + 17
@@ -463,11 +464,22 @@ def test_terms_with_extreme_logits(activation, ce, eps, C):
     labels = make_labels(B, N, C)
     soft = make_soft(B, C, N)
     for gamma in (2.0, 1.5):
-        spec = spec_of(activation, C, ce=ce, focal_gamma=gamma,
-                       label_smoothing=eps if activation == SOFTMAX else 0.0)
+        spec = spec_of(
+            activation,
+            C,
+            ce=ce,
+            focal_gamma=gamma,
+            label_smoothing=eps if activation == SOFTMAX else 0.0,
+        )
         check_case(logits, labels, spec)
-        spec = spec_of(activation, C, ce=ce, focal_gamma=gamma, soft=True,
-                       label_smoothing=eps if activation == SOFTMAX else 0.0)
+        spec = spec_of(
+            activation,
+            C,
+            ce=ce,
+            focal_gamma=gamma,
+            soft=True,
+            label_smoothing=eps if activation == SOFTMAX else 0.0,
+        )
         check_case(logits, soft, spec)
 
 
@@ -475,8 +487,10 @@ def test_terms_with_extreme_logits(activation, ce, eps, C):
 
 THREAD_CASES = {
     "float-labels-ce": (spec_of(SOFTMAX, 2, ce=CE_PLAIN, float_labels=True), "labels-f32"),
-    "regions-focal": (spec_of(SIGMOID, 3, ce=CE_FOCAL, focal_gamma=2.0,
-                              region_masks=REGION_MASKS), "labels4"),
+    "regions-focal": (
+        spec_of(SIGMOID, 3, ce=CE_FOCAL, focal_gamma=2.0, region_masks=REGION_MASKS),
+        "labels4",
+    ),
     "soft-ce": (spec_of(SOFTMAX, 3, ce=CE_PLAIN, soft=True, label_smoothing=0.1), "soft"),
     "smoothing": (spec_of(SOFTMAX, 3, ce=CE_PLAIN, ignore_index=0, label_smoothing=0.1), "labels"),
     "smoothing-2class": (spec_of(SOFTMAX, 2, ce=CE_PLAIN, label_smoothing=0.1), "labels"),
@@ -507,7 +521,7 @@ def test_terms_independent_of_thread_count(case):
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
 
 
