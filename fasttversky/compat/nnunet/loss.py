@@ -106,6 +106,11 @@ def _integer_labels(y: torch.Tensor) -> torch.Tensor | None:
     return y.to(torch.int16) if y.dtype == torch.int8 else y
 
 
+def _reads_float_labels(y: torch.Tensor, backend: str) -> bool:
+    """Whether the kernels ``backend`` picks for ``y``'s device read a float label map."""
+    return backend != "auto" or _common.float_labels_keep_backend(y.device.type)
+
+
 def _check_mapping(name: str, value) -> dict:
     if not isinstance(value, Mapping):
         raise InvalidInputTypeError(f"{name} must be a mapping (dict), got {type(value).__name__}")
@@ -371,10 +376,18 @@ class Tversky_and_CE_loss(nn.Module):  # noqa: N801 -- named like nnU-Net's comp
         why = _label_map_problem(net_output, target)
         if why is not None:
             raise fasttversky.InvalidInputError(f"Tversky_and_CE_loss: {why}")
+        options = self._options(net_output.shape[1])
+        if target.is_floating_point() and _reads_float_labels(target, options.backend):
+            # nnU-Net's float label map read as it is (no conversion pass); anything the
+            # kernels refuse takes the checked path below, which says why.
+            try:
+                return self.weight_tversky * _common.fused_loss(net_output, target, options)
+            except (fasttversky.InvalidInputError, fasttversky.BackendUnavailableError) as exc:
+                if isinstance(exc, TypeError):
+                    raise
         labels = _integer_labels(target)
         if labels is None:
             raise fasttversky.InvalidInputError("target: float labels must hold integers")
-        options = self._options(net_output.shape[1])
         return _common.run_or_fall_back(
             lambda: self.weight_tversky * _common.fused_loss(net_output, labels, options),
             lambda: self._torch_forward(net_output, labels),
