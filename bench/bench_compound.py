@@ -209,6 +209,50 @@ def test_nnunet_dropin_overhead(benchmark, case, device, request):
     )
 
 
+# Issue 28's many-class target: Dice+CE at C = 16 at least 10x MONAI's DiceCELoss.
+MANY = [c for c in CASES if c.shape[1] > 4]
+
+
+@pytest.mark.parametrize("case", MANY, ids=[c.id for c in MANY])
+def test_many_classes_ratio(benchmark, case, device, request):
+    """Ours against MONAI's and nnU-Net's eager Dice+CE, alternating rounds, twice: as a
+    training step runs it (the gradient buffer of the previous step is free again and
+    reused, ops/_grad_buffers.py) and with a fresh buffer each call (``-fresh``: the
+    kept buffers are released, untimed, before the call)."""
+    from fasttversky.ops import _grad_buffers
+
+    quick = request.config.getoption("--quick")
+    benchmark.group = f"compound-many-classes{'-quick' if quick else ''}"
+    x, t = _inputs(case, device, quick)
+    names = ("fasttversky-compound", "monai-dicece", "nnunet-eager")
+    fns = {name: _provider(name) for name in names}
+    fns["fasttversky-compound-fresh"] = fns["fasttversky-compound"]
+    calls = {name: (lambda f=fn: f(x, t).backward()) for name, fn in fns.items()}
+
+    def reset():
+        x.grad = None
+
+    def reset_fresh():
+        x.grad = None
+        _grad_buffers.release()
+
+    resets = {name: reset for name in calls} | {"fasttversky-compound-fresh": reset_fresh}
+    med, _ = alternating(benchmark, calls, device, resets, rounds=3 if quick else 12)
+    ours, fresh = med["fasttversky-compound"], med["fasttversky-compound-fresh"]
+    benchmark.extra_info.update(
+        case=case.id,
+        device=device,
+        threads=torch.get_num_threads(),
+        grad_cache_mb=_grad_buffers.limit_bytes() >> 20,
+        median_ms={k: round(v * 1e3, 2) for k, v in med.items()},
+        monai_over_ours=round(med["monai-dicece"] / ours, 2),
+        monai_over_ours_fresh=round(med["monai-dicece"] / fresh, 2),
+        nnunet_over_ours=round(med["nnunet-eager"] / ours, 2),
+        nnunet_over_ours_fresh=round(med["nnunet-eager"] / fresh, 2),
+        nnunetv2=_baselines.nnunet_version(),
+    )
+
+
 @pytest.fixture(autouse=True)
 def _free_after(request):
     yield

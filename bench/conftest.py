@@ -122,15 +122,16 @@ class InputCache:
 def alternating(benchmark, calls: dict, device: str, reset, rounds: int, warmup_rounds: int = 1):
     """Time every ``calls[name]()`` once per round, in an order that reverses each round,
     so that a shared machine's load hits all of them alike; ``reset()`` runs untimed
-    before each call (e.g. ``x.grad = None``). Returns ({name: median seconds without the
-    warm-up rounds (all of them with --benchmark-disable, which runs one)}, all times)."""
+    before each call (e.g. ``x.grad = None``; a dict gives each call its own). Returns
+    ({name: median seconds without the warm-up rounds (all of them with
+    --benchmark-disable, which runs one)}, all times)."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     order = list(calls)
 
     def one_round():
         order.reverse()
         for name in order:
-            reset()
+            (reset[name] if isinstance(reset, dict) else reset)()
             sync(device)
             t0 = time.perf_counter()
             calls[name]()

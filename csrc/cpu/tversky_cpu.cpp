@@ -29,10 +29,14 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int TILE = 64;        // voxels per inner tile (lanes)
+constexpr int PREFETCH_TILES = 4;  // how far ahead load_logits prefetches the class rows
 constexpr int64_t CHUNK = 16384;  // voxels per work item; fixed => deterministic sums
 // Classes a tile holds. Every per-class array of a work item is [MAX_C][TILE], on the
 // worker's stack (at most 8 such arrays: 512 KiB in float64); only the call's C rows are
@@ -101,8 +105,41 @@ inline void load_row(const LT* __restrict src, int64_t stride, int n, F* __restr
   for (int i = n; i < TILE; ++i) dst[i] = (F)0;
 }
 
+// Gradient rows of float32 logits bypass the caches (non-temporal stores) when the whole
+// gradient is larger than this: it cannot stay in cache until autograd reads it, and a
+// normal store first reads each line it writes. Measured on the many-class backward
+// (bench/results/many_classes_cpu.md); a small gradient keeps normal stores, so that its
+// consumer finds it in cache.
+constexpr int64_t STREAM_MIN_BYTES = 4 << 20;
+
+// A full tile row of float32 values to a 64-byte aligned destination with non-temporal
+// stores; false where that is not possible (then the caller stores normally). The work
+// item ends with a store fence (stream_fence), as such stores are weakly ordered.
 template <typename LT, typename F>
-inline void store_row(const F* __restrict src, int n, LT* __restrict dst, int64_t stride) {
+__attribute__((always_inline)) inline bool stream_row(const F* __restrict src, LT* __restrict dst) {
+  if constexpr (std::is_same_v<LT, float> && std::is_same_v<F, float>) {
+    if (((uintptr_t)dst & 63) != 0) return false;
+#if defined(__AVX512F__)
+    for (int i = 0; i < TILE; i += 16) _mm512_stream_ps(dst + i, _mm512_load_ps(src + i));
+    return true;
+#elif defined(__AVX__)
+    for (int i = 0; i < TILE; i += 8) _mm256_stream_ps(dst + i, _mm256_load_ps(src + i));
+    return true;
+#endif
+  }
+  return false;
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+template <typename LT, typename F>
+inline void store_row(const F* __restrict src, int n, LT* __restrict dst, int64_t stride,
+                      bool stream = false) {
+  if (stream && stride == 1 && n == TILE && stream_row(src, dst)) return;
   if (stride == 1) {
 #pragma GCC ivdep
     for (int i = 0; i < n; ++i) store_val(dst + i, src[i]);
@@ -284,6 +321,13 @@ __attribute__((always_inline)) inline int64_t load_logits(const TverskyParams& P
   const LT* base = (const LT*)P.logits_ptr + b * P.logits_stride_b;
   const int64_t C = P.C, sc = P.logits_stride_c, sn = P.logits_stride_n;
   int64_t nonfinite = 0;
+  // The C rows of a tile are C separate streams (one per class plane) of TILE values
+  // each, more than the hardware prefetchers follow: ask for the lines PREFETCH_TILES
+  // tiles ahead (measured: bench/results/many_classes_cpu.md).
+  if (sn == 1)
+    for (int64_t c = 0; c < C; ++c)
+      for (int l = 0; l < (int)(TILE * sizeof(LT)); l += 64)
+        __builtin_prefetch((const char*)(base + c * sc + n0 + PREFETCH_TILES * TILE) + l, 0, 3);
   for (int64_t c = 0; c < C; ++c) {
     load_row(base + c * sc + n0 * sn, sn, n, x[c]);
     int bad = 0;
@@ -988,7 +1032,43 @@ struct ForwardItem {
     if (nf) poison_softmax2_inf(n, [&](int c, int i) { return x[c][i]; }, acc_p);
   }
 
+  // Softmax on a label map, any C, with the plain CE or none: the general path's work in
+  // three passes over the tile (max, exp, sums) instead of six; the probabilities are
+  // never stored, p_c = e_c / s is formed where the sums need it.
+  __attribute__((always_inline)) void tile_softmax(int64_t n0, int n) {
+    bad += load_labels<TT>(P, b, n0, n, y, w);
+    nonfinite += load_logits<F, LT>(P, b, n0, n, x);
+    alignas(64) F m[TILE], s[TILE], lce[TILE];
+    for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
+    for (int64_t c = 1; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) m[i] = std::max(m[i], x[c][i]);
+    for (int i = 0; i < TILE; ++i) s[i] = lce[i] = (F)0;
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        if constexpr (CE)  // x_y - m, in CE units (see ce_scale)
+          lce[i] += y[i] == (int32_t)c ? x[c][i] * ce_scale<F> - m[i] * ce_scale<F> : (F)0;
+        x[c][i] = fast_exp(x[c][i] - m[i]);
+        s[i] += x[c][i];
+      }
+    for (int i = 0; i < TILE; ++i) {
+      if constexpr (CE)  // -log p_y = log s - (x_y - m); 0 on ignored and padded lanes
+        lce[i] = w[i] != 0.f ? fast_log(s[i]) * ce_scale<F> - lce[i] : (F)0;
+      s[i] = (F)1 / s[i];
+    }
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) {
+        const F p = x[c][i] * s[i] * (F)w[i];
+        const bool is_y = y[i] == (int32_t)c;
+        const F gi = is_y ? (F)1 : (F)0;
+        acc_p[c][i] += p;
+        acc_pg[c][i] += p * gi;
+        acc_g[c][i] += gi;
+        if constexpr (CE) acc_ce[c][i] += is_y ? lce[i] : (F)0;
+      }
+  }
+
   __attribute__((always_inline)) void tile_general(int64_t n0, int n) {
+    if (!smooth && !focal && P.activation == TV_SOFTMAX) return tile_softmax(n0, n);
     if constexpr (CE) {
       bad += load_labels<TT>(P, b, n0, n, y, w);
       const SmoothSums<F> sums{acc_sm, acc_lse[0]};
@@ -1120,12 +1200,14 @@ struct BackwardItem {
   const bool smooth, focal, focal_sq;
   const F gamma;
   F EK[CE ? MAX_C : 1], ES[CE ? MAX_C : 1], ES_SUM = 0;
+  const bool stream;  // non-temporal gradient stores (STREAM_MIN_BYTES)
 
   __attribute__((always_inline)) BackwardItem(const TverskyParams& p, int64_t b_)
       : P(p), b(b_), C(p.C), gbase((LT*)p.grad_ptr + b_ * p.grad_stride_b),
         smooth(CE && p.activation == TV_SOFTMAX && p.label_smoothing != 0.0),
         focal(CE && p.ce_kind == TV_CE_FOCAL), focal_sq(focal && p.focal_gamma == 2.0),
-        gamma((F)p.focal_gamma) {
+        gamma((F)p.focal_gamma),
+        stream(p.B * p.C * p.N * (int64_t)sizeof(LT) >= STREAM_MIN_BYTES) {
     const F* coef_a = (const F*)P.coef_a_ptr;
     const F* coef_b = (const F*)P.coef_b_ptr;
     for (int64_t c = 0; c < C; ++c) {
@@ -1274,9 +1356,47 @@ struct BackwardItem {
     return p1 * (y0 ? k.hi0 : k.lo0) - p0 * (y1 ? k.hi1 : k.lo1);
   }
 
+  // Softmax on a label map, any C, with the plain CE or none: general_tile's work with
+  // the affine u, the normalisation and the chain rule's sums fused into two passes
+  // after the max (Σ_c p_c u_c = r Σ_c e_c u_c, r = 1 / Σ_c e_c); p is never stored.
+  __attribute__((always_inline)) void softmax_tile(int64_t n0, int n) {
+    load_labels<TT>(P, b, n0, n, y, w);
+    load_logits<F, LT>(P, b, n0, n, x);  // non-finite logits: the forward raised
+    alignas(64) F m[TILE], su[TILE], ey[TILE];
+    for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
+    for (int64_t c = 1; c < C; ++c)
+      for (int i = 0; i < TILE; ++i) m[i] = std::max(m[i], x[c][i]);
+    for (int i = 0; i < TILE; ++i) s[i] = su[i] = ey[i] = (F)0;
+    for (int64_t c = 0; c < C; ++c) {
+      const F ac = A[c], bc = Bc[c], ec = E[c];  // scalars: see chain_rule
+      for (int i = 0; i < TILE; ++i) {
+        const bool is_y = y[i] == (int32_t)c;
+        const F e = fast_exp(x[c][i] - m[i]);
+        x[c][i] = e;
+        s[i] += e;
+        su[i] += e * (ac + (is_y ? bc : (F)0));
+        if constexpr (CE) ey[i] += is_y ? ec : (F)0;  // e_y: the CE's (p_k - [k = y]) e_y
+      }
+    }
+    for (int i = 0; i < TILE; ++i) {
+      s[i] = (F)1 / s[i];
+      su[i] = su[i] * s[i] - ey[i];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const F ac = A[c], bc = Bc[c];
+      for (int i = 0; i < TILE; ++i) {
+        const bool is_y = y[i] == (int32_t)c;
+        const F uc = ac + (is_y ? bc : (F)0);
+        u[c][i] = (F)w[i] * (x[c][i] * s[i] * (uc - su[i]) - (is_y ? ey[i] : (F)0));
+      }
+    }
+    store_tile(n0, n, C);
+  }
+
   __attribute__((always_inline)) void general_tile(int64_t n0, int n) {
-    if constexpr (CE && !SOFT) {
+    if constexpr (!SOFT) {
       if (focal) return focal_general_tile(n0, n);
+      if (!smooth && P.activation == TV_SOFTMAX) return softmax_tile(n0, n);
     }
     load_probs<F, LT>(P, b, n0, n, x);
     // u = dL/dp / w = A + B g  (affine in g)
@@ -1431,7 +1551,8 @@ struct BackwardItem {
   // u's first `classes` rows into the gradient's voxels n0 .. n0 + n - 1.
   __attribute__((always_inline)) void store_tile(int64_t n0, int n, int64_t classes) {
     for (int64_t c = 0; c < classes; ++c)
-      store_row(u[c], n, gbase + c * P.grad_stride_c + n0 * P.grad_stride_n, P.grad_stride_n);
+      store_row(u[c], n, gbase + c * P.grad_stride_c + n0 * P.grad_stride_n, P.grad_stride_n,
+                stream);
   }
 };
 
@@ -1445,6 +1566,7 @@ int backward_items(const TverskyParams& P) {
     const int64_t b = item / n_chunks, start = (item % n_chunks) * CHUNK;
     Item it(P, b);
     it.run(start, std::min(N, start + CHUNK));
+    stream_fence();  // the item's non-temporal stores, if any, before the pool joins
   });
   return TV_OK;
 }

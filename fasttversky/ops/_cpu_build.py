@@ -64,14 +64,19 @@ _X86 = (
 )
 _GENERIC = (Variant("baseline", ()),)
 
-# Built on the machine that runs it (the first-use fallback): no feature check needed.
-NATIVE = Variant("native", ("-march=native",))
-
 BASELINE = "baseline"
 
 
 def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+# Built on the machine that runs it (the first-use fallback): no feature check needed.
+# gcc's tuning for recent Intel cores (Sapphire Rapids, Ice Lake) prefers 256-bit vectors
+# even with AVX-512; the tile loops are faster with 512-bit ones (bench/results/
+# many_classes_cpu.md), which is what the installed avx512 variant (generic tuning) uses.
+# On x86 CPUs without AVX-512 the flag changes nothing.
+NATIVE = Variant("native", ("-march=native", *(("-mprefer-vector-width=512",) if is_x86() else ())))
 
 
 def variants() -> tuple[Variant, ...]:

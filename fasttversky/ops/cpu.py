@@ -29,7 +29,8 @@ import torch
 
 from .._spec import KernelSpec
 from . import _cpu_build as recipe
-from ._base import Backend, check_kernel_code, kernel_coefs, new_grad
+from ._base import Backend, check_kernel_code, kernel_coefs
+from ._grad_buffers import gradient_buffer
 from ._native import (
     DTYPE_CODES,
     LazyLibrary,
@@ -96,7 +97,7 @@ def _build_native(why: str) -> ctypes.CDLL:
     def command(out):
         # Only when it really compiles (not on a cache hit): the one visible line.
         print(
-            f"fasttversky: compiling the CPU kernels for this machine ({why}; once, ~25 s)...",
+            f"fasttversky: compiling the CPU kernels for this machine ({why}; once, a few minutes)",
             file=sys.stderr,
             flush=True,
         )
@@ -186,41 +187,6 @@ def _region_table(spec: KernelSpec) -> torch.Tensor | None:
     return None if spec.region_masks is None else _region_masks(spec.region_masks)
 
 
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise.restype = ctypes.c_int
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def _advise_huge_pages(t: torch.Tensor) -> None:
-    """Ask Linux to back a fresh output buffer with 2 MiB pages before the kernel writes it.
-
-    The gradient is a new, never-touched allocation: with 4 KiB pages, the first write
-    to each page faults, and on the paper's volume those faults cost more than the
-    backward's arithmetic and memory traffic together (measured: 50 ms -> 11 ms to fill
-    a 59 MB buffer). Best effort: a no-op where THP is off or madvise is missing.
-    """
-    nbytes = t.numel() * t.element_size()
-    if nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
-        return
-    libc = _libc()
-    if libc is None:
-        return
-    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # only whole huge pages inside
-    stop = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if stop > start:
-        libc.madvise(start, stop - start, _MADV_HUGEPAGE)
-
-
 class _CpuBackend(Backend):
     name = "cpu"
     max_classes = MAX_CLASSES
@@ -257,8 +223,7 @@ class _CpuBackend(Backend):
     def backward(
         self, logits, target, coef_a, coef_b, spec: KernelSpec, coef_ce=None, coef_ce2=None
     ):
-        grad = new_grad(logits)
-        _advise_huge_pages(grad)
+        grad = gradient_buffer(logits)
         p = _params(logits, target, spec)
         masks = _region_table(spec)  # referenced until the call returns
         p.region_masks_ptr = None if masks is None else masks.data_ptr()
