@@ -155,8 +155,13 @@ def _proc_status(key: str) -> int:
 def peak_memory(fn, device: str) -> int | None:
     """Peak bytes allocated by ``fn()`` beyond what existed before it (None if unknown).
 
-    What ``fn`` leaves alive (e.g. ``logits.grad``) counts: it is part of the peak.
+    What ``fn`` leaves alive (e.g. ``logits.grad``) counts: it is part of the peak. The
+    CPU backward's kept gradient buffers (fasttversky/ops/_grad_buffers.py) are released
+    first, so that the call allocates its gradient as a first training step does.
     """
+    from fasttversky.ops import _grad_buffers
+
+    _grad_buffers.release()
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()

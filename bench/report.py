@@ -238,7 +238,10 @@ def _split_section(rows, fused, copy_gbps) -> list[str]:
             f"First-touch page faults of a freshly allocated gradient cost about "
             f"{_fmt_ms(fresh - touched)} ms of the backward's {_fmt_ms(tb)} ms: any "
             "backward that allocates its output pays them (MONAI's and the reference's "
-            "too, many times over); only reusing the buffer across steps avoids them.",
+            "too, many times over); only reusing the buffer across steps avoids them, "
+            "which the CPU backward does once the previous step's gradient is free "
+            "(fasttversky/ops/_grad_buffers.py): its timed rounds reset `x.grad` as a "
+            "training step does, so they reuse it.",
         ]
     L.append("")
     return L

@@ -13,7 +13,7 @@ it any more: its storage's use count is this module's reference alone. A gradien
 someone still holds (``x.grad`` of a leaf, a tensor saved by the next layer's backward,
 a NumPy view) is never written to; a new buffer is made and kept instead.
 
-``FASTTVERSKY_GRAD_CACHE_MB`` bounds the bytes kept (default 256; ``0`` turns the reuse
+``FASTTVERSKY_GRAD_CACHE_MB`` bounds the bytes kept (default 1024; ``0`` turns the reuse
 off): a kept buffer is memory the process holds between steps, so a gradient larger
 than the bound is never kept. ``release()`` drops every kept buffer.
 """
@@ -30,7 +30,7 @@ import torch
 
 from ._base import new_grad
 
-_DEFAULT_LIMIT_MB = 256
+_DEFAULT_LIMIT_MB = 1024
 # Smaller gradients come from malloc's free lists, whose pages are already touched.
 MIN_BYTES = 1 << 20
 _HUGE_PAGE = 2 << 20
