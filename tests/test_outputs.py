@@ -287,6 +287,10 @@ def test_killed_forced_training_leaves_the_old_run(sig, data, trained, tmp_path)
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ,
+        # A shell without job control starts a background job (`.ci/run ... &`) with
+        # SIGINT ignored, the child inherits that, and Python then installs no
+        # KeyboardInterrupt handler: Ctrl-C as a terminal sends it needs the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         t0 = time.monotonic()
