@@ -509,11 +509,13 @@ void parallel_items(int64_t n_items, int num_threads, Fn&& fn) {
 
 // ---- cross-entropy of one tile (general path) --------------------------------------------
 // x[c][i]: logits on entry, probabilities on exit (as load_probs); y, w from load_labels.
-// Adds each lane's CE to acc_ce: softmax -log p_y = log s - (x_y - m) into class y's row
-// (from the same max m and exp sum s the softmax needs: one log per voxel); sigmoid
+// Softmax comes here only with label smoothing (the plain softmax CE is fused into
+// ForwardItem::tile_softmax). Adds each lane's CE to acc_ce: softmax -log p_y = log s -
+// (x_y - m) into class y's row (from the same max m and exp sum s the softmax needs: one
+// log per voxel); sigmoid
 // BCE(x_c, g_c) = max(x, 0) - x g + log1p(e), e = exp(-|x|), into every class's row, with
 // p = 1/(1+e) or e/(1+e) from the same exp. Ignored and padded lanes (w = 0, y = -1) add 0.
-// Label smoothing (softmax, sm != nullptr) needs -log p_c of every class, not only of y:
+// Label smoothing (softmax) needs -log p_c of every class, not only of y:
 // -log p_c = log s - (x_c - m), so it adds the two parts it needs, Σ w log s (one row)
 // and Σ w (m - x_c) (one row per class), and ForwardItem::finish forms the columns.
 template <typename F>
@@ -529,7 +531,7 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
                                                              const int32_t* __restrict y,
                                                              const float* __restrict w,
                                                              F (*__restrict acc_ce)[TILE],
-                                                             const SmoothSums<F>* sm) {
+                                                             const SmoothSums<F>& sm) {
   const int64_t C = P.C;
   const int64_t nonfinite = load_logits<F, LT>(P, b, n0, n, x);
   if (P.activation == TV_SOFTMAX) {
@@ -537,11 +539,9 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
     for (int i = 0; i < TILE; ++i) m[i] = x[0][i];
     for (int64_t c = 1; c < C; ++c)
       for (int i = 0; i < TILE; ++i) m[i] = std::max(m[i], x[c][i]);
-    if (sm)  // a separate loop, so that the plain CE's loops stay exactly as they were
-      for (int64_t c = 0; c < C; ++c)
-        for (int i = 0; i < TILE; ++i)
-          sm->per_class[c][i] +=
-              w[i] != 0.f ? m[i] * ce_scale<F> - x[c][i] * ce_scale<F> : (F)0;
+    for (int64_t c = 0; c < C; ++c)
+      for (int i = 0; i < TILE; ++i)
+        sm.per_class[c][i] += w[i] != 0.f ? m[i] * ce_scale<F> - x[c][i] * ce_scale<F> : (F)0;
     for (int i = 0; i < TILE; ++i) s[i] = xy[i] = (F)0;
     for (int64_t c = 0; c < C; ++c)
       for (int i = 0; i < TILE; ++i) {
@@ -549,19 +549,11 @@ __attribute__((always_inline)) inline int64_t load_probs_ce(const TverskyParams&
         x[c][i] = fast_exp(x[c][i] - m[i]);
         s[i] += x[c][i];
       }
-    if (sm) {
-      for (int i = 0; i < TILE; ++i) {
-        const F ls = w[i] != 0.f ? fast_log(s[i]) * ce_scale<F> : (F)0;
-        sm->log_s[i] += ls;
-        xy[i] = ls - xy[i];  // xy is 0 on ignored lanes (y = -1)
-        s[i] = (F)1 / s[i];
-      }
-    } else {
-      for (int i = 0; i < TILE; ++i) {
-        const F lce = w[i] != 0.f ? fast_log(s[i]) * ce_scale<F> - xy[i] : (F)0;
-        xy[i] = lce;
-        s[i] = (F)1 / s[i];
-      }
+    for (int i = 0; i < TILE; ++i) {
+      const F ls = w[i] != 0.f ? fast_log(s[i]) * ce_scale<F> : (F)0;
+      sm.log_s[i] += ls;
+      xy[i] = ls - xy[i];  // xy is 0 on ignored lanes (y = -1)
+      s[i] = (F)1 / s[i];
     }
     for (int64_t c = 0; c < C; ++c)
       for (int i = 0; i < TILE; ++i) {
@@ -1077,7 +1069,7 @@ struct ForwardItem {
       else if (focal)
         nonfinite += load_probs_focal<false, F, LT>(P, b, n0, n, x, y, w, acc_ce, gamma);
       else
-        nonfinite += load_probs_ce<F, LT>(P, b, n0, n, x, y, w, acc_ce, smooth ? &sums : nullptr);
+        nonfinite += load_probs_ce<F, LT>(P, b, n0, n, x, y, w, acc_ce, sums);
     } else {
       nonfinite += load_probs<F, LT>(P, b, n0, n, x);
       bad += load_labels<TT>(P, b, n0, n, y, w);
@@ -1489,24 +1481,11 @@ struct BackwardItem {
   }
 
   // Chain rule through the activation, written back into u as dL/dlogit (x holds p).
+  // The plain softmax CE never comes here (general_tile hands it to softmax_tile, and a CE
+  // item is never SOFT): a softmax CE here is a smoothed one.
   __attribute__((always_inline)) void chain_rule() {
-    if (CE && smooth) {
+    if (CE && P.activation == TV_SOFTMAX) {
       smoothed_chain_rule();
-    } else if (CE && P.activation == TV_SOFTMAX) {
-      // + e_y (p_k - [k = y]): fold e_y into the softmax's shift, subtract it at k = y
-      alignas(64) F ey[TILE];
-      for (int i = 0; i < TILE; ++i) s[i] = ey[i] = (F)0;
-      for (int64_t c = 0; c < C; ++c) {
-        const F ec = E[c];  // a scalar, not a masked load of E[c]: gcc vectorises this
-        for (int i = 0; i < TILE; ++i) {
-          s[i] += x[c][i] * u[c][i];
-          ey[i] += y[i] == (int32_t)c ? ec : (F)0;
-        }
-      }
-      for (int64_t c = 0; c < C; ++c)
-        for (int i = 0; i < TILE; ++i)
-          u[c][i] = (F)w[i] * (x[c][i] * (u[c][i] - s[i] + ey[i]) -
-                               (y[i] == (int32_t)c ? ey[i] : (F)0));
     } else if (CE && P.activation == TV_SIGMOID) {
       for (int64_t c = 0; c < C; ++c)
         for (int i = 0; i < TILE; ++i) {
