@@ -5,6 +5,8 @@ before the runs (``bench/results/lesion_cpu.md``, "Version 8 — planned").
     taskset -c 1 python bench/lesion_inference.py --data ../shared/data/open_ms_data \\
         --runs RUNS --out bench/results/lesion_inference [--train-missing]
     python bench/lesion_inference.py --dry-run --out /tmp/lesion_inference   # seconds
+    # one fold per core, then the report from the cache (RUNS/_inference) in seconds:
+    taskset -c 0 python bench/lesion_inference.py ... --only v64_f19_s0 v64_f19_s1 v64_f19_s2
 
 Runs: ``RUNS/v64_f{19,07}_s{0,1,2}``, the preset trained on the other patient plus the
 27 transplanted masks that are not the test patient's (the protocol of versions 3–7:
@@ -32,11 +34,13 @@ and OUT.md (the tables and each rule's verdict, computed by :func:`verdicts`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +153,47 @@ def measure_run(run: Path, test, brain, masks: Path, seed: int, val_n: int) -> d
 
 
 # -- the folds -------------------------------------------------------------------------
-def measure_fold(test: str, subjects: dict, runs: Path, masks: Path, seeds, val_n) -> dict:
-    """Every run of one fold, then its seeds' ensemble -> the fold's JSON entry."""
+def _fingerprint(run: Path, val_n: int) -> dict:
+    """What a cached result depends on: the weights measured and the validation count."""
+    digest = hashlib.sha256((run / "last.pt").read_bytes()).hexdigest()[:16]
+    return {"weights_sha256": digest, "val_n": val_n}
+
+
+def cached_run(cache: Path, name: str, key: dict, measure) -> dict:
+    """``measure()`` of one run, done once per ``key``: its scores are kept in
+    CACHE/NAME.json and its mirror-none probability and target in CACHE/NAME.npz, so an
+    interrupted session loses only the run in progress, runs can be measured on two
+    cores at once (``--only``) and the report is rebuilt from the cache in seconds. A
+    cache made from other weights or settings (another ``key``) is measured again."""
+    js, npz = cache / f"{name}.json", cache / f"{name}.npz"
+    if js.is_file() and npz.is_file():
+        kept = json.loads(js.read_text())
+        if kept.pop("key", None) == key:
+            with np.load(npz) as arrays:
+                return {**kept, **arrays}
+    r = measure()
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(npz, prob_none=r["prob_none"], target=r["target"])
+    scores = {k: v for k, v in r.items() if k not in ("prob_none", "target")}
+    js.write_text(json.dumps({"key": key, **scores}, indent=1))  # last: run complete
+    return r
+
+
+def measured(test: str, seed: int, subjects: dict, runs: Path, masks: Path, opts) -> dict:
+    """One run's measurement on its test patient, from the cache when it is there."""
+    name = run_name(test, seed)
+    train_brain = subjects[FOLDS[test]]
+    args = (runs / name, subjects[test], train_brain, masks, seed, opts.val_n)
+    key = _fingerprint(runs / name, opts.val_n)
+    return cached_run(opts.cache, name, key, partial(measure_run, *args))
+
+
+def measure_fold(test: str, subjects: dict, runs: Path, masks: Path, seeds, opts) -> dict:
+    """Every run of one fold (cached), then its seeds' ensemble -> the fold's entry."""
     per_seed = {}
     for s in seeds:
         print(f"[{test}] seed {s}", file=sys.stderr)
-        per_seed[s] = measure_run(
-            runs / run_name(test, s), subjects[test], subjects[FOLDS[test]], masks, s, val_n
-        )
+        per_seed[s] = measured(test, s, subjects, runs, masks, opts)
     first = per_seed[seeds[0]]
     ens = mean_probability([r["prob_none"] for r in per_seed.values()])
     ensemble = score(ens, first["target"], 0.5, first["min_size"])
@@ -293,7 +330,7 @@ def dry_data(root: Path) -> tuple[Path, Path]:
     for src, name in zip(sorted((root / "raw").glob("subject*")), names, strict=True):
         shutil.copy(src / "mask.nii.gz", masks / f"{name}.nii.gz")
         if name in FOLDS:
-            shutil.copytree(src, data / name)
+            shutil.copytree(src, data / name, dirs_exist_ok=True)
     return data, masks
 
 
@@ -332,32 +369,57 @@ def ensure_runs(subjects: dict, runs: Path, masks: Path, seeds, train: bool, dry
         )
 
 
-def main(argv=None) -> int:
+def measure_only(names, subjects: dict, runs: Path, masks: Path, opts) -> None:
+    """Measure (and cache) just the named runs, e.g. one fold per core; no report."""
+    known = {run_name(t, s): (t, s) for t in FOLDS for s in SEEDS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"error: --only: unknown run(s) {', '.join(unknown)}")
+    for name in names:
+        test, seed = known[name]
+        if not (runs / name).is_dir():
+            raise SystemExit(f"error: --only: missing run {runs / name}")
+        measured(test, seed, subjects, runs, masks, opts)
+        print(f"measured {name} -> {opts.cache}", file=sys.stderr)
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, help="folder with patient07/ and patient19/")
     ap.add_argument("--masks", type=Path, help="lesion masks [default: DATA/masks]")
     ap.add_argument("--runs", type=Path, help="folder of the v64_f*_s* runs")
     ap.add_argument("--out", type=Path, required=True, help="report path without suffix")
+    ap.add_argument("--cache", type=Path, help="per-run results [default: RUNS/_inference]")
+    ap.add_argument("--only", nargs="+", metavar="RUN", help="measure just these runs")
     ap.add_argument("--val-n", type=int, default=6, help="validation transplants per run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads [default: 1]")
     ap.add_argument("--train-missing", action="store_true", help="train missing runs")
     ap.add_argument("--dry-run", action="store_true", help="tiny phantoms, tiny runs")
     args = ap.parse_args(argv)
-    import torch
-
-    from fasttversky.app.data import find_subjects
-
-    torch.set_num_threads(args.threads)
     if args.dry_run:
         work = args.out.parent / (args.out.name + "_work")
         args.data, args.masks = dry_data(work)
         args.runs, args.train_missing, args.val_n = work / "runs", True, 2
     elif args.data is None or args.runs is None:
         ap.error("--data and --runs are needed (or --dry-run)")
-    masks = args.masks or args.data / "masks"
+    args.masks = args.masks or args.data / "masks"
+    args.cache = args.cache or args.runs / "_inference"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from fasttversky.app.data import find_subjects
+
+    torch.set_num_threads(args.threads)
     subjects = {s.name: s for s in find_subjects(args.data) if s.name in FOLDS}
-    ensure_runs(subjects, args.runs, masks, SEEDS, args.train_missing, args.dry_run)
-    folds = {t: measure_fold(t, subjects, args.runs, masks, SEEDS, args.val_n) for t in FOLDS}
+    if args.only:
+        measure_only(args.only, subjects, args.runs, args.masks, args)
+        return 0
+    ensure_runs(subjects, args.runs, args.masks, SEEDS, args.train_missing, args.dry_run)
+    folds = {t: measure_fold(t, subjects, args.runs, args.masks, SEEDS, args) for t in FOLDS}
     note = "dry run: tiny phantoms, numbers meaningless" if args.dry_run else "measured"
     note += f"; torch {torch.__version__}, {args.threads} thread(s)"
     write_report(folds, args.out, note)

@@ -47,6 +47,52 @@ def test_dry_run_measures_every_arm_of_both_folds(tmp_path):
     assert md.count("| 3 seeds as one model |") == 2
 
 
+def test_runs_measured_alone_are_reused_by_the_report(tmp_path, monkeypatch):
+    """--only measures (and caches) one run; the report then measures nothing and
+    writes the same scores as when it measured every run itself."""
+    li = _module()
+    out = str(tmp_path / "report")
+    measured, real = [], li.measure_run
+
+    def counted(run, *args):
+        measured.append(run.name)
+        return real(run, *args)
+
+    monkeypatch.setattr(li, "measure_run", counted)
+    li.main(["--dry-run", "--out", out, "--train-missing"])  # trains and measures all six
+    assert sorted(measured) == sorted(li.run_name(t, s) for t in li.FOLDS for s in li.SEEDS)
+    first = json.loads((tmp_path / "report.json").read_text())
+    (tmp_path / "report_work" / "runs" / "_inference" / "v64_f19_s1.json").unlink()
+    measured.clear()
+    assert li.main(["--dry-run", "--out", out, "--only", "v64_f19_s1"]) == 0
+    assert measured == ["v64_f19_s1"]
+    measured.clear()
+    assert li.main(["--dry-run", "--out", out]) == 0
+    again = json.loads((tmp_path / "report.json").read_text())
+    assert measured == []
+    for test, fold in again["folds"].items():  # v64_f19_s1's seconds were timed again
+        assert fold["ensemble"] == first["folds"][test]["ensemble"]
+        for seed, r in fold["seeds"].items():
+            assert r["arms"] == first["folds"][test]["seeds"][seed]["arms"]
+    with pytest.raises(SystemExit, match="--only: unknown run"):
+        li.main(["--dry-run", "--out", out, "--only", "v64_f19_s7"])
+
+
+def test_cache_is_measured_again_for_other_weights(tmp_path):
+    li = _module()
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"prob_none": np.full(3, len(calls), np.float32), "target": np.ones(3), "x": 1}
+
+    a = li.cached_run(tmp_path, "run", {"weights_sha256": "a"}, measure)
+    b = li.cached_run(tmp_path, "run", {"weights_sha256": "a"}, measure)
+    assert len(calls) == 1 and b["x"] == 1 and np.array_equal(a["prob_none"], b["prob_none"])
+    c = li.cached_run(tmp_path, "run", {"weights_sha256": "b"}, measure)
+    assert len(calls) == 2 and c["prob_none"][0] == 2
+
+
 def test_threshold_choice_maximises_pooled_dsc_ties_nearest_half():
     li = _module()
     y = np.zeros((8, 8, 8), np.uint8)
