@@ -379,7 +379,8 @@ class PredictConfig:
     mirror: str = _opt(
         "none",
         "mirroring test-time augmentation: lr = also the left-right mirror image (2 "
-        "passes), all = every axis (8 passes)",
+        "passes), all = every axis (8 passes; for models trained with flips on every axis: "
+        "the default augmentation flips left-right only)",
         choices=tuple(MIRRORS),
     )
     min_lesion_size: int = _opt(
