@@ -375,10 +375,11 @@ def measure_only(names, subjects: dict, runs: Path, masks: Path, opts) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"error: --only: unknown run(s) {', '.join(unknown)}")
+    missing = [str(runs / n) for n in names if not (runs / n).is_dir()]
+    if missing:  # before any measurement, not after the first runs' minutes
+        raise SystemExit(f"error: --only: missing run(s) {', '.join(missing)}")
     for name in names:
         test, seed = known[name]
-        if not (runs / name).is_dir():
-            raise SystemExit(f"error: --only: missing run {runs / name}")
         measured(test, seed, subjects, runs, masks, opts)
         print(f"measured {name} -> {opts.cache}", file=sys.stderr)
 

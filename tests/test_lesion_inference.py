@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,12 @@ def test_runs_measured_alone_are_reused_by_the_report(tmp_path, monkeypatch):
             assert r["arms"] == first["folds"][test]["seeds"][seed]["arms"]
     with pytest.raises(SystemExit, match="--only: unknown run"):
         li.main(["--dry-run", "--out", out, "--only", "v64_f19_s7"])
+    shutil.rmtree(tmp_path / "report_work" / "runs" / "v64_f07_s2")
+    (tmp_path / "report_work" / "runs" / "_inference" / "v64_f19_s0.json").unlink()
+    measured.clear()
+    with pytest.raises(SystemExit, match="--only: missing run.*v64_f07_s2"):
+        li.main(["--dry-run", "--out", out, "--only", "v64_f19_s0", "v64_f07_s2"])
+    assert measured == []  # refused before measuring the run that exists
 
 
 def test_cache_is_measured_again_for_other_weights(tmp_path):
