@@ -4,6 +4,8 @@ order, and the StepLog's lines (train() end to end is in test_training.py)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -38,6 +40,38 @@ def test_checkpointer_writes_best_before_last_and_keeps_copies(tmp_path, monkeyp
     assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 2
     assert torch.load(tmp_path / "step_000004.pt", weights_only=True)["step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "step_000004.pt"]
+
+
+def test_ctrl_c_while_saving_stops_after_the_file_is_written(tmp_path, monkeypatch):
+    """Ctrl-C arriving inside torch.save's writes (a checkpoint every step makes that
+    likely) is raised as KeyboardInterrupt once last.pt is whole, not as torch's
+    "unexpected pos" RuntimeError from a torn zip."""
+    real_save = torch.save
+
+    class InterruptedFile:  # sends SIGINT to this process from inside the 2nd write
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, InterruptedFile(f)))
+    # `.ci/run ... &` may start the tests with SIGINT ignored; Ctrl-C at a terminal has
+    # Python's default handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ckpt_mod.atomic_save(_state(7), tmp_path / "last.pt")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_checkpointer_start_and_resume(tmp_path):

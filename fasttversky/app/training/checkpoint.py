@@ -15,7 +15,9 @@ import contextlib
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -132,16 +134,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def _interrupt_deferred():
+    """Hold Ctrl-C back until the block is done, then raise it. torch.save's zip writer,
+    interrupted inside a write, replaces the KeyboardInterrupt with a RuntimeError
+    ("unexpected pos"): the command would fail with that instead of stopping as asked.
+    Only the main thread receives signals, and a handler other than Python's default
+    (ignored, or someone else's) is left to do what it does."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace."""
+    """Write to a temp file in the same directory, fsync, then os.replace. An interrupt
+    meanwhile is raised once the new file is in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _interrupt_deferred():
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
